@@ -1,0 +1,60 @@
+"""Group metrics: the only place worst-group accuracy is computed.
+
+Groups follow Waterbirds: ``group = 2 * y + place`` (0 landbird/land, 1 landbird/water,
+2 waterbird/land, 3 waterbird/water).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+NUM_GROUPS = 4
+GROUP_NAMES = ("landbird/land", "landbird/water", "waterbird/land", "waterbird/water")
+
+
+def group_of(y, place):
+    """Waterbirds group index ``2 * y + place`` (works on ints and arrays)."""
+    return 2 * np.asarray(y, dtype=np.int64) + np.asarray(place, dtype=np.int64)
+
+
+def _as_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor, without importing torch here
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def group_metrics(pred, y, group, train_group_counts=None, num_groups: int = NUM_GROUPS) -> dict:
+    """Per-group accuracy, worst-group accuracy, mean accuracy and average accuracy.
+
+    Args:
+        pred, y, group: [N] predicted class, true class, group index.
+        train_group_counts: [num_groups] training-set group sizes. "avg_acc" weights the group
+            accuracies by these proportions (group DRO / WILDS convention). Without it, the
+            groups are weighted by their counts in this split, i.e. avg_acc == mean_acc.
+    Returns:
+        dict with "group_acc" (list, NaN for an empty group), "group_count" (list of int),
+        "wga" (min over non-empty groups), "mean_acc" (plain accuracy over all samples) and
+        "avg_acc". Accuracies are fractions in [0, 1].
+    """
+    pred, y, group = _as_numpy(pred).ravel(), _as_numpy(y).ravel(), _as_numpy(group).ravel()
+    if not (len(pred) == len(y) == len(group)):
+        raise ValueError(f"pred, y and group differ in length: {len(pred)}, {len(y)}, {len(group)}")
+    if len(y) == 0:
+        raise ValueError("group_metrics needs at least one sample")
+    correct = pred == y
+    count = np.bincount(group, minlength=num_groups)[:num_groups]
+    hits = np.bincount(group, weights=correct, minlength=num_groups)[:num_groups]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = np.where(count > 0, hits / np.maximum(count, 1), np.nan)
+    nonempty = count > 0
+    weights = count if train_group_counts is None else np.asarray(train_group_counts, dtype=float)
+    weights = np.where(nonempty, weights, 0.0)
+    if weights.sum() <= 0:
+        raise ValueError("train_group_counts gives no weight to any group present in this split")
+    avg = float(np.sum(np.nan_to_num(acc) * weights) / weights.sum())
+    return {
+        "group_acc": [float(a) for a in acc],
+        "group_count": [int(c) for c in count],
+        "wga": float(np.min(acc[nonempty])),
+        "mean_acc": float(correct.mean()),
+        "avg_acc": avg,
+    }

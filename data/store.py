@@ -1,0 +1,125 @@
+"""Pre-decoded image store: every image of a data folder as uint8 at one size, in one HDF5 file.
+
+Rows are dataset rows (metadata order). The file carries the fingerprint of the folder it was
+built from, so training never decodes an image file per epoch and never reads a stale store.
+
+```
+/images [N, 3, S, S] uint8   (row-chunked, fletcher32)
+/done   [N] bool             (resume; a finished store has all True)
+attrs: schema "gr-kd-images", schema_version, fingerprint, size, num_rows
+```
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from data.waterbirds import Metadata, read_image
+
+SCHEMA = "gr-kd-images"
+SCHEMA_VERSION = 1
+CHUNK_ROWS = 64
+
+
+class StoreError(Exception):
+    """An image store that cannot be used for the data asked for."""
+
+
+def store_size_for(out_size: int) -> int:
+    """Stored side so that the eval view (Resize 256, CenterCrop 224) renders ``out_size``."""
+    return round(out_size * 256 / 224)
+
+
+def _check_attrs(f: h5py.File, path, fingerprint: str | None, size: int | None) -> None:
+    if f.attrs.get("schema") != SCHEMA:
+        raise StoreError(f"{path} is not an image store (schema {f.attrs.get('schema')!r})")
+    if int(f.attrs["schema_version"]) != SCHEMA_VERSION:
+        raise StoreError(f"{path}: image store version {f.attrs['schema_version']} is not supported "
+                         f"(this tool reads version {SCHEMA_VERSION}); rebuild it")
+    if fingerprint is not None and f.attrs["fingerprint"] != fingerprint:
+        raise StoreError(f"{path} was built from another data folder (fingerprint "
+                         f"{f.attrs['fingerprint'][:12]}, folder {fingerprint[:12]}); delete it to rebuild")
+    if size is not None and int(f.attrs["size"]) != size:
+        raise StoreError(f"{path} holds {f.attrs['size']}px images, {size}px asked; use another path")
+
+
+def build_store(meta: Metadata, path: str | Path, size: int, fingerprint: str,
+                workers: int = 4, progress: bool = True) -> Path:
+    """Build (or finish building) the store; a complete matching store is reused as it is."""
+    from tqdm import tqdm
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = len(meta)
+    try:
+        f = h5py.File(path, "a")
+    except OSError as e:
+        raise StoreError(f"{path} is not a readable HDF5 file ({e}); delete it to rebuild") from None
+    with f:
+        if "images" not in f:
+            f.attrs.update(schema=SCHEMA, schema_version=SCHEMA_VERSION, fingerprint=fingerprint,
+                           size=size, num_rows=n)
+            f.create_dataset("images", (n, 3, size, size), np.uint8,
+                             chunks=(min(CHUNK_ROWS, n), 3, size, size), fletcher32=True)
+            f.create_dataset("done", (n,), bool, fillvalue=False)
+        _check_attrs(f, path, fingerprint, size)
+        done = f["done"][:]
+        todo = [s for s in range(0, n, CHUNK_ROWS) if not done[s:s + CHUNK_ROWS].all()]
+        bar = tqdm(total=n, initial=n - CHUNK_ROWS * len(todo) if todo else n, desc="image store",
+                   unit="img", disable=not progress or not todo)
+        with ThreadPoolExecutor(workers) as pool:
+            for start in todo:
+                stop = min(start + CHUNK_ROWS, n)
+                imgs = list(pool.map(lambda r: read_image(meta.root / meta.filenames[r], size),
+                                     range(start, stop)))
+                f["images"][start:stop] = np.stack(imgs).transpose(0, 3, 1, 2)
+                f.flush()  # pixels on disk before the rows are marked done
+                f["done"][start:stop] = True
+                f.flush()
+                bar.update(stop - start)
+        bar.close()
+    return path
+
+
+class ImageStore:
+    """Read side of the store. Opens the file lazily, so it can be sent to DataLoader workers."""
+
+    def __init__(self, path: str | Path, fingerprint: str | None = None, size: int | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise StoreError(f"no image store at {self.path}; it is built by `python cli.py precompute`")
+        try:
+            with h5py.File(self.path, "r") as f:
+                _check_attrs(f, self.path, fingerprint, size)
+                done = f["done"][:]
+                self.size, self.num_rows = int(f.attrs["size"]), int(f.attrs["num_rows"])
+                self.fingerprint = str(f.attrs["fingerprint"])
+        except (OSError, KeyError) as e:
+            raise StoreError(f"{self.path} is not a readable image store ({e}); delete it to rebuild") from None
+        if not done.all():
+            raise StoreError(f"{self.path} is incomplete ({int(done.sum())} of {len(done)} rows); "
+                             "rerun the command that builds it to finish")
+        self._file = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_file": None}
+
+    @property
+    def images(self) -> h5py.Dataset:
+        if self._file is None:
+            self._file = h5py.File(self.path, "r")
+        return self._file["images"]
+
+    def load(self, rows) -> np.ndarray:
+        """uint8 [len(rows), 3, S, S] in the order of ``rows``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows)
+        out = np.empty((len(rows), 3, self.size, self.size), np.uint8)
+        out[order] = self.images[rows[order]] if len(rows) else out[:0]
+        return out
+
+    def load_all(self) -> np.ndarray:
+        return self.images[:]

@@ -1,0 +1,138 @@
+"""View presets: the eval view and recordable random crops, replayable at any stored resolution.
+
+A view is a box ``(top, left, height, width)`` relative to the stored (square-resized) image,
+plus a horizontal-flip flag. View 0 is the eval view (``Resize((256, 256))`` then
+``CenterCrop(224)``, the DFR / group DRO convention); views 1..K are
+``RandomResizedCrop(scale=(0.7, 1), ratio=(3/4, 4/3))`` + flip, drawn from a generator seeded
+per (seed, sample row, view), so any shard or any resolution replays the same views.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EVAL_RESIZE = 256
+EVAL_CROP = 224
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """How views are drawn and rendered; stored in the cache so a reader can replay them."""
+
+    num_views: int = 0               # K random views besides the eval view
+    out_size: int = EVAL_CROP        # rendered view side in pixels
+    scale: tuple[float, float] = (0.7, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViewSpec":
+        return cls(num_views=int(d["num_views"]), out_size=int(d["out_size"]),
+                   scale=tuple(d["scale"]), ratio=tuple(d["ratio"]), seed=int(d["seed"]))
+
+
+def eval_box() -> tuple[float, float, float, float]:
+    """Relative box of CenterCrop(224) after Resize((256, 256))."""
+    side = EVAL_CROP / EVAL_RESIZE
+    off = (1.0 - side) / 2
+    return (off, off, side, side)
+
+
+def _random_box(rng: np.random.Generator, scale, ratio) -> tuple[float, float, float, float]:
+    # RandomResizedCrop.get_params in relative units: area fraction in scale, log-uniform aspect
+    # ratio, ten tries, then the central crop clamped to the ratio range as fallback.
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        area = rng.uniform(scale[0], scale[1])
+        r = math.exp(rng.uniform(*log_r))
+        w, h = math.sqrt(area * r), math.sqrt(area / r)
+        if 0 < w <= 1 and 0 < h <= 1:
+            return (rng.uniform(0, 1 - h), rng.uniform(0, 1 - w), h, w)
+    r = min(max(1.0, ratio[0]), ratio[1])
+    w, h = (1.0, 1.0 / r) if r >= 1 else (r, 1.0)
+    return ((1 - h) / 2, (1 - w) / 2, h, w)
+
+
+def sample_views(rows: np.ndarray, spec: ViewSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes and flips for dataset rows.
+
+    Returns:
+        box [N, K+1, 4] float32 (top, left, height, width), flip [N, K+1] bool; view 0 is the
+        eval view (never flipped).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    box = np.empty((len(rows), spec.num_views + 1, 4), dtype=np.float32)
+    flip = np.zeros((len(rows), spec.num_views + 1), dtype=bool)
+    box[:, 0] = eval_box()
+    for i, row in enumerate(rows):
+        for v in range(1, spec.num_views + 1):
+            rng = np.random.default_rng([spec.seed, int(row), v])
+            box[i, v] = _random_box(rng, spec.scale, spec.ratio)
+            flip[i, v] = rng.random() < 0.5
+    return box, flip
+
+
+def pixel_box(box, size: int) -> tuple[int, int, int, int]:
+    """Integer (top, left, height, width) of a relative box on a ``size`` x ``size`` image."""
+    top, left, h, w = (float(b) for b in box)
+    hp = min(size, max(1, round(h * size)))
+    wp = min(size, max(1, round(w * size)))
+    tp = min(size - hp, max(0, round(top * size)))
+    lp = min(size - wp, max(0, round(left * size)))
+    return tp, lp, hp, wp
+
+
+def pixel_boxes(box: torch.Tensor, size: int) -> torch.Tensor:
+    """Vectorised ``pixel_box``: [B, 4] relative -> [B, 4] integer-valued float (t, l, h, w)."""
+    hw = torch.round(box[:, 2:] * size).clamp(1, size)
+    tl = torch.minimum(torch.round(box[:, :2] * size).clamp(min=0), size - hw)
+    return torch.cat([tl, hw], dim=1)
+
+
+def _axis_coords(start, length, out_size: int, size: int) -> torch.Tensor:
+    # Bilinear resize without antialias samples source pixel (j + 0.5) * length / out - 0.5 inside
+    # the crop, clamped to the crop (F.interpolate sees only the cropped pixels). Returned in
+    # grid_sample's normalised coordinates (align_corners=False).
+    j = torch.arange(out_size, device=start.device, dtype=torch.float32) + 0.5
+    src = j[None, :] * (length[:, None] / out_size) - 0.5
+    src = torch.minimum(src.clamp(min=0), length[:, None] - 1) + start[:, None]
+    return (2 * src + 1) / size - 1
+
+
+def render(images: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, out_size: int,
+           normalize: bool = True) -> torch.Tensor:
+    """Rebuild views from stored images in one batched op (CPU or GPU).
+
+    Equals ``F.resized_crop(img, *pixel_box(box, S), [out, out], antialias=False)`` (+ hflip)
+    for each sample, then ImageNet normalisation.
+
+    Args:
+        images: [B, 3, S, S] uint8 (or float in [0, 255]) stored images.
+        box: [B, 4] relative boxes; flip: [B] bool.
+    Returns:
+        [B, 3, out_size, out_size] float32.
+    """
+    b, _, size, size_w = images.shape
+    if size != size_w:
+        raise ValueError(f"stored images must be square, got {size}x{size_w}")
+    px = pixel_boxes(box.to(images.device, torch.float32), size)
+    gy = _axis_coords(px[:, 0], px[:, 2], out_size, size)           # [B, out]
+    gx = _axis_coords(px[:, 1], px[:, 3], out_size, size)
+    gx = torch.where(flip.to(images.device)[:, None], gx.flip(1), gx)
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
+    x = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border",
+                      align_corners=False)
+    if normalize:
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255
+        x = (x - mean) / std
+    return x

@@ -1,0 +1,209 @@
+"""Waterbirds folders: metadata, groups, image files, folder checks and the data fingerprint.
+
+Reads ``metadata.csv`` with the real columns ``img_id,img_filename,y,split,place,place_filename``
+(split 0 train / 1 val / 2 test; y 1 = waterbird; place 1 = water) from the original
+``waterbird_complete95_forest2water2`` folder, WILDS' ``waterbirds_v1.0`` or the synthetic
+generator's output (same layout). Row ``i`` of the metadata is index ``i`` everywhere.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from data.metrics import GROUP_NAMES, NUM_GROUPS
+
+METADATA_COLUMNS = ["img_id", "img_filename", "y", "split", "place", "place_filename"]
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+SPLIT_NAMES = {v: k for k, v in SPLIT_CODES.items()}
+KNOWN_SUBFOLDERS = ("waterbird_complete95_forest2water2", "waterbirds_v1.0")
+
+
+class DataError(Exception):
+    """A data folder that cannot be used; the message lists every problem found."""
+
+    def __init__(self, root, problems: list[str]):
+        self.problems = problems
+        head = f"{root}: {len(problems)} problem(s) found"
+        super().__init__("\n  ".join([head] + problems[:50] + (["..."] if len(problems) > 50 else [])))
+
+
+@dataclass
+class Metadata:
+    """The rows of ``metadata.csv``; arrays are indexed by row (the dataset index)."""
+
+    root: Path
+    filenames: np.ndarray   # [N] str, relative to root
+    y: np.ndarray           # [N] int64
+    place: np.ndarray       # [N] int64
+    split: np.ndarray       # [N] int64 (0 train, 1 val, 2 test)
+
+    @property
+    def group(self) -> np.ndarray:
+        return 2 * self.y + self.place
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def rows(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.split == SPLIT_CODES[split])
+
+    def group_counts(self, split: str) -> np.ndarray:
+        return np.bincount(self.group[self.rows(split)], minlength=NUM_GROUPS)
+
+
+def resolve_root(root: str | Path) -> Path:
+    """The folder holding ``metadata.csv``: ``root`` itself or a known Waterbirds subfolder."""
+    root = Path(root)
+    if (root / "metadata.csv").is_file():
+        return root
+    for sub in KNOWN_SUBFOLDERS:
+        if (root / sub / "metadata.csv").is_file():
+            return root / sub
+    if not root.exists():
+        raise DataError(root, [f"folder {root} does not exist (generate one with `python cli.py data synth --out {root}`)"])
+    raise DataError(root, [f"no metadata.csv in {root} nor in {' or '.join(KNOWN_SUBFOLDERS)} below it"])
+
+
+def _parse_int(value: str, field: str, allowed, row: int, problems: list[str]):
+    try:
+        v = int(float(value))
+        if v in allowed and float(value) == v:
+            return v
+    except (TypeError, ValueError):
+        pass
+    problems.append(f"row {row}: {field}={value!r} is not one of {sorted(allowed)}")
+    return None
+
+
+def load_metadata(root: str | Path) -> Metadata:
+    """Parse and validate ``metadata.csv``; raises DataError listing every bad row or column."""
+    root = resolve_root(root)
+    problems: list[str] = []
+    with open(root / "metadata.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        missing = [c for c in METADATA_COLUMNS if c not in columns]
+        extra = [c for c in columns if c not in METADATA_COLUMNS]
+        if missing:
+            problems.append(f"metadata.csv: missing column(s) {', '.join(missing)} (expected {','.join(METADATA_COLUMNS)})")
+        if extra:
+            problems.append(f"metadata.csv: unexpected column(s) {', '.join(extra)}")
+        if missing:
+            raise DataError(root, problems)
+        files, ys, places, splits = [], [], [], []
+        for i, rec in enumerate(reader):
+            row = i + 2  # line number in the file, header is line 1
+            files.append(rec["img_filename"] or "")
+            if not rec["img_filename"]:
+                problems.append(f"row {row}: empty img_filename")
+            ys.append(_parse_int(rec["y"], "y", {0, 1}, row, problems))
+            places.append(_parse_int(rec["place"], "place", {0, 1}, row, problems))
+            splits.append(_parse_int(rec["split"], "split", set(SPLIT_NAMES), row, problems))
+    if not files:
+        problems.append("metadata.csv has no rows")
+    if problems:
+        raise DataError(root, problems)
+    return Metadata(root, np.array(files), np.array(ys, dtype=np.int64),
+                    np.array(places, dtype=np.int64), np.array(splits, dtype=np.int64))
+
+
+def read_image(path: Path, size: int | None = None) -> np.ndarray:
+    """Decode an image to RGB uint8 [H, W, 3], resized to (size, size) when given.
+
+    PIL's bilinear resize (antialiased) matches torchvision's ``Resize((size, size))`` on PIL.
+    """
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        return np.asarray(im)
+
+
+def _check_image(path: Path) -> str | None:
+    if not path.is_file():
+        return "missing image file"
+    try:
+        with Image.open(path) as im:
+            im.load()  # decodes fully: truncated files fail here, not at training time
+    except Exception as e:  # PIL raises many types for bad files
+        return f"unreadable image ({type(e).__name__}: {e})"
+    return None
+
+
+def check_folder(root: str | Path, workers: int = 8, progress: bool = True) -> tuple[Metadata | None, list[str]]:
+    """Validate a data folder. Returns (metadata or None, every problem found)."""
+    try:
+        meta = load_metadata(root)
+    except DataError as e:
+        return None, e.problems
+    from tqdm import tqdm
+
+    paths = [meta.root / f for f in meta.filenames]
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(tqdm(pool.map(_check_image, paths), total=len(paths), desc="checking images",
+                            unit="img", disable=not progress, leave=False))
+    problems = [f"row {i + 2}: {meta.filenames[i]}: {r}" for i, r in enumerate(results) if r]
+    listed = {p.resolve() for p in paths}
+    image_exts = {".jpg", ".jpeg", ".png"}
+    extra = sorted(p for p in meta.root.rglob("*") if p.suffix.lower() in image_exts and p.resolve() not in listed)
+    if extra:
+        problems.append(f"{len(extra)} image file(s) not listed in metadata.csv, e.g. {extra[0].relative_to(meta.root)}")
+    return meta, problems
+
+
+def count_table(meta: Metadata) -> str:
+    """Split x group count table, as text."""
+    head = f"{'split':<6}" + "".join(f"{n:>17}" for n in GROUP_NAMES) + f"{'total':>8}"
+    lines = [head]
+    for name in SPLIT_CODES:
+        c = meta.group_counts(name)
+        lines.append(f"{name:<6}" + "".join(f"{int(v):>17}" for v in c) + f"{int(c.sum()):>8}")
+    return "\n".join(lines)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(meta: Metadata, workers: int = 8) -> str:
+    """sha256 over the metadata rows and every image file's bytes (order of rows kept)."""
+    h = hashlib.sha256()
+    for f, y, p, s in zip(meta.filenames, meta.y, meta.place, meta.split):
+        h.update(f"{f},{y},{p},{s}\n".encode())
+    with ThreadPoolExecutor(workers) as pool:
+        for digest in pool.map(_file_sha256, [meta.root / f for f in meta.filenames]):
+            h.update(digest.encode())
+    return h.hexdigest()
+
+
+class WaterbirdsDataset:
+    """Map-style dataset over image files (for users; training reads the image store).
+
+    Items are dicts: image (transform output, or uint8 [H, W, 3]), y, place, group, idx.
+    """
+
+    def __init__(self, root: str | Path, split: str | None = None, transform=None):
+        self.meta = load_metadata(root)
+        self.indices = self.meta.rows(split) if split else np.arange(len(self.meta))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        idx = int(self.indices[i])
+        with Image.open(self.meta.root / self.meta.filenames[idx]) as im:
+            image = im.convert("RGB")
+            image = self.transform(image) if self.transform else np.asarray(image)
+        y, place = int(self.meta.y[idx]), int(self.meta.place[idx])
+        return {"image": image, "y": y, "place": place, "group": 2 * y + place, "idx": idx}

@@ -1,0 +1,124 @@
+"""Distillation objective: cross-entropy + weighted ensemble KD + weighted-teacher feature matching.
+
+``L = (1 - alpha) CE(y, z_s) + alpha mean_i sum_t w_t(i) l_t(i) + sum_l gamma_l L_feat_l``
+(DESIGN.md, "Exact maths"), with ``l_t(i) = tau^2 KL(p_t(i) || p_s(i))`` and teacher weights
+``w_t(i)`` from :mod:`distill.weighting` (AGRE-KD: Kenfack et al., "Adaptive group robust ensemble
+knowledge distillation", 2024). Weights never carry gradient.
+
+This runs every training step: nothing here synchronises with the device (no ``.item()``); the
+reported parts are detached scalar tensors for the loop to log.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distill.weighting import kd_per_teacher
+
+
+def _float(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def feature_loss(projected: Tensor, teacher_feats: Tensor, weights: Tensor,
+                 disagree: bool = False, eps: float = 1e-6) -> Tensor:
+    """Feature distillation towards the weighted teacher mean (seed, Experiments 2 and 4).
+
+    Target ``f_T(i) = sum_t w_t(i) f_t(i)`` (weights and teacher features detached);
+    ``L = mean_{i,d} c_{i,d} (P h_i - f_T(i))_d^2`` with ``c = 1`` by default. With
+    ``disagree=True`` dimensions where the teachers agree count more:
+    ``c_{i,d} = 1 / (Var_t f_{t,i,d} + eps)`` (population variance over teachers), rescaled so
+    that ``mean_d c_{i,d} = 1`` for every sample; identical teachers give plain MSE.
+
+    Args:
+        projected: [B, D] adapted student features ``P h``, differentiable.
+        teacher_feats: [B, T, D] teacher features (float16 in the cache; computed in float32).
+        weights: [B, T] teacher weights, rows summing to 1.
+        disagree: weight dimensions by teacher agreement.
+        eps: variance offset of the confidence.
+    Returns:
+        Scalar loss (float32, or float64 for float64 inputs).
+    """
+    if projected.ndim != 2 or teacher_feats.ndim != 3 or weights.ndim != 2:
+        raise ValueError(f"feature_loss expects projected [B, D], teacher_feats [B, T, D], weights "
+                         f"[B, T]; got {tuple(projected.shape)}, {tuple(teacher_feats.shape)}, "
+                         f"{tuple(weights.shape)}")
+    B, T, D = teacher_feats.shape
+    if tuple(projected.shape) != (B, D) or tuple(weights.shape) != (B, T):
+        raise ValueError(f"feature_loss shapes disagree: projected {tuple(projected.shape)}, "
+                         f"teacher_feats {tuple(teacher_feats.shape)}, weights {tuple(weights.shape)}"
+                         " (is the adapter's output width the teacher layer's width?)")
+    dtype = _float(projected)
+    feats = teacher_feats.detach().to(dtype)
+    # An elementwise weighted sum, not einsum: autocast would run a matmul in half precision.
+    target = (weights.detach().to(dtype).unsqueeze(-1) * feats).sum(1)  # [B, D]
+    sq = (projected.to(dtype) - target).pow(2)
+    if disagree:
+        conf = 1.0 / (feats.var(dim=1, correction=0) + eps)  # [B, D]
+        sq = sq * (conf / conf.mean(dim=1, keepdim=True))
+    return sq.mean()
+
+
+def distillation_loss(student_logits: Tensor, y: Tensor, teacher_logits: Tensor, weights: Tensor,
+                      tau: float, alpha: float, *, projected: dict[str, Tensor] | None = None,
+                      teacher_feats: dict[str, Tensor] | None = None,
+                      gammas: dict[str, float] | None = None, disagree: bool = False,
+                      eps: float = 1e-6) -> dict:
+    """The full objective of one batch, with its parts for logging (timm task contract).
+
+    ``L = (1 - alpha) CE(y, z_s) + alpha mean_i sum_t w_t(i) l_t(i) + sum_l gamma_l L_feat_l``.
+    CE is skipped when ``alpha == 1`` and a layer's feature loss when ``gamma_l == 0`` (reported
+    as 0). Only layers named in ``gammas`` are distilled.
+
+    Args:
+        student_logits: [B, C]; y: [B] class indices; teacher_logits: [B, T, C].
+        weights: [B, T] teacher weights (detached here).
+        tau: KD temperature; alpha: KD weight in [0, 1].
+        projected: layer -> [B, D_l] adapted student features.
+        teacher_feats: layer -> [B, T, D_l] teacher features.
+        gammas: layer -> feature-loss weight.
+        disagree, eps: disagreement weighting of the feature loss (:func:`feature_loss`).
+    Returns:
+        ``{"loss": scalar with grad, "ce", "kd", "feat": detached scalars, "feat/<layer>": each
+        layer's unweighted L_feat, "weights": [B, T] detached}``; ``"feat"`` is the unweighted sum
+        of the per-layer losses.
+    """
+    if student_logits.ndim != 2 or teacher_logits.ndim != 3:
+        raise ValueError(f"student_logits must be [B, C] and teacher_logits [B, T, C], got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    B, T, _ = teacher_logits.shape
+    if tuple(weights.shape) != (B, T) or tuple(y.shape) != (B,):
+        raise ValueError(f"weights must be [B, T] = [{B}, {T}] and y [B], got "
+                         f"{tuple(weights.shape)} and {tuple(y.shape)}")
+    weights = weights.detach()
+    dtype = _float(student_logits)
+
+    def zero() -> Tensor:
+        return torch.zeros((), dtype=dtype, device=student_logits.device)
+
+    kd = (weights.to(dtype) * kd_per_teacher(student_logits, teacher_logits, tau)).sum(1).mean()
+    if alpha == 1:
+        ce, loss = zero(), kd
+    else:
+        ce = F.cross_entropy(student_logits.to(dtype), y)
+        loss = (1.0 - alpha) * ce + alpha * kd
+
+    parts = {}
+    feat = zero()
+    for layer, gamma in (gammas or {}).items():
+        if gamma < 0:
+            raise ValueError(f"gamma for {layer} must be >= 0, got {gamma}")
+        if gamma == 0:
+            parts[f"feat/{layer}"] = zero()
+            continue
+        if projected is None or teacher_feats is None or layer not in projected or layer not in teacher_feats:
+            raise ValueError(f"feature layer {layer!r} has gamma {gamma} but no projected student "
+                             "or teacher features were given for it")
+        layer_loss = feature_loss(projected[layer], teacher_feats[layer], weights, disagree, eps)
+        loss = loss + gamma * layer_loss
+        parts[f"feat/{layer}"] = layer_loss.detach()
+        feat = feat + parts[f"feat/{layer}"]
+
+    return {"loss": loss, "ce": ce.detach(), "kd": kd.detach(), "feat": feat,
+            "weights": weights, **parts}

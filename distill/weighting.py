@@ -1,0 +1,303 @@
+"""Teacher weights for ensemble distillation: AVER, AGRE-KD, the seed's batch AGRE, cached AGRE.
+
+Notation (DESIGN.md, "Exact maths"): student logits ``z_s`` [B, C], teacher logits ``z_t``
+[B, T, C], biased-model logits ``z_b`` [B, C], temperature ``tau``, ``p_x = softmax(z_x / tau)``,
+student penultimate features ``h`` [B, D]. The KD loss of teacher t on sample i is
+``l_t(i) = tau^2 KL(p_t(i) || p_s(i))`` and the bias loss is ``l_b(i) = tau^2 KL(p_b(i) || p_s(i))``.
+
+AGRE-KD (Kenfack et al., "Adaptive group robust ensemble knowledge distillation", 2024, Eq. 5)
+weights teacher t on sample i by how far its gradient points away from the biased model's:
+``W_t(i) = 1 - cos(grad l_t(i), grad l_b(i))``, ``w_t(i) = W_t(i) / sum_t' W_t'(i)``. For the
+student's last layer ``z_s = A h + a`` the gradient is ``tau (p_s - p_t) (x) [h; 1]``; the common
+factor ``[h; 1]`` cancels in the cosine, so ``cos = cos(p_s - p_t, p_s - p_b)`` in class space.
+
+Every weight returned here is detached: weights never carry gradient.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distill.config import AGRE_PARAMS, WEIGHTINGS
+
+# Rounding leaves 1 - cos ~ 1e-16 for exactly parallel gradients in float64. Without snapping,
+# a row of such residues would be normalised into arbitrary weights instead of taking the
+# all-zero fallback, and the two-class gate W in {0, 2} would not be exact.
+_PARALLEL_TOL = 1e-9
+# A gradient (difference) vector shorter than this counts as zero: its direction is noise.
+_ZERO_NORM = 1e-12
+# Floor of the seed's batch weights, max(1 - cos, 0.01): no teacher is ever switched off.
+BATCH_FLOOR = 0.01
+
+
+def _wide_dtype(device: torch.device) -> torch.dtype:
+    # Cosines of nearly parallel vectors need float64 to reproduce the exact gate; MPS has none.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _out_dtype(x: Tensor) -> torch.dtype:
+    # Weights stay float32 under half-precision logits, float64 when the caller works in float64.
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _no_autocast(device: torch.device):
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type without autocast support has nothing to disable
+        return contextlib.nullcontext()
+
+
+def _probs(logits: Tensor, tau: float, dtype: torch.dtype) -> Tensor:
+    return F.softmax(logits.detach().to(dtype) / tau, dim=-1)
+
+
+def _check_logits(student_logits: Tensor | None, teacher_logits: Tensor,
+                  biased_logits: Tensor | None = None) -> None:
+    if teacher_logits.ndim != 3:
+        raise ValueError(f"teacher_logits must be [B, T, C], got shape {tuple(teacher_logits.shape)}")
+    B, _, C = teacher_logits.shape
+    for name, x in (("student_logits", student_logits), ("biased_logits", biased_logits)):
+        if x is not None and tuple(x.shape) != (B, C):
+            raise ValueError(f"{name} must be [B, C] = [{B}, {C}] to match teacher_logits "
+                             f"{tuple(teacher_logits.shape)}, got {tuple(x.shape)}")
+
+
+def _cosine(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine along the last dim (broadcasting), defined as 0 when either vector is zero."""
+    na, nb = a.norm(dim=-1), b.norm(dim=-1)
+    nonzero = (na > _ZERO_NORM) & (nb > _ZERO_NORM)
+    cos = (a * b).sum(-1) / (na * nb).clamp_min(_ZERO_NORM ** 2)
+    return torch.where(nonzero, cos.clamp(-1.0, 1.0), torch.zeros_like(cos))
+
+
+def _agre_normalised(p_ref: Tensor, p_t: Tensor, p_b: Tensor) -> Tensor:
+    """AGRE weights from probabilities: p_ref [..., C], p_t [..., T, C], p_b [..., C] -> [..., T]."""
+    cos = _cosine(p_ref.unsqueeze(-2) - p_t, (p_ref - p_b).unsqueeze(-2))
+    W = 1.0 - cos
+    W = torch.where(W > _PARALLEL_TOL, W, torch.zeros_like(W))
+    total = W.sum(-1, keepdim=True)
+    uniform = torch.full_like(W, 1.0 / W.shape[-1])
+    return torch.where(total > 0, W / total.clamp_min(_PARALLEL_TOL), uniform)
+
+
+def _batch_normalised(cos: Tensor) -> Tensor:
+    W = (1.0 - cos).clamp_min(BATCH_FLOOR)
+    return W / W.sum()
+
+
+def kd_per_teacher(student_logits: Tensor, teacher_logits: Tensor, tau: float) -> Tensor:
+    """Per-sample, per-teacher KD loss ``l_t(i) = tau^2 KL(p_t(i) || p_s(i))``.
+
+    The standard Hinton direction used by the seed, i.e.
+    ``F.kl_div(log_softmax(z_s / tau), softmax(z_t / tau), reduction="none").sum(-1) * tau^2``.
+
+    Args:
+        student_logits: [B, C], differentiable.
+        teacher_logits: [B, T, C], treated as constant targets (detached).
+        tau: temperature > 0.
+    Returns:
+        [B, T] losses in at least float32 (half-precision logits are upcast first).
+    """
+    _check_logits(student_logits, teacher_logits)
+    dtype = _out_dtype(student_logits)
+    log_ps = F.log_softmax(student_logits.to(dtype) / tau, dim=-1).unsqueeze(1)  # [B, 1, C]
+    log_pt = F.log_softmax(teacher_logits.detach().to(dtype) / tau, dim=-1)      # [B, T, C]
+    return (log_pt.exp() * (log_pt - log_ps)).sum(-1) * tau**2
+
+
+@torch.no_grad()
+def agre_weights(student_logits: Tensor, teacher_logits: Tensor, biased_logits: Tensor,
+                 tau: float) -> Tensor:
+    """Per-sample AGRE-KD weights (Kenfack et al. 2024, Eq. 5), gradients at the last layer.
+
+    ``W_t(i) = 1 - cos(p_s(i) - p_t(i), p_s(i) - p_b(i))``, the closed form of the cosine between
+    the gradients of ``l_t(i)`` and ``l_b(i)`` w.r.t. the student's last-layer weight and bias.
+    ``w_t(i) = W_t(i) / sum_t W_t(i)``; a row with every ``W_t(i) = 0`` becomes uniform ``1/T``;
+    the cosine with a zero vector (a teacher, or the biased model, equal to the student) is 0.
+    With C = 2 all difference vectors are collinear, so ``W in {0, 2}``: a hard gate, as in the
+    paper's formula.
+
+    Args:
+        student_logits: [B, C]; teacher_logits: [B, T, C]; biased_logits: [B, C]; tau > 0.
+    Returns:
+        [B, T] weights, rows summing to 1, no gradient.
+    """
+    _check_logits(student_logits, teacher_logits, biased_logits)
+    wide = _wide_dtype(student_logits.device)
+    w = _agre_normalised(_probs(student_logits, tau, wide), _probs(teacher_logits, tau, wide),
+                         _probs(biased_logits, tau, wide))
+    return w.to(_out_dtype(student_logits))
+
+
+@torch.no_grad()
+def cached_agre_weights(teacher_logits: Tensor, biased_logits: Tensor, tau: float) -> Tensor:
+    """Student-independent AGRE weights, written once into the cache (``/weights/agre_cached``).
+
+    The :func:`agre_weights` formula with the student replaced by the uniform prediction
+    ``u = 1/C``: ``W_t(i) = 1 - cos(u - p_t(i), u - p_b(i))``, normalised over t, with the same
+    all-zero fallback and zero-vector convention.
+
+    Args:
+        teacher_logits: [N, T, C]; biased_logits: [N, C] (any equal leading dims also work,
+            e.g. [N, V, T, C] and [N, V, C] for cached views); tau > 0.
+    Returns:
+        [N, T] weights (float32 unless the logits are float64), rows summing to 1.
+    """
+    if teacher_logits.ndim < 2 or tuple(biased_logits.shape) != (
+            tuple(teacher_logits.shape[:-2]) + tuple(teacher_logits.shape[-1:])):
+        raise ValueError(f"teacher_logits [..., T, C] {tuple(teacher_logits.shape)} and "
+                         f"biased_logits [..., C] {tuple(biased_logits.shape)} do not match")
+    wide = _wide_dtype(teacher_logits.device)
+    p_b = _probs(biased_logits, tau, wide)
+    u = torch.full_like(p_b, 1.0 / p_b.shape[-1])
+    w = _agre_normalised(u, _probs(teacher_logits, tau, wide), p_b)
+    return w.to(_out_dtype(teacher_logits))
+
+
+def aver_weights(teacher_logits: Tensor) -> Tensor:
+    """AVER baseline: every teacher weighted ``1/T``. teacher_logits [B, T, C] -> [B, T]."""
+    if teacher_logits.ndim != 3:
+        raise ValueError(f"teacher_logits must be [B, T, C], got shape {tuple(teacher_logits.shape)}")
+    B, T, _ = teacher_logits.shape
+    return torch.full((B, T), 1.0 / T, dtype=_out_dtype(teacher_logits),
+                      device=teacher_logits.device)
+
+
+@torch.no_grad()
+def agre_batch_weights_last(student_logits: Tensor, penultimate: Tensor, teacher_logits: Tensor,
+                            biased_logits: Tensor, tau: float) -> Tensor:
+    """The seed's batch-level AGRE weights, gradients w.r.t. the student's last layer only.
+
+    The gradient of the batch mean of ``l_t`` w.r.t. the last layer (weight [C, D], bias [C]) is
+    ``g_t = (tau / B) sum_i (p_s(i) - p_t(i)) (x) [h_i; 1]``; likewise ``g_b`` for the biased
+    model. ``w_t = max(1 - cos(g_t, g_b), 0.01)`` normalised to sum 1 (cos with a zero vector = 0).
+    Unlike per-sample AGRE, ``[h_i; 1]`` differs across the summed samples and does not cancel.
+
+    Args:
+        student_logits: [B, C]; penultimate: [B, D] (the last layer's input ``h``);
+        teacher_logits: [B, T, C]; biased_logits: [B, C]; tau > 0.
+    Returns:
+        [T] weights summing to 1, no gradient.
+    """
+    _check_logits(student_logits, teacher_logits, biased_logits)
+    B = student_logits.shape[0]
+    if penultimate.ndim != 2 or penultimate.shape[0] != B:
+        raise ValueError(f"penultimate must be [B, D] with B = {B}, got {tuple(penultimate.shape)}")
+    wide = _wide_dtype(student_logits.device)
+    p_s = _probs(student_logits, tau, wide)
+    h1 = torch.cat([penultimate.detach().to(wide), p_s.new_ones(B, 1)], dim=1)  # [B, D + 1]
+    scale = tau / B
+    # Autocast would run einsum in half precision on float32 inputs (MPS); the cosine needs more.
+    with _no_autocast(student_logits.device):
+        g_t = scale * torch.einsum("btc,bd->tcd", p_s.unsqueeze(1) - _probs(teacher_logits, tau, wide), h1)
+        g_b = scale * torch.einsum("bc,bd->cd", p_s - _probs(biased_logits, tau, wide), h1)
+    cos = _cosine(g_t.flatten(1), g_b.flatten().unsqueeze(0))
+    return _batch_normalised(cos).to(_out_dtype(student_logits))
+
+
+def agre_batch_weights_autograd(teacher_losses: Sequence[Tensor], biased_loss: Tensor,
+                                params: Sequence[Tensor]) -> Tensor:
+    """The seed's exact batch-level AGRE weights over the given parameters (``--agre-params all``).
+
+    ``g_t = grad_theta mean_i l_t(i)`` and ``g_b = grad_theta mean_i l_b(i)``, flattened and
+    concatenated over ``params``, each by ``torch.autograd.grad(..., retain_graph=True)`` (T + 1
+    extra backward passes: slow, for exact reproduction). ``w_t = max(1 - cos(g_t, g_b), 0.01)``
+    normalised to sum 1. ``.grad`` of the parameters is left untouched and the graph is kept for
+    the training loss's own backward pass.
+
+    Args:
+        teacher_losses: T scalar batch-mean KD losses, each a function of the student's output.
+        biased_loss: the scalar batch-mean ``l_b``.
+        params: parameters to differentiate w.r.t. (those without ``requires_grad`` are skipped;
+            a parameter the losses do not reach contributes a zero gradient).
+    Returns:
+        [T] weights (float32) summing to 1, no gradient.
+    """
+    losses = list(teacher_losses)
+    if not losses:
+        raise ValueError("agre_batch_weights_autograd needs at least one teacher loss")
+    if any(l.ndim != 0 for l in losses) or biased_loss.ndim != 0:
+        raise ValueError("teacher_losses and biased_loss must be scalars (batch means of l_t, l_b)")
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("agre_batch_weights_autograd got no parameter that requires grad")
+    wide = _wide_dtype(params[0].device)
+
+    def grads(loss: Tensor) -> list[Tensor | None]:
+        return list(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
+
+    def dot(ga: list[Tensor | None], gb: list[Tensor | None]) -> Tensor:
+        # Summed per parameter: no concatenated copy of the whole gradient is ever built.
+        terms = [torch.sum(a * b, dtype=wide) for a, b in zip(ga, gb)
+                 if a is not None and b is not None]
+        return torch.stack(terms).sum() if terms else torch.zeros((), dtype=wide, device=params[0].device)
+
+    g_b = grads(biased_loss)
+    with torch.no_grad():
+        bb = dot(g_b, g_b)
+        cos = []
+        for loss in losses:
+            g_t = grads(loss)
+            tt, tb = dot(g_t, g_t), dot(g_t, g_b)
+            nonzero = (tt.sqrt() > _ZERO_NORM) & (bb.sqrt() > _ZERO_NORM)
+            c = (tb / (tt * bb).sqrt().clamp_min(_ZERO_NORM ** 2)).clamp(-1.0, 1.0)
+            cos.append(torch.where(nonzero, c, torch.zeros_like(c)))
+        return _batch_normalised(torch.stack(cos)).float()
+
+
+def teacher_weights(mode: str, *, student_logits: Tensor, teacher_logits: Tensor,
+                    biased_logits: Tensor | None, tau: float, cached: Tensor | None = None,
+                    penultimate: Tensor | None = None, agre_params: str = "last",
+                    teacher_losses: Sequence[Tensor] | None = None,
+                    biased_loss: Tensor | None = None,
+                    params: Sequence[Tensor] | None = None) -> Tensor:
+    """Teacher weights [B, T] for one batch, by weighting mode (``DistillConfig.weighting``).
+
+    - ``"aver"``: ``1/T`` (:func:`aver_weights`).
+    - ``"agre"``: per-sample AGRE-KD (:func:`agre_weights`); needs ``biased_logits``.
+    - ``"agre-batch"``: one weight per teacher, broadcast over the batch. ``agre_params="last"``
+      (:func:`agre_batch_weights_last`) needs ``biased_logits`` and ``penultimate``;
+      ``"all"`` (:func:`agre_batch_weights_autograd`) needs ``teacher_losses``, ``biased_loss``
+      and ``params``.
+    - ``"cached"``: the precomputed [B, T] ``cached`` weights, returned as given (detached).
+
+    Raises:
+        ValueError: unknown mode or ``agre_params``, or an input the mode needs is missing.
+    """
+    if mode not in WEIGHTINGS:
+        raise ValueError(f"unknown teacher weighting {mode!r}; expected one of {', '.join(WEIGHTINGS)}")
+    if teacher_logits.ndim != 3:
+        raise ValueError(f"teacher_logits must be [B, T, C], got shape {tuple(teacher_logits.shape)}")
+    B, T, _ = teacher_logits.shape
+
+    def need(**inputs):
+        missing = [name for name, value in inputs.items() if value is None]
+        if missing:
+            extra = f" (agre_params={agre_params!r})" if mode == "agre-batch" else ""
+            raise ValueError(f"teacher weighting {mode!r}{extra} needs {', '.join(missing)}")
+
+    if mode == "aver":
+        return aver_weights(teacher_logits)
+    if mode == "cached":
+        need(cached=cached)
+        if tuple(cached.shape) != (B, T):
+            raise ValueError(f"cached weights must be [B, T] = [{B}, {T}], got {tuple(cached.shape)}")
+        return cached.detach()
+    if mode == "agre":
+        need(biased_logits=biased_logits)
+        return agre_weights(student_logits, teacher_logits, biased_logits, tau)
+    if agre_params == "last":
+        need(biased_logits=biased_logits, penultimate=penultimate)
+        w = agre_batch_weights_last(student_logits, penultimate, teacher_logits, biased_logits, tau)
+    elif agre_params == "all":
+        need(teacher_losses=teacher_losses, biased_loss=biased_loss, params=params)
+        if len(teacher_losses) != T:
+            raise ValueError(f"got {len(teacher_losses)} teacher losses for {T} teachers")
+        w = agre_batch_weights_autograd(teacher_losses, biased_loss, params)
+    else:
+        raise ValueError(f"agre_params must be one of {', '.join(AGRE_PARAMS)}, got {agre_params!r}")
+    return w.unsqueeze(0).expand(B, T)

@@ -1,0 +1,150 @@
+"""The teacher manifest: which checkpoints make the ensemble, and the biased model.
+
+``TEACHERS_DIR/manifest.json``::
+
+    {"schema": "gr-kd-teachers", "version": 1, "num_classes": 2, "image_size": 224,
+     "pretrained": true, "models": [
+        {"name": "teacher_1", "role": "teacher", "arch": "resnet50", "num_classes": 2,
+         "file": "erm_seed0.pt", "sha256": "...", "head_file": "teacher_1_head.pt",
+         "head_sha256": "...", "backbone_id": "...", "metrics": {"val": {...}, "test": {...}}},
+        {"name": "biased", "role": "biased", "file": "erm_seed0.pt", ...}]}
+
+``file`` is a full ResNet state dict; ``head_file`` (optional) replaces its ``fc`` (a DFR head).
+Paths are relative to the manifest's folder unless absolute.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from precompute.models import (CheckpointError, FeatureResNet, backbone_id, file_sha256,
+                               load_checkpoint, load_into)
+
+SCHEMA = "gr-kd-teachers"
+VERSION = 1
+ROLES = ("teacher", "biased")
+
+
+class ManifestError(Exception):
+    """A manifest that cannot be used; the message says which entry and why."""
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    role: str
+    arch: str
+    num_classes: int
+    file: str
+    sha256: str
+    backbone_id: str
+    head_file: str | None = None
+    head_sha256: str | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    models: list[ModelEntry]
+    num_classes: int
+    image_size: int
+    pretrained: bool
+    root: Path = Path(".")
+
+    @property
+    def teachers(self) -> list[ModelEntry]:
+        return [m for m in self.models if m.role == "teacher"]
+
+    @property
+    def biased(self) -> ModelEntry:
+        return next(m for m in self.models if m.role == "biased")
+
+    def path(self, rel: str) -> Path:
+        p = Path(rel)
+        return p if p.is_absolute() else self.root / p
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        d = {"schema": SCHEMA, "version": VERSION, "num_classes": self.num_classes,
+             "image_size": self.image_size, "pretrained": self.pretrained,
+             "models": [asdict(m) for m in self.models]}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(d, indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "manifest.json"
+    if not path.is_file():
+        raise ManifestError(f"no teacher manifest at {path}; build teachers with `python cli.py teachers` "
+                            "or declare yours with `python cli.py teachers import`")
+    try:
+        d = json.loads(path.read_text())
+        if d.get("schema") != SCHEMA or d.get("version") != VERSION:
+            raise ManifestError(f"{path}: not a version-{VERSION} {SCHEMA} manifest")
+        models = [ModelEntry(**m) for m in d["models"]]
+        man = Manifest(models, int(d["num_classes"]), int(d["image_size"]), bool(d["pretrained"]), path.parent)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ManifestError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+    roles = [m.role for m in models]
+    if roles.count("biased") != 1 or "teacher" not in roles or any(r not in ROLES for r in roles):
+        raise ManifestError(f"{path}: needs at least one 'teacher' and exactly one 'biased' model, has roles {roles}")
+    if len({m.name for m in models}) != len(models):
+        raise ManifestError(f"{path}: model names are not unique")
+    return man
+
+
+def verify_files(man: Manifest) -> None:
+    """Every checkpoint exists and has the sha256 the manifest declares."""
+    seen: dict[Path, str] = {}
+    for m in man.models:
+        for rel, digest in ((m.file, m.sha256), (m.head_file, m.head_sha256)):
+            if rel is None:
+                continue
+            p = man.path(rel)
+            if not p.is_file():
+                raise ManifestError(f"model {m.name}: checkpoint {p} is missing")
+            if p not in seen:
+                seen[p] = file_sha256(p)
+            if seen[p] != digest:
+                raise ManifestError(f"model {m.name}: checkpoint {p} was altered (sha256 {seen[p][:12]}..., "
+                                    f"manifest says {digest[:12]}...); rebuild or re-import the teachers")
+
+
+def load_model(man: Manifest, entry: ModelEntry) -> FeatureResNet:
+    """The model of one manifest entry (backbone file + optional head file), in eval mode."""
+    model = FeatureResNet(entry.arch, entry.num_classes)
+    load_into(model, load_checkpoint(man.path(entry.file)), str(man.path(entry.file)))
+    if entry.head_file:
+        head = load_checkpoint(man.path(entry.head_file))
+        try:
+            model.fc.load_state_dict({"weight": head["fc.weight"], "bias": head["fc.bias"]})
+        except (KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{man.path(entry.head_file)}: not a head for {entry.arch} with "
+                                  f"{entry.num_classes} classes ({e})") from None
+    return model.eval()
+
+
+def make_entry(name: str, role: str, file: str | Path, arch: str, num_classes: int,
+               head_file: str | Path | None = None, state: dict | None = None,
+               root: Path | None = None) -> ModelEntry:
+    """Validate a checkpoint (and head) and describe it; raises CheckpointError naming the file."""
+    file = Path(file)
+    state = state if state is not None else load_checkpoint(file)
+    load_into(FeatureResNet(arch, num_classes), state, str(file))
+
+    def rel(p):
+        p = Path(p).resolve()
+        return str(p.relative_to(root.resolve())) if root and p.is_relative_to(root.resolve()) else str(p)
+
+    return ModelEntry(name=name, role=role, arch=arch, num_classes=num_classes, file=rel(file),
+                      sha256=file_sha256(file), backbone_id=backbone_id(state),
+                      head_file=rel(head_file) if head_file else None,
+                      head_sha256=file_sha256(head_file) if head_file else None)

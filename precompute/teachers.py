@@ -1,0 +1,228 @@
+"""Teachers: ERM ResNet-50 backbones, DFR-debiased heads and the biased model (or bring your own).
+
+Protocol (DFR reference code, Kirichenko et al. 2023): ERM with SGD (momentum 0.9, lr 1e-3,
+wd 1e-3, batch 32), RandomResizedCrop(scale 0.7-1) + flip; then the last layer is re-trained on
+the validation set (``precompute.dfr``). The biased model is the first ERM model with its own head.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data.metrics import group_metrics
+from data.store import ImageStore, build_store, store_size_for
+from data.views import ViewSpec, render, sample_views
+from data.waterbirds import Metadata, fingerprint, load_metadata
+from precompute.dfr import fit_dfr
+from precompute.manifest import Manifest, load_model, make_entry
+from precompute.models import build_model, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class TeacherConfig:
+    data_root: str
+    out: str
+    num_teachers: int = 5
+    seed: int = 0
+    epochs: int = 100
+    image_size: int = 224
+    pretrained: bool = True
+    weights_file: str | None = None
+    shared_backbone: bool = False
+    arch: str = "resnet50"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    batch_size: int = 32
+    dfr_retrains: int = 20
+    device: str = "auto"
+    progress: bool = True
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU, nothing on CPU (one code path for both)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.inference_mode()
+def embed(model, images: torch.Tensor, box: np.ndarray, flip: np.ndarray, out_size: int,
+          device: torch.device, batch_size: int = 256, progress: bool = False, desc: str = "embed"):
+    """Eval-mode forward of ``model`` on one view per image.
+
+    Returns (logits [N, C] float32, penultimate [N, D] float32) on the CPU.
+    """
+    model.eval().to(device)
+    logits, embs = [], []
+    for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
+        x = render(images[s:s + batch_size].to(device), torch.from_numpy(box[s:s + batch_size]),
+                   torch.from_numpy(flip[s:s + batch_size]), out_size)
+        with autocast(device):
+            z, f = model(x.contiguous(memory_format=torch.channels_last), layers=("layer4",))
+        logits.append(z.float().cpu())
+        embs.append(f["layer4"].float().cpu())
+    return torch.cat(logits), torch.cat(embs)
+
+
+def _epoch_views(rows: np.ndarray, seed: int, epoch: int):
+    # A fresh RandomResizedCrop + flip per (seed, epoch, row): replayable, so resume is exact.
+    box, flip = sample_views(rows, ViewSpec(num_views=1, seed=seed * 100_003 + epoch))
+    return box[:, 1], flip[:, 1]
+
+
+def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, meta: Metadata, path: Path,
+              num_classes: int = 2) -> dict[str, torch.Tensor]:
+    """ERM on the training split; resumes from ``path.ckpt`` after a kill. Returns the state dict."""
+    if path.is_file():
+        return load_checkpoint(path)
+    device = pick_device(cfg.device)
+    torch.manual_seed(seed)
+    model = build_model(cfg.arch, num_classes, cfg.pretrained, cfg.weights_file).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    resume = path.with_name(path.name + ".ckpt")
+    start = 0
+    if resume.is_file():
+        ck = torch.load(resume, map_location=device, weights_only=True)
+        model.net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        start = int(ck["epoch"])
+    rows = meta.rows("train")
+    y = torch.from_numpy(meta.y)
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        box, flip = _epoch_views(rows, seed, epoch)
+        box, flip = torch.from_numpy(box), torch.from_numpy(flip)
+        total, correct, seen = 0.0, 0, 0
+        bar = tqdm(range(0, len(rows), cfg.batch_size), desc=f"ERM seed {seed} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not cfg.progress, leave=False)
+        for s in bar:
+            idx = order[s:s + cfg.batch_size]
+            r = torch.from_numpy(rows)[idx]
+            x = render(images[r].to(device, non_blocking=True), box[idx], flip[idx], cfg.image_size)
+            target = y[r].to(device)
+            with autocast(device):
+                logits, _ = model(x.contiguous(memory_format=torch.channels_last), layers=())
+                loss = F.cross_entropy(logits.float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss) * len(idx)
+            correct += int((logits.argmax(1) == target).sum())
+            seen += len(idx)
+            bar.set_postfix(loss=f"{total / seen:.3f}", acc=f"{correct / seen:.3f}")
+        save_checkpoint({"model": model.net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1}, resume)
+    state = {k: v.cpu() for k, v in model.net.state_dict().items()}
+    save_checkpoint(state, path)
+    resume.unlink(missing_ok=True)
+    return state
+
+
+def evaluate_logits(logits: torch.Tensor, meta: Metadata) -> dict:
+    """Per-split group metrics of eval-view logits for every row of ``meta``."""
+    pred = logits.argmax(1).numpy()
+    train_counts = meta.group_counts("train")
+    return {s: group_metrics(pred[meta.rows(s)], meta.y[meta.rows(s)], meta.group[meta.rows(s)], train_counts)
+            for s in ("val", "test")}
+
+
+def format_eval_table(man: Manifest) -> str:
+    """Per model: val/test per-group accuracy, WGA and average accuracy, as Markdown."""
+    lines = ["| model | role | split | " + " | ".join(f"g{g}" for g in range(4)) + " | WGA | avg acc | mean acc |",
+             "|---|---|---|" + "---|" * 7]
+    for m in man.models:
+        for split, r in m.metrics.items():
+            accs = " | ".join("-" if a != a else f"{100 * a:.1f}" for a in r["group_acc"])
+            lines.append(f"| {m.name} | {m.role} | {split} | {accs} | {100 * r['wga']:.1f} | "
+                         f"{100 * r['avg_acc']:.1f} | {100 * r['mean_acc']:.1f} |")
+    return "\n".join(lines)
+
+
+def _prepare_images(cfg: TeacherConfig, meta: Metadata, out: Path) -> torch.Tensor:
+    fp = fingerprint(meta)
+    size = store_size_for(cfg.image_size)
+    path = build_store(meta, out / f"images_{size}px.h5", size, fp, progress=cfg.progress)
+    return torch.from_numpy(ImageStore(path, fp, size).load_all())
+
+
+def build_teachers(cfg: TeacherConfig) -> Manifest:
+    """Train ERM backbone(s), fit DFR heads, evaluate, and write ``cfg.out/manifest.json``."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "teachers_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    meta = load_metadata(cfg.data_root)
+    num_classes = int(meta.y.max()) + 1
+    images = _prepare_images(cfg, meta, out)
+    device = pick_device(cfg.device)
+    n_backbones = 1 if cfg.shared_backbone else cfg.num_teachers
+    eval_box, eval_flip = sample_views(np.arange(len(meta)), ViewSpec(num_views=0))
+    eval_box, eval_flip = eval_box[:, 0], eval_flip[:, 0]
+    val = meta.rows("val")
+    entries = []
+    for b in range(n_backbones):
+        seed = cfg.seed + b
+        erm_path = out / f"erm_seed{seed}.pt"
+        t0 = time.time()
+        state = train_erm(cfg, seed, images, meta, erm_path, num_classes)
+        model = build_model(cfg.arch, num_classes)
+        model.net.load_state_dict(state)
+        logits, emb = embed(model, images, eval_box, eval_flip, cfg.image_size, device,
+                            progress=cfg.progress, desc=f"embeddings seed {seed}")
+        if b == 0:
+            biased = make_entry("biased", "biased", erm_path, cfg.arch, num_classes, state=state, root=out)
+            biased.metrics = evaluate_logits(logits, meta)
+        heads = range(cfg.num_teachers) if cfg.shared_backbone else [b]
+        for t in heads:
+            head = fit_dfr(emb[val].numpy(), meta.y[val], meta.group[val], seed=seed + 1000 * t,
+                           num_retrains=cfg.dfr_retrains, num_classes=num_classes)
+            head_path = out / f"teacher_{t + 1}_dfr_head.pt"
+            save_checkpoint({"fc.weight": torch.from_numpy(head.weight), "fc.bias": torch.from_numpy(head.bias)}, head_path)
+            entry = make_entry(f"teacher_{t + 1}", "teacher", erm_path, cfg.arch, num_classes,
+                               head_file=head_path, state=state, root=out)
+            dfr_logits = emb @ torch.from_numpy(head.weight).T + torch.from_numpy(head.bias)
+            entry.metrics = evaluate_logits(dfr_logits, meta)
+            entries.append(entry)
+        if cfg.progress:
+            tqdm.write(f"backbone seed {seed}: ERM + DFR done in {time.time() - t0:.0f}s")
+    man = Manifest(entries + [biased], num_classes, cfg.image_size, cfg.pretrained or bool(cfg.weights_file), out)
+    man.save(out / "manifest.json")
+    (out / "eval.md").write_text(format_eval_table(man) + "\n")
+    return man
+
+
+def import_teachers(out: str | Path, teacher_files: list[str], biased_file: str, arch: str = "resnet50",
+                    num_classes: int = 2, image_size: int = 224, pretrained: bool = True,
+                    data_root: str | None = None, device: str = "auto", progress: bool = True) -> Manifest:
+    """Declare existing checkpoints as the ensemble (optionally evaluating them on a data folder)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = [make_entry(f"teacher_{i + 1}", "teacher", f, arch, num_classes, root=out)
+               for i, f in enumerate(teacher_files)]
+    entries.append(make_entry("biased", "biased", biased_file, arch, num_classes, root=out))
+    man = Manifest(entries, num_classes, image_size, pretrained, out)
+    if data_root is not None:
+        meta = load_metadata(data_root)
+        images = _prepare_images(TeacherConfig(data_root, str(out), image_size=image_size, progress=progress), meta, out)
+        box, flip = sample_views(np.arange(len(meta)), ViewSpec(num_views=0))
+        for e in entries:
+            logits, _ = embed(load_model(man, e), images, box[:, 0], flip[:, 0], image_size,
+                              pick_device(device), progress=progress, desc=f"evaluating {e.name}")
+            e.metrics = evaluate_logits(logits, meta)
+    man.save(out / "manifest.json")
+    if data_root is not None:
+        (out / "eval.md").write_text(format_eval_table(man) + "\n")
+    return man

@@ -1,0 +1,213 @@
+"""Report aggregation, tables, missing-run listing and plots, on hand-made run folders."""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from distill.config import DistillConfig
+from experiments.report import (aggregate, build_tables, format_table, load_runs, missing_runs,
+                                load_plan, write_report)
+from experiments.sweep import preset_runs, run_name, run_sweep
+
+SEED_OFFSET = {42: -0.02, 43: 0.0, 44: 0.02}  # -> sample std of exactly 2 points
+TEACHERS = [{"name": f"dfr_seed{i}", "role": "teacher"} for i in range(5)] + [
+    {"name": "erm_seed0", "role": "biased"}]
+
+
+def metrics(wga: float) -> dict:
+    return {"group_acc": [0.99, wga, wga + 0.05, 0.97], "group_count": [467, 466, 133, 133],
+            "wga": wga, "mean_acc": 0.92, "avg_acc": 0.93}
+
+
+def write_run(root: Path, wga: float | None, status: str = "finished", weights=True, **overrides):
+    """A run folder as distill.train.fit writes it; wga None leaves it without a summary."""
+    cfg = DistillConfig(out=str(root / run_name(overrides)), **overrides)
+    out = Path(cfg.out)
+    out.mkdir(parents=True)
+    cfg.save(out / "config.json")
+    epoch = {"epoch": 0, "lr": 1e-3, "time_s": 1.0, "val": metrics(0.8),
+             "train": {"loss": 1.0, "ce": 0.5, "kd": 0.4, "feat": 0.1}, "teacher_weights": [.2] * 5}
+    (out / "metrics.jsonl").write_text(json.dumps(epoch) + "\n")
+    if weights:
+        rng = np.random.default_rng(cfg.seed)
+        w = (np.full((200, 5), 0.2) if cfg.weighting == "aver"
+             else rng.dirichlet(np.ones(5), size=200)).astype(np.float32)
+        np.save(out / "teacher_weights.npy", w)
+    if wga is None:
+        return out
+    summary = {"status": status, "config": cfg.to_dict(), "cache_fingerprint": "abc123",
+               "git_commit": "deadbeef", "teachers": TEACHERS, "best_epoch": 0,
+               "val_best": metrics(0.8), "test_best": metrics(wga), "test_last": metrics(0.5),
+               "teacher_test": {t["name"]: metrics(0.91 + 0.005 * i)
+                                for i, t in enumerate(TEACHERS)}}
+    if status == "failed":
+        summary = {"status": "failed", "error": "RuntimeError: loss is NaN at epoch 3"}
+    (out / "summary.json").write_text(json.dumps(summary))
+    return out
+
+
+def write_seeds(root, wgas, **overrides):
+    for seed, wga in zip((42, 43, 44), wgas):
+        write_run(root, wga, seed=seed, **overrides)
+
+
+def test_mean_std_and_delta_vs_baseline(tmp_path):
+    write_seeds(tmp_path, [0.80, 0.82, 0.84], gamma=0.5)
+    write_seeds(tmp_path, [0.78, 0.79, 0.80], gamma=0.0)
+    rows = {r.label: r for r in aggregate(load_runs(tmp_path))}
+    feat, base = rows["AGRE-KD γ=0.5"], rows["AGRE-KD γ=0"]
+    assert feat.wga_by_seed == pytest.approx({42: 80.0, 43: 82.0, 44: 84.0})
+    assert feat.mean == pytest.approx(82.0) and feat.std == pytest.approx(2.0)
+    assert base.is_baseline and base.delta is None
+    assert feat.delta == pytest.approx(3.0) and feat.avg_acc == pytest.approx(93.0)
+    assert feat.group_acc == pytest.approx([99.0, 82.0, 87.0, 97.0])
+
+    md = format_table(tmp_path)
+    assert "| Method | Seed 42 | Seed 43 | Seed 44 | Mean ± Std | Δ vs Baseline |" in md
+    assert "| AGRE-KD γ=0.5 | 80.00 | 82.00 | 84.00 | 82.00 ± 2.00 | +3.00 |" in md
+    assert "| AGRE-KD γ=0 | 78.00 | 79.00 | 80.00 | 79.00 ± 1.00 | — |" in md
+
+
+def test_one_seed_has_no_std_and_delta_needs_its_paired_baseline(tmp_path):
+    write_run(tmp_path, 0.85, gamma=0.5, layers=("layer3", "layer4"))
+    write_run(tmp_path, 0.80, gamma=0.5, epochs=5)  # its baseline would need epochs=5 too
+    write_run(tmp_path, 0.79, gamma=0.0)
+    rows = {r.label: r for r in aggregate(load_runs(tmp_path))}
+    assert rows["AGRE-KD γ=0.5, layer3+layer4"].std is None
+    assert rows["AGRE-KD γ=0.5, layer3+layer4"].delta == pytest.approx(6.0)
+    assert rows["AGRE-KD γ=0.5, ep5"].delta is None
+    md = format_table(tmp_path)
+    assert "85.00 ± n/a | +6.00 |" in md and "80.00 ± n/a | n/a |" in md
+
+
+def test_load_runs_statuses(tmp_path):
+    write_run(tmp_path, 0.8, gamma=0.5)
+    write_run(tmp_path, 0.8, status="failed", gamma=0.25)
+    write_run(tmp_path, None, gamma=1.0)
+    bad = write_run(tmp_path, None, gamma=0.75)
+    (bad / "summary.json").write_text("{not json")
+    (tmp_path / "notes").mkdir()  # not a run folder
+    recs = {r.config["gamma"]: r for r in load_runs(tmp_path)}
+    assert len(recs) == 4
+    assert recs[0.5].finished
+    assert recs[0.25].status == "failed" and "loss is NaN" in recs[0.25].reason
+    assert recs[1.0].status == "incomplete" and "1/30 epochs" in recs[1.0].reason
+    assert recs[0.75].status == "failed" and "unreadable" in recs[0.75].reason
+
+
+def sweep_fit(fail_on):
+    """A fake distill.train.fit for run_sweep: WGA by gamma and weighting, plus seed offset."""
+    def fit(cfg):
+        if (cfg.gamma, cfg.seed) == fail_on:
+            raise RuntimeError("out of memory")
+        wga = 0.80 + 0.02 * cfg.gamma + (0.01 if cfg.weighting == "agre" else 0.0)
+        overrides = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "cache")}
+        Path(cfg.out).rmdir()
+        write_run(Path(cfg.out).parent, wga + SEED_OFFSET[cfg.seed], **overrides)
+        return {}
+    return fit
+
+
+@pytest.fixture
+def sweep_dir(tmp_path):
+    """The "main" and "agre-vs-aver" presets with one failed, one incomplete, one missing run."""
+    runs = tmp_path / "runs"
+    specs = preset_runs("main", "agre-vs-aver")
+    run_sweep("c.h5", runs, specs, fit=sweep_fit(fail_on=(0.25, 43)))
+    incomplete = runs / run_name({"weighting": "aver", "gamma": 1.0, "seed": 44})
+    (incomplete / "summary.json").unlink()
+    missing = runs / run_name({"weighting": "aver", "gamma": 0.0, "seed": 42})
+    for f in missing.iterdir():
+        f.unlink()
+    missing.rmdir()
+    return runs
+
+
+def test_preset_tables_follow_the_report(sweep_dir):
+    tables = {t.name: t for t in build_tables(sweep_dir)}
+    assert list(tables) == ["main", "agre-vs-aver"]
+    main = tables["main"]
+    assert main.title == "Main Results" and main.seeds == [42, 43, 44]
+    assert [r.label for r in main.rows][0] == "AGRE-KD + Features"
+    rows = {r.label: r for r in main.rows}
+    assert rows["AGRE-KD + Features"].mean == pytest.approx(82.0)   # 0.80 + 0.01 + 0.01
+    assert rows["AGRE-KD + Features"].std == pytest.approx(2.0)
+    assert rows["AGRE-KD + Features"].delta == pytest.approx(1.0)
+    assert rows["AVER Baseline"].wga_by_seed == pytest.approx({43: 80.0, 44: 82.0})
+    assert rows["AVER Baseline"].delta == pytest.approx(0.0)  # 81.00 vs 81.00
+    md = format_table(sweep_dir, "main")
+    assert "### Main Results" in md and "Baseline: AGRE-KD Baseline." in md
+    assert "| AVER Baseline | — | 80.00 | 82.00 | 81.00 ± 1.41 | +0.00 |" in md
+
+
+def test_report_lists_missing_and_failed_runs(sweep_dir):
+    missing = {m["name"]: m for m in missing_runs(load_runs(sweep_dir), load_plan(sweep_dir))}
+    failed = run_name({"gamma": 0.25, "alpha": 0.9, "seed": 43})
+    assert set(missing) == {failed, run_name({"weighting": "agre", "gamma": 0.25, "seed": 43}),
+                            run_name({"weighting": "aver", "gamma": 0.25, "seed": 43}),
+                            run_name({"weighting": "aver", "gamma": 1.0, "seed": 44}),
+                            run_name({"weighting": "aver", "gamma": 0.0, "seed": 42})}
+    assert missing[failed]["status"] == "failed"
+    assert "out of memory" in missing[failed]["reason"]
+    assert missing[failed]["planned_for"] == "main: Combined (α=0.9)"
+
+    md = write_report(sweep_dir)["markdown"].read_text()
+    section = md.split("## Missing or failed runs")[1].split("## Plots")[0]
+    for name, m in missing.items():
+        assert f"`{name}`" in section and m["status"] in section
+    assert "RuntimeError: out of memory" in section
+    assert "not run (no run folder)" in section and "no summary.json" in section
+
+
+def test_report_files_contain_the_numbers(sweep_dir, tmp_path):
+    paths = write_report(sweep_dir, tmp_path / "out")
+    assert set(paths) == {"markdown", "csv", "wga_vs_gamma", "group_accuracy", "teacher_weights"}
+    md = paths["markdown"].read_text()
+    assert "| AGRE-KD + Features | 80.00 | 82.00 | 84.00 | 82.00 ± 2.00 | +1.00 | 93.00 |" in md
+    assert "### AGRE-KD vs AVER, paired by γ" in md and "## Teachers (test set)" in md
+    assert "| dfr_seed0 | teacher | 91.00 | 93.00 | 92.00 |" in md
+    assert "| erm_seed0 | biased | 93.50 |" in md
+    with open(paths["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    feat = next(r for r in rows if r["table"] == "main" and r["row"] == "AGRE-KD + Features")
+    assert (feat["seed_42"], feat["wga_mean"], feat["wga_std"], feat["delta_vs_baseline"]) == (
+        "80.00", "82.00", "2.00", "1.00")
+    base = next(r for r in rows if r["table"] == "main" and r["is_baseline"] == "1")
+    assert base["row"] == "AGRE-KD Baseline" and base["delta_vs_baseline"] == ""
+    for key in ("wga_vs_gamma", "group_accuracy", "teacher_weights"):
+        path = paths[key]
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+        image = imread(path)
+        assert image.ndim == 3 and image.shape[0] > 200 and image.std() > 0.01
+        assert f"]({path.name})" in md
+
+
+def test_plots_are_skipped_and_said_so_when_runs_are_absent(tmp_path):
+    write_run(tmp_path, 0.8, weights=False, gamma=0.5, seed=42)
+    paths = write_report(tmp_path)
+    assert "group_accuracy" in paths and "wga_vs_gamma" not in paths
+    assert "teacher_weights" not in paths
+    md = paths["markdown"].read_text()
+    assert "`wga_vs_gamma.png` skipped: needs finished AGRE-KD or AVER runs" in md
+    assert "`teacher_weights.png` skipped: no finished run saved" in md
+    assert "### All runs" in md and "None: every planned run finished." in md
+
+
+def test_empty_folder_still_writes_a_report(tmp_path):
+    paths = write_report(tmp_path)
+    md = paths["markdown"].read_text()
+    assert "No finished runs." in md and "group_accuracy.png` skipped" in md
+    assert format_table(tmp_path) == "No finished or planned runs.\n"
+
+
+def test_adhoc_runs_next_to_presets_get_the_paired_baseline(tmp_path):
+    run_sweep("c.h5", tmp_path, preset_runs("gamma", seeds=[42]), fit=sweep_fit(fail_on=None))
+    write_run(tmp_path, 0.85, gamma=0.3, seed=42)  # not in any preset, not in sweep.json
+    tables = {t.name: t for t in build_tables(tmp_path)}
+    assert list(tables) == ["gamma", "runs"] and tables["runs"].title == "Other runs"
+    (row,) = tables["runs"].rows
+    assert row.label == "AGRE-KD γ=0.3" and row.delta == pytest.approx(85.0 - 79.0)
+    assert missing_runs(load_runs(tmp_path), load_plan(tmp_path)) == []
