@@ -70,47 +70,67 @@ def resolve_root(root: str | Path) -> Path:
     raise DataError(root, [f"no metadata.csv in {root} nor in {' or '.join(KNOWN_SUBFOLDERS)} below it"])
 
 
-def _parse_int(value: str, field: str, allowed, row: int, problems: list[str]):
+def _parse_int(value: str, field: str, allowed, where: str, problems: list[str]):
     try:
         v = int(float(value))
         if v in allowed and float(value) == v:
             return v
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
-    problems.append(f"row {row}: {field}={value!r} is not one of {sorted(allowed)}")
+    problems.append(f"{where}: {field}={value!r} is not one of {sorted(allowed)}")
     return None
+
+
+def _parse_metadata(root: Path) -> tuple[Metadata | None, list[str], list[str]]:
+    """Read ``root/metadata.csv``: (metadata or None if any problem, img_filename per row, problems).
+
+    Every bad column or value is a problem naming its row (as a spreadsheet numbers it: header
+    = row 1) and file. The filenames come back even when values are bad, so that the images can
+    still be checked in the same pass.
+    """
+    problems: list[str] = []
+    files, ys, places, splits = [], [], [], []
+    try:
+        # utf-8-sig: a spreadsheet's byte-order mark is not part of the first column's name
+        with open(root / "metadata.csv", newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            missing = [c for c in METADATA_COLUMNS if c not in columns]
+            extra = [c for c in columns if c not in METADATA_COLUMNS]
+            if missing:
+                problems.append(f"metadata.csv: missing column(s) {', '.join(missing)} (expected {','.join(METADATA_COLUMNS)})")
+            if extra:
+                problems.append(f"metadata.csv: unexpected column(s) {', '.join(extra)}")
+            if missing:
+                return None, files, problems
+            for i, rec in enumerate(reader):
+                name = rec["img_filename"] or ""
+                where = f"row {i + 2}: {name}" if name else f"row {i + 2}"
+                files.append(name)
+                if not name:
+                    problems.append(f"{where}: empty img_filename")
+                ys.append(_parse_int(rec["y"], "y", {0, 1}, where, problems))
+                places.append(_parse_int(rec["place"], "place", {0, 1}, where, problems))
+                splits.append(_parse_int(rec["split"], "split", set(SPLIT_NAMES), where, problems))
+    except (UnicodeDecodeError, csv.Error) as e:
+        problems.append(f"metadata.csv: not a readable UTF-8 CSV file ({type(e).__name__}: {e})")
+        return None, files, problems
+    if not files:
+        problems.append("metadata.csv has no rows")
+    if problems:
+        return None, files, problems
+    meta = Metadata(root, np.array(files), np.array(ys, dtype=np.int64), np.array(places, dtype=np.int64),
+                    np.array(splits, dtype=np.int64))
+    return meta, files, problems
 
 
 def load_metadata(root: str | Path) -> Metadata:
     """Parse and validate ``metadata.csv``; raises DataError listing every bad row or column."""
     root = resolve_root(root)
-    problems: list[str] = []
-    with open(root / "metadata.csv", newline="") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        missing = [c for c in METADATA_COLUMNS if c not in columns]
-        extra = [c for c in columns if c not in METADATA_COLUMNS]
-        if missing:
-            problems.append(f"metadata.csv: missing column(s) {', '.join(missing)} (expected {','.join(METADATA_COLUMNS)})")
-        if extra:
-            problems.append(f"metadata.csv: unexpected column(s) {', '.join(extra)}")
-        if missing:
-            raise DataError(root, problems)
-        files, ys, places, splits = [], [], [], []
-        for i, rec in enumerate(reader):
-            row = i + 2  # line number in the file, header is line 1
-            files.append(rec["img_filename"] or "")
-            if not rec["img_filename"]:
-                problems.append(f"row {row}: empty img_filename")
-            ys.append(_parse_int(rec["y"], "y", {0, 1}, row, problems))
-            places.append(_parse_int(rec["place"], "place", {0, 1}, row, problems))
-            splits.append(_parse_int(rec["split"], "split", set(SPLIT_NAMES), row, problems))
-    if not files:
-        problems.append("metadata.csv has no rows")
+    meta, _, problems = _parse_metadata(root)
     if problems:
         raise DataError(root, problems)
-    return Metadata(root, np.array(files), np.array(ys, dtype=np.int64),
-                    np.array(places, dtype=np.int64), np.array(splits, dtype=np.int64))
+    return meta
 
 
 def read_image(path: Path, size: int | None = None) -> np.ndarray:
@@ -137,24 +157,38 @@ def _check_image(path: Path) -> str | None:
 
 
 def check_folder(root: str | Path, workers: int = 8, progress: bool = True) -> tuple[Metadata | None, list[str]]:
-    """Validate a data folder. Returns (metadata or None, every problem found)."""
+    """Validate a data folder: metadata columns and values, every image file, unlisted images.
+
+    Returns (metadata, or None when the metadata itself has problems; every problem found). The
+    images are checked even when some metadata values are bad, so one run lists everything.
+    """
     try:
-        meta = load_metadata(root)
+        root = resolve_root(root)
     except DataError as e:
         return None, e.problems
     from tqdm import tqdm
 
-    paths = [meta.root / f for f in meta.filenames]
+    meta, files, problems = _parse_metadata(root)
+    named = [(i, f) for i, f in enumerate(files) if f]  # an empty name is already a problem
+    paths = [root / f for _, f in named]
     with ThreadPoolExecutor(workers) as pool:
         results = list(tqdm(pool.map(_check_image, paths), total=len(paths), desc="checking images",
                             unit="img", disable=not progress, leave=False))
-    problems = [f"row {i + 2}: {meta.filenames[i]}: {r}" for i, r in enumerate(results) if r]
+    problems += [f"row {i + 2}: {f}: {r}" for (i, f), r in zip(named, results) if r]
+    problems.sort(key=_row_of)
     listed = {p.resolve() for p in paths}
     image_exts = {".jpg", ".jpeg", ".png"}
-    extra = sorted(p for p in meta.root.rglob("*") if p.suffix.lower() in image_exts and p.resolve() not in listed)
-    if extra:
-        problems.append(f"{len(extra)} image file(s) not listed in metadata.csv, e.g. {extra[0].relative_to(meta.root)}")
+    extra = sorted(p for p in root.rglob("*") if p.suffix.lower() in image_exts and p.resolve() not in listed)
+    if extra and files:
+        problems.append(f"{len(extra)} image file(s) not listed in metadata.csv, e.g. {extra[0].relative_to(root)}")
     return meta, problems
+
+
+def _row_of(problem: str) -> int:
+    # file-level problems first, then by row
+    if problem.startswith("row "):
+        return int(problem[4:].split(":", 1)[0])
+    return 0
 
 
 def count_table(meta: Metadata) -> str:

@@ -33,9 +33,10 @@ class DistillConfig:
     weight_decay: float = 1e-4
     seed: int = 42
     views: bool = True               # sample one cached random view per sample per epoch
-    pretrained: bool = True          # ImageNet-pretrained ResNet-18 student
+    pretrained: bool | None = None   # ImageNet-pretrained student; None: as the teachers were
     weights_file: str | None = None  # local ResNet-18 weights instead of the torchvision download
     image_size: int | None = None    # student input size; default: the cache's view size
+    data_root: str | None = None     # when given, checked against the cache's data fingerprint
     device: str = "auto"             # auto | cpu | cuda
     num_workers: int = 0
     feat_eps: float = 1e-6           # eps of the disagreement confidence 1 / (Var_t f + eps)

@@ -16,6 +16,7 @@ interrupted sweep is resumed by calling :func:`run_sweep` again.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import re
@@ -296,7 +297,9 @@ def run_sweep(cache: str, out_dir: str, runs: list[dict], base: dict | None = No
         before training anything if a run's configuration is invalid.
     """
     if fit is None:
-        from distill.train import fit  # heavy (torch); only a real sweep needs it
+        from distill.train import fit as train  # heavy (torch); only a real sweep needs it
+
+        fit = functools.partial(train, resume=True)  # a run killed mid-way continues
     base, out = dict(base or {}), Path(out_dir)
     specs, configs = _plan(runs, base, cache, out)
     out.mkdir(parents=True, exist_ok=True)

@@ -87,7 +87,7 @@ def read_manifest(path: str | Path) -> Manifest:
                             "or declare yours with `python cli.py teachers import`")
     try:
         d = json.loads(path.read_text())
-        if d.get("schema") != SCHEMA or d.get("version") != VERSION:
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA or d.get("version") != VERSION:
             raise ManifestError(f"{path}: not a version-{VERSION} {SCHEMA} manifest")
         models = [ModelEntry(**m) for m in d["models"]]
         man = Manifest(models, int(d["num_classes"]), int(d["image_size"]), bool(d["pretrained"]), path.parent)

@@ -111,11 +111,13 @@ def file_sha256(path: str | Path) -> str:
 
 def backbone_id(state: dict[str, torch.Tensor]) -> str:
     """Content hash of the non-head tensors: models that share a backbone share this id."""
+    # num_batches_tracked is skipped: it does not change the features, and older checkpoints
+    # (e.g. torchvision's 2017 ImageNet files) do not have it. Raw bytes, so any dtype hashes.
     h = hashlib.sha256()
     for k in sorted(state):
-        if not k.startswith("fc."):
+        if not k.startswith("fc.") and not k.endswith("num_batches_tracked"):
             h.update(k.encode())
-            h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+            h.update(state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -125,6 +127,9 @@ def load_into(model: FeatureResNet, state: dict[str, torch.Tensor], source: str,
     own = model.net.state_dict()
     if not strict_head:
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    # BatchNorm counters only drive momentum=None averaging; files saved before PyTorch 0.4.1
+    # lack them and torch's own loader accepts that, so they are filled in, not reported missing.
+    state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **state}
     missing = [k for k in own if k not in state and (strict_head or not k.startswith("fc."))]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:

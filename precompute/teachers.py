@@ -23,7 +23,7 @@ from data.views import ViewSpec, render, sample_views
 from data.waterbirds import Metadata, fingerprint, load_metadata
 from precompute.dfr import fit_dfr
 from precompute.manifest import Manifest, load_model, make_entry
-from precompute.models import build_model, load_checkpoint, save_checkpoint
+from precompute.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -83,11 +83,16 @@ def _epoch_views(rows: np.ndarray, seed: int, epoch: int):
     return box[:, 1], flip[:, 1]
 
 
+# The TeacherConfig fields that shape an ERM run: a resume must use the values it started with.
+ERM_FIELDS = ("arch", "image_size", "pretrained", "weights_file", "lr", "momentum", "weight_decay", "batch_size")
+
+
 def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, meta: Metadata, path: Path,
               num_classes: int = 2) -> dict[str, torch.Tensor]:
     """ERM on the training split; resumes from ``path.ckpt`` after a kill. Returns the state dict."""
     if path.is_file():
         return load_checkpoint(path)
+    run = {**{f: getattr(cfg, f) for f in ERM_FIELDS}, "seed": seed, "num_classes": num_classes}
     device = pick_device(cfg.device)
     torch.manual_seed(seed)
     model = build_model(cfg.arch, num_classes, cfg.pretrained, cfg.weights_file).to(device)
@@ -97,6 +102,11 @@ def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, meta: Metadat
     start = 0
     if resume.is_file():
         ck = torch.load(resume, map_location=device, weights_only=True)
+        changed = {k: (v, run.get(k)) for k, v in ck.get("config", run).items() if run.get(k) != v}
+        if changed:
+            raise CheckpointError(f"{resume}: an ERM run started with other settings "
+                                  f"({', '.join(f'{k} {a} now {b}' for k, (a, b) in changed.items())}); "
+                                  "use those settings to resume it, or delete it to start over")
         model.net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         start = int(ck["epoch"])
@@ -121,11 +131,12 @@ def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, meta: Metadat
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == target).sum())
             seen += len(idx)
             bar.set_postfix(loss=f"{total / seen:.3f}", acc=f"{correct / seen:.3f}")
-        save_checkpoint({"model": model.net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1}, resume)
+        save_checkpoint({"model": model.net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                         "config": run}, resume)
     state = {k: v.cpu() for k, v in model.net.state_dict().items()}
     save_checkpoint(state, path)
     resume.unlink(missing_ok=True)
@@ -166,9 +177,14 @@ def build_teachers(cfg: TeacherConfig) -> Manifest:
     (out / "teachers_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     meta = load_metadata(cfg.data_root)
     num_classes = int(meta.y.max()) + 1
+    n_backbones = 1 if cfg.shared_backbone else cfg.num_teachers
+    if (cfg.pretrained or cfg.weights_file) and not all(
+            (out / f"erm_seed{cfg.seed + b}.pt").is_file() for b in range(n_backbones)):
+        # Resolve the ImageNet weights before the image store is built: a failed download or a
+        # weights file that does not fit stops the command now, not after minutes of decoding.
+        build_model(cfg.arch, num_classes, cfg.pretrained, cfg.weights_file)
     images = _prepare_images(cfg, meta, out)
     device = pick_device(cfg.device)
-    n_backbones = 1 if cfg.shared_backbone else cfg.num_teachers
     eval_box, eval_flip = sample_views(np.arange(len(meta)), ViewSpec(num_views=0))
     eval_box, eval_flip = eval_box[:, 0], eval_flip[:, 0]
     val = meta.rows("val")

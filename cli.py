@@ -1,0 +1,320 @@
+"""Command line: each command parses options, builds a config and calls one library function."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+import defaults
+
+
+def friendly(fn):
+    """Turn the tool's own errors (bad data, cache, checkpoint, config) into a message, no traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from data.store import StoreError
+        from data.waterbirds import DataError
+        from distill.train import DistillError
+        from precompute.cache import CacheError
+        from precompute.manifest import ManifestError
+        from precompute.models import CheckpointError
+
+        try:
+            return fn(*args, **kwargs)
+        except (DataError, StoreError, CacheError, ManifestError, CheckpointError, DistillError, ValueError) as e:
+            raise click.ClickException(str(e)) from None
+    return wrapper
+
+
+def floats(text: str | None):
+    return None if text is None else tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def words(text: str | None):
+    return None if text is None else tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """Group-robust ensemble knowledge distillation: teachers -> cache -> student -> report."""
+
+
+# ---------------------------------------------------------------- data
+@cli.group()
+def data():
+    """Generate the synthetic data set or check a Waterbirds folder."""
+
+
+@data.command("synth")
+@click.option("--out", default=str(defaults.DATA), show_default=True, help="Folder to write.")
+@click.option("--scale", default=0.25, show_default=True, help="Fraction of the real group counts.")
+@click.option("--size", default=48, show_default=True, help="Image side in pixels.")
+@click.option("--seed", default=0, show_default=True)
+@friendly
+def data_synth(out, scale, size, seed):
+    """Write synthetic Waterbirds (metadata.csv + images) in the real layout."""
+    from data.synth import SynthSpec, generate
+    from data.waterbirds import count_table, load_metadata
+
+    generate(out, SynthSpec(scale=scale, size=size, seed=seed))
+    click.echo(f"wrote {out}\n{count_table(load_metadata(out))}")
+
+
+@data.command("check")
+@click.option("--root", required=True, type=click.Path(), help="Waterbirds folder (or its parent).")
+def data_check(root):
+    """Print split x group counts and every problem found; non-zero exit on any problem."""
+    from data.waterbirds import check_folder, count_table
+
+    meta, problems = check_folder(root)
+    if meta is not None:
+        click.echo(f"{meta.root}: {len(meta)} rows\n{count_table(meta)}")
+    if problems:
+        click.echo(f"{len(problems)} problem(s):", err=True)
+        for p in problems:
+            click.echo(f"  {p}", err=True)
+        sys.exit(1)
+    click.echo("no problems found")
+
+
+# ---------------------------------------------------------------- teachers
+@cli.group(invoke_without_command=True)
+@click.option("--data-root", type=click.Path(), default=None, help="Data folder [default: the synthetic default].")
+@click.option("--out", type=click.Path(), default=None, help=f"Teachers folder [default: {defaults.TEACHERS}].")
+@click.option("--num-teachers", default=5, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--epochs", default=None, type=int, help="ERM epochs [default: 100; synthetic default 3].")
+@click.option("--image-size", default=None, type=int, help="Training view size [default: 224; synthetic 32].")
+@click.option("--lr", default=None, type=float, help="ERM learning rate [default: 1e-3; synthetic 1e-2].")
+@click.option("--pretrained/--no-pretrained", default=None, help="ImageNet init [default: on; synthetic off].")
+@click.option("--weights-file", type=click.Path(exists=True), default=None, help="Local ImageNet ResNet-50 weights.")
+@click.option("--shared-backbone", is_flag=True, default=None, help="One ERM backbone, T DFR heads.")
+@click.option("--device", default="auto", show_default=True)
+@click.pass_context
+@friendly
+def teachers(ctx, data_root, out, num_teachers, seed, epochs, image_size, lr, pretrained, weights_file,
+             shared_backbone, device):
+    """Build ERM + DFR teachers and the biased model (or `teachers import` your own)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from precompute.teachers import format_eval_table
+
+    from experiments.pipeline import build_teachers_for
+
+    man = build_teachers_for(data_root, out, num_teachers=num_teachers, seed=seed, epochs=epochs,
+                           image_size=image_size, lr=lr, pretrained=pretrained, weights_file=weights_file,
+                           shared_backbone=shared_backbone, device=device)
+    click.echo(format_eval_table(man))
+    click.echo(f"manifest: {man.root / 'manifest.json'} (table also in {man.root / 'eval.md'})")
+
+
+@teachers.command("import")
+@click.option("--out", required=True, type=click.Path(), help="Folder for manifest.json.")
+@click.option("--teacher", "teacher_files", multiple=True, required=True, type=click.Path(), help="Teacher checkpoint (repeat).")
+@click.option("--biased", "biased_file", required=True, type=click.Path(), help="Biased (ERM) checkpoint.")
+@click.option("--arch", default="resnet50", show_default=True)
+@click.option("--num-classes", default=2, show_default=True)
+@click.option("--image-size", default=224, show_default=True)
+@click.option("--pretrained/--no-pretrained", default=True, show_default=True, help="Were they ImageNet-initialised?")
+@click.option("--data-root", type=click.Path(), default=None, help="Evaluate them on this folder.")
+@friendly
+def teachers_import(out, teacher_files, biased_file, arch, num_classes, image_size, pretrained, data_root):
+    """Write a manifest for existing checkpoints (state dicts or {"model_state_dict": ...})."""
+    from precompute.teachers import format_eval_table, import_teachers
+
+    man = import_teachers(out, list(teacher_files), biased_file, arch, num_classes, image_size, pretrained, data_root)
+    if data_root:
+        click.echo(format_eval_table(man))
+    click.echo(f"manifest: {Path(out) / 'manifest.json'} ({len(man.teachers)} teachers + biased)")
+
+
+# ---------------------------------------------------------------- precompute and cache
+@cli.command()
+@click.option("--data-root", type=click.Path(), default=None, help="Data folder [default: synthetic default].")
+@click.option("--teachers", "manifest", type=click.Path(), default=None, help="Teacher manifest.json.")
+@click.option("--out", type=click.Path(), default=None, help=f"Cache file [default: {defaults.CACHE}].")
+@click.option("--views", default=None, type=int, help=f"Random views K besides the eval view [default: 0; synthetic {defaults.NUM_VIEWS}].")
+@click.option("--layers", default="layer2,layer3,layer4", show_default=True)
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--shard", default="", help="Write shard i/n (0-based) only.")
+@click.option("--device", default="auto", show_default=True)
+@friendly
+def precompute(data_root, manifest, out, views, layers, batch_size, shard, device):
+    """Run every teacher once and write the HDF5 cache (+ the pre-decoded image store)."""
+    from experiments.pipeline import ensure_data, ensure_teachers
+    from precompute.cache import format_summary, summarize
+    from precompute.run import PrecomputeConfig, run_precompute
+
+    if data_root is None:
+        data_root = str(ensure_data())
+        manifest = manifest or str(ensure_teachers())
+        views = defaults.NUM_VIEWS if views is None else views
+    if manifest is None:
+        manifest = str(defaults.TEACHERS / "manifest.json")
+    cfg = PrecomputeConfig(data_root=data_root, teachers=manifest, out=out or str(defaults.CACHE),
+                           views=views or 0, layers=words(layers), batch_size=batch_size, shard=shard, device=device)
+    path = run_precompute(cfg)
+    click.echo(format_summary(summarize(path)))
+
+
+@cli.group()
+def cache():
+    """Inspect, verify or merge caches."""
+
+
+@cache.command("info")
+@click.argument("path", type=click.Path())
+@friendly
+def cache_info(path):
+    """Sizes, splits, views, layers, teachers and their accuracy, provenance."""
+    from precompute.cache import format_summary, summarize
+
+    click.echo(format_summary(summarize(path)))
+
+
+@cache.command("verify")
+@click.argument("path", type=click.Path())
+@click.option("--data-root", type=click.Path(), default=None, help="Check the fingerprint against this folder.")
+@friendly
+def cache_verify(path, data_root):
+    """Checksums, schema, completeness and data fingerprint; non-zero exit on any problem."""
+    from data.waterbirds import fingerprint, load_metadata
+    from precompute.cache import verify
+
+    fp = fingerprint(load_metadata(data_root)) if data_root else None
+    problems = verify(path, fp)
+    if problems:
+        raise click.ClickException(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    click.echo(f"{path}: OK" + (" (matches the data folder)" if fp else ""))
+
+
+@cache.command("merge")
+@click.argument("out", type=click.Path())
+@click.argument("shards", nargs=-1, required=True, type=click.Path())
+@friendly
+def cache_merge(out, shards):
+    """Combine shards written with --shard i/n into one cache."""
+    import shutil
+
+    from precompute.cache import merge
+    from precompute.run import store_path_for
+
+    merge(out, list(shards))
+    store = store_path_for(out)
+    if not store.exists() and store_path_for(shards[0]).exists():
+        shutil.copyfile(store_path_for(shards[0]), store)
+    click.echo(f"merged {len(shards)} shards into {out}")
+
+
+# ---------------------------------------------------------------- distill
+def distill_options(fn):
+    opts = [
+        click.option("--cache", "cache_path", type=click.Path(), default=str(defaults.CACHE), show_default=True),
+        click.option("--gamma", default=0.0, show_default=True, help="Feature-loss weight."),
+        click.option("--alpha", default=1.0, show_default=True, help="KD weight against CE."),
+        click.option("--tau", default=4.0, show_default=True),
+        click.option("--weighting", type=click.Choice(["aver", "agre", "agre-batch", "cached"]), default="agre", show_default=True),
+        click.option("--agre-params", type=click.Choice(["last", "all"]), default="last", show_default=True),
+        click.option("--layers", default="layer4", show_default=True, help="e.g. layer3,layer4"),
+        click.option("--layer-gammas", default=None, help="Per-layer gammas, e.g. 0.25,0.5"),
+        click.option("--feature-weighting", type=click.Choice(["none", "disagree"]), default="none", show_default=True),
+        click.option("--epochs", default=30, show_default=True),
+        click.option("--batch-size", default=128, show_default=True),
+        click.option("--lr", default=1e-3, show_default=True),
+        click.option("--weight-decay", default=1e-4, show_default=True),
+        click.option("--seed", default=42, show_default=True),
+        click.option("--views", type=click.Choice(["on", "off"]), default="on", show_default=True),
+        click.option("--pretrained/--no-pretrained", default=None, help="ImageNet student [default: as the teachers]."),
+        click.option("--weights-file", type=click.Path(exists=True), default=None, help="Local ImageNet ResNet-18 weights."),
+        click.option("--data-root", type=click.Path(), default=None, help="Check the cache against this folder."),
+        click.option("--device", default="auto", show_default=True),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def distill_config(out, cache_path, layers, layer_gammas, views, **kw):
+    from distill.config import DistillConfig
+
+    return DistillConfig(cache=cache_path, out=out, layers=words(layers), layer_gammas=floats(layer_gammas),
+                         views=views == "on", **kw)
+
+
+@cli.command()
+@distill_options
+@click.option("--out", default=None, type=click.Path(), help="Run folder [default: artifacts/default/runs/<name>].")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
+@friendly
+def distill(out, resume, **kw):
+    """Train the ResNet-18 student from the cache (no teacher runs at training time)."""
+    from distill.train import fit
+    from experiments.sweep import run_name
+
+    cfg = distill_config(out or "", **kw)
+    if not out:
+        cfg.out = str(defaults.RUNS / run_name({k: v for k, v in cfg.to_dict().items() if k in ("weighting", "gamma", "alpha", "layers", "feature_weighting", "seed")}))
+    s = fit(cfg, resume=resume)
+    click.echo(f"best epoch {s['best_epoch']}: test WGA {100 * s['test_best']['wga']:.2f}%  "
+               f"avg acc {100 * s['test_best']['avg_acc']:.2f}%  (last epoch: WGA {100 * s['test_last']['wga']:.2f}%)")
+    click.echo(f"run folder: {cfg.out}")
+
+
+# ---------------------------------------------------------------- experiments
+@cli.command()
+@click.option("--cache", "cache_path", type=click.Path(), default=str(defaults.CACHE), show_default=True)
+@click.option("--out", type=click.Path(), required=True, help="Sweep folder (one sub-folder per run).")
+@click.option("--preset", multiple=True, help="Preset table(s) of the report: main, agre-vs-aver, gamma, labels, multilayer, disagree.")
+@click.option("--gamma", default=None, help="Grid: comma list.")
+@click.option("--weighting", default=None, help="Grid: comma list.")
+@click.option("--alpha", default=None, help="Grid: comma list.")
+@click.option("--seeds", default="42,43,44", show_default=True)
+@click.option("--epochs", default=None, type=int, help="Override epochs of every run.")
+@click.option("--lr", default=None, type=float, help="Override lr of every run.")
+@click.option("--set", "extra", multiple=True, help="Any other DistillConfig field for every run, e.g. --set views=false.")
+@friendly
+def sweep(cache_path, out, preset, gamma, weighting, alpha, seeds, epochs, lr, extra):
+    """Run a grid or preset tables, skipping runs already finished."""
+    from experiments.sweep import expand_grid, preset_runs, run_sweep
+
+    seeds = [int(s) for s in words(seeds)]
+    base = {k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None}
+    for item in extra:
+        k, _, v = item.partition("=")
+        base[k] = json.loads(v) if v not in ("on", "off") else v == "on"
+    runs = preset_runs(*preset, seeds=seeds) if preset else []
+    grid = {k: list(f) for k, f in {"gamma": floats(gamma), "alpha": floats(alpha), "weighting": words(weighting)}.items() if f}
+    if grid or not preset:
+        runs += expand_grid(**grid, seed=seeds)
+    run_sweep(cache_path, out, runs, base=base)
+
+
+@cli.command()
+@click.argument("runs_dir", type=click.Path(exists=True))
+@click.option("--out", type=click.Path(), default=None, help="Report folder [default: RUNS_DIR/report].")
+@friendly
+def report(runs_dir, out):
+    """Tables (Markdown, CSV: mean +- std over seeds) and plots of a sweep folder."""
+    from experiments.report import format_table, write_report
+
+    paths = write_report(runs_dir, out)
+    click.echo(format_table(runs_dir))
+    click.echo("written: " + ", ".join(str(p) for p in paths.values()))
+
+
+@cli.command()
+@click.option("--epochs", default=defaults.DISTILL_EPOCHS, show_default=True, help="Student epochs per run.")
+@click.option("--seeds", default="42", show_default=True)
+@friendly
+def demo(epochs, seeds):
+    """The whole pipeline on the synthetic default: data, teachers, cache, 3 students, report."""
+    from experiments.pipeline import run_default
+
+    run_default(epochs=epochs, seeds=[int(s) for s in words(seeds)])
+
+
+if __name__ == "__main__":
+    cli()

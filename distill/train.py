@@ -1,0 +1,274 @@
+"""Distillation from the cache: ResNet-18 student, AGRE-KD / AVER weighting, feature losses.
+
+``fit(cfg)`` reads like the algorithm box: for each epoch, for each batch, rebuild the sampled
+view of each image from the image store, read the matching cached teacher outputs, weight the
+teachers, take one SGD step on ``(1 - alpha) CE + alpha L_wKD + gamma L_feat``. No teacher runs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.metrics import group_metrics
+from data.store import ImageStore, StoreError
+from data.views import render
+from data.waterbirds import fingerprint, load_metadata
+from distill.config import DistillConfig
+from distill.losses import distillation_loss
+from distill.student import Student
+from distill.weighting import kd_per_teacher, teacher_weights
+from precompute.cache import CacheError, open_cache, provenance
+from precompute.models import save_checkpoint
+from precompute.run import store_path_for
+from precompute.teachers import autocast, pick_device
+
+
+class DistillError(Exception):
+    """A run that cannot start or go on; the message says why and what to do."""
+
+
+@dataclass
+class SplitData:
+    """Everything one split needs, as tensors on one device (rows in cache order)."""
+
+    images: torch.Tensor      # [N, 3, S, S] uint8
+    y: torch.Tensor           # [N]
+    group: torch.Tensor       # [N]
+    box: torch.Tensor         # [N, V, 4]
+    flip: torch.Tensor        # [N, V]
+    logits: torch.Tensor | None = None    # [N, V, T, C]
+    biased: torch.Tensor | None = None    # [N, V, C]
+    cached: torch.Tensor | None = None    # [N, V, T]
+    feats: dict | None = None             # {layer: [N, V, B, D] float16}
+
+
+def _open_inputs(cfg: DistillConfig):
+    if not Path(cfg.cache).is_file():
+        raise DistillError(f"no cache at {cfg.cache}; make one with `python cli.py precompute`")
+    try:
+        cache = open_cache(cfg.cache)
+    except CacheError as e:
+        raise DistillError(str(e)) from None
+    meta = cache.meta
+    if cfg.uses_features:
+        missing = [l for l, g in cfg.gammas.items() if g > 0 and l not in meta.layers]
+        if missing:
+            raise DistillError(f"gamma > 0 for {', '.join(missing)} but {cfg.cache} holds features of "
+                               f"{', '.join(meta.layers) or 'no layer'}; precompute with --layers "
+                               f"{','.join(sorted(set(meta.layers) | set(missing)))} or set gamma 0")
+    if cfg.views and meta.num_views < 2:
+        raise DistillError(f"--views on, but {cfg.cache} holds only the eval view; precompute with "
+                           "--views K (K > 0) or pass --views off")
+    if cfg.data_root is not None:
+        folder_fp = fingerprint(load_metadata(cfg.data_root))
+        if folder_fp != meta.dataset_fingerprint:
+            raise DistillError(f"{cfg.cache} was made from another data set than {cfg.data_root} "
+                               f"(fingerprints {meta.dataset_fingerprint[:12]} vs {folder_fp[:12]})")
+    try:
+        store = ImageStore(store_path_for(cfg.cache), meta.dataset_fingerprint, int(meta.view_spec["store_size"]))
+    except StoreError as e:
+        raise DistillError(f"the image store of {cfg.cache} does not match it: {e}") from None
+    return cache, store
+
+
+def _load_split(cache, store: ImageStore, split: str, cfg: DistillConfig, device, train: bool) -> SplitData:
+    views = None if train else np.zeros(0, dtype=np.int64)
+    layers = [l for l, g in cfg.gammas.items() if g > 0] if train else []
+    d = cache.load_all(split=split, views=None if train else 0, layers=layers)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    box, flip = d["box"], d["flip"]
+    if not train:  # one view: keep the [N, V] layout with V = 1
+        box, flip = box.reshape(len(box), 1, 4), flip.reshape(len(flip), 1)
+    data = SplitData(images=t(store.load(d["rows"] + cache.row_start)), y=t(d["y"]), group=t(d["group"]),
+                     box=t(box), flip=t(flip))
+    if train:
+        data.logits, data.biased, data.cached = t(d["logits"]), t(d["biased"]), t(d["weights"])
+        data.feats = {l: t(v) for l, v in d["features"].items()}
+    return data
+
+
+def _placement(device: torch.device, nbytes: int) -> torch.device:
+    """Keep the data on the GPU when it fits comfortably, else in host memory."""
+    if device.type == "cuda" and nbytes < 0.5 * torch.cuda.mem_get_info(device)[0]:
+        return device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate(model: Student, data: SplitData, image_size: int, device, train_counts, batch_size: int = 512) -> dict:
+    """Group metrics of the student on view 0 of a split."""
+    model.eval()
+    preds = []
+    for s in range(0, len(data.y), batch_size):
+        x = render(data.images[s:s + batch_size].to(device), data.box[s:s + batch_size, 0],
+                   data.flip[s:s + batch_size, 0], image_size)
+        with autocast(device):
+            logits, _, _ = model(x.contiguous(memory_format=torch.channels_last))
+        preds.append(logits.argmax(1))
+    return group_metrics(torch.cat(preds), data.y, data.group, train_counts)
+
+
+def train_one_epoch(model, opt, data: SplitData, cfg: DistillConfig, epoch: int, image_size: int,
+                    teacher_backbone: torch.Tensor, device, weights_out: torch.Tensor | None = None,
+                    progress: bool = True) -> dict:
+    """One pass over the training split. Returns mean loss parts and mean teacher weights."""
+    model.train()
+    n, num_views = len(data.y), data.box.shape[1]
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)   # replayable: exact resume
+    order = torch.randperm(n, generator=gen)
+    view = (torch.randint(1, num_views, (n,), generator=gen) if cfg.views else torch.zeros(n, dtype=torch.long))
+    sums = {k: torch.zeros((), device=device) for k in ("loss", "ce", "kd", "feat")}
+    wsum = torch.zeros(data.logits.shape[2], device=device)
+    first_bad = torch.full((), -1, device=device)
+    gammas = {l: g for l, g in cfg.gammas.items() if g > 0}
+    params = [p for p in model.backbone.parameters() if p.requires_grad]
+    steps = range(0, n, cfg.batch_size)
+    for step, s in enumerate(tqdm(steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                                  disable=not progress)):
+        idx = order[s:s + cfg.batch_size].to(data.y.device)
+        v = view[s:s + cfg.batch_size].to(data.y.device)
+        x = render(data.images[idx].to(device, non_blocking=True), data.box[idx, v].to(device),
+                   data.flip[idx, v].to(device), image_size)
+        y = data.y[idx].to(device)
+        zt, zb = data.logits[idx, v].to(device), data.biased[idx, v].to(device)
+        with autocast(device):
+            logits, h, projected = model(x.contiguous(memory_format=torch.channels_last))
+        logits = logits.float()
+        extra = {}
+        if cfg.weighting == "agre-batch" and cfg.agre_params == "all":
+            lt = kd_per_teacher(logits, zt, cfg.tau).mean(0)
+            lb = kd_per_teacher(logits, zb[:, None], cfg.tau).mean()
+            extra = dict(teacher_losses=list(lt), biased_loss=lb, params=params)
+        w = teacher_weights(cfg.weighting, student_logits=logits, teacher_logits=zt, biased_logits=zb,
+                            tau=cfg.tau, cached=data.cached[idx, v].to(device) if cfg.weighting == "cached" else None,
+                            penultimate=h.float(), agre_params=cfg.agre_params, **extra)
+        tfeats = {l: data.feats[l][idx, v].to(device).index_select(1, teacher_backbone) for l in gammas}
+        out = distillation_loss(logits, y, zt, w, cfg.tau, cfg.alpha, projected=projected,
+                                teacher_feats=tfeats, gammas=gammas,
+                                disagree=cfg.feature_weighting == "disagree", eps=cfg.feat_eps)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        bad = ~torch.isfinite(out["loss"].detach())
+        first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
+        for k in sums:
+            sums[k] += out[k].detach().float() * len(idx)
+        wsum += w.detach().float().sum(0)
+        if weights_out is not None:
+            weights_out[idx.to(weights_out.device)] = w.detach().float().to(weights_out.device)
+    if int(first_bad) >= 0:  # one host sync per epoch
+        kept = f"the last good checkpoint (epoch {epoch}) is kept in {cfg.out}" if epoch else "no epoch finished"
+        raise DistillError(f"non-finite loss at epoch {epoch + 1}, step {int(first_bad) + 1}; stopped: "
+                           f"{kept}. Try a lower --lr")
+    return {**{k: float(v) / n for k, v in sums.items()}, "teacher_weights": (wsum / n).tolist()}
+
+
+def _checkpoint(model, opt, sched, epoch, best, cfg) -> dict:
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "epoch": epoch, "best_wga": best[0], "best_epoch": best[1], "config": cfg.to_dict()}
+
+
+def fit(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Train one run into ``cfg.out``; returns the summary (also written to summary.json)."""
+    out = Path(cfg.out)
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    if out.exists() and any(out.iterdir()) and not resume:
+        if (out / "summary.json").is_file() or last_path.is_file():
+            raise DistillError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    cache, store = _open_inputs(cfg)
+    meta = cache.meta
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    image_size = cfg.image_size or int(meta.view_spec["out_size"])
+    pretrained = cfg.pretrained if cfg.pretrained is not None else bool(meta.view_spec.get("teachers_pretrained", False))
+    say = tqdm.write if progress else (lambda *_: None)
+
+    nbytes = store.size ** 2 * 3 * cache.num_rows + sum(
+        meta.num_views * meta.num_backbones * d * 2 * cache.num_rows for l, d in meta.feature_dims.items() if cfg.gammas.get(l, 0) > 0)
+    place = _placement(device, nbytes)
+    train = _load_split(cache, store, "train", cfg, place, train=True)
+    val = _load_split(cache, store, "val", cfg, place, train=False)
+    test = _load_split(cache, store, "test", cfg, place, train=False)
+    train_counts = torch.bincount(train.group.cpu(), minlength=4).numpy()
+    teacher_backbone = torch.tensor(meta.backbone_of_teacher, device=device)
+
+    dims = {l: meta.feature_dims[l] for l, g in cfg.gammas.items() if g > 0}
+    model = Student(meta.num_classes, dims, pretrained, cfg.weights_file).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    start, best = 0, (-1.0, -1)
+    if resume and last_path.is_file():
+        ck = torch.load(last_path, map_location=device, weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        start, best = int(ck["epoch"]), (float(ck["best_wga"]), int(ck["best_epoch"]))
+        say(f"resuming {out} after epoch {start}")
+    cfg.save(out / "config.json")
+    _truncate_metrics(out / "metrics.jsonl", start)
+
+    weights_out = torch.zeros(len(train.y), train.logits.shape[2], device=place)
+    for epoch in range(start, cfg.epochs):
+        t0 = time.time()
+        lr = opt.param_groups[0]["lr"]
+        tr = train_one_epoch(model, opt, train, cfg, epoch, image_size, teacher_backbone, device,
+                             weights_out if epoch == cfg.epochs - 1 else None, progress)
+        sched.step()
+        vm = evaluate(model, val, image_size, device, train_counts)
+        if vm["wga"] > best[0]:
+            best = (vm["wga"], epoch + 1)
+            save_checkpoint({"model": model.state_dict(), "epoch": epoch + 1, "config": cfg.to_dict()}, best_path)
+        save_checkpoint(_checkpoint(model, opt, sched, epoch + 1, best, cfg), last_path)
+        rec = {"epoch": epoch + 1, "lr": lr, "time_s": round(time.time() - t0, 3),
+               "train": {k: tr[k] for k in ("loss", "ce", "kd", "feat")},
+               "teacher_weights": tr["teacher_weights"], "val": vm}
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        say(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {tr['loss']:.4f}  val WGA {100 * vm['wga']:.2f}  "
+            f"avg {100 * vm['avg_acc']:.2f}  ({rec['time_s']:.1f}s)")
+
+    np.save(out / "teacher_weights.npy", weights_out.cpu().numpy())
+    test_last = evaluate(model, test, image_size, device, train_counts)
+    model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
+    summary = {
+        "status": "finished", "config": cfg.to_dict(), "cache_fingerprint": meta.dataset_fingerprint,
+        "cache": str(cfg.cache), "git_commit": provenance()["git_commit"],
+        "teachers": [{"name": t["name"], "role": t["role"]} for t in meta.teachers],
+        "best_epoch": best[1], "val_best": None, "test_best": evaluate(model, test, image_size, device, train_counts),
+        "test_last": test_last, "teacher_test": teacher_test_metrics(cache, train_counts),
+    }
+    summary["val_best"] = evaluate(model, val, image_size, device, train_counts)
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(out / "summary.json")
+    return summary
+
+
+def teacher_test_metrics(cache, train_counts) -> dict:
+    """Each teacher's (and the biased model's) own test metrics, from cached view-0 logits."""
+    rows = cache.split_rows("test")
+    views = np.zeros(len(rows), dtype=np.int64)
+    zt, zb = cache.logits(rows, views), cache.biased(rows, views)
+    y, g = cache.y[rows], cache.group[rows]
+    names = [t["name"] for t in cache.meta.teacher_entries] + [cache.meta.biased_entry["name"]]
+    preds = list(zt.argmax(-1).T) + [zb.argmax(-1)]
+    return {n: group_metrics(p, y, g, train_counts) for n, p in zip(names, preds)}
+
+
+def _truncate_metrics(path: Path, epochs_done: int) -> None:
+    # A kill between the checkpoint and the metrics line (or after it) must not duplicate epochs.
+    if not path.is_file():
+        return
+    lines = [l for l in path.read_text().splitlines() if l.strip()]
+    keep = [l for l in lines if json.loads(l)["epoch"] <= epochs_done]
+    path.write_text("".join(l + "\n" for l in keep))

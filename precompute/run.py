@@ -1,0 +1,154 @@
+"""Precompute: run every distinct teacher backbone ONCE per image view and write the cache."""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.store import ImageStore, build_store, store_size_for
+from data.views import ViewSpec, render, sample_views
+from data.waterbirds import fingerprint, load_metadata
+from distill.weighting import cached_agre_weights
+from precompute.cache import CacheMeta, CacheWriter, shard_rows
+from precompute.manifest import Manifest, load_model, read_manifest, verify_files
+from precompute.models import FEATURE_DIMS, load_checkpoint
+from precompute.teachers import autocast, pick_device
+
+LAYERS = ("layer2", "layer3", "layer4")
+
+
+@dataclass
+class PrecomputeConfig:
+    data_root: str
+    teachers: str                       # manifest.json (or its folder)
+    out: str                            # cache file
+    views: int = 0                      # K random views besides the eval view
+    layers: tuple[str, ...] = LAYERS
+    batch_size: int = 128
+    shard: str = ""                     # "i/n" (0-based) or "" for the whole data set
+    image_size: int | None = None       # default: the teachers' training size
+    view_seed: int = 0
+    tau_cached: float = 4.0             # temperature of the static `cached` AGRE weights
+    compression: int | None = None      # gzip level, or None (faster reads; fletcher32 either way)
+    device: str = "auto"
+    progress: bool = True
+
+
+def store_path_for(cache_path: str | Path) -> Path:
+    """The pre-decoded image store that goes with a cache file (same folder, same stem)."""
+    p = Path(cache_path)
+    return p.with_name(p.stem.split(".shard")[0] + ".images.h5")
+
+
+class Ensemble(torch.nn.Module):
+    """Distinct backbones and the heads on top of them.
+
+    ``forward(x)`` runs each distinct backbone once and returns (teacher logits [n, T, C],
+    biased logits [n, C], {layer: [n, B, D]}).
+    """
+
+    def __init__(self, man: Manifest):
+        super().__init__()
+        self.backbone_ids: list[str] = []
+        for m in man.teachers + [man.biased]:
+            if m.backbone_id not in self.backbone_ids:
+                self.backbone_ids.append(m.backbone_id)
+        first = {b: next(m for m in man.teachers + [man.biased] if m.backbone_id == b) for b in self.backbone_ids}
+        self.backbones = torch.nn.ModuleList(load_model(man, first[b]) for b in self.backbone_ids)
+        self.teacher_backbone = [self.backbone_ids.index(m.backbone_id) for m in man.teachers]
+        self.biased_backbone = self.backbone_ids.index(man.biased.backbone_id)
+        heads = [self._head(man, m) for m in man.teachers + [man.biased]]
+        self.heads = torch.nn.ModuleList(heads)
+
+    @staticmethod
+    def _head(man: Manifest, entry) -> torch.nn.Linear:
+        state = load_checkpoint(man.path(entry.head_file or entry.file))
+        w, b = state["fc.weight"], state["fc.bias"]
+        head = torch.nn.Linear(w.shape[1], w.shape[0])
+        head.load_state_dict({"weight": w, "bias": b})
+        return head
+
+    def forward(self, x: torch.Tensor, layers=LAYERS):
+        feats = [bb(x, layers=tuple(set(layers) | {"layer4"}))[1] for bb in self.backbones]
+        owners = self.teacher_backbone + [self.biased_backbone]
+        logits = [head(feats[b]["layer4"].float()) for head, b in zip(self.heads, owners)]
+        stacked = {l: torch.stack([f[l] for f in feats], dim=1) for l in layers}
+        return torch.stack(logits[:-1], dim=1), logits[-1], stacked
+
+
+def run_precompute(cfg: PrecomputeConfig) -> Path:
+    """Write (or resume) the cache for ``cfg``; returns its path."""
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    say = tqdm.write if cfg.progress else (lambda *_: None)
+    man = read_manifest(cfg.teachers)
+    verify_files(man)
+    meta = load_metadata(cfg.data_root)
+    say(f"fingerprinting {len(meta)} images in {meta.root}")
+    fp = fingerprint(meta)
+    image_size = cfg.image_size or man.image_size
+    size = store_size_for(image_size)
+    store = ImageStore(build_store(meta, store_path_for(out), size, fp, progress=cfg.progress), fp, size)
+    device = pick_device(cfg.device)
+    ens = Ensemble(man).to(device).eval().to(memory_format=torch.channels_last)
+    spec = ViewSpec(num_views=cfg.views, out_size=image_size, seed=cfg.view_seed)
+    arch = man.teachers[0].arch
+    row_start, row_stop = shard_rows(cfg.shard, len(meta)) if cfg.shard else (0, len(meta))
+    rows = np.arange(row_start, row_stop)
+    cmeta = CacheMeta(
+        num_classes=man.num_classes, dataset_fingerprint=fp,
+        teachers=[{"name": m.name, "role": m.role, "sha256": m.sha256, "head_sha256": m.head_sha256,
+                   "backbone_id": m.backbone_id, "arch": m.arch} for m in man.teachers + [man.biased]],
+        backbone_ids=ens.backbone_ids, backbone_of_teacher=ens.teacher_backbone,
+        biased_backbone=ens.biased_backbone,
+        view_spec={**spec.to_dict(), "store_size": size, "teachers_pretrained": man.pretrained},
+        layers=list(cfg.layers), feature_dims={l: FEATURE_DIMS[arch][l] for l in cfg.layers},
+        num_views=cfg.views + 1, num_samples=len(meta), tau_cached=cfg.tau_cached)
+    samples = {"id": meta.filenames[rows], "y": meta.y[rows], "place": meta.place[rows],
+               "group": meta.group[rows], "split": meta.split[rows]}
+    with CacheWriter.create_or_resume(str(out), cmeta, samples, row_start, row_stop, cfg.shard,
+                                      compression=cfg.compression) as writer:
+        chunks = writer.pending_chunks(cfg.batch_size)
+        if writer.resumed:
+            say(f"resuming {out}: {writer.num_done} of {writer.num_rows} rows already done")
+        todo = sum(b - a for a, b in chunks) * (cfg.views + 1)
+        bar = tqdm(total=todo, desc="precompute", unit="img", disable=not cfg.progress)
+        # One writer thread: HDF5 writes of chunk i overlap the forward passes of chunk i+1.
+        with ThreadPoolExecutor(1) as pool:
+            pending = None
+            for a, b in chunks:
+                arrays = _forward_chunk(ens, store, rows[a:b], spec, cfg, device)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(writer.write_rows, a, b, **arrays)
+                bar.update((b - a) * (cfg.views + 1))
+            if pending is not None:
+                pending.result()
+        bar.close()
+    return out
+
+
+@torch.inference_mode()
+def _forward_chunk(ens: Ensemble, store: ImageStore, rows: np.ndarray, spec: ViewSpec,
+                   cfg: PrecomputeConfig, device: torch.device) -> dict:
+    images = torch.from_numpy(store.load(rows)).to(device, non_blocking=True)
+    box, flip = sample_views(rows, spec)
+    t_log, b_log, feats = [], [], {l: [] for l in cfg.layers}
+    for v in range(spec.num_views + 1):
+        x = render(images, torch.from_numpy(box[:, v]), torch.from_numpy(flip[:, v]), spec.out_size)
+        with autocast(device):
+            zt, zb, f = ens(x.contiguous(memory_format=torch.channels_last), cfg.layers)
+        t_log.append(zt.float())
+        b_log.append(zb.float())
+        for l in cfg.layers:
+            feats[l].append(f[l].half())
+    t_log, b_log = torch.stack(t_log, 1), torch.stack(b_log, 1)        # [n, V, T, C], [n, V, C]
+    weights = cached_agre_weights(t_log, b_log, cfg.tau_cached)        # [n, V, T]
+    return {"box": box, "flip": flip, "teacher_logits": t_log.cpu().numpy(),
+            "biased_logits": b_log.cpu().numpy(), "agre_cached": weights.cpu().numpy(),
+            "features": {l: torch.stack(v, 1).cpu().numpy() for l, v in feats.items()}}

@@ -1,0 +1,129 @@
+"""Distillation from the cache: end to end, every mode, resume, and clear errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from distill.config import DistillConfig
+from distill.train import DistillError, fit
+
+FAST = dict(epochs=1, batch_size=64, lr=1e-2, device="cpu", pretrained=False)
+
+
+def _cfg(cache, out, **kw):
+    return DistillConfig(cache=str(cache), out=str(out), **{**FAST, **kw})
+
+
+def test_end_to_end_run_writes_everything(tiny_cache, tmp_path):
+    s = fit(_cfg(tiny_cache, tmp_path / "run", epochs=2, gamma=0.5), progress=False)
+    run = tmp_path / "run"
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2]
+    for l in lines:
+        assert set(l["train"]) == {"loss", "ce", "kd", "feat"} and l["train"]["feat"] > 0
+        assert abs(sum(l["teacher_weights"]) - 1) < 1e-4 and 0 <= l["val"]["wga"] <= 1
+    assert lines[1]["lr"] < lines[0]["lr"]  # cosine schedule
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["best_epoch"] in (1, 2)
+    assert set(summary["teacher_test"]) == {"teacher_1", "teacher_2", "teacher_3", "biased"}
+    assert summary["test_best"]["group_count"] == s["test_best"]["group_count"]
+    w = np.load(run / "teacher_weights.npy")
+    assert w.shape == (240, 3) and np.allclose(w.sum(1), 1, atol=1e-4)
+    assert (run / "best.pt").is_file() and (run / "last.pt").is_file()
+    ck = torch.load(run / "last.pt", weights_only=True)
+    assert any(k.startswith("adapters.layer4") for k in ck["model"])  # adapters saved with the student
+
+
+@pytest.mark.parametrize("kw", [
+    dict(weighting="aver"), dict(weighting="agre"), dict(weighting="cached"),
+    dict(weighting="agre-batch", agre_params="last"), dict(weighting="agre-batch", agre_params="all"),
+    dict(gamma=0.5, feature_weighting="disagree"), dict(layers=("layer3", "layer4"), layer_gammas=(0.25, 0.5)),
+    dict(alpha=0.9, gamma=0.25, views=False),
+])
+def test_every_mode_trains(tiny_cache, tmp_path, kw):
+    s = fit(_cfg(tiny_cache, tmp_path / "run", **kw), progress=False)
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert np.isfinite(line["train"]["loss"]) and s["status"] == "finished"
+    if kw.get("weighting") == "aver":
+        assert np.allclose(line["teacher_weights"], 1 / 3)
+    if kw.get("alpha", 1) < 1:
+        assert line["train"]["ce"] > 0
+
+
+def test_resume_gives_the_same_run(tiny_cache, tmp_path, monkeypatch):
+    import distill.train as train_mod
+
+    full = fit(_cfg(tiny_cache, tmp_path / "full", epochs=3, gamma=0.5), progress=False)
+    real = train_mod.train_one_epoch
+
+    def dying(*a, **kw):
+        if a[4] == 2:  # epoch index 2: killed after two finished epochs
+            raise KeyboardInterrupt("simulated kill")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_cfg(tiny_cache, tmp_path / "part", epochs=3, gamma=0.5), progress=False)
+    monkeypatch.setattr(train_mod, "train_one_epoch", real)
+    with pytest.raises(DistillError, match="--resume"):
+        fit(_cfg(tiny_cache, tmp_path / "part", epochs=3, gamma=0.5), progress=False)
+    part = fit(_cfg(tiny_cache, tmp_path / "part", epochs=3, gamma=0.5), resume=True, progress=False)
+    assert part["test_best"] == full["test_best"] and part["test_last"] == full["test_last"]
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def logits_only_cache(tiny_data, tiny_teachers, tmp_path_factory):
+    from precompute.run import PrecomputeConfig, run_precompute
+
+    out = tmp_path_factory.mktemp("c0") / "c0.h5"
+    return run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(out), views=0,
+                                           layers=("layer4",), device="cpu", progress=False))
+
+
+def test_clear_errors(logits_only_cache, tiny_cache, tmp_path):
+    from cli import cli
+    from data.synth import SynthSpec, generate
+
+    runner = CliRunner()
+    base = ["distill", "--cache", str(logits_only_cache), "--epochs", "1", "--no-pretrained", "--device", "cpu"]
+    cases = [
+        (["--gamma", "0.5", "--layers", "layer3", "--views", "off"], "holds features of layer4"),
+        (["--views", "on"], "only the eval view"),
+        (["--alpha", "2"], "--alpha must lie in [0, 1]"),
+        (["--cache", str(tmp_path / "none.h5")], "no cache at"),
+    ]
+    for i, (extra, msg) in enumerate(cases):
+        res = runner.invoke(cli, base + extra + ["--out", str(tmp_path / f"r{i}")])
+        assert res.exit_code != 0 and msg in res.output and "Traceback" not in res.output, res.output
+    other = generate(tmp_path / "other", SynthSpec(scale=0.05, size=24, seed=3))
+    res = runner.invoke(cli, base + ["--views", "off", "--data-root", str(other), "--out", str(tmp_path / "r9")])
+    assert res.exit_code != 0 and "another data set" in res.output
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cache, tmp_path, monkeypatch):
+    import distill.train as train_mod
+
+    real = train_mod.distillation_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **kw):
+        out = real(*a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 6:  # epoch 2, step 2 (4 steps per epoch)
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(train_mod, "distillation_loss", poisoned)
+    with pytest.raises(DistillError, match=r"epoch 2, step 2.*epoch 1"):
+        fit(_cfg(tiny_cache, tmp_path / "run", epochs=3), progress=False)
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())

@@ -1,0 +1,172 @@
+"""Precompute: the cache holds what the models produce, once per backbone, resumable and shardable."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from data.store import ImageStore
+from data.views import ViewSpec, render, sample_views
+from precompute.cache import open_cache
+from precompute.manifest import read_manifest
+from precompute.run import Ensemble, PrecomputeConfig, run_precompute, store_path_for
+
+
+def _datasets(path) -> dict:
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[...]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def _assert_same_content(a, b):
+    da, db = _datasets(a), _datasets(b)
+    assert sorted(da) == sorted(db)
+    for k in da:
+        assert np.array_equal(da[k], db[k]), k
+
+
+def test_cache_equals_model_outputs(tiny_data, tiny_teachers, tiny_cache):
+    cache = open_cache(tiny_cache)
+    man = read_manifest(tiny_teachers)
+    ens = Ensemble(man).eval()
+    spec = ViewSpec.from_dict({k: v for k, v in cache.meta.view_spec.items() if k in ViewSpec.__dataclass_fields__})
+    rows = np.array([0, 7, 100, 301, 589])
+    store = ImageStore(store_path_for(tiny_cache))
+    box, flip = sample_views(rows, spec)
+    for v in range(cache.meta.num_views):
+        x = render(torch.from_numpy(store.load(rows)), torch.from_numpy(box[:, v]), torch.from_numpy(flip[:, v]), spec.out_size)
+        with torch.no_grad():
+            zt, zb, feats = ens(x)
+        views = np.full(len(rows), v)
+        np.testing.assert_allclose(cache.boxes(rows, views), box[:, v])
+        np.testing.assert_allclose(cache.logits(rows, views), zt.numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(cache.biased(rows, views), zb.numpy(), rtol=1e-4, atol=1e-4)
+        for layer in cache.meta.layers:
+            np.testing.assert_allclose(cache.features(layer, rows, views).astype(np.float32),
+                                       feats[layer].half().float().numpy(), rtol=2e-3, atol=2e-3)
+    # teacher t's logits are its own head on its backbone, not another teacher's
+    assert not np.allclose(cache.logits(rows, np.zeros(5, int))[:, 0], cache.logits(rows, np.zeros(5, int))[:, 1])
+
+
+def test_cached_weights_follow_the_formula(tiny_cache):
+    cache = open_cache(tiny_cache)
+    d = cache.load_all(split="val")
+    tau = cache.meta.tau_cached
+
+    def softmax(z):
+        e = np.exp(z / tau - (z / tau).max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    n, V, T, C = d["logits"].shape
+    for i in range(0, n, 7):
+        for v in range(V):
+            pb, u = softmax(d["biased"][i, v].astype(np.float64)), np.full(C, 1.0 / C)
+            W = []
+            for t in range(T):
+                a, b = u - softmax(d["logits"][i, v, t].astype(np.float64)), u - pb
+                na, nb = np.linalg.norm(a), np.linalg.norm(b)
+                cos = 0.0 if na < 1e-12 or nb < 1e-12 else a @ b / (na * nb)
+                W.append(max(1.0 - cos, 0.0) if 1.0 - cos > 1e-9 else 0.0)
+            W = np.array(W)
+            expect = W / W.sum() if W.sum() > 0 else np.full(T, 1.0 / T)
+            np.testing.assert_allclose(d["weights"][i, v], expect, atol=1e-5)
+
+
+def test_shared_backbone_runs_once_per_view(tiny_data, tiny_teachers, tmp_path, monkeypatch):
+    man = read_manifest(tiny_teachers)
+    assert len({m.backbone_id for m in man.models}) == 1
+    calls = []
+    original = Ensemble.__init__
+
+    def counting_init(self, m):
+        original(self, m)
+        for bb in self.backbones:
+            bb.register_forward_hook(lambda *a: calls.append(1))
+
+    monkeypatch.setattr(Ensemble, "__init__", counting_init)
+    out = run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(tmp_path / "c.h5"), views=1,
+                                          layers=("layer4",), batch_size=200, device="cpu", progress=False))
+    n = open_cache(out).num_rows
+    chunks = -(-n // 200)
+    assert len(calls) == chunks * 2  # one forward per chunk per view, for 3 teachers + biased
+
+
+def test_resume_after_kill_equals_uninterrupted(tiny_data, tiny_teachers, tmp_path, monkeypatch):
+    from precompute import cache as cache_mod
+
+    cfg = dict(views=1, layers=("layer3", "layer4"), batch_size=128, device="cpu", progress=False)
+    full = run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(tmp_path / "full.h5"), **cfg))
+
+    written = []
+    real_write = cache_mod.CacheWriter.write_rows
+
+    def dying_write(self, start, stop, **kw):
+        if len(written) == 2:
+            raise KeyboardInterrupt("simulated kill")
+        written.append(start)
+        return real_write(self, start, stop, **kw)
+
+    monkeypatch.setattr(cache_mod.CacheWriter, "write_rows", dying_write)
+    part = tmp_path / "part.h5"
+    with pytest.raises(KeyboardInterrupt):
+        run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(part), **cfg))
+    with pytest.raises(Exception, match="incomplete"):
+        open_cache(part)
+    monkeypatch.setattr(cache_mod.CacheWriter, "write_rows", real_write)
+    run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(part), **cfg))
+    _assert_same_content(full, part)
+
+
+def test_shards_merge_to_the_single_run(tiny_data, tiny_teachers, tiny_cache, tmp_path):
+    from cli import cli
+
+    shards = []
+    for i in range(3):
+        p = tmp_path / f"cache.shard{i}.h5"
+        run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(p), views=2, batch_size=64,
+                                        shard=f"{i}/3", device="cpu", progress=False))
+        shards.append(str(p))
+    merged = tmp_path / "merged.h5"
+    res = CliRunner().invoke(cli, ["cache", "merge", str(merged), *shards])
+    assert res.exit_code == 0, res.output
+    _assert_same_content(tiny_cache, merged)
+    assert store_path_for(merged).is_file()
+
+
+def test_altered_checkpoint_is_refused(tiny_data, tiny_teachers, tmp_path):
+    from cli import cli
+
+    teachers = tmp_path / "teachers"
+    shutil.copytree(tiny_teachers.parent, teachers)
+    man = json.loads((teachers / "manifest.json").read_text())
+    head = teachers / man["models"][0]["head_file"]
+    state = torch.load(head, weights_only=True)
+    state["fc.bias"] = state["fc.bias"] + 1
+    torch.save(state, head)
+    res = CliRunner().invoke(cli, ["precompute", "--data-root", str(tiny_data), "--teachers",
+                                   str(teachers / "manifest.json"), "--out", str(tmp_path / "c.h5")])
+    assert res.exit_code != 0
+    assert "was altered" in res.output and "Traceback" not in res.output
+    head.unlink()
+    res = CliRunner().invoke(cli, ["precompute", "--data-root", str(tiny_data), "--teachers",
+                                   str(teachers / "manifest.json"), "--out", str(tmp_path / "c.h5")])
+    assert res.exit_code != 0 and "is missing" in res.output and "Traceback" not in res.output
+
+
+def test_cache_info_and_verify_commands(tiny_data, tiny_cache, tmp_path):
+    from cli import cli
+    from data.synth import SynthSpec, generate
+
+    res = CliRunner().invoke(cli, ["cache", "info", str(tiny_cache)])
+    assert res.exit_code == 0 and "teacher_1" in res.output and "test" in res.output
+    res = CliRunner().invoke(cli, ["cache", "verify", str(tiny_cache), "--data-root", str(tiny_data)])
+    assert res.exit_code == 0 and "OK" in res.output
+    other = generate(tmp_path / "other", SynthSpec(scale=0.05, size=24, seed=2))
+    res = CliRunner().invoke(cli, ["cache", "verify", str(tiny_cache), "--data-root", str(other)])
+    assert res.exit_code != 0 and "another data set" in res.output and "Traceback" not in res.output
