@@ -54,21 +54,25 @@ def build_store(meta: Metadata, path: str | Path, size: int, fingerprint: str,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = len(meta)
+    if _is_complete(path, fingerprint, size):
+        return path  # reused read-only: readers of the same store may be open meanwhile
     try:
         f = h5py.File(path, "a")
     except OSError as e:
         raise StoreError(f"{path} is not a readable HDF5 file ({e}); delete it to rebuild") from None
     with f:
-        if "images" not in f:
+        if len(f) == 0 and f.attrs.get("schema", SCHEMA) == SCHEMA:  # new; anything else must match
             f.attrs.update(schema=SCHEMA, schema_version=SCHEMA_VERSION, fingerprint=fingerprint,
                            size=size, num_rows=n)
             f.create_dataset("images", (n, 3, size, size), np.uint8,
                              chunks=(min(CHUNK_ROWS, n), 3, size, size), fletcher32=True)
             f.create_dataset("done", (n,), bool, fillvalue=False)
         _check_attrs(f, path, fingerprint, size)
+        if "images" not in f or "done" not in f:
+            raise StoreError(f"{path} is a damaged image store (killed while being created?); delete it to rebuild")
         done = f["done"][:]
         todo = [s for s in range(0, n, CHUNK_ROWS) if not done[s:s + CHUNK_ROWS].all()]
-        bar = tqdm(total=n, initial=n - CHUNK_ROWS * len(todo) if todo else n, desc="image store",
+        bar = tqdm(total=n, initial=n - sum(min(CHUNK_ROWS, n - s) for s in todo), desc="image store",
                    unit="img", disable=not progress or not todo)
         with ThreadPoolExecutor(workers) as pool:
             for start in todo:
@@ -82,6 +86,20 @@ def build_store(meta: Metadata, path: str | Path, size: int, fingerprint: str,
                 bar.update(stop - start)
         bar.close()
     return path
+
+
+def _is_complete(path: Path, fingerprint: str, size: int) -> bool:
+    """True for an existing, finished store of this folder and size (mismatches raise StoreError)."""
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            if "done" not in f:
+                return False
+            _check_attrs(f, path, fingerprint, size)
+            return bool(f["done"][:].all())
+    except OSError:
+        return False  # let the writer path report what is wrong with the file
 
 
 class ImageStore:
@@ -114,12 +132,18 @@ class ImageStore:
         return self._file["images"]
 
     def load(self, rows) -> np.ndarray:
-        """uint8 [len(rows), 3, S, S] in the order of ``rows``."""
+        """uint8 [len(rows), 3, S, S] in the order of ``rows`` (repeats allowed)."""
         rows = np.asarray(rows, dtype=np.int64)
-        order = np.argsort(rows)
-        out = np.empty((len(rows), 3, self.size, self.size), np.uint8)
-        out[order] = self.images[rows[order]] if len(rows) else out[:0]
-        return out
+        if not len(rows):
+            return np.empty((0, 3, self.size, self.size), np.uint8)
+        # h5py reads only strictly increasing indices: read each row once, then scatter
+        unique, inverse = np.unique(rows, return_inverse=True)
+        return self.images[unique][inverse.reshape(-1)]
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def load_all(self) -> np.ndarray:
         return self.images[:]

@@ -39,6 +39,12 @@ class SynthSpec:
     colour_shift: float = 60.0   # class-dependent shift of the bird colour (0: colour carries no label)
     pixel_noise: float = 12.0    # std of per-pixel Gaussian noise (0-255 scale)
 
+    def __post_init__(self):
+        if not self.scale > 0:
+            raise ValueError(f"scale must be > 0 (a fraction of the real group counts), got {self.scale}")
+        if self.size < 8:
+            raise ValueError(f"image size must be at least 8 px, got {self.size}")
+
 
 def group_counts(scale: float) -> dict[str, tuple[int, ...]]:
     """Scaled group counts; every group keeps at least one image per split."""
@@ -93,6 +99,8 @@ def generate(out: str | Path, spec: SynthSpec = SynthSpec()) -> Path:
     Deterministic: the same spec gives the same bytes. Rows are ordered by split, then group.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder; choose another --out")
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for split, counts in group_counts(spec.scale).items():

@@ -201,7 +201,8 @@ def count_table(meta: Metadata) -> str:
     return "\n".join(lines)
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -215,7 +216,7 @@ def fingerprint(meta: Metadata, workers: int = 8) -> str:
     for f, y, p, s in zip(meta.filenames, meta.y, meta.place, meta.split):
         h.update(f"{f},{y},{p},{s}\n".encode())
     with ThreadPoolExecutor(workers) as pool:
-        for digest in pool.map(_file_sha256, [meta.root / f for f in meta.filenames]):
+        for digest in pool.map(file_sha256, [meta.root / f for f in meta.filenames]):
             h.update(digest.encode())
     return h.hexdigest()
 

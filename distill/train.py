@@ -115,6 +115,39 @@ def evaluate(model: Student, data: SplitData, image_size: int, device, train_cou
     return group_metrics(torch.cat(preds), data.y, data.group, train_counts)
 
 
+def train_step(model, opt, data: SplitData, idx: torch.Tensor, view: torch.Tensor, cfg: DistillConfig,
+               image_size: int, teacher_backbone: torch.Tensor, device) -> tuple[dict, torch.Tensor]:
+    """One SGD step on the samples ``idx`` seen through views ``view``.
+
+    Rebuilds each sampled view from the stored pixels, reads the matching cached teacher outputs,
+    weights the teachers, and steps on ``(1 - alpha) CE + alpha L_wKD + sum_l gamma_l L_feat``.
+    Returns the loss parts (device tensors, no host sync) and the weights [b, T].
+    """
+    x = render(data.images[idx].to(device, non_blocking=True), data.box[idx, view].to(device),
+               data.flip[idx, view].to(device), image_size)
+    y = data.y[idx].to(device)
+    zt, zb = data.logits[idx, view].to(device), data.biased[idx, view].to(device)
+    with autocast(device):
+        logits, h, projected = model(x.contiguous(memory_format=torch.channels_last))
+    logits = logits.float()
+    gammas = {l: g for l, g in cfg.gammas.items() if g > 0}
+    extra = {}
+    if cfg.weighting == "agre-batch" and cfg.agre_params == "all":
+        extra = dict(teacher_losses=list(kd_per_teacher(logits, zt, cfg.tau).mean(0)),
+                     biased_loss=kd_per_teacher(logits, zb[:, None], cfg.tau).mean(),
+                     params=[p for p in model.backbone.parameters() if p.requires_grad])
+    cached = data.cached[idx, view].to(device) if cfg.weighting == "cached" else None
+    w = teacher_weights(cfg.weighting, student_logits=logits, teacher_logits=zt, biased_logits=zb,
+                        tau=cfg.tau, cached=cached, penultimate=h.float(), agre_params=cfg.agre_params, **extra)
+    tfeats = {l: data.feats[l][idx, view].to(device).index_select(1, teacher_backbone) for l in gammas}
+    out = distillation_loss(logits, y, zt, w, cfg.tau, cfg.alpha, projected=projected, teacher_feats=tfeats,
+                            gammas=gammas, disagree=cfg.feature_weighting == "disagree", eps=cfg.feat_eps)
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    opt.step()
+    return out, w
+
+
 def train_one_epoch(model, opt, data: SplitData, cfg: DistillConfig, epoch: int, image_size: int,
                     teacher_backbone: torch.Tensor, device, weights_out: torch.Tensor | None = None,
                     progress: bool = True) -> dict:
@@ -127,35 +160,11 @@ def train_one_epoch(model, opt, data: SplitData, cfg: DistillConfig, epoch: int,
     sums = {k: torch.zeros((), device=device) for k in ("loss", "ce", "kd", "feat")}
     wsum = torch.zeros(data.logits.shape[2], device=device)
     first_bad = torch.full((), -1, device=device)
-    gammas = {l: g for l, g in cfg.gammas.items() if g > 0}
-    params = [p for p in model.backbone.parameters() if p.requires_grad]
     steps = range(0, n, cfg.batch_size)
-    for step, s in enumerate(tqdm(steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                                  disable=not progress)):
+    for step, s in enumerate(tqdm(steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)):
         idx = order[s:s + cfg.batch_size].to(data.y.device)
-        v = view[s:s + cfg.batch_size].to(data.y.device)
-        x = render(data.images[idx].to(device, non_blocking=True), data.box[idx, v].to(device),
-                   data.flip[idx, v].to(device), image_size)
-        y = data.y[idx].to(device)
-        zt, zb = data.logits[idx, v].to(device), data.biased[idx, v].to(device)
-        with autocast(device):
-            logits, h, projected = model(x.contiguous(memory_format=torch.channels_last))
-        logits = logits.float()
-        extra = {}
-        if cfg.weighting == "agre-batch" and cfg.agre_params == "all":
-            lt = kd_per_teacher(logits, zt, cfg.tau).mean(0)
-            lb = kd_per_teacher(logits, zb[:, None], cfg.tau).mean()
-            extra = dict(teacher_losses=list(lt), biased_loss=lb, params=params)
-        w = teacher_weights(cfg.weighting, student_logits=logits, teacher_logits=zt, biased_logits=zb,
-                            tau=cfg.tau, cached=data.cached[idx, v].to(device) if cfg.weighting == "cached" else None,
-                            penultimate=h.float(), agre_params=cfg.agre_params, **extra)
-        tfeats = {l: data.feats[l][idx, v].to(device).index_select(1, teacher_backbone) for l in gammas}
-        out = distillation_loss(logits, y, zt, w, cfg.tau, cfg.alpha, projected=projected,
-                                teacher_feats=tfeats, gammas=gammas,
-                                disagree=cfg.feature_weighting == "disagree", eps=cfg.feat_eps)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
+        out, w = train_step(model, opt, data, idx, view[s:s + cfg.batch_size].to(data.y.device), cfg,
+                            image_size, teacher_backbone, device)
         bad = ~torch.isfinite(out["loss"].detach())
         first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
         for k in sums:

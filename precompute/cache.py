@@ -1052,10 +1052,10 @@ def format_summary(d: dict) -> str:
         f"made         {p['created']} by tool {p['tool_version']} (git {p['git_commit']}, "
         f"torch {p['torch_version']})",
         "",
-        f"{'model':<20}{'role':<9}{'backbone':<16}sha256",
+        f"{'model':<20}{'role':<9}{'backbone':<18}sha256",
     ]
     for t in d["teachers"]:
-        lines.append(f"{t['name']:<20}{t['role']:<9}{str(t['backbone_id']):<16}{str(t['sha256'])[:16]}")
+        lines.append(f"{t['name']:<20}{t['role']:<9}{str(t['backbone_id']):<18}{str(t['sha256'])[:16]}")
     if d["accuracy"]:
         splits = list(next(iter(d["accuracy"].values())))
         lines += ["", "accuracy on view 0, % (mean / worst-group)" +

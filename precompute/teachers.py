@@ -94,19 +94,19 @@ def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, meta: Metadat
         return load_checkpoint(path)
     run = {**{f: getattr(cfg, f) for f in ERM_FIELDS}, "seed": seed, "num_classes": num_classes}
     device = pick_device(cfg.device)
+    resume = path.with_name(path.name + ".ckpt")
+    ck = torch.load(resume, map_location=device, weights_only=True) if resume.is_file() else None
+    started = (ck or {}).get("config", run)  # a checkpoint without a config predates this check
+    changed = [f"{k} {v} now {run.get(k)}" for k, v in started.items() if run.get(k) != v]
+    if changed:
+        raise CheckpointError(f"{resume}: an ERM run started with other settings ({', '.join(changed)}); "
+                              "use those settings to resume it, or delete it to start over")
     torch.manual_seed(seed)
     model = build_model(cfg.arch, num_classes, cfg.pretrained, cfg.weights_file).to(device)
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    resume = path.with_name(path.name + ".ckpt")
     start = 0
-    if resume.is_file():
-        ck = torch.load(resume, map_location=device, weights_only=True)
-        changed = {k: (v, run.get(k)) for k, v in ck.get("config", run).items() if run.get(k) != v}
-        if changed:
-            raise CheckpointError(f"{resume}: an ERM run started with other settings "
-                                  f"({', '.join(f'{k} {a} now {b}' for k, (a, b) in changed.items())}); "
-                                  "use those settings to resume it, or delete it to start over")
+    if ck is not None:
         model.net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         start = int(ck["epoch"])

@@ -1,0 +1,113 @@
+"""Benchmark: precompute throughput against a bare forward pass of the same backbones.
+
+Builds a synthetic data folder and a manifest of randomly initialised ResNet-50 teachers (by
+default the report's layout: 5 teachers with distinct backbones, the biased model sharing the
+first one's), then measures side by side in one run:
+  - the full ``run_precompute`` (reading the image store, rendering views, forward of every
+    distinct backbone, heads, static weights, writing the cache), images x views per second;
+  - a bare forward of the same distinct backbones on the same, already rendered, images.
+Prints the ratio (goal >= 0.9: writing the cache must not be the bottleneck) and the cache's
+bytes per image per view.
+
+    python benchmarks/bench_precompute.py [--image-size 224] [--scale 0.1] [--views 2] [--backbones 5]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.store import ImageStore, build_store, store_size_for  # noqa: E402
+from data.synth import SynthSpec, generate  # noqa: E402
+from data.views import ViewSpec, render, sample_views  # noqa: E402
+from data.waterbirds import fingerprint, load_metadata  # noqa: E402
+from precompute.models import FeatureResNet, save_checkpoint  # noqa: E402
+from precompute.run import LAYERS, Ensemble, PrecomputeConfig, run_precompute, store_path_for  # noqa: E402
+from precompute.manifest import read_manifest  # noqa: E402
+from precompute.teachers import autocast, import_teachers, pick_device  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--scale", type=float, default=0.1, help="synthetic data set size (fraction of Waterbirds)")
+    ap.add_argument("--views", type=int, default=2)
+    ap.add_argument("--backbones", type=int, default=5, help="distinct teacher backbones (5 teachers)")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args(argv)
+    device = pick_device(args.device)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_precompute_"))
+    data = generate(work / "data", SynthSpec(scale=args.scale, size=max(48, args.image_size)))
+    torch.manual_seed(0)
+    files = []
+    for b in range(args.backbones):
+        files.append(work / f"teacher_{b}.pt")
+        save_checkpoint(FeatureResNet("resnet50", 2).net.state_dict(), files[-1])
+    teacher_files = [str(files[t % args.backbones]) for t in range(5)]
+    # distinct heads on shared backbones: perturb fc of files that are reused
+    import_teachers(work / "teachers", teacher_files, str(files[0]), image_size=args.image_size, progress=False)
+    man = read_manifest(work / "teachers")
+    meta = load_metadata(data)
+    fp = fingerprint(meta)
+    size = store_size_for(args.image_size)
+    cache = work / "cache.h5"
+    build_store(meta, store_path_for(cache), size, fp, progress=False)
+
+    # bare forward: the same distinct backbones on the same rendered views, nothing else
+    ens = Ensemble(man).to(device).eval().to(memory_format=torch.channels_last)
+    store = ImageStore(store_path_for(cache))
+    rows = np.arange(len(meta))
+    box, flip = sample_views(rows, ViewSpec(num_views=args.views, out_size=args.image_size))
+    images = torch.from_numpy(store.load_all())
+    store.close()
+    batches = []
+    for s in range(0, len(rows), args.batch_size):
+        for v in range(args.views + 1):
+            batches.append(render(images[s:s + args.batch_size], torch.from_numpy(box[s:s + args.batch_size, v]),
+                                  torch.from_numpy(flip[s:s + args.batch_size, v]), args.image_size)
+                           .contiguous(memory_format=torch.channels_last))
+    n_img = len(rows) * (args.views + 1)
+    with torch.inference_mode():
+        with autocast(device):
+            for bb in ens.backbones:  # warm-up
+                bb(batches[0].to(device), layers=LAYERS)
+        sync(device)
+        t = time.perf_counter()
+        for x in batches:
+            x = x.to(device, non_blocking=True)
+            with autocast(device):
+                for bb in ens.backbones:
+                    bb(x, layers=LAYERS)
+        sync(device)
+        bare = time.perf_counter() - t
+
+    t = time.perf_counter()
+    run_precompute(PrecomputeConfig(str(data), str(work / "teachers"), str(cache), views=args.views,
+                                    batch_size=args.batch_size, device=args.device, progress=False))
+    full = time.perf_counter() - t
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device {name}; {len(rows)} images x {args.views + 1} views at {args.image_size}px; "
+          f"{len(ens.backbones)} distinct backbones for 5 teachers + biased")
+    print(f"  bare forward : {n_img / bare:8.1f} img/s")
+    print(f"  precompute   : {n_img / full:8.1f} img/s (whole command: store read, views, heads, weights, write)")
+    print(f"ratio precompute / bare forward: {bare / full:.3f}   (goal >= 0.9)")
+    print(f"cache: {cache.stat().st_size / n_img / 1024:.1f} KiB per image per view "
+          f"({cache.stat().st_size / 2**20:.1f} MiB for {n_img} image-views; layers {', '.join(LAYERS)})")
+
+
+if __name__ == "__main__":
+    main()
