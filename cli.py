@@ -256,7 +256,7 @@ def distill(out, resume, **kw):
 
     cfg = distill_config(out or "", **kw)
     if not out:
-        cfg.out = str(defaults.RUNS / run_name({k: v for k, v in cfg.to_dict().items() if k in ("weighting", "gamma", "alpha", "layers", "feature_weighting", "seed")}))
+        cfg.out = str(defaults.RUNS / run_name(cfg.to_dict()))
     s = fit(cfg, resume=resume)
     click.echo(f"best epoch {s['best_epoch']}: test WGA {100 * s['test_best']['wga']:.2f}%  "
                f"avg acc {100 * s['test_best']['avg_acc']:.2f}%  (last epoch: WGA {100 * s['test_last']['wga']:.2f}%)")

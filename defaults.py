@@ -19,4 +19,4 @@ TEACHERS_OVERRIDES = dict(image_size=IMAGE_SIZE, pretrained=False, shared_backbo
                           epochs=3, lr=1e-2)
 DISTILL_EPOCHS = 10      # the README's end-to-end run (the report's 30 on real data)
 # Student from scratch on the synthetic default (no ImageNet weights offline): a larger lr.
-DISTILL_OVERRIDES = dict(lr=0.05)
+DISTILL_OVERRIDES = dict(lr=0.02)

@@ -36,7 +36,7 @@ class SynthSpec:
     seed: int = 0
     bird_size: tuple[float, float] = (0.28, 0.42)  # bird extent as a fraction of the side
     core_noise: float = 0.0      # probability that a bird is drawn with the other class's shape
-    colour_shift: float = 60.0   # class-dependent shift of the bird colour (0: colour carries no label)
+    colour_shift: float = 100.0  # class-dependent shift of the bird colour (0: colour carries no label)
     pixel_noise: float = 12.0    # std of per-pixel Gaussian noise (0-255 scale)
 
     def __post_init__(self):

@@ -47,8 +47,9 @@ def ensure_cache() -> Path:
     """The default cache; ``run_precompute`` reuses a finished one and resumes a partial one."""
     from precompute.run import PrecomputeConfig, run_precompute
 
+    data = ensure_data()
     manifest = ensure_teachers()
-    return run_precompute(PrecomputeConfig(data_root=str(ensure_data()), teachers=str(manifest),
+    return run_precompute(PrecomputeConfig(data_root=str(data), teachers=str(manifest),
                                            out=str(defaults.CACHE), views=defaults.NUM_VIEWS))
 
 

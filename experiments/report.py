@@ -480,7 +480,7 @@ def plot_group_accuracy(rows: list[Row], path: Path) -> str | None:
     ax.set_xticks(x, [r.label for r in rows], rotation=30, ha="right", fontsize=8)
     low = np.nanmin(accs) if np.isfinite(accs).any() else 0.0
     ax.set(ylabel="test accuracy (%)", ylim=(max(0.0, low - 10), 100))
-    ax.set_title("Per-group test accuracy (best-val-WGA checkpoint, mean over seeds)", pad=24)
+    ax.set_title("Per-group test accuracy (best-val-WGA checkpoint; mean over seeds)", pad=24, fontsize=10)
     # Above the axes: bars reach 100%, a legend inside would hide them.
     ax.legend(fontsize=8, ncol=NUM_GROUPS, loc="lower center", bbox_to_anchor=(0.5, 1.0),
               frameon=False)
