@@ -152,8 +152,9 @@ def precompute(data_root, manifest, out, views, layers, batch_size, shard, devic
         data_root = str(ensure_data())
         manifest = manifest or str(ensure_teachers())
         views = defaults.NUM_VIEWS if views is None else views
-    if manifest is None:
-        manifest = str(defaults.TEACHERS / "manifest.json")
+    elif manifest is None or out is None:
+        raise click.UsageError("--teachers and --out are required with --data-root (the defaults belong "
+                               "to the synthetic data set)")
     cfg = PrecomputeConfig(data_root=data_root, teachers=manifest, out=out or str(defaults.CACHE),
                            views=views or 0, layers=words(layers), batch_size=batch_size, shard=shard, device=device)
     path = run_precompute(cfg)
@@ -226,7 +227,8 @@ def distill_options(fn):
         click.option("--lr", default=1e-3, show_default=True),
         click.option("--weight-decay", default=1e-4, show_default=True),
         click.option("--seed", default=42, show_default=True),
-        click.option("--views", type=click.Choice(["on", "off"]), default="on", show_default=True),
+        click.option("--views", type=click.Choice(["on", "off", "auto"]), default="auto", show_default=True,
+                     help="Sample cached random views (auto: when the cache has them)."),
         click.option("--pretrained/--no-pretrained", default=None, help="ImageNet student [default: as the teachers]."),
         click.option("--weights-file", type=click.Path(exists=True), default=None, help="Local ImageNet ResNet-18 weights."),
         click.option("--data-root", type=click.Path(), default=None, help="Check the cache against this folder."),
@@ -241,7 +243,7 @@ def distill_config(out, cache_path, layers, layer_gammas, views, **kw):
     from distill.config import DistillConfig
 
     return DistillConfig(cache=cache_path, out=out, layers=words(layers), layer_gammas=floats(layer_gammas),
-                         views=views == "on", **kw)
+                         views={"on": True, "off": False}.get(views), **kw)
 
 
 @cli.command()

@@ -8,6 +8,7 @@ per (seed, sample row, view), so any shard or any resolution replays the same vi
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -132,7 +133,14 @@ def render(images: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, out_size
     x = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border",
                       align_corners=False)
     if normalize:
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255
+        mean, std = _mean_std(x.device)
         x = (x - mean) / std
     return x
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: a host-to-GPU copy every call would synchronise every step.
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    return mean, std

@@ -32,13 +32,13 @@ class DistillConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     seed: int = 42
-    views: bool = True               # sample one cached random view per sample per epoch
+    views: bool | None = None        # sample one cached random view per sample per epoch;
+                                     # None: on when the cache holds random views
     pretrained: bool | None = None   # ImageNet-pretrained student; None: as the teachers were
     weights_file: str | None = None  # local ResNet-18 weights instead of the torchvision download
     image_size: int | None = None    # student input size; default: the cache's view size
     data_root: str | None = None     # when given, checked against the cache's data fingerprint
     device: str = "auto"             # auto | cpu | cuda
-    num_workers: int = 0
     feat_eps: float = 1e-6           # eps of the disagreement confidence 1 / (Var_t f + eps)
 
     def __post_init__(self):

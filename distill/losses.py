@@ -14,11 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.weighting import kd_per_teacher
-
-
-def _float(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
+from distill.weighting import at_least_float32, kd_per_teacher
 
 
 def feature_loss(projected: Tensor, teacher_feats: Tensor, weights: Tensor,
@@ -49,7 +45,7 @@ def feature_loss(projected: Tensor, teacher_feats: Tensor, weights: Tensor,
         raise ValueError(f"feature_loss shapes disagree: projected {tuple(projected.shape)}, "
                          f"teacher_feats {tuple(teacher_feats.shape)}, weights {tuple(weights.shape)}"
                          " (is the adapter's output width the teacher layer's width?)")
-    dtype = _float(projected)
+    dtype = at_least_float32(projected)
     feats = teacher_feats.detach().to(dtype)
     # An elementwise weighted sum, not einsum: autocast would run a matmul in half precision.
     target = (weights.detach().to(dtype).unsqueeze(-1) * feats).sum(1)  # [B, D]
@@ -92,7 +88,7 @@ def distillation_loss(student_logits: Tensor, y: Tensor, teacher_logits: Tensor,
         raise ValueError(f"weights must be [B, T] = [{B}, {T}] and y [B], got "
                          f"{tuple(weights.shape)} and {tuple(y.shape)}")
     weights = weights.detach()
-    dtype = _float(student_logits)
+    dtype = at_least_float32(student_logits)
 
     def zero() -> Tensor:
         return torch.zeros((), dtype=dtype, device=student_logits.device)

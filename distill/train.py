@@ -57,12 +57,20 @@ def _open_inputs(cfg: DistillConfig):
     except CacheError as e:
         raise DistillError(str(e)) from None
     meta = cache.meta
+    if cache.shard:
+        raise DistillError(f"{cfg.cache} is shard {cache.shard} of a cache; merge the shards first with "
+                           "`python cli.py cache merge CACHE.h5 SHARD...`")
+    empty = [name for name in ("train", "val", "test") if len(cache.split_rows(name)) == 0]
+    if empty:
+        raise DistillError(f"{cfg.cache} has no {' or '.join(empty)} samples; distillation needs all three splits")
     if cfg.uses_features:
         missing = [l for l, g in cfg.gammas.items() if g > 0 and l not in meta.layers]
         if missing:
             raise DistillError(f"gamma > 0 for {', '.join(missing)} but {cfg.cache} holds features of "
                                f"{', '.join(meta.layers) or 'no layer'}; precompute with --layers "
                                f"{','.join(sorted(set(meta.layers) | set(missing)))} or set gamma 0")
+    if cfg.views is None:
+        cfg.views = meta.num_views > 1
     if cfg.views and meta.num_views < 2:
         raise DistillError(f"--views on, but {cfg.cache} holds only the eval view; precompute with "
                            "--views K (K > 0) or pass --views off")
@@ -79,7 +87,6 @@ def _open_inputs(cfg: DistillConfig):
 
 
 def _load_split(cache, store: ImageStore, split: str, cfg: DistillConfig, device, train: bool) -> SplitData:
-    views = None if train else np.zeros(0, dtype=np.int64)
     layers = [l for l, g in cfg.gammas.items() if g > 0] if train else []
     d = cache.load_all(split=split, views=None if train else 0, layers=layers)
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
@@ -148,6 +155,15 @@ def train_step(model, opt, data: SplitData, idx: torch.Tensor, view: torch.Tenso
     return out, w
 
 
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """Batch (start, stop) pairs; a last batch of one sample joins the previous one (BatchNorm
+    cannot normalise a single sample when layer4 is 1x1)."""
+    bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
 def train_one_epoch(model, opt, data: SplitData, cfg: DistillConfig, epoch: int, image_size: int,
                     teacher_backbone: torch.Tensor, device, weights_out: torch.Tensor | None = None,
                     progress: bool = True) -> dict:
@@ -157,14 +173,14 @@ def train_one_epoch(model, opt, data: SplitData, cfg: DistillConfig, epoch: int,
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)   # replayable: exact resume
     order = torch.randperm(n, generator=gen)
     view = (torch.randint(1, num_views, (n,), generator=gen) if cfg.views else torch.zeros(n, dtype=torch.long))
+    order, view = order.to(data.y.device), view.to(data.y.device)   # once per epoch, not per step
     sums = {k: torch.zeros((), device=device) for k in ("loss", "ce", "kd", "feat")}
     wsum = torch.zeros(data.logits.shape[2], device=device)
     first_bad = torch.full((), -1, device=device)
-    steps = range(0, n, cfg.batch_size)
-    for step, s in enumerate(tqdm(steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)):
-        idx = order[s:s + cfg.batch_size].to(data.y.device)
-        out, w = train_step(model, opt, data, idx, view[s:s + cfg.batch_size].to(data.y.device), cfg,
-                            image_size, teacher_backbone, device)
+    for step, (s, e) in enumerate(tqdm(batch_bounds(n, cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                                       leave=False, disable=not progress)):
+        idx = order[s:e]
+        out, w = train_step(model, opt, data, idx, view[s:e], cfg, image_size, teacher_backbone, device)
         bad = ~torch.isfinite(out["loss"].detach())
         first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
         for k in sums:
@@ -179,9 +195,35 @@ def train_one_epoch(model, opt, data: SplitData, cfg: DistillConfig, epoch: int,
     return {**{k: float(v) / n for k, v in sums.items()}, "teacher_weights": (wsum / n).tolist()}
 
 
-def _checkpoint(model, opt, sched, epoch, best, cfg) -> dict:
+def _checkpoint(model, opt, sched, epoch, best, cfg, cache_fp) -> dict:
     return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "epoch": epoch, "best_wga": best[0], "best_epoch": best[1], "config": cfg.to_dict()}
+            "epoch": epoch, "best_wga": best[0], "best_epoch": best[1], "config": cfg.to_dict(),
+            "cache_fingerprint": cache_fp}
+
+
+# Settings that may change between a run and its resumption without changing what it computes.
+RESUME_FREE = ("out", "device", "cache", "data_root")
+
+
+def _load_resume(path: Path, cfg: DistillConfig, cache_fp: str, device) -> dict:
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises several types for a damaged file
+        raise DistillError(f"{path} cannot be read ({type(e).__name__}); delete the run folder to start again") from None
+    saved = ck.get("config", {})
+    now = cfg.to_dict()
+    diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now
+            if k not in RESUME_FREE and _norm(saved.get(k)) != _norm(now[k])]
+    if ck.get("cache_fingerprint", cache_fp) != cache_fp:
+        diff.append("the cache was made from another data set")
+    if diff:
+        raise DistillError(f"cannot resume {path.parent} with other settings ({'; '.join(diff)}); "
+                           "use the same options or another --out")
+    return ck
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
 
 
 def fit(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> dict:
@@ -217,7 +259,7 @@ def fit(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> dict
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     start, best = 0, (-1.0, -1)
     if resume and last_path.is_file():
-        ck = torch.load(last_path, map_location=device, weights_only=True)
+        ck = _load_resume(last_path, cfg, meta.dataset_fingerprint, device)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -237,7 +279,7 @@ def fit(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> dict
         if vm["wga"] > best[0]:
             best = (vm["wga"], epoch + 1)
             save_checkpoint({"model": model.state_dict(), "epoch": epoch + 1, "config": cfg.to_dict()}, best_path)
-        save_checkpoint(_checkpoint(model, opt, sched, epoch + 1, best, cfg), last_path)
+        save_checkpoint(_checkpoint(model, opt, sched, epoch + 1, best, cfg, meta.dataset_fingerprint), last_path)
         rec = {"epoch": epoch + 1, "lr": lr, "time_s": round(time.time() - t0, 3),
                "train": {k: tr[k] for k in ("loss", "ce", "kd", "feat")},
                "teacher_weights": tr["teacher_weights"], "val": vm}
@@ -246,7 +288,8 @@ def fit(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> dict
         say(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {tr['loss']:.4f}  val WGA {100 * vm['wga']:.2f}  "
             f"avg {100 * vm['avg_acc']:.2f}  ({rec['time_s']:.1f}s)")
 
-    np.save(out / "teacher_weights.npy", weights_out.cpu().numpy())
+    if start < cfg.epochs:  # the last epoch ran in this process (else the saved file stands)
+        np.save(out / "teacher_weights.npy", weights_out.cpu().numpy())
     test_last = evaluate(model, test, image_size, device, train_counts)
     model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
     summary = {
@@ -278,6 +321,11 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
     # A kill between the checkpoint and the metrics line (or after it) must not duplicate epochs.
     if not path.is_file():
         return
-    lines = [l for l in path.read_text().splitlines() if l.strip()]
-    keep = [l for l in lines if json.loads(l)["epoch"] <= epochs_done]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["epoch"] <= epochs_done:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a kill
     path.write_text("".join(l + "\n" for l in keep))

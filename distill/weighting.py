@@ -39,8 +39,8 @@ def _wide_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _out_dtype(x: Tensor) -> torch.dtype:
-    # Weights stay float32 under half-precision logits, float64 when the caller works in float64.
+def at_least_float32(x: Tensor) -> torch.dtype:
+    """dtype for results: float32 under half-precision inputs, float64 when the caller uses it."""
     return torch.promote_types(x.dtype, torch.float32)
 
 
@@ -103,7 +103,7 @@ def kd_per_teacher(student_logits: Tensor, teacher_logits: Tensor, tau: float) -
         [B, T] losses in at least float32 (half-precision logits are upcast first).
     """
     _check_logits(student_logits, teacher_logits)
-    dtype = _out_dtype(student_logits)
+    dtype = at_least_float32(student_logits)
     log_ps = F.log_softmax(student_logits.to(dtype) / tau, dim=-1).unsqueeze(1)  # [B, 1, C]
     log_pt = F.log_softmax(teacher_logits.detach().to(dtype) / tau, dim=-1)      # [B, T, C]
     return (log_pt.exp() * (log_pt - log_ps)).sum(-1) * tau**2
@@ -130,7 +130,7 @@ def agre_weights(student_logits: Tensor, teacher_logits: Tensor, biased_logits: 
     wide = _wide_dtype(student_logits.device)
     w = _agre_normalised(_probs(student_logits, tau, wide), _probs(teacher_logits, tau, wide),
                          _probs(biased_logits, tau, wide))
-    return w.to(_out_dtype(student_logits))
+    return w.to(at_least_float32(student_logits))
 
 
 @torch.no_grad()
@@ -155,7 +155,7 @@ def cached_agre_weights(teacher_logits: Tensor, biased_logits: Tensor, tau: floa
     p_b = _probs(biased_logits, tau, wide)
     u = torch.full_like(p_b, 1.0 / p_b.shape[-1])
     w = _agre_normalised(u, _probs(teacher_logits, tau, wide), p_b)
-    return w.to(_out_dtype(teacher_logits))
+    return w.to(at_least_float32(teacher_logits))
 
 
 def aver_weights(teacher_logits: Tensor) -> Tensor:
@@ -163,7 +163,7 @@ def aver_weights(teacher_logits: Tensor) -> Tensor:
     if teacher_logits.ndim != 3:
         raise ValueError(f"teacher_logits must be [B, T, C], got shape {tuple(teacher_logits.shape)}")
     B, T, _ = teacher_logits.shape
-    return torch.full((B, T), 1.0 / T, dtype=_out_dtype(teacher_logits),
+    return torch.full((B, T), 1.0 / T, dtype=at_least_float32(teacher_logits),
                       device=teacher_logits.device)
 
 
@@ -196,7 +196,7 @@ def agre_batch_weights_last(student_logits: Tensor, penultimate: Tensor, teacher
         g_t = scale * torch.einsum("btc,bd->tcd", p_s.unsqueeze(1) - _probs(teacher_logits, tau, wide), h1)
         g_b = scale * torch.einsum("bc,bd->cd", p_s - _probs(biased_logits, tau, wide), h1)
     cos = _cosine(g_t.flatten(1), g_b.flatten().unsqueeze(0))
-    return _batch_normalised(cos).to(_out_dtype(student_logits))
+    return _batch_normalised(cos).to(at_least_float32(student_logits))
 
 
 def agre_batch_weights_autograd(teacher_losses: Sequence[Tensor], biased_loss: Tensor,

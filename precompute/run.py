@@ -76,7 +76,8 @@ class Ensemble(torch.nn.Module):
     def forward(self, x: torch.Tensor, layers=LAYERS):
         feats = [bb(x, layers=tuple(set(layers) | {"layer4"}))[1] for bb in self.backbones]
         owners = self.teacher_backbone + [self.biased_backbone]
-        logits = [head(feats[b]["layer4"].float()) for head, b in zip(self.heads, owners)]
+        with torch.autocast(x.device.type, enabled=False):  # heads in float32, like DFR's fit
+            logits = [head(feats[b]["layer4"].float()) for head, b in zip(self.heads, owners)]
         stacked = {l: torch.stack([f[l] for f in feats], dim=1) for l in layers}
         return torch.stack(logits[:-1], dim=1), logits[-1], stacked
 

@@ -127,3 +127,30 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cache, tmp_pa
         fit(_cfg(tiny_cache, tmp_path / "run", epochs=3), progress=False)
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_resume_refuses_other_settings_and_keeps_teacher_weights(tiny_cache, tmp_path):
+    fit(_cfg(tiny_cache, tmp_path / "run", epochs=1), progress=False)
+    w = np.load(tmp_path / "run" / "teacher_weights.npy")
+    with pytest.raises(DistillError, match=r"other settings \(tau: 4.0 -> 2.0\)"):
+        fit(_cfg(tiny_cache, tmp_path / "run", epochs=1, tau=2.0), resume=True, progress=False)
+    # resuming a finished run re-evaluates it without touching what the last epoch recorded
+    fit(_cfg(tiny_cache, tmp_path / "run", epochs=1), resume=True, progress=False)
+    assert np.array_equal(np.load(tmp_path / "run" / "teacher_weights.npy"), w)
+
+
+def test_shard_cache_is_refused(tiny_data, tiny_teachers, tmp_path):
+    from precompute.run import PrecomputeConfig, run_precompute
+
+    shard = run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(tmp_path / "c.shard0.h5"),
+                                            layers=("layer4",), shard="0/2", device="cpu", progress=False))
+    with pytest.raises(DistillError, match="merge the shards"):
+        fit(_cfg(shard, tmp_path / "run", views=False), progress=False)
+
+
+def test_batch_bounds_never_leave_a_single_sample():
+    from distill.train import batch_bounds
+
+    assert batch_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert batch_bounds(9, 4) == [(0, 4), (4, 9)]
+    assert batch_bounds(1, 4) == [(0, 1)]
