@@ -69,8 +69,6 @@ def _open_inputs(cfg: DistillConfig):
             raise DistillError(f"gamma > 0 for {', '.join(missing)} but {cfg.cache} holds features of "
                                f"{', '.join(meta.layers) or 'no layer'}; precompute with --layers "
                                f"{','.join(sorted(set(meta.layers) | set(missing)))} or set gamma 0")
-    if cfg.views is None:
-        cfg.views = meta.num_views > 1
     if cfg.views and meta.num_views < 2:
         raise DistillError(f"--views on, but {cfg.cache} holds only the eval view; precompute with "
                            "--views K (K > 0) or pass --views off")
@@ -172,7 +170,8 @@ def train_one_epoch(model, opt, data: SplitData, cfg: DistillConfig, epoch: int,
     n, num_views = len(data.y), data.box.shape[1]
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)   # replayable: exact resume
     order = torch.randperm(n, generator=gen)
-    view = (torch.randint(1, num_views, (n,), generator=gen) if cfg.views else torch.zeros(n, dtype=torch.long))
+    use_views = num_views > 1 if cfg.views is None else cfg.views   # None: whatever the cache holds
+    view = (torch.randint(1, num_views, (n,), generator=gen) if use_views else torch.zeros(n, dtype=torch.long))
     order, view = order.to(data.y.device), view.to(data.y.device)   # once per epoch, not per step
     sums = {k: torch.zeros((), device=device) for k in ("loss", "ce", "kd", "feat")}
     wsum = torch.zeros(data.logits.shape[2], device=device)
@@ -237,6 +236,7 @@ def fit(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> dict
     cache, store = _open_inputs(cfg)
     meta = cache.meta
     device = pick_device(cfg.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: autotune once
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     image_size = cfg.image_size or int(meta.view_spec["out_size"])
