@@ -305,16 +305,36 @@ def run_sweep(cache: str, out_dir: str, runs: list[dict], base: dict | None = No
     out.mkdir(parents=True, exist_ok=True)
     _write_plan(out, cache, base, specs)
     counts = {"finished": 0, "skipped": 0, "failed": 0}
+    cache_fp = _cache_fingerprint(cache)
     for i, (name, cfg) in enumerate(configs.items(), 1):
-        counts[_run_one(name, cfg, fit, f"[{i}/{len(configs)}]")] += 1
+        counts[_run_one(name, cfg, fit, f"[{i}/{len(configs)}]", cache_fp)] += 1
     print(f"sweep {out}: {counts['finished']} finished, {counts['skipped']} skipped, "
           f"{counts['failed']} failed")
     return counts
 
 
-def _run_one(name: str, cfg: DistillConfig, fit, tag: str) -> str:
-    """Train one run unless finished; returns "finished", "skipped" or "failed"."""
+def _cache_fingerprint(cache: str) -> str | None:
+    """Data fingerprint of the sweep's cache (None when it cannot be read here)."""
+    try:
+        from precompute.cache import open_cache
+
+        return open_cache(cache).meta.dataset_fingerprint
+    except Exception:  # an unreadable cache is reported by fit itself, per run
+        return None
+
+
+def _run_one(name: str, cfg: DistillConfig, fit, tag: str, cache_fp: str | None = None) -> str:
+    """Train one run unless finished on this cache; returns "finished", "skipped" or "failed".
+
+    A finished run made from another data set is left untouched and counted as failed, with a
+    message: its numbers do not belong to this sweep, and deleting them is the user's call.
+    """
     run_dir = Path(cfg.out)
+    done_fp = (read_summary(run_dir) or {}).get("cache_fingerprint")
+    if is_finished(run_dir) and cache_fp is not None and done_fp not in (None, cache_fp):
+        print(f"{tag} {name}: FAILED: {run_dir} holds a run made from another data set "
+              f"({done_fp[:12]}, this cache {cache_fp[:12]}); move it away or use another --out", file=sys.stderr)
+        return "failed"
     if is_finished(run_dir):
         print(f"{tag} {name}: already finished, skipped")
         return "skipped"

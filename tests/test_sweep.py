@@ -150,3 +150,27 @@ def test_invalid_config_fails_before_anything_trains(tmp_path):
     assert calls == []
     with pytest.raises(ValueError, match="unknown preset"):
         preset_runs("mian")
+
+
+def test_finished_run_from_another_data_set_is_not_skipped_nor_touched(tmp_path, monkeypatch):
+    import json
+
+    import experiments.sweep as sweep
+
+    calls = []
+
+    def fake_fit(cfg):
+        calls.append(cfg.out)
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps({"status": "finished", "cache_fingerprint": "aaa"}))
+
+    monkeypatch.setattr(sweep, "_cache_fingerprint", lambda cache: "aaa")
+    counts = sweep.run_sweep("cache.h5", str(tmp_path), [{"gamma": 0.0, "seed": 42}], fit=fake_fit)
+    assert counts["finished"] == 1 and len(calls) == 1
+    assert sweep.run_sweep("cache.h5", str(tmp_path), [{"gamma": 0.0, "seed": 42}], fit=fake_fit)["skipped"] == 1
+    monkeypatch.setattr(sweep, "_cache_fingerprint", lambda cache: "bbb")
+    counts = sweep.run_sweep("cache.h5", str(tmp_path), [{"gamma": 0.0, "seed": 42}], fit=fake_fit)
+    assert counts["failed"] == 1 and len(calls) == 1
+    summary = json.loads(next(tmp_path.glob("*/summary.json")).read_text())
+    assert summary["cache_fingerprint"] == "aaa"  # left as it was
