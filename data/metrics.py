@@ -58,3 +58,23 @@ def group_metrics(pred, y, group, train_group_counts=None, num_groups: int = NUM
         "mean_acc": float(correct.mean()),
         "avg_acc": avg,
     }
+
+
+TRAIN_SPLIT = 0  # split code of the training rows (Waterbirds metadata: 0 train, 1 val, 2 test)
+
+
+def split_metrics(pred, y, group, split, splits: dict[str, int]) -> dict[str, dict]:
+    """``group_metrics`` of each named split present, e.g. ``splits={"val": 1, "test": 2}``.
+
+    All arrays are [N] over the whole data set; "avg_acc" weights group accuracies by the
+    training split's group counts when training rows are present.
+    """
+    pred, y, group, split = (_as_numpy(a).ravel() for a in (pred, y, group, split))
+    train = split == TRAIN_SPLIT
+    train_counts = np.bincount(group[train], minlength=NUM_GROUPS)[:NUM_GROUPS] if train.any() else None
+    out = {}
+    for name, code in splits.items():
+        sel = split == code
+        if sel.any():
+            out[name] = group_metrics(pred[sel], y[sel], group[sel], train_counts)
+    return out

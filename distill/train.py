@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.metrics import group_metrics
+from data.metrics import group_metrics, split_metrics
 from data.store import ImageStore, StoreError
 from data.views import render
-from data.waterbirds import fingerprint, load_metadata
+from data.waterbirds import SPLIT_CODES, fingerprint, load_metadata
 from distill.config import DistillConfig
 from distill.losses import distillation_loss
 from distill.student import Student
@@ -297,7 +297,7 @@ def fit(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> dict
         "cache": str(cfg.cache), "git_commit": provenance()["git_commit"],
         "teachers": [{"name": t["name"], "role": t["role"]} for t in meta.teachers],
         "best_epoch": best[1], "val_best": None, "test_best": evaluate(model, test, image_size, device, train_counts),
-        "test_last": test_last, "teacher_test": teacher_test_metrics(cache, train_counts),
+        "test_last": test_last, "teacher_test": teacher_test_metrics(cache),
     }
     summary["val_best"] = evaluate(model, val, image_size, device, train_counts)
     tmp = out / "summary.json.tmp"
@@ -306,15 +306,15 @@ def fit(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> dict
     return summary
 
 
-def teacher_test_metrics(cache, train_counts) -> dict:
+def teacher_test_metrics(cache) -> dict:
     """Each teacher's (and the biased model's) own test metrics, from cached view-0 logits."""
-    rows = cache.split_rows("test")
+    rows = np.arange(cache.num_rows)
     views = np.zeros(len(rows), dtype=np.int64)
     zt, zb = cache.logits(rows, views), cache.biased(rows, views)
-    y, g = cache.y[rows], cache.group[rows]
     names = [t["name"] for t in cache.meta.teacher_entries] + [cache.meta.biased_entry["name"]]
     preds = list(zt.argmax(-1).T) + [zb.argmax(-1)]
-    return {n: group_metrics(p, y, g, train_counts) for n, p in zip(names, preds)}
+    test = {"test": SPLIT_CODES["test"]}
+    return {n: split_metrics(p, cache.y, cache.group, cache.split, test)["test"] for n, p in zip(names, preds)}
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:

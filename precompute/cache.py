@@ -42,7 +42,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from data.metrics import _as_numpy, group_metrics
+from data.metrics import _as_numpy, split_metrics
 from data.waterbirds import SPLIT_CODES, SPLIT_NAMES
 
 log = logging.getLogger(__name__)
@@ -1017,13 +1017,10 @@ def summarize(path) -> dict:
             preds["ensemble"] = prob.mean(1).argmax(-1)
             preds[m.biased_entry["name"]] = biased.argmax(-1)
             y, group, split = r.y[done_rows], r.group[done_rows], r.split[done_rows]
+            named = {SPLIT_NAMES.get(int(c), str(int(c))): int(c) for c in np.unique(split)}
             for model, pred in preds.items():
-                acc[model] = {}
-                for c in np.unique(split):
-                    sel = split == c
-                    g = group_metrics(pred[sel], y[sel], group[sel])
-                    acc[model][SPLIT_NAMES.get(int(c), str(int(c)))] = {
-                        "mean_acc": g["mean_acc"], "wga": g["wga"], "group_acc": g["group_acc"]}
+                acc[model] = {name: {k: g[k] for k in ("mean_acc", "wga", "group_acc")}
+                              for name, g in split_metrics(pred, y, group, split, named).items()}
         d["accuracy"] = acc
     return d
 

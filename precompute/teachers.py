@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data.metrics import group_metrics
+from data.metrics import split_metrics
 from data.store import ImageStore, build_store, store_size_for
 from data.views import ViewSpec, render, sample_views
-from data.waterbirds import Metadata, fingerprint, load_metadata
+from data.waterbirds import SPLIT_CODES, Metadata, fingerprint, load_metadata
 from precompute.dfr import fit_dfr
 from precompute.manifest import Manifest, load_model, make_entry
 from precompute.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
@@ -148,10 +148,8 @@ def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, meta: Metadat
 
 def evaluate_logits(logits: torch.Tensor, meta: Metadata) -> dict:
     """Per-split group metrics of eval-view logits for every row of ``meta``."""
-    pred = logits.argmax(1).numpy()
-    train_counts = meta.group_counts("train")
-    return {s: group_metrics(pred[meta.rows(s)], meta.y[meta.rows(s)], meta.group[meta.rows(s)], train_counts)
-            for s in ("val", "test")}
+    return split_metrics(logits.argmax(1).numpy(), meta.y, meta.group, meta.split,
+                         {s: SPLIT_CODES[s] for s in ("val", "test")})
 
 
 def format_eval_table(man: Manifest) -> str:

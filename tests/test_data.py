@@ -546,3 +546,18 @@ def test_incomplete_store_refused_on_open(synth, tmp_path):
         f["done"][100] = False
     with pytest.raises(StoreError, match=r"incomplete \(118 of 119 rows\)"):
         ImageStore(path, fp, 8)
+
+
+def test_split_metrics_weights_avg_acc_by_training_groups():
+    from data.metrics import split_metrics
+
+    # train: groups 0,0,0,3 (counts 3/0/0/1); test: group 0 right, group 3 wrong twice, right once
+    split = np.array([0, 0, 0, 0, 2, 2, 2, 2])
+    group = np.array([0, 0, 0, 3, 0, 3, 3, 3])
+    y = group // 2
+    pred = np.array([0, 0, 0, 1, 0, 0, 0, 1])
+    out = split_metrics(pred, y, group, split, {"val": 1, "test": 2})
+    assert set(out) == {"test"}  # no val rows: no entry
+    t = out["test"]
+    assert t["wga"] == pytest.approx(1 / 3) and t["mean_acc"] == pytest.approx(2 / 4)
+    assert t["avg_acc"] == pytest.approx((3 * 1.0 + 1 * (1 / 3)) / 4)
