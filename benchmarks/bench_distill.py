@@ -100,7 +100,6 @@ def main(argv=None):
         results.setdefault("cached", []).append(timed(cached_step, args.steps, args.warmup, device))
     if not args.skip_online:
         teachers = [FeatureResNet("resnet50", C).to(device).eval().to(**cl) for _ in range(T + 1)]
-        ocfg = DistillConfig(weighting="agre-batch", agre_params="all", gamma=0.5, pretrained=False)
 
         def online_step():
             x = render(data.images[idx], data.box[idx, view], data.flip[idx, view], S).contiguous(**cl)

@@ -7,7 +7,6 @@ teachers, take one SGD step on ``(1 - alpha) CE + alpha L_wKD + gamma L_feat``. 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -56,7 +56,7 @@ def ensure_cache() -> Path:
 def run_default(epochs: int = defaults.DISTILL_EPOCHS, seeds=(42,)) -> dict:
     """Data -> teachers -> cache -> three students -> report; prints the table and the plot paths."""
     from experiments.report import format_table, write_report
-    from experiments.sweep import expand_grid, run_sweep
+    from experiments.sweep import run_sweep
 
     cache = ensure_cache()
     runs = [dict(r, seed=s) for r in DEFAULT_RUNS for s in seeds]

@@ -19,7 +19,6 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 
 from precompute.models import (CheckpointError, FeatureResNet, backbone_id, file_sha256,
                                load_checkpoint, load_into)

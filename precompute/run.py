@@ -1,7 +1,6 @@
 """Precompute: run every distinct teacher backbone ONCE per image view and write the cache."""
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
