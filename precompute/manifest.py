@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
-from precompute.models import (CheckpointError, FeatureResNet, backbone_id, file_sha256,
-                               load_checkpoint, load_into)
+from precompute.models import (CheckpointError, backbone_id, file_sha256, load_checkpoint,
+                               model_from_state)
 
 SCHEMA = "gr-kd-teachers"
 VERSION = 1
@@ -117,12 +117,14 @@ def verify_files(man: Manifest) -> None:
                                     f"manifest says {digest[:12]}...); rebuild or re-import the teachers")
 
 
-def load_model(man: Manifest, entry: ModelEntry) -> FeatureResNet:
-    """The model of one manifest entry (backbone file + optional head file), in eval mode."""
-    model = FeatureResNet(entry.arch, entry.num_classes)
-    load_into(model, load_checkpoint(man.path(entry.file)), str(man.path(entry.file)))
+def load_model(man: Manifest, entry: ModelEntry, load=load_checkpoint) -> FeatureResNet:
+    """The model of one manifest entry (backbone file + optional head file), in eval mode.
+
+    ``load(path) -> state dict``: how files are read (a memo lets several entries share one read).
+    """
+    model = model_from_state(entry.arch, entry.num_classes, load(man.path(entry.file)), str(man.path(entry.file)))
     if entry.head_file:
-        head = load_checkpoint(man.path(entry.head_file))
+        head = load(man.path(entry.head_file))
         try:
             model.fc.load_state_dict({"weight": head["fc.weight"], "bias": head["fc.bias"]})
         except (KeyError, RuntimeError) as e:
@@ -137,7 +139,7 @@ def make_entry(name: str, role: str, file: str | Path, arch: str, num_classes: i
     """Validate a checkpoint (and head) and describe it; raises CheckpointError naming the file."""
     file = Path(file)
     state = state if state is not None else load_checkpoint(file)
-    load_into(FeatureResNet(arch, num_classes), state, str(file))
+    model_from_state(arch, num_classes, state, str(file))  # raises CheckpointError if it does not fit
 
     def rel(p):
         p = Path(p).resolve()

@@ -122,14 +122,19 @@ def backbone_id(state: dict[str, torch.Tensor]) -> str:
 
 
 def load_into(model: FeatureResNet, state: dict[str, torch.Tensor], source: str,
-              strict_head: bool = True) -> None:
-    """Load ``state`` into ``model`` with errors that name the file and the mismatch."""
+              strict_head: bool = True, assign: bool = False) -> None:
+    """Load ``state`` into ``model`` with errors that name the file and the mismatch.
+
+    ``assign``: the model takes the state's tensors instead of copying them (for a model built on
+    the meta device).
+    """
     own = model.net.state_dict()
     if not strict_head:
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     # BatchNorm counters only drive momentum=None averaging; files saved before PyTorch 0.4.1
     # lack them and torch's own loader accepts that, so they are filled in, not reported missing.
-    state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **state}
+    state = {**{k: torch.zeros((), dtype=torch.long) for k in own if k.endswith("num_batches_tracked")},
+             **state}
     missing = [k for k in own if k not in state and (strict_head or not k.startswith("fc."))]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
@@ -144,7 +149,20 @@ def load_into(model: FeatureResNet, state: dict[str, torch.Tensor], source: str,
             what = "number of classes" if k.startswith("fc.") else "architecture"
             raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)}, {model.arch} with "
                                   f"{model.num_classes} classes expects {tuple(own[k].shape)} (wrong {what})")
-    model.net.load_state_dict(state, strict=strict_head)
+    model.net.load_state_dict(state, strict=strict_head, assign=assign)
+
+
+def model_from_state(arch: str, num_classes: int, state: dict[str, torch.Tensor], source: str) -> FeatureResNet:
+    """A FeatureResNet holding ``state`` (as float32), with :func:`load_into`'s checks and errors.
+
+    Built on the meta device and filled by assignment: no random initialisation of weights that
+    are overwritten at once (about 0.2 s per ResNet-50 on a CPU core).
+    """
+    with torch.device("meta"):
+        model = FeatureResNet(arch, num_classes)
+    load_into(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, source,
+              assign=True)
+    return model
 
 
 def imagenet_state(arch: str, weights_file: str | None = None, timeout: float = 20.0) -> dict[str, torch.Tensor]:

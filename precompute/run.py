@@ -53,20 +53,23 @@ class Ensemble(torch.nn.Module):
 
     def __init__(self, man: Manifest):
         super().__init__()
-        self.backbone_ids: list[str] = []
-        for m in man.teachers + [man.biased]:
-            if m.backbone_id not in self.backbone_ids:
-                self.backbone_ids.append(m.backbone_id)
-        first = {b: next(m for m in man.teachers + [man.biased] if m.backbone_id == b) for b in self.backbone_ids}
-        self.backbones = torch.nn.ModuleList(load_model(man, first[b]) for b in self.backbone_ids)
+        models = man.teachers + [man.biased]
+        self.backbone_ids: list[str] = list(dict.fromkeys(m.backbone_id for m in models))
+        states: dict[Path, dict] = {}  # every checkpoint file is read once
+
+        def load(path: Path) -> dict:
+            if path not in states:
+                states[path] = load_checkpoint(path)
+            return states[path]
+
+        first = {b: next(m for m in models if m.backbone_id == b) for b in self.backbone_ids}
+        self.backbones = torch.nn.ModuleList(load_model(man, first[b], load) for b in self.backbone_ids)
         self.teacher_backbone = [self.backbone_ids.index(m.backbone_id) for m in man.teachers]
         self.biased_backbone = self.backbone_ids.index(man.biased.backbone_id)
-        heads = [self._head(man, m) for m in man.teachers + [man.biased]]
-        self.heads = torch.nn.ModuleList(heads)
+        self.heads = torch.nn.ModuleList(self._head(load(man.path(m.head_file or m.file))) for m in models)
 
     @staticmethod
-    def _head(man: Manifest, entry) -> torch.nn.Linear:
-        state = load_checkpoint(man.path(entry.head_file or entry.file))
+    def _head(state: dict) -> torch.nn.Linear:
         w, b = state["fc.weight"], state["fc.bias"]
         head = torch.nn.Linear(w.shape[1], w.shape[0])
         head.load_state_dict({"weight": w, "bias": b})

@@ -97,6 +97,19 @@ def test_shared_backbone_runs_once_per_view(tiny_data, tiny_teachers, tmp_path, 
     assert len(calls) == chunks * 2  # one forward per chunk per view, for 3 teachers + biased
 
 
+def test_ensemble_reads_each_checkpoint_file_once(tiny_teachers, monkeypatch):
+    """Backbone and heads of entries that share a file come from one read of it."""
+    from precompute import run as run_mod
+
+    man = read_manifest(tiny_teachers)
+    reads = []
+    real = run_mod.load_checkpoint
+    monkeypatch.setattr(run_mod, "load_checkpoint", lambda path: reads.append(path) or real(path))
+    Ensemble(man)
+    files = {man.path(m.file) for m in man.models} | {man.path(m.head_file) for m in man.models if m.head_file}
+    assert sorted(reads) == sorted(files)
+
+
 def test_resume_after_kill_equals_uninterrupted(tiny_data, tiny_teachers, tmp_path, monkeypatch):
     from precompute import cache as cache_mod
 

@@ -26,8 +26,8 @@ from data.waterbirds import load_metadata
 from precompute import teachers
 from precompute.manifest import (Manifest, ManifestError, ModelEntry, load_model, make_entry,
                                  read_manifest, verify_files)
-from precompute.models import (CheckpointError, backbone_id, build_model, file_sha256,
-                               load_checkpoint)
+from precompute.models import (CheckpointError, FeatureResNet, backbone_id, build_model,
+                               file_sha256, load_checkpoint, model_from_state)
 from precompute.teachers import TeacherConfig, build_teachers, import_teachers, train_erm
 
 SIZE = 16  # view side for every tiny run
@@ -286,6 +286,31 @@ def test_import_checkpoint_without_bn_counters(tmp_path, r18):
     assert entry.backbone_id == backbone_id(state)
     man = Manifest([entry], 2, SIZE, False, tmp_path)
     assert_state_equal({k: v for k, v in load_model(man, entry).net.state_dict().items() if k in old}, old)
+
+
+def test_model_from_state_equals_a_copying_load(r18):
+    """Built on the meta device and filled by assignment: same model as construct + load, float32
+    even from a half-precision file, counters filled in, nothing left on the meta device."""
+    state, _ = r18
+    reference = FeatureResNet("resnet18", 2)
+    reference.net.load_state_dict(state)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items() if "num_batches" not in k}
+    model = model_from_state("resnet18", 2, half, "half.pt")
+    got = model.net.state_dict()
+    assert not any(t.is_meta for t in got.values())
+    assert all(got[k].dtype == state[k].dtype for k in state)
+    assert_state_equal({k: v for k, v in got.items() if "num_batches" in k},
+                       {k: torch.zeros((), dtype=torch.long) for k in state if "num_batches" in k})
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        ref_logits = FeatureResNet("resnet18", 2).eval()
+        ref_logits.net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in half.items()},
+                                       strict=False)
+        torch.testing.assert_close(model.eval()(x)[0], ref_logits(x)[0])
+        torch.testing.assert_close(model_from_state("resnet18", 2, state, "f.pt").eval()(x)[0],
+                                   reference.eval()(x)[0], rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match=r"f\.pt: does not fit resnet50"):
+        model_from_state("resnet50", 2, state, "f.pt")
 
 
 def _bad_file(kind: str, tmp_path: Path, r18_state) -> tuple[Path, str, int]:
