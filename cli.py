@@ -40,6 +40,9 @@ def words(text: str | None):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli():
     """Group-robust ensemble knowledge distillation: teachers -> cache -> student -> report."""
+    from runtime import keep_freed_memory
+
+    keep_freed_memory()
 
 
 # ---------------------------------------------------------------- data

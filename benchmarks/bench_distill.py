@@ -29,7 +29,7 @@ from distill.train import SplitData, train_step  # noqa: E402
 from distill.weighting import kd_per_teacher, teacher_weights  # noqa: E402
 from distill.losses import distillation_loss  # noqa: E402
 from precompute.models import FeatureResNet  # noqa: E402
-from precompute.teachers import autocast, pick_device  # noqa: E402
+from runtime import autocast, keep_freed_memory, pick_device  # noqa: E402
 
 
 def synthetic_split(n, size, T, C, D, device) -> SplitData:
@@ -68,6 +68,7 @@ def main(argv=None):
     ap.add_argument("--device", default="auto")
     ap.add_argument("--skip-online", action="store_true", help="only (b): the online step is slow on a CPU")
     args = ap.parse_args(argv)
+    keep_freed_memory()  # as every command of cli.py does
     device = pick_device(args.device)
     torch.manual_seed(0)
     B, T, C, S = args.batch_size, args.teachers, 2, args.image_size

@@ -28,7 +28,8 @@ from distill.config import DistillConfig  # noqa: E402
 from distill.train import fit  # noqa: E402
 from precompute.models import FeatureResNet, save_checkpoint  # noqa: E402
 from precompute.run import PrecomputeConfig, run_precompute  # noqa: E402
-from precompute.teachers import import_teachers, pick_device  # noqa: E402
+from precompute.teachers import import_teachers  # noqa: E402
+from runtime import keep_freed_memory, pick_device  # noqa: E402
 
 
 def main(argv=None):
@@ -41,6 +42,7 @@ def main(argv=None):
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workdir", default=None, help="reuse data, teachers and cache from an earlier call")
     args = ap.parse_args(argv)
+    keep_freed_memory()  # as every command of cli.py does
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_full_"))
     cache = work / "cache.h5"
     t0 = time.perf_counter()

@@ -6,10 +6,11 @@ first one's), then measures side by side in one run:
   - the full ``run_precompute`` (reading the image store, rendering views, forward of every
     distinct backbone, heads, static weights, writing the cache), images x views per second;
   - a bare forward of the same distinct backbones on the same, already rendered, images.
-Both run ``--repeats`` times, interleaved; the best pass of each counts. Prints the ratio (goal
->= 0.9: writing the cache must not be the bottleneck) and the cache's bytes per image per view.
+Each of ``--repeats`` precompute passes is compared with the mean of the bare passes just before
+and after it; prints the median ratio (goal >= 0.9: writing the cache must not be the bottleneck)
+and the cache's bytes per image per view.
 
-    python benchmarks/bench_precompute.py [--image-size 224] [--scale 0.1] [--views 2] [--backbones 5] [--repeats 3]
+    python benchmarks/bench_precompute.py [--image-size 224] [--scale 0.1] [--views 2] [--backbones 5] [--repeats 5]
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from data.waterbirds import fingerprint, load_metadata  # noqa: E402
 from precompute.models import FeatureResNet, save_checkpoint  # noqa: E402
 from precompute.run import LAYERS, Ensemble, PrecomputeConfig, run_precompute, store_path_for  # noqa: E402
 from precompute.manifest import read_manifest  # noqa: E402
-from precompute.teachers import autocast, import_teachers, pick_device  # noqa: E402
+from precompute.teachers import import_teachers  # noqa: E402
+from runtime import autocast, keep_freed_memory, pick_device  # noqa: E402
 
 
 def sync(device):
@@ -47,9 +49,10 @@ def main(argv=None):
     ap.add_argument("--backbones", type=int, default=5, help="distinct teacher backbones (5 teachers)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved passes of each; the best counts")
+    ap.add_argument("--repeats", type=int, default=5, help="precompute passes, each bracketed by bare passes")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
+    keep_freed_memory()  # as every command of cli.py does
     device = pick_device(args.device)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_precompute_"))
     data = generate(work / "data", SynthSpec(scale=args.scale, size=max(48, args.image_size)))
@@ -102,21 +105,25 @@ def main(argv=None):
                                         batch_size=args.batch_size, device=args.device, progress=False))
         return time.perf_counter() - t
 
-    # Interleaved repeats, best of each: the first pass of either warms kernels and allocators,
-    # and a shared machine's noise only ever slows a pass down.
+    # Each precompute pass is bracketed by two bare passes and compared with their mean; the median
+    # of these ratios counts. A shared machine's speed drifts and jumps (1.5x measured here within
+    # a minute), so only passes adjacent in time are compared.
     bare_forward([batches[0], batches[-1]])  # warm-up: both batch shapes
-    bare_times, full_times = [], []
+    bare_times, full_times = [bare_forward()], []
     for _ in range(args.repeats):
-        bare_times.append(bare_forward())
         full_times.append(precompute())
-    bare, full = min(bare_times), min(full_times)
+        bare_times.append(bare_forward())
+    ratios = [(b0 + b1) / 2 / f for b0, b1, f in zip(bare_times, bare_times[1:], full_times)]
+    bare, full = float(np.median(bare_times)), float(np.median(full_times))
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device {name}; {len(rows)} images x {args.views + 1} views at {args.image_size}px; "
           f"{len(ens.backbones)} distinct backbones for 5 teachers + biased")
-    print(f"  bare forward : {n_img / bare:8.1f} img/s")
-    print(f"  precompute   : {n_img / full:8.1f} img/s (whole command: store read, views, heads, weights, write)")
-    print(f"ratio precompute / bare forward: {bare / full:.3f}   (goal >= 0.9; best of {args.repeats} each; "
-          f"per pass: {', '.join(f'{b / f:.3f}' for b, f in zip(bare_times, full_times))})")
+    print(f"  bare forward : {n_img / bare:8.1f} img/s (median of {len(bare_times)} passes)")
+    print(f"  precompute   : {n_img / full:8.1f} img/s (median of {len(full_times)}; whole command: store read, "
+          f"views, heads, weights, write)")
+    print(f"ratio precompute / bare forward: {np.median(ratios):.3f}   (goal >= 0.9; median over {len(ratios)} "
+          f"precompute passes, each against the mean of the bare passes before and after it: "
+          f"{', '.join(f'{r:.3f}' for r in ratios)})")
     print(f"cache: {cache.stat().st_size / n_img / 1024:.1f} KiB per image per view "
           f"({cache.stat().st_size / 2**20:.1f} MiB for {n_img} image-views; layers {', '.join(LAYERS)})")
 

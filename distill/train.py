@@ -26,7 +26,7 @@ from distill.weighting import kd_per_teacher, teacher_weights
 from precompute.cache import CacheError, open_cache, provenance
 from precompute.models import save_checkpoint
 from precompute.run import store_path_for
-from precompute.teachers import autocast, pick_device
+from runtime import autocast, pick_device
 
 
 class DistillError(Exception):

@@ -16,7 +16,7 @@ from distill.weighting import cached_agre_weights
 from precompute.cache import CacheMeta, CacheWriter, shard_rows
 from precompute.manifest import Manifest, load_model, read_manifest, verify_files
 from precompute.models import FEATURE_DIMS, load_checkpoint
-from precompute.teachers import autocast, pick_device
+from runtime import autocast, pick_device
 
 LAYERS = ("layer2", "layer3", "layer4")
 

@@ -24,6 +24,7 @@ from data.waterbirds import SPLIT_CODES, Metadata, fingerprint, load_metadata
 from precompute.dfr import fit_dfr
 from precompute.manifest import Manifest, load_model, make_entry
 from precompute.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from runtime import autocast, pick_device
 
 
 @dataclass
@@ -45,20 +46,6 @@ class TeacherConfig:
     dfr_retrains: int = 20
     device: str = "auto"
     progress: bool = True
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu or auto")
-    return device
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on GPU, nothing on CPU (one code path for both)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 @torch.inference_mode()

@@ -1,0 +1,49 @@
+"""Where the work runs: device choice, mixed precision, and the CPU memory allocator."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import sys
+
+import torch
+
+# glibc mallopt() parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's ceiling on 64-bit
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu or auto")
+    return device
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU, nothing on CPU (one code path for both)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed blocks of up to 32 MiB instead of handing them back to the OS.
+
+    A CPU forward pass allocates and frees activation buffers of a few MiB on every batch; with
+    glibc's defaults they often go back to the OS (mmap/munmap, heap trimming) and are page-faulted
+    in again on the next batch. Measured on a 2-core box: the precompute pass of 5 ResNet-50s at
+    64 px ran 68 -> 80-85 img/s (``benchmarks/bench_precompute.py``). Process-wide; the price is
+    that the process keeps its peak heap. Returns False where it does not apply (not glibc).
+    Called once by every command (``cli.py``) and by the benchmarks.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other libcs: nothing to tune
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
