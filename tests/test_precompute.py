@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from data.store import ImageStore
 from data.views import ViewSpec, render, sample_views
 from precompute.cache import open_cache
-from precompute.manifest import read_manifest
+from precompute.manifest import load_model, read_manifest
 from precompute.run import Ensemble, PrecomputeConfig, run_precompute, store_path_for
 
 
@@ -50,6 +50,16 @@ def test_cache_equals_model_outputs(tiny_data, tiny_teachers, tiny_cache):
         for layer in cache.meta.layers:
             np.testing.assert_allclose(cache.features(layer, rows, views).astype(np.float32),
                                        feats[layer].half().float().numpy(), rtol=2e-3, atol=2e-3)
+    # ... and equal to each model loaded on its own: teacher t's head on its backbone, the biased
+    # model's own head (not a teacher's) on the backbone it shares
+    x = render(torch.from_numpy(store.load(rows)), torch.from_numpy(box[:, 0]), torch.from_numpy(flip[:, 0]),
+               spec.out_size)
+    with torch.no_grad():
+        for t, m in enumerate(man.teachers):
+            np.testing.assert_allclose(cache.logits(rows, np.zeros(5, int))[:, t], load_model(man, m).eval()(x)[0],
+                                       rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(cache.biased(rows, np.zeros(5, int)), load_model(man, man.biased).eval()(x)[0],
+                                   rtol=1e-4, atol=1e-4)
     # teacher t's logits are its own head on its backbone, not another teacher's
     assert not np.allclose(cache.logits(rows, np.zeros(5, int))[:, 0], cache.logits(rows, np.zeros(5, int))[:, 1])
 

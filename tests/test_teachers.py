@@ -309,6 +309,10 @@ def test_model_from_state_equals_a_copying_load(r18):
         torch.testing.assert_close(model.eval()(x)[0], ref_logits(x)[0])
         torch.testing.assert_close(model_from_state("resnet18", 2, state, "f.pt").eval()(x)[0],
                                    reference.eval()(x)[0], rtol=0, atol=0)
+    mine = {k: v.clone() for k, v in state.items()}
+    with torch.no_grad():  # the model owns its tensors: writing into it leaves the state alone
+        model_from_state("resnet18", 2, mine, "f.pt").fc.weight.zero_()
+    assert_state_equal(mine, state)
     with pytest.raises(CheckpointError, match=r"f\.pt: does not fit resnet50"):
         model_from_state("resnet50", 2, state, "f.pt")
 
