@@ -1,6 +1,7 @@
 """Precompute: run every distinct teacher backbone ONCE per image view and write the cache."""
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,13 +56,7 @@ class Ensemble(torch.nn.Module):
         super().__init__()
         models = man.teachers + [man.biased]
         self.backbone_ids: list[str] = list(dict.fromkeys(m.backbone_id for m in models))
-        states: dict[Path, dict] = {}  # every checkpoint file is read once
-
-        def load(path: Path) -> dict:
-            if path not in states:
-                states[path] = load_checkpoint(path)
-            return states[path]
-
+        load = functools.cache(load_checkpoint)  # every checkpoint file is read once
         first = {b: next(m for m in models if m.backbone_id == b) for b in self.backbone_ids}
         self.backbones = torch.nn.ModuleList(load_model(man, first[b], load) for b in self.backbone_ids)
         self.teacher_backbone = [self.backbone_ids.index(m.backbone_id) for m in man.teachers]
