@@ -1,6 +1,7 @@
 """Command line: each command parses options, builds a config and calls one library function."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -8,25 +9,26 @@ from pathlib import Path
 
 import click
 
-import defaults
+from experiments import defaults
 
 
 def friendly(fn):
-    """Turn the tool's own errors (bad data, cache, checkpoint, config) into a message, no traceback."""
+    """Turn the tool's own errors (bad data, cache, checkpoint, option) into a one-line message;
+    anything else is a bug and keeps its traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from data.store import StoreError
-        from data.waterbirds import DataError
-        from distill.train import DistillError
-        from precompute.cache import CacheError
-        from precompute.manifest import ManifestError
-        from precompute.models import CheckpointError
+        from core.errors import ToolError
 
         try:
             return fn(*args, **kwargs)
-        except (DataError, StoreError, CacheError, ManifestError, CheckpointError, DistillError, ValueError) as e:
+        except ToolError as e:
             raise click.ClickException(str(e)) from None
     return wrapper
+
+
+def default_of(cls, name: str):
+    """A dataclass field's default: the CLI never restates a config default."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
 def floats(text: str | None):
@@ -37,10 +39,26 @@ def words(text: str | None):
     return None if text is None else tuple(v.strip() for v in text.split(",") if v.strip())
 
 
+def setting(item: str) -> tuple[str, object]:
+    """``key=value`` of ``--set``: JSON when it parses (numbers, true/false, null, lists), on/off
+    as booleans, anything else a string (``agre_params=all``)."""
+    from core.errors import ConfigError
+
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set takes key=value (e.g. --set weighting=agre), got {item!r}")
+    if text in ("on", "off"):
+        return key.strip(), text == "on"
+    try:
+        return key.strip(), json.loads(text)
+    except ValueError:
+        return key.strip(), text
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli():
     """Group-robust ensemble knowledge distillation: teachers -> cache -> student -> report."""
-    from runtime import keep_freed_memory
+    from core.runtime import keep_freed_memory
 
     keep_freed_memory()
 
@@ -87,8 +105,8 @@ def data_check(root):
 @cli.group(invoke_without_command=True)
 @click.option("--data-root", type=click.Path(), default=None, help="Data folder [default: the synthetic default].")
 @click.option("--out", type=click.Path(), default=None, help=f"Teachers folder [default: {defaults.TEACHERS}].")
-@click.option("--num-teachers", default=5, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--num-teachers", default=None, type=int, help="DFR teachers [default: 5].")
+@click.option("--seed", default=None, type=int, help="First ERM seed [default: 0].")
 @click.option("--epochs", default=None, type=int, help="ERM epochs [default: 100; synthetic default 3].")
 @click.option("--image-size", default=None, type=int, help="Training view size [default: 224; synthetic 32].")
 @click.option("--lr", default=None, type=float, help="ERM learning rate [default: 1e-3; synthetic 1e-2].")
@@ -98,18 +116,14 @@ def data_check(root):
 @click.option("--device", default="auto", show_default=True)
 @click.pass_context
 @friendly
-def teachers(ctx, data_root, out, num_teachers, seed, epochs, image_size, lr, pretrained, weights_file,
-             shared_backbone, device):
+def teachers(ctx, data_root, out, **opts):
     """Build ERM + DFR teachers and the biased model (or `teachers import` your own)."""
     if ctx.invoked_subcommand is not None:
         return
+    from experiments.pipeline import build_teachers_for
     from precompute.teachers import format_eval_table
 
-    from experiments.pipeline import build_teachers_for
-
-    man = build_teachers_for(data_root, out, num_teachers=num_teachers, seed=seed, epochs=epochs,
-                           image_size=image_size, lr=lr, pretrained=pretrained, weights_file=weights_file,
-                           shared_backbone=shared_backbone, device=device)
+    man = build_teachers_for(data_root, out, **opts)
     click.echo(format_eval_table(man))
     click.echo(f"manifest: {man.root / 'manifest.json'} (table also in {man.root / 'eval.md'})")
 
@@ -139,27 +153,29 @@ def teachers_import(out, teacher_files, biased_file, arch, num_classes, image_si
 @click.option("--data-root", type=click.Path(), default=None, help="Data folder [default: synthetic default].")
 @click.option("--teachers", "manifest", type=click.Path(), default=None, help="Teacher manifest.json.")
 @click.option("--out", type=click.Path(), default=None, help=f"Cache file [default: {defaults.CACHE}].")
-@click.option("--views", default=None, type=int, help=f"Random views K besides the eval view [default: 0; synthetic {defaults.NUM_VIEWS}].")
+@click.option("--views", "random_views", default=None, type=int,
+              help=f"Random views K stored besides the eval view [default: 0; synthetic {defaults.RANDOM_VIEWS}].")
 @click.option("--layers", default="layer2,layer3,layer4", show_default=True)
 @click.option("--batch-size", default=128, show_default=True)
 @click.option("--shard", default="", help="Write shard i/n (0-based) only.")
 @click.option("--device", default="auto", show_default=True)
 @friendly
-def precompute(data_root, manifest, out, views, layers, batch_size, shard, device):
+def precompute(data_root, manifest, out, random_views, layers, batch_size, shard, device):
     """Run every teacher once and write the HDF5 cache (+ the pre-decoded image store)."""
+    from cache.info import format_summary, summarize
     from experiments.pipeline import ensure_data, ensure_teachers
-    from precompute.cache import format_summary, summarize
     from precompute.run import PrecomputeConfig, run_precompute
 
     if data_root is None:
         data_root = str(ensure_data())
         manifest = manifest or str(ensure_teachers())
-        views = defaults.NUM_VIEWS if views is None else views
+        random_views = defaults.RANDOM_VIEWS if random_views is None else random_views
     elif manifest is None or out is None:
         raise click.UsageError("--teachers and --out are required with --data-root (the defaults belong "
                                "to the synthetic data set)")
     cfg = PrecomputeConfig(data_root=data_root, teachers=manifest, out=out or str(defaults.CACHE),
-                           views=views or 0, layers=words(layers), batch_size=batch_size, shard=shard, device=device)
+                           random_views=random_views or 0, layers=words(layers), batch_size=batch_size,
+                           shard=shard, device=device)
     path = run_precompute(cfg)
     click.echo(format_summary(summarize(path)))
 
@@ -174,7 +190,7 @@ def cache():
 @friendly
 def cache_info(path):
     """Sizes, splits, views, layers, teachers and their accuracy, provenance."""
-    from precompute.cache import format_summary, summarize
+    from cache.info import format_summary, summarize
 
     click.echo(format_summary(summarize(path)))
 
@@ -185,8 +201,8 @@ def cache_info(path):
 @friendly
 def cache_verify(path, data_root):
     """Checksums, schema, completeness and data fingerprint; non-zero exit on any problem."""
+    from cache.verify import verify
     from data.waterbirds import fingerprint, load_metadata
-    from precompute.cache import verify
 
     fp = fingerprint(load_metadata(data_root)) if data_root else None
     problems = verify(path, fp)
@@ -200,53 +216,45 @@ def cache_verify(path, data_root):
 @click.argument("shards", nargs=-1, required=True, type=click.Path())
 @friendly
 def cache_merge(out, shards):
-    """Combine shards written with --shard i/n into one cache."""
-    import shutil
-
-    from precompute.cache import merge
-    from precompute.run import store_path_for
+    """Combine shards written with --shard i/n into one cache (and its image store)."""
+    from cache.merge import merge
 
     merge(out, list(shards))
-    store = store_path_for(out)
-    if not store.exists() and store_path_for(shards[0]).exists():
-        shutil.copyfile(store_path_for(shards[0]), store)
     click.echo(f"merged {len(shards)} shards into {out}")
 
 
 # ---------------------------------------------------------------- distill
 def distill_options(fn):
+    from core.constants import AGRE_PARAMS, WEIGHTINGS
+    from distill.config import FEATURE_WEIGHTINGS, DistillConfig
+
+    d = functools.partial(default_of, DistillConfig)
     opts = [
         click.option("--cache", "cache_path", type=click.Path(), default=str(defaults.CACHE), show_default=True),
-        click.option("--gamma", default=0.0, show_default=True, help="Feature-loss weight."),
-        click.option("--alpha", default=1.0, show_default=True, help="KD weight against CE."),
-        click.option("--tau", default=4.0, show_default=True),
-        click.option("--weighting", type=click.Choice(["aver", "agre", "agre-batch", "cached"]), default="agre", show_default=True),
-        click.option("--agre-params", type=click.Choice(["last", "all"]), default="last", show_default=True),
-        click.option("--layers", default="layer4", show_default=True, help="e.g. layer3,layer4"),
+        click.option("--gamma", default=d("gamma"), show_default=True, help="Feature-loss weight."),
+        click.option("--alpha", default=d("alpha"), show_default=True, help="KD weight against CE."),
+        click.option("--tau", default=d("tau"), show_default=True),
+        click.option("--weighting", type=click.Choice(WEIGHTINGS), default=d("weighting"), show_default=True),
+        click.option("--agre-params", type=click.Choice(AGRE_PARAMS), default=d("agre_params"), show_default=True),
+        click.option("--layers", default=",".join(d("layers")), show_default=True, help="e.g. layer3,layer4"),
         click.option("--layer-gammas", default=None, help="Per-layer gammas, e.g. 0.25,0.5"),
-        click.option("--feature-weighting", type=click.Choice(["none", "disagree"]), default="none", show_default=True),
-        click.option("--epochs", default=30, show_default=True),
-        click.option("--batch-size", default=128, show_default=True),
-        click.option("--lr", default=1e-3, show_default=True),
-        click.option("--weight-decay", default=1e-4, show_default=True),
-        click.option("--seed", default=42, show_default=True),
-        click.option("--views", type=click.Choice(["on", "off", "auto"]), default="auto", show_default=True,
-                     help="Sample cached random views (auto: when the cache has them)."),
+        click.option("--feature-weighting", type=click.Choice(FEATURE_WEIGHTINGS), default=d("feature_weighting"),
+                     show_default=True),
+        click.option("--epochs", default=d("epochs"), show_default=True),
+        click.option("--batch-size", default=d("batch_size"), show_default=True),
+        click.option("--lr", default=d("lr"), show_default=True),
+        click.option("--weight-decay", default=d("weight_decay"), show_default=True),
+        click.option("--seed", default=d("seed"), show_default=True),
+        click.option("--views", "sample_views", type=click.Choice(["on", "off", "auto"]), default="auto",
+                     show_default=True, help="Train on the cached random views (auto: when the cache has them)."),
         click.option("--pretrained/--no-pretrained", default=None, help="ImageNet student [default: as the teachers]."),
         click.option("--weights-file", type=click.Path(exists=True), default=None, help="Local ImageNet ResNet-18 weights."),
         click.option("--data-root", type=click.Path(), default=None, help="Check the cache against this folder."),
-        click.option("--device", default="auto", show_default=True),
+        click.option("--device", default=d("device"), show_default=True),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
-
-
-def distill_config(out, cache_path, layers, layer_gammas, views, **kw):
-    from distill.config import DistillConfig
-
-    return DistillConfig(cache=cache_path, out=out, layers=words(layers), layer_gammas=floats(layer_gammas),
-                         views={"on": True, "off": False}.get(views), **kw)
 
 
 @cli.command()
@@ -254,14 +262,15 @@ def distill_config(out, cache_path, layers, layer_gammas, views, **kw):
 @click.option("--out", default=None, type=click.Path(), help="Run folder [default: artifacts/default/runs/<name>].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 @friendly
-def distill(out, resume, **kw):
+def distill(out, resume, cache_path, layers, layer_gammas, sample_views, **kw):
     """Train the ResNet-18 student from the cache (no teacher runs at training time)."""
+    from distill.config import DistillConfig, run_name
     from distill.train import fit
-    from experiments.sweep import run_name
 
-    cfg = distill_config(out or "", **kw)
+    cfg = DistillConfig(cache=cache_path, out=out or "", layers=words(layers), layer_gammas=floats(layer_gammas),
+                        sample_views={"on": True, "off": False}.get(sample_views), **kw)
     if not out:
-        cfg.out = str(defaults.RUNS / run_name(cfg.to_dict()))
+        cfg.out = str(defaults.RUNS / run_name(cfg))
     s = fit(cfg, resume=resume)
     click.echo(f"best epoch {s['best_epoch']}: test WGA {100 * s['test_best']['wga']:.2f}%  "
                f"avg acc {100 * s['test_best']['avg_acc']:.2f}%  (last epoch: WGA {100 * s['test_last']['wga']:.2f}%)")
@@ -279,7 +288,7 @@ def distill(out, resume, **kw):
 @click.option("--seeds", default="42,43,44", show_default=True)
 @click.option("--epochs", default=None, type=int, help="Override epochs of every run.")
 @click.option("--lr", default=None, type=float, help="Override lr of every run.")
-@click.option("--set", "extra", multiple=True, help="Any other DistillConfig field for every run, e.g. --set views=false.")
+@click.option("--set", "extra", multiple=True, help="Any other DistillConfig field for every run, e.g. --set sample_views=off.")
 @friendly
 def sweep(cache_path, out, preset, gamma, weighting, alpha, seeds, epochs, lr, extra):
     """Run a grid or preset tables, skipping runs already finished."""
@@ -287,9 +296,7 @@ def sweep(cache_path, out, preset, gamma, weighting, alpha, seeds, epochs, lr, e
 
     seeds = [int(s) for s in words(seeds)]
     base = {k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None}
-    for item in extra:
-        k, _, v = item.partition("=")
-        base[k] = json.loads(v) if v not in ("on", "off") else v == "on"
+    base.update(setting(item) for item in extra)
     runs = preset_runs(*preset, seeds=seeds) if preset else []
     grid = {k: list(f) for k, f in {"gamma": floats(gamma), "alpha": floats(alpha), "weighting": words(weighting)}.items() if f}
     if grid or not preset:

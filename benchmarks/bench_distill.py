@@ -25,11 +25,12 @@ from data.store import store_size_for  # noqa: E402
 from data.views import eval_box, render  # noqa: E402
 from distill.config import DistillConfig  # noqa: E402
 from distill.student import Student  # noqa: E402
-from distill.train import SplitData, train_step  # noqa: E402
-from distill.weighting import kd_per_teacher, teacher_weights  # noqa: E402
+from distill.data import SplitData
+from distill.train import train_step  # noqa: E402
+from core.weighting import kd_per_teacher, teacher_weights  # noqa: E402
 from distill.losses import distillation_loss  # noqa: E402
-from precompute.models import FeatureResNet  # noqa: E402
-from runtime import autocast, keep_freed_memory, pick_device  # noqa: E402
+from core.models import FeatureResNet  # noqa: E402
+from core.runtime import autocast, keep_freed_memory, pick_device  # noqa: E402
 
 
 def synthetic_split(n, size, T, C, D, device) -> SplitData:

@@ -26,10 +26,11 @@ from data.store import store_size_for  # noqa: E402
 from data.synth import SynthSpec, generate  # noqa: E402
 from distill.config import DistillConfig  # noqa: E402
 from distill.train import fit  # noqa: E402
-from precompute.models import FeatureResNet, save_checkpoint  # noqa: E402
+from core.files import save_checkpoint
+from core.models import FeatureResNet  # noqa: E402
 from precompute.run import PrecomputeConfig, run_precompute  # noqa: E402
 from precompute.teachers import import_teachers  # noqa: E402
-from runtime import keep_freed_memory, pick_device  # noqa: E402
+from core.runtime import keep_freed_memory, pick_device  # noqa: E402
 
 
 def main(argv=None):
@@ -57,7 +58,7 @@ def main(argv=None):
         import_teachers(work / "teachers", files, files[0], image_size=args.image_size, pretrained=False,
                         progress=False)
     t1 = time.perf_counter()
-    run_precompute(PrecomputeConfig(str(work / "data"), str(work / "teachers"), str(cache), views=args.views,
+    run_precompute(PrecomputeConfig(str(work / "data"), str(work / "teachers"), str(cache), random_views=args.views,
                                      layers=("layer4",), batch_size=256, device=args.device))
     t2 = time.perf_counter()
     cfg = DistillConfig(cache=str(cache), out=str(work / f"run_{int(time.time())}"), gamma=0.5,

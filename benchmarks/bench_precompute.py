@@ -29,11 +29,14 @@ from data.store import ImageStore, build_store, store_size_for  # noqa: E402
 from data.synth import SynthSpec, generate  # noqa: E402
 from data.views import ViewSpec, render, sample_views  # noqa: E402
 from data.waterbirds import fingerprint, load_metadata  # noqa: E402
-from precompute.models import FeatureResNet, save_checkpoint  # noqa: E402
-from precompute.run import LAYERS, Ensemble, PrecomputeConfig, run_precompute, store_path_for  # noqa: E402
+from core.files import save_checkpoint
+from core.models import FeatureResNet  # noqa: E402
+from cache.schema import store_path_for
+from core.constants import LAYERS
+from precompute.run import Ensemble, PrecomputeConfig, run_precompute  # noqa: E402
 from precompute.manifest import read_manifest  # noqa: E402
 from precompute.teachers import import_teachers  # noqa: E402
-from runtime import autocast, keep_freed_memory, pick_device  # noqa: E402
+from core.runtime import autocast, keep_freed_memory, pick_device  # noqa: E402
 
 
 def sync(device):
@@ -75,7 +78,7 @@ def main(argv=None):
     ens = Ensemble(man).to(device).eval().to(memory_format=torch.channels_last)
     store = ImageStore(store_path_for(cache))
     rows = np.arange(len(meta))
-    box, flip = sample_views(rows, ViewSpec(num_views=args.views, out_size=args.image_size))
+    box, flip = sample_views(rows, ViewSpec(random_views=args.views, out_size=args.image_size))
     images = torch.from_numpy(store.load_all())
     store.close()
     batches = []
@@ -101,7 +104,7 @@ def main(argv=None):
     def precompute() -> float:
         cache.unlink(missing_ok=True)  # a fresh cache each time (the image store is kept)
         t = time.perf_counter()
-        run_precompute(PrecomputeConfig(str(data), str(work / "teachers"), str(cache), views=args.views,
+        run_precompute(PrecomputeConfig(str(data), str(work / "teachers"), str(cache), random_views=args.views,
                                         batch_size=args.batch_size, device=args.device, progress=False))
         return time.perf_counter() - t
 

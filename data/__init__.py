@@ -1,0 +1,1 @@
+"""Data sets: metadata and groups, the synthetic generator, views, the image store and the metrics."""

@@ -11,12 +11,7 @@ NUM_GROUPS = 4
 GROUP_NAMES = ("landbird/land", "landbird/water", "waterbird/land", "waterbird/water")
 
 
-def group_of(y, place):
-    """Waterbirds group index ``2 * y + place`` (works on ints and arrays)."""
-    return 2 * np.asarray(y, dtype=np.int64) + np.asarray(place, dtype=np.int64)
-
-
-def _as_numpy(x) -> np.ndarray:
+def as_numpy(x) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor, without importing torch here
         x = x.detach().cpu().numpy()
     return np.asarray(x)
@@ -35,7 +30,7 @@ def group_metrics(pred, y, group, train_group_counts=None, num_groups: int = NUM
         "wga" (min over non-empty groups), "mean_acc" (plain accuracy over all samples) and
         "avg_acc". Accuracies are fractions in [0, 1].
     """
-    pred, y, group = _as_numpy(pred).ravel(), _as_numpy(y).ravel(), _as_numpy(group).ravel()
+    pred, y, group = as_numpy(pred).ravel(), as_numpy(y).ravel(), as_numpy(group).ravel()
     if not (len(pred) == len(y) == len(group)):
         raise ValueError(f"pred, y and group differ in length: {len(pred)}, {len(y)}, {len(group)}")
     if len(y) == 0:
@@ -69,7 +64,7 @@ def split_metrics(pred, y, group, split, splits: dict[str, int]) -> dict[str, di
     All arrays are [N] over the whole data set; "avg_acc" weights group accuracies by the
     training split's group counts when training rows are present.
     """
-    pred, y, group, split = (_as_numpy(a).ravel() for a in (pred, y, group, split))
+    pred, y, group, split = (as_numpy(a).ravel() for a in (pred, y, group, split))
     train = split == TRAIN_SPLIT
     train_counts = np.bincount(group[train], minlength=NUM_GROUPS)[:NUM_GROUPS] if train.any() else None
     out = {}

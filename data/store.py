@@ -17,6 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from core.errors import ToolError
 from data.waterbirds import Metadata, read_image
 
 SCHEMA = "gr-kd-images"
@@ -24,7 +25,7 @@ SCHEMA_VERSION = 1
 CHUNK_ROWS = 64
 
 
-class StoreError(Exception):
+class StoreError(ToolError):
     """An image store that cannot be used for the data asked for."""
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from core.errors import ConfigError
 from data.waterbirds import METADATA_COLUMNS, SPLIT_CODES
 
 # Real Waterbirds group counts per split: (landbird/land, landbird/water, waterbird/land,
@@ -41,9 +42,9 @@ class SynthSpec:
 
     def __post_init__(self):
         if not self.scale > 0:
-            raise ValueError(f"scale must be > 0 (a fraction of the real group counts), got {self.scale}")
+            raise ConfigError(f"scale must be > 0 (a fraction of the real group counts), got {self.scale}")
         if self.size < 8:
-            raise ValueError(f"image size must be at least 8 px, got {self.size}")
+            raise ConfigError(f"image size must be at least 8 px, got {self.size}")
 
 
 def group_counts(scale: float) -> dict[str, tuple[int, ...]]:
@@ -100,7 +101,7 @@ def generate(out: str | Path, spec: SynthSpec = SynthSpec()) -> Path:
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} exists and is not a folder; choose another --out")
+        raise ConfigError(f"{out} exists and is not a folder; choose another --out")
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for split, counts in group_counts(spec.scale).items():

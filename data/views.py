@@ -26,7 +26,7 @@ EVAL_CROP = 224
 class ViewSpec:
     """How views are drawn and rendered; stored in the cache so a reader can replay them."""
 
-    num_views: int = 0               # K random views besides the eval view
+    random_views: int = 0            # K random views besides the eval view (view 0)
     out_size: int = EVAL_CROP        # rendered view side in pixels
     scale: tuple[float, float] = (0.7, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -34,11 +34,6 @@ class ViewSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ViewSpec":
-        return cls(num_views=int(d["num_views"]), out_size=int(d["out_size"]),
-                   scale=tuple(d["scale"]), ratio=tuple(d["ratio"]), seed=int(d["seed"]))
 
 
 def eval_box() -> tuple[float, float, float, float]:
@@ -71,11 +66,11 @@ def sample_views(rows: np.ndarray, spec: ViewSpec) -> tuple[np.ndarray, np.ndarr
         eval view (never flipped).
     """
     rows = np.asarray(rows, dtype=np.int64)
-    box = np.empty((len(rows), spec.num_views + 1, 4), dtype=np.float32)
-    flip = np.zeros((len(rows), spec.num_views + 1), dtype=bool)
+    box = np.empty((len(rows), spec.random_views + 1, 4), dtype=np.float32)
+    flip = np.zeros((len(rows), spec.random_views + 1), dtype=bool)
     box[:, 0] = eval_box()
     for i, row in enumerate(rows):
-        for v in range(1, spec.num_views + 1):
+        for v in range(1, spec.random_views + 1):
             rng = np.random.default_rng([spec.seed, int(row), v])
             box[i, v] = _random_box(rng, spec.scale, spec.ratio)
             flip[i, v] = rng.random() < 0.5

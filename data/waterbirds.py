@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from core.errors import ToolError
+from core.files import sha256_file
+from core.tables import format_table
 from data.metrics import GROUP_NAMES, NUM_GROUPS
 
 METADATA_COLUMNS = ["img_id", "img_filename", "y", "split", "place", "place_filename"]
@@ -24,7 +27,7 @@ SPLIT_NAMES = {v: k for k, v in SPLIT_CODES.items()}
 KNOWN_SUBFOLDERS = ("waterbird_complete95_forest2water2", "waterbirds_v1.0")
 
 
-class DataError(Exception):
+class DataError(ToolError):
     """A data folder that cannot be used; the message lists every problem found."""
 
     def __init__(self, root, problems: list[str]):
@@ -193,21 +196,9 @@ def _row_of(problem: str) -> int:
 
 def count_table(meta: Metadata) -> str:
     """Split x group count table, as text."""
-    head = f"{'split':<6}" + "".join(f"{n:>17}" for n in GROUP_NAMES) + f"{'total':>8}"
-    lines = [head]
-    for name in SPLIT_CODES:
-        c = meta.group_counts(name)
-        lines.append(f"{name:<6}" + "".join(f"{int(v):>17}" for v in c) + f"{int(c.sum()):>8}")
-    return "\n".join(lines)
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    rows = [[name, *(int(v) for v in c), int(c.sum())]
+            for name, c in ((name, meta.group_counts(name)) for name in SPLIT_CODES)]
+    return format_table(["split", *GROUP_NAMES, "total"], rows, style="text")
 
 
 def fingerprint(meta: Metadata, workers: int = 8) -> str:
@@ -216,29 +207,7 @@ def fingerprint(meta: Metadata, workers: int = 8) -> str:
     for f, y, p, s in zip(meta.filenames, meta.y, meta.place, meta.split):
         h.update(f"{f},{y},{p},{s}\n".encode())
     with ThreadPoolExecutor(workers) as pool:
-        for digest in pool.map(file_sha256, [meta.root / f for f in meta.filenames]):
+        for digest in pool.map(sha256_file, [meta.root / f for f in meta.filenames]):
             h.update(digest.encode())
     return h.hexdigest()
 
-
-class WaterbirdsDataset:
-    """Map-style dataset over image files (for users; training reads the image store).
-
-    Items are dicts: image (transform output, or uint8 [H, W, 3]), y, place, group, idx.
-    """
-
-    def __init__(self, root: str | Path, split: str | None = None, transform=None):
-        self.meta = load_metadata(root)
-        self.indices = self.meta.rows(split) if split else np.arange(len(self.meta))
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict:
-        idx = int(self.indices[i])
-        with Image.open(self.meta.root / self.meta.filenames[idx]) as im:
-            image = im.convert("RGB")
-            image = self.transform(image) if self.transform else np.asarray(image)
-        y, place = int(self.meta.y[idx]), int(self.meta.place[idx])
-        return {"image": image, "y": y, "place": place, "group": 2 * y + place, "idx": idx}

@@ -1,20 +1,30 @@
-"""Typed configuration of one distillation run (saved in every run folder and checkpoint)."""
+"""Typed configuration of one distillation run, and the run's identity (its name and settings).
+
+A run's identity is its configuration minus the placement fields (where and how it executes:
+``PLACEMENT_FIELDS``). :func:`run_name` spells the identity as a readable folder name; the report
+groups runs by the identity values in each run's ``config.json``, never by parsing names.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-WEIGHTINGS = ("aver", "agre", "agre-batch", "cached")
-AGRE_PARAMS = ("last", "all")
+from core.constants import AGRE_PARAMS, LAYERS, WEIGHTINGS
+from core.errors import ConfigError
+from core.files import atomic_write_json
+from core.provenance import canon
+
 FEATURE_WEIGHTINGS = ("none", "disagree")
-LAYERS = ("layer2", "layer3", "layer4")
+# Fields that say where or how a run executes, not what it computes: outside its identity.
+PLACEMENT_FIELDS = ("cache", "out", "device", "data_root")
 
 
 @dataclass
 class DistillConfig:
-    """One run of ``fit``. Defaults are those of the user's report (AGRE-KD, alpha 1, tau 4)."""
+    """One run of ``fit``. Defaults are those of the user's report (alpha 1, tau 4, 30 epochs)."""
 
     cache: str = "artifacts/default/cache.h5"
     out: str = "artifacts/default/runs/run"
@@ -32,8 +42,8 @@ class DistillConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     seed: int = 42
-    views: bool | None = None        # sample one cached random view per sample per epoch;
-                                     # None: on when the cache holds random views
+    sample_views: bool | None = None  # train on one cached random view per sample per epoch;
+                                      # None: on when the cache holds random views
     pretrained: bool | None = None   # ImageNet-pretrained student; None: as the teachers were
     weights_file: str | None = None  # local ResNet-18 weights instead of the torchvision download
     image_size: int | None = None    # student input size; default: the cache's view size
@@ -42,14 +52,22 @@ class DistillConfig:
     feat_eps: float = 1e-6           # eps of the disagreement confidence 1 / (Var_t f + eps)
 
     def __post_init__(self):
-        self.layers = tuple(self.layers)
+        # One canonical form per value: 0 and 0.0 or a list and a tuple are the same setting.
+        for f in dataclasses.fields(self):
+            value, default = getattr(self, f.name), f.default
+            if isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
+            elif isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float) \
+                    and value.is_integer():
+                setattr(self, f.name, int(value))
+        self.layers = tuple(self.layers.split(",") if isinstance(self.layers, str) else self.layers)
         if self.layer_gammas is not None:
             self.layer_gammas = tuple(float(g) for g in self.layer_gammas)
         self.validate()
 
     def validate(self) -> None:
         def bad(msg):
-            raise ValueError(msg)
+            raise ConfigError(msg)
 
         if self.weighting not in WEIGHTINGS:
             bad(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
@@ -82,10 +100,93 @@ class DistillConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def identity(self) -> dict:
+        """What the run computes: every field but the placement ones, canonical JSON values."""
+        return canon({k: v for k, v in self.to_dict().items() if k not in PLACEMENT_FIELDS})
+
     @classmethod
-    def from_dict(cls, d: dict) -> "DistillConfig":
+    def from_settings(cls, settings: dict) -> "DistillConfig":
+        """Defaults updated with ``settings`` (overrides, or a saved config.json).
+
+        Raises ConfigError on a field DistillConfig does not have: a typo must not be ignored.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        unknown = sorted(set(settings) - names)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; DistillConfig has "
+                              f"{', '.join(sorted(names))}")
+        return cls(**settings)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_json(path, self.to_dict())
+
+
+# ----------------------------------------------------------------------------- names
+
+# Fields always spelled in a run name, in this order (the axes of the report's tables).
+_CORE_FIELDS = ("weighting", "gamma", "alpha", "layers", "feature_weighting")
+_ABBREV = {"gamma": "g", "alpha": "a", "seed": "s", "epochs": "ep", "batch_size": "bs",
+           "weight_decay": "wd", "momentum": "mom", "layer_gammas": "lg", "agre_params": "ap",
+           "pretrained": "pre", "image_size": "img", "weights_file": "wf", "feat_eps": "eps"}
+_DEFAULTS = canon({f.name: f.default for f in dataclasses.fields(DistillConfig)})
+
+
+def non_default_settings(identity: dict) -> dict:
+    """The identity fields outside the table axes and the seed that differ from their defaults."""
+    skip = set(_CORE_FIELDS) | {"seed"}
+    return {k: v for k, v in sorted(identity.items())
+            if k not in skip and k in _DEFAULTS and v != _DEFAULTS[k]}
+
+
+def _fmt(value) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (tuple, list)):
+        return "-".join(_fmt(v) for v in value)
+    if value is None:
+        return "none"
+    if isinstance(value, str) and ("/" in value or "\\" in value):
+        return Path(value).stem  # a weights file: its name is enough to tell runs apart
+    return str(value)
+
+
+def setting_label(key: str, value) -> str:
+    """``ep10``, ``lr0.02``: one non-default setting as it appears in names and row labels."""
+    return _ABBREV.get(key, key.replace("_", "")) + _fmt(value)
+
+
+def run_name(cfg: DistillConfig | dict, with_seed: bool = True) -> str:
+    """Folder name of a run, e.g. ``agre_g0.5_a1_layer4_none_s42``.
+
+    ``cfg`` is a DistillConfig or overrides of the defaults. Built from the identity, so it is
+    the same for the same settings whatever the dict order or which defaults were spelled out.
+    Always names weighting, gamma, alpha, layers, feature weighting and seed; any other field only
+    when it differs from its default (``..._none_tau2_ep5_s42``); placement fields never. Only
+    ``[A-Za-z0-9._+-]`` characters.
+    """
+    if not isinstance(cfg, DistillConfig):
+        cfg = DistillConfig.from_settings(cfg)
+    ident = cfg.identity()
+    parts = [ident["weighting"], "g" + _fmt(ident["gamma"]), "a" + _fmt(ident["alpha"]),
+             _fmt(ident["layers"]), ident["feature_weighting"]]
+    parts += [setting_label(k, v) for k, v in non_default_settings(ident).items()]
+    if with_seed:
+        parts.append("s" + _fmt(ident["seed"]))
+    # "_" only separates fields; anything unsafe inside a field becomes "-".
+    return "_".join(re.sub(r"[^A-Za-z0-9.+-]", "-", part) for part in parts)
+
+
+def identity_of(config: dict) -> dict:
+    """The identity of a saved config; fields this version does not know are dropped (they can
+    come from another version of the tool)."""
+    return DistillConfig.from_settings({k: v for k, v in config.items() if k in _DEFAULTS}).identity()
+
+
+def group_key(config: dict) -> str:
+    """The identity without the seed, as canonical JSON: runs with equal keys are seeds of one
+    configuration."""
+    ident = identity_of(config)
+    ident.pop("seed")
+    return json.dumps(ident, sort_keys=True)

@@ -2,7 +2,7 @@
 
 ``L = (1 - alpha) CE(y, z_s) + alpha mean_i sum_t w_t(i) l_t(i) + sum_l gamma_l L_feat_l``
 (DESIGN.md, "Exact maths"), with ``l_t(i) = tau^2 KL(p_t(i) || p_s(i))`` and teacher weights
-``w_t(i)`` from :mod:`distill.weighting` (AGRE-KD: Kenfack et al., "Adaptive group robust ensemble
+``w_t(i)`` from :mod:`core.weighting` (AGRE-KD: Kenfack et al., "Adaptive group robust ensemble
 knowledge distillation", 2024). Weights never carry gradient.
 
 This runs every training step: nothing here synchronises with the device (no ``.item()``); the
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.weighting import at_least_float32, kd_per_teacher
+from core.weighting import at_least_float32, kd_per_teacher
 
 
 def feature_loss(projected: Tensor, teacher_feats: Tensor, weights: Tensor,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from precompute.models import FEATURE_DIMS, build_model
+from core.models import FEATURE_DIMS, build_model
 
 
 class Student(nn.Module):

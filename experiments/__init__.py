@@ -1,0 +1,1 @@
+"""Experiments: the report's sweeps and presets, run aggregation, tables, plots and the demo."""

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import defaults
+from experiments import defaults
 
 DEFAULT_RUNS = (  # the README's end-to-end run: AGRE-KD with and without features, AVER
     {"weighting": "agre", "gamma": 0.0},
@@ -50,7 +50,7 @@ def ensure_cache() -> Path:
     data = ensure_data()
     manifest = ensure_teachers()
     return run_precompute(PrecomputeConfig(data_root=str(data), teachers=str(manifest),
-                                           out=str(defaults.CACHE), views=defaults.NUM_VIEWS))
+                                           out=str(defaults.CACHE), random_views=defaults.RANDOM_VIEWS))
 
 
 def run_default(epochs: int = defaults.DISTILL_EPOCHS, seeds=(42,)) -> dict:

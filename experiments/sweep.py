@@ -19,27 +19,19 @@ import dataclasses
 import functools
 import itertools
 import json
-import re
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Callable
 
-from distill.config import DistillConfig
+from core.errors import ConfigError
+from core.files import atomic_write_json, atomic_write_text
+from distill.config import DistillConfig, run_name
 
 SEEDS = (42, 43, 44)
 SWEEP_FILE = "sweep.json"
 SWEEP_VERSION = 1
-
-# Fields that say where or how a run executes, not what it computes: kept out of run names.
-_PLACEMENT_FIELDS = frozenset({"cache", "out", "device", "num_workers"})
-# Fields always spelled in a run name, in this order (the axes of the report's tables).
-_CORE_FIELDS = ("weighting", "gamma", "alpha", "layers", "feature_weighting")
-_ABBREV = {"gamma": "g", "alpha": "a", "seed": "s", "epochs": "ep", "batch_size": "bs",
-           "weight_decay": "wd", "momentum": "mom", "layer_gammas": "lg", "agre_params": "ap",
-           "pretrained": "pre", "image_size": "img", "weights_file": "wf", "feat_eps": "eps"}
-
 
 def _core(weighting: str, gamma: float, alpha: float = 1.0, layers=("layer4",),
           feature_weighting: str = "none") -> dict:
@@ -103,7 +95,7 @@ def preset_runs(*names: str, seeds=None) -> list[dict]:
     """
     unknown = [n for n in names if n not in PRESETS]
     if unknown:
-        raise ValueError(f"unknown preset(s) {', '.join(unknown)}; "
+        raise ConfigError(f"unknown preset(s) {', '.join(unknown)}; "
                          f"choose from {', '.join(PRESETS)}")
     specs = []
     for name in names:
@@ -125,88 +117,6 @@ def expand_grid(**lists) -> list[dict]:
     values = [v if isinstance(v, (list, tuple)) else [v] for v in lists.values()]
     # layers=("layer3", "layer4") is one value, not two: write layers=[("layer3", "layer4")].
     return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
-
-
-def _defaults() -> dict:
-    return DistillConfig().to_dict()
-
-
-def _normalise(key: str, value, default=None):
-    """Canonical value of a config field, so that 0 and 0.0, or a list and a tuple, name alike."""
-    if key == "layers":
-        return tuple(value.split(",")) if isinstance(value, str) else tuple(value)
-    if key == "layer_gammas":
-        return None if value is None else tuple(float(g) for g in value)
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(default, float) and isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, float) and value.is_integer() and isinstance(default, int):
-        return int(value)
-    return value
-
-
-def _fmt(value) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (tuple, list)):
-        return "-".join(_fmt(v) for v in value)
-    if value is None:
-        return "none"
-    if isinstance(value, str) and ("/" in value or "\\" in value):
-        return Path(value).stem  # a weights file: its name is enough to tell runs apart
-    return str(value)
-
-
-def resolved_config(overrides: dict) -> dict:
-    """DistillConfig defaults updated with ``overrides``, values normalised.
-
-    Raises ValueError on a field DistillConfig does not have (a typo would otherwise be ignored).
-    """
-    defaults = _defaults()
-    unknown = sorted(set(overrides) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown config field(s) {', '.join(unknown)}; "
-                         f"DistillConfig has {', '.join(defaults)}")
-    merged = {**defaults, **overrides}
-    return {k: _normalise(k, v, defaults[k]) for k, v in merged.items()}
-
-
-def _name(overrides: dict, with_seed: bool) -> str:
-    cfg, defaults = resolved_config(overrides), _defaults()
-    parts = [cfg["weighting"], "g" + _fmt(cfg["gamma"]), "a" + _fmt(cfg["alpha"]),
-             _fmt(cfg["layers"]), cfg["feature_weighting"]]
-    for key in sorted(set(cfg) - set(_CORE_FIELDS) - _PLACEMENT_FIELDS - {"seed"}):
-        if cfg[key] != _normalise(key, defaults[key], defaults[key]):
-            parts.append(_ABBREV.get(key, key.replace("_", "")) + _fmt(cfg[key]))
-    if with_seed:
-        parts.append("s" + _fmt(cfg["seed"]))
-    # "_" only separates fields; anything unsafe inside a field becomes "-".
-    return "_".join(re.sub(r"[^A-Za-z0-9.+-]", "-", part) for part in parts)
-
-
-def run_name(overrides: dict) -> str:
-    """Folder name of a run, e.g. ``agre_g0.5_a1_layer4_none_s42``.
-
-    Built from the resolved configuration (defaults + overrides), so it is the same for the same
-    configuration whatever the dict order or which defaults were spelled out. Always names
-    weighting, gamma, alpha, layers, feature weighting and seed; any other field only when it
-    differs from its default (``..._none_tau2_ep5_s42``). ``cache``/``out``/``device``/
-    ``num_workers`` are not part of it. Only ``[A-Za-z0-9._+-]`` characters.
-    """
-    return _name(overrides, with_seed=True)
-
-
-def group_key(config: dict) -> str:
-    """:func:`run_name` without the seed: runs with the same key are seeds of one configuration.
-
-    Accepts a full config dict (e.g. a run's config.json); fields unknown to DistillConfig are
-    ignored here, since they can come from another version of the tool.
-    """
-    known = set(_defaults())
-    return _name({k: v for k, v in config.items() if k in known and k != "seed"}, with_seed=False)
 
 
 def _as_spec(run: dict) -> dict:
@@ -249,15 +159,14 @@ def _write_plan(out_dir: Path, cache: str, base: dict, specs: list[dict]) -> Non
             seen.add((entry["name"], entry["preset"], entry["label"]))
             plan["runs"].append(entry)
     plan.update(cache=str(cache), base=_jsonable(base))
-    path.write_text(json.dumps(plan, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json.dumps(plan, indent=2, ensure_ascii=False) + "\n")
 
 
 def _record_failure(run_dir: Path, cfg: DistillConfig, exc: BaseException) -> str:
     error = f"{type(exc).__name__}: {exc}"
     summary = {"status": "failed", "error": error, "traceback": traceback.format_exc(),
                "config": cfg.to_dict()}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(run_dir / "summary.json", summary)
     return error
 
 
@@ -273,8 +182,8 @@ def _plan(runs: list[dict], base: dict, cache: str, out_dir: Path):
         spec["name"] = name = run_name(merged)
         specs.append(spec)
         if name not in configs:
-            configs[name] = DistillConfig(**{**merged, "cache": str(cache),
-                                             "out": str(out_dir / name)})
+            configs[name] = DistillConfig.from_settings({**merged, "cache": str(cache),
+                                                         "out": str(out_dir / name)})
     return specs, configs
 
 
@@ -316,7 +225,7 @@ def run_sweep(cache: str, out_dir: str, runs: list[dict], base: dict | None = No
 def _cache_fingerprint(cache: str) -> str | None:
     """Data fingerprint of the sweep's cache (None when it cannot be read here)."""
     try:
-        from precompute.cache import open_cache
+        from cache.reader import open_cache
 
         return open_cache(cache).meta.dataset_fingerprint
     except Exception:  # an unreadable cache is reported by fit itself, per run

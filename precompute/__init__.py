@@ -1,0 +1,1 @@
+"""Teachers and the cache pass: ERM + DFR (or imported checkpoints), the manifest, precompute."""

@@ -28,11 +28,16 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+from core.errors import ToolError
 from data.metrics import NUM_GROUPS, group_metrics
 
 # The DFR reference grid for Waterbirds (inverse L1 strength), largest C first as in the paper.
 DFR_CS = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
 DEFAULT_NUM_RETRAINS = 20
+
+
+class DFRError(ToolError, ValueError):
+    """Validation data DFR cannot fit a head on (a class or group too small or missing)."""
 
 
 @dataclass
@@ -134,7 +139,7 @@ def _fit_l1(z: np.ndarray, y: np.ndarray, C: float, num_classes: int, random_sta
     present = np.unique(y)
     if len(present) != num_classes:
         missing = sorted(set(range(num_classes)) - set(present.tolist()))
-        raise ValueError(
+        raise DFRError(
             f"a group-balanced subsample has no sample of class(es) {missing}; DFR needs every "
             "class in every balanced subsample (does each class have its own groups?)"
         )
@@ -178,7 +183,7 @@ def _check_inputs(emb, y, group, num_classes):
     if len(y) == 0:
         raise ValueError("fit_dfr needs at least one sample")
     if not np.all(np.isfinite(emb)):
-        raise ValueError("emb contains NaN or inf; check the embedding extraction")
+        raise DFRError("emb contains NaN or inf; check the embedding extraction")
     if y.min() < 0 or group.min() < 0:
         raise ValueError("y and group must be non-negative")
     if num_classes is None:
@@ -187,11 +192,11 @@ def _check_inputs(emb, y, group, num_classes):
         raise ValueError(f"y has label {y.max()} but num_classes is {num_classes}")
     counts = np.bincount(y, minlength=num_classes)
     if num_classes < 2 or np.count_nonzero(counts) < 2:
-        raise ValueError(
+        raise DFRError(
             f"DFR needs at least 2 classes with samples, got class counts {counts.tolist()}"
         )
     if np.any(counts == 0):
-        raise ValueError(
+        raise DFRError(
             f"class(es) {np.flatnonzero(counts == 0).tolist()} have no samples (class counts "
             f"{counts.tolist()}); a head cannot be fit for a class it never sees"
         )
@@ -257,7 +262,7 @@ def fit_dfr(
     in_score = np.bincount(group[score_half], minlength=num_groups)
     for g in np.flatnonzero(total):
         if in_fit[g] == 0 or in_score[g] == 0:
-            raise ValueError(
+            raise DFRError(
                 f"group {g} has {total[g]} sample(s); the seeded split into tuning halves leaves "
                 f"{in_fit[g]} in the fit half and {in_score[g]} in the score half. DFR tuning "
                 "needs every present group in both halves: add samples to it or drop the group"

@@ -15,20 +15,19 @@ Paths are relative to the manifest's folder unless absolute.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-
-from precompute.models import (CheckpointError, backbone_id, file_sha256, load_checkpoint,
-                               model_from_state)
+from cache.schema import ROLES
+from core.errors import ToolError
+from core.files import atomic_write_json, sha256_file
+from core.models import CheckpointError, FeatureResNet, backbone_id, load_checkpoint, model_from_state
 
 SCHEMA = "gr-kd-teachers"
 VERSION = 1
-ROLES = ("teacher", "biased")
 
 
-class ManifestError(Exception):
+class ManifestError(ToolError):
     """A manifest that cannot be used; the message says which entry and why."""
 
 
@@ -71,10 +70,7 @@ class Manifest:
         d = {"schema": SCHEMA, "version": VERSION, "num_classes": self.num_classes,
              "image_size": self.image_size, "pretrained": self.pretrained,
              "models": [asdict(m) for m in self.models]}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(d, indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_json(path, d)
 
 
 def read_manifest(path: str | Path) -> Manifest:
@@ -111,7 +107,7 @@ def verify_files(man: Manifest) -> None:
             if not p.is_file():
                 raise ManifestError(f"model {m.name}: checkpoint {p} is missing")
             if p not in seen:
-                seen[p] = file_sha256(p)
+                seen[p] = sha256_file(p)
             if seen[p] != digest:
                 raise ManifestError(f"model {m.name}: checkpoint {p} was altered (sha256 {seen[p][:12]}..., "
                                     f"manifest says {digest[:12]}...); rebuild or re-import the teachers")
@@ -146,6 +142,6 @@ def make_entry(name: str, role: str, file: str | Path, arch: str, num_classes: i
         return str(p.relative_to(root.resolve())) if root and p.is_relative_to(root.resolve()) else str(p)
 
     return ModelEntry(name=name, role=role, arch=arch, num_classes=num_classes, file=rel(file),
-                      sha256=file_sha256(file), backbone_id=backbone_id(state),
+                      sha256=sha256_file(file), backbone_id=backbone_id(state),
                       head_file=rel(head_file) if head_file else None,
-                      head_sha256=file_sha256(head_file) if head_file else None)
+                      head_sha256=sha256_file(head_file) if head_file else None)

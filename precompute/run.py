@@ -10,16 +10,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cache.schema import CacheMeta, shard_rows, store_path_for
+from cache.writer import CacheWriter
+from core.constants import LAYERS
+from core.models import FEATURE_DIMS, load_checkpoint
+from core.runtime import autocast, pick_device
+from core.weighting import cached_agre_weights
 from data.store import ImageStore, build_store, store_size_for
 from data.views import ViewSpec, render, sample_views
 from data.waterbirds import fingerprint, load_metadata
-from distill.weighting import cached_agre_weights
-from precompute.cache import CacheMeta, CacheWriter, shard_rows
 from precompute.manifest import Manifest, load_model, read_manifest, verify_files
-from precompute.models import FEATURE_DIMS, load_checkpoint
-from runtime import autocast, pick_device
-
-LAYERS = ("layer2", "layer3", "layer4")
 
 
 @dataclass
@@ -27,7 +27,7 @@ class PrecomputeConfig:
     data_root: str
     teachers: str                       # manifest.json (or its folder)
     out: str                            # cache file
-    views: int = 0                      # K random views besides the eval view
+    random_views: int = 0               # K random views besides the eval view
     layers: tuple[str, ...] = LAYERS
     batch_size: int = 128
     shard: str = ""                     # "i/n" (0-based) or "" for the whole data set
@@ -37,12 +37,6 @@ class PrecomputeConfig:
     compression: int | None = None      # gzip level, or None (faster reads; fletcher32 either way)
     device: str = "auto"
     progress: bool = True
-
-
-def store_path_for(cache_path: str | Path) -> Path:
-    """The pre-decoded image store that goes with a cache file (same folder, same stem)."""
-    p = Path(cache_path)
-    return p.with_name(p.stem.split(".shard")[0] + ".images.h5")
 
 
 class Ensemble(torch.nn.Module):
@@ -94,7 +88,7 @@ def run_precompute(cfg: PrecomputeConfig) -> Path:
     store = ImageStore(build_store(meta, store_path_for(out), size, fp, progress=cfg.progress), fp, size)
     device = pick_device(cfg.device)
     ens = Ensemble(man).to(device).eval().to(memory_format=torch.channels_last)
-    spec = ViewSpec(num_views=cfg.views, out_size=image_size, seed=cfg.view_seed)
+    spec = ViewSpec(random_views=cfg.random_views, out_size=image_size, seed=cfg.view_seed)
     arch = man.teachers[0].arch
     row_start, row_stop = shard_rows(cfg.shard, len(meta)) if cfg.shard else (0, len(meta))
     rows = np.arange(row_start, row_stop)
@@ -104,9 +98,9 @@ def run_precompute(cfg: PrecomputeConfig) -> Path:
                    "backbone_id": m.backbone_id, "arch": m.arch} for m in man.teachers + [man.biased]],
         backbone_ids=ens.backbone_ids, backbone_of_teacher=ens.teacher_backbone,
         biased_backbone=ens.biased_backbone,
-        view_spec={**spec.to_dict(), "store_size": size, "teachers_pretrained": man.pretrained},
+        view_spec=spec.to_dict(), store_size=size, teachers_pretrained=man.pretrained,
         layers=list(cfg.layers), feature_dims={l: FEATURE_DIMS[arch][l] for l in cfg.layers},
-        num_views=cfg.views + 1, num_samples=len(meta), tau_cached=cfg.tau_cached)
+        num_samples=len(meta), tau_cached=cfg.tau_cached)
     samples = {"id": meta.filenames[rows], "y": meta.y[rows], "place": meta.place[rows],
                "group": meta.group[rows], "split": meta.split[rows]}
     with CacheWriter.create_or_resume(str(out), cmeta, samples, row_start, row_stop, cfg.shard,
@@ -114,7 +108,7 @@ def run_precompute(cfg: PrecomputeConfig) -> Path:
         chunks = writer.pending_chunks(cfg.batch_size)
         if writer.resumed:
             say(f"resuming {out}: {writer.num_done} of {writer.num_rows} rows already done")
-        todo = sum(b - a for a, b in chunks) * (cfg.views + 1)
+        todo = sum(b - a for a, b in chunks) * (cfg.random_views + 1)
         bar = tqdm(total=todo, desc="precompute", unit="img", disable=not cfg.progress)
         # One writer thread: HDF5 writes of chunk i overlap the forward passes of chunk i+1.
         with ThreadPoolExecutor(1) as pool:
@@ -124,7 +118,7 @@ def run_precompute(cfg: PrecomputeConfig) -> Path:
                 if pending is not None:
                     pending.result()
                 pending = pool.submit(writer.write_rows, a, b, **arrays)
-                bar.update((b - a) * (cfg.views + 1))
+                bar.update((b - a) * (cfg.random_views + 1))
             if pending is not None:
                 pending.result()
         bar.close()
@@ -137,7 +131,7 @@ def _forward_chunk(ens: Ensemble, store: ImageStore, rows: np.ndarray, spec: Vie
     images = torch.from_numpy(store.load(rows)).to(device, non_blocking=True)
     box, flip = sample_views(rows, spec)
     t_log, b_log, feats = [], [], {l: [] for l in cfg.layers}
-    for v in range(spec.num_views + 1):
+    for v in range(spec.random_views + 1):
         x = render(images, torch.from_numpy(box[:, v]), torch.from_numpy(flip[:, v]), spec.out_size)
         with autocast(device):
             zt, zb, f = ens(x.contiguous(memory_format=torch.channels_last), cfg.layers)

@@ -7,7 +7,6 @@ the validation set (``precompute.dfr``). The biased model is the first ERM model
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +16,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from core.files import atomic_write_json, atomic_write_text, save_checkpoint
+from core.models import CheckpointError, build_model, load_checkpoint
+from core.provenance import settings_diff
+from core.runtime import autocast, epoch_seed, pick_device
+from core.tables import format_table
 from data.metrics import split_metrics
 from data.store import ImageStore, build_store, store_size_for
 from data.views import ViewSpec, render, sample_views
 from data.waterbirds import SPLIT_CODES, Metadata, fingerprint, load_metadata
 from precompute.dfr import fit_dfr
 from precompute.manifest import Manifest, load_model, make_entry
-from precompute.models import CheckpointError, build_model, load_checkpoint, save_checkpoint
-from runtime import autocast, pick_device
 
 
 @dataclass
@@ -69,7 +71,7 @@ def embed(model, images: torch.Tensor, box: np.ndarray, flip: np.ndarray, out_si
 
 def _epoch_views(rows: np.ndarray, seed: int, epoch: int):
     # A fresh RandomResizedCrop + flip per (seed, epoch, row): replayable, so resume is exact.
-    box, flip = sample_views(rows, ViewSpec(num_views=1, seed=seed * 100_003 + epoch))
+    box, flip = sample_views(rows, ViewSpec(random_views=1, seed=epoch_seed(seed, epoch)))
     return box[:, 1], flip[:, 1]
 
 
@@ -87,9 +89,9 @@ def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, meta: Metadat
     resume = path.with_name(path.name + ".ckpt")
     ck = torch.load(resume, map_location=device, weights_only=True) if resume.is_file() else None
     started = (ck or {}).get("config", run)  # a checkpoint without a config predates this check
-    changed = [f"{k} {v} now {run.get(k)}" for k, v in started.items() if run.get(k) != v]
+    changed = settings_diff(started, run)
     if changed:
-        raise CheckpointError(f"{resume}: an ERM run started with other settings ({', '.join(changed)}); "
+        raise CheckpointError(f"{resume}: an ERM run started with other settings ({'; '.join(changed)}); "
                               "use those settings to resume it, or delete it to start over")
     torch.manual_seed(seed)
     model = build_model(cfg.arch, num_classes, cfg.pretrained, cfg.weights_file).to(device)
@@ -104,7 +106,7 @@ def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, meta: Metadat
     y = torch.from_numpy(meta.y)
     for epoch in range(start, cfg.epochs):
         model.train()
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
         box, flip = _epoch_views(rows, seed, epoch)
         box, flip = torch.from_numpy(box), torch.from_numpy(flip)
         total, correct, seen = 0.0, 0, 0
@@ -141,14 +143,10 @@ def evaluate_logits(logits: torch.Tensor, meta: Metadata) -> dict:
 
 def format_eval_table(man: Manifest) -> str:
     """Per model: val/test per-group accuracy, WGA and average accuracy, as Markdown."""
-    lines = ["| model | role | split | " + " | ".join(f"g{g}" for g in range(4)) + " | WGA | avg acc | mean acc |",
-             "|---|---|---|" + "---|" * 7]
-    for m in man.models:
-        for split, r in m.metrics.items():
-            accs = " | ".join("-" if a != a else f"{100 * a:.1f}" for a in r["group_acc"])
-            lines.append(f"| {m.name} | {m.role} | {split} | {accs} | {100 * r['wga']:.1f} | "
-                         f"{100 * r['avg_acc']:.1f} | {100 * r['mean_acc']:.1f} |")
-    return "\n".join(lines)
+    rows = [[m.name, m.role, split, *("-" if a != a else f"{100 * a:.1f}" for a in r["group_acc"]),
+             *(f"{100 * r[k]:.1f}" for k in ("wga", "avg_acc", "mean_acc"))]
+            for m in man.models for split, r in m.metrics.items()]
+    return format_table(["model", "role", "split", *(f"g{g}" for g in range(4)), "WGA", "avg acc", "mean acc"], rows)
 
 
 def _prepare_images(cfg: TeacherConfig, meta: Metadata, out: Path) -> torch.Tensor:
@@ -162,7 +160,7 @@ def build_teachers(cfg: TeacherConfig) -> Manifest:
     """Train ERM backbone(s), fit DFR heads, evaluate, and write ``cfg.out/manifest.json``."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "teachers_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    atomic_write_json(out / "teachers_config.json", dataclasses.asdict(cfg))
     meta = load_metadata(cfg.data_root)
     num_classes = int(meta.y.max()) + 1
     n_backbones = 1 if cfg.shared_backbone else cfg.num_teachers
@@ -173,7 +171,7 @@ def build_teachers(cfg: TeacherConfig) -> Manifest:
         build_model(cfg.arch, num_classes, cfg.pretrained, cfg.weights_file)
     images = _prepare_images(cfg, meta, out)
     device = pick_device(cfg.device)
-    eval_box, eval_flip = sample_views(np.arange(len(meta)), ViewSpec(num_views=0))
+    eval_box, eval_flip = sample_views(np.arange(len(meta)), ViewSpec(random_views=0))
     eval_box, eval_flip = eval_box[:, 0], eval_flip[:, 0]
     val = meta.rows("val")
     entries = []
@@ -204,7 +202,7 @@ def build_teachers(cfg: TeacherConfig) -> Manifest:
             tqdm.write(f"backbone seed {seed}: ERM + DFR done in {time.time() - t0:.0f}s")
     man = Manifest(entries + [biased], num_classes, cfg.image_size, cfg.pretrained or bool(cfg.weights_file), out)
     man.save(out / "manifest.json")
-    (out / "eval.md").write_text(format_eval_table(man) + "\n")
+    atomic_write_text(out / "eval.md", format_eval_table(man) + "\n")
     return man
 
 
@@ -221,12 +219,12 @@ def import_teachers(out: str | Path, teacher_files: list[str], biased_file: str,
     if data_root is not None:
         meta = load_metadata(data_root)
         images = _prepare_images(TeacherConfig(data_root, str(out), image_size=image_size, progress=progress), meta, out)
-        box, flip = sample_views(np.arange(len(meta)), ViewSpec(num_views=0))
+        box, flip = sample_views(np.arange(len(meta)), ViewSpec(random_views=0))
         for e in entries:
             logits, _ = embed(load_model(man, e), images, box[:, 0], flip[:, 0], image_size,
                               pick_device(device), progress=progress, desc=f"evaluating {e.name}")
             e.metrics = evaluate_logits(logits, meta)
     man.save(out / "manifest.json")
     if data_root is not None:
-        (out / "eval.md").write_text(format_eval_table(man) + "\n")
+        atomic_write_text(out / "eval.md", format_eval_table(man) + "\n")
     return man

@@ -41,5 +41,5 @@ def tiny_cache(tiny_data, tiny_teachers, tmp_path_factory) -> Path:
     from precompute.run import PrecomputeConfig, run_precompute
 
     out = tmp_path_factory.mktemp("cache") / "cache.h5"
-    return run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(out), views=2,
+    return run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(out), random_views=2,
                                            batch_size=64, device="cpu", progress=False))

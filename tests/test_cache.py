@@ -9,8 +9,10 @@ import h5py
 import numpy as np
 import pytest
 
-from precompute import cache as C
-from precompute.cache import CacheError, CacheMeta, CacheWriter, open_cache
+from cache import info as I, merge as M, schema as S, verify as VF
+from cache.reader import open_cache
+from cache.schema import CacheError, CacheMeta
+from cache.writer import CacheWriter
 
 N, V, T, NC, B = 20, 2, 3, 2, 2
 DIMS = {"layer3": 6, "layer4": 8}
@@ -24,8 +26,8 @@ def make_meta(**over) -> CacheMeta:
                   {"name": "t2", "role": "teacher", "sha256": "c" * 64, "backbone_id": "erm1"},
                   {"name": "erm0", "role": "biased", "sha256": "d" * 64, "backbone_id": "erm0"}],
         backbone_ids=["erm0", "erm1"], backbone_of_teacher=[0, 1, 1], biased_backbone=0,
-        view_spec={"K": V - 1, "seed": 0, "scale": [0.7, 1.0]}, layers=list(DIMS),
-        feature_dims=dict(DIMS), num_views=V, num_samples=N, tau_cached=4.0)
+        view_spec={"random_views": V - 1, "out_size": 16, "seed": 0, "scale": [0.7, 1.0]}, store_size=18,
+        teachers_pretrained=False, layers=list(DIMS), feature_dims=dict(DIMS), num_samples=N, tau_cached=4.0)
     kw.update(over)
     return CacheMeta(**kw)
 
@@ -72,30 +74,35 @@ def full(tmp_path_factory, data):
 def test_round_trip(full, data):
     r = open_cache(full)
     assert r.num_rows == N and r.meta.num_teachers == T and r.meta.feature_dims == DIMS
-    assert r.meta.num_views == V and r.meta.view_spec == make_meta().view_spec
-    assert list(r.ids) == data["samples"]["id"]
+    assert r.meta.views_per_row == V and r.meta.view_spec == make_meta().view_spec
+    assert r.meta.store_size == 18 and r.meta.out_size == 16 and r.meta.random_views == V - 1
+    assert list(r.sample("id")) == data["samples"]["id"]
     for k in ("y", "place", "group", "split"):
-        np.testing.assert_array_equal(getattr(r, k), data["samples"][k])
-    rows = np.array([13, 2, 19, 2, 0, 7])  # unsorted, with a repeat
-    views = np.array([1, 0, 1, 1, 0, 1])
-    np.testing.assert_array_equal(r.logits(rows, views), data["teacher_logits"][rows, views])
-    np.testing.assert_array_equal(r.biased(rows, views), data["biased_logits"][rows, views])
-    np.testing.assert_array_equal(r.weights(rows, views), data["agre_cached"][rows, views])
-    np.testing.assert_array_equal(r.boxes(rows, views), data["box"][rows, views])
-    np.testing.assert_array_equal(r.flips(rows, views), data["flip"][rows, views])
-    for layer in DIMS:
-        got = r.features(layer, rows, views)
-        assert got.dtype == np.float16 and got.shape == (len(rows), B, DIMS[layer])
-        np.testing.assert_allclose(got, data["features"][layer][rows, views], rtol=1e-3, atol=1e-3)
-    assert r.logits(np.array([], int), np.array([], int)).shape == (0, T, NC)
+        np.testing.assert_array_equal(r.sample(k), data["samples"][k])
+    rows = np.array([0, 2, 7, 13, 19])  # sparse: several slabs
+    for views in (1, [1, 0]):
+        d = r.read(rows=rows, views=views)
+        sel = (rows, views) if np.isscalar(views) else (rows[:, None], np.array(views)[None])
+        np.testing.assert_array_equal(d["logits"], data["teacher_logits"][sel])
+        np.testing.assert_array_equal(d["biased"], data["biased_logits"][sel])
+        np.testing.assert_array_equal(d["weights"], data["agre_cached"][sel])
+        np.testing.assert_array_equal(d["box"], data["box"][sel])
+        np.testing.assert_array_equal(d["flip"], data["flip"][sel])
+        for layer in DIMS:
+            got = d["features"][layer]
+            assert got.dtype == np.float16 and got.shape[-2:] == (B, DIMS[layer])
+            np.testing.assert_allclose(got, data["features"][layer][sel], rtol=1e-3, atol=1e-3)
+    assert r.read(rows=np.array([], int), views=0)["logits"].shape == (0, T, NC)
+    with pytest.raises(ValueError, match="increasing"):
+        r.read(rows=np.array([3, 2]))
 
 
-def test_load_all(full, data):
+def test_read_split(full, data):
     r = open_cache(full)
-    every = r.load_all()
+    every = r.read()
     np.testing.assert_array_equal(every["logits"], data["teacher_logits"])
     np.testing.assert_array_equal(every["features"]["layer4"], data["features"]["layer4"].astype(np.float16))
-    val = r.load_all(split="val", views=0, layers=["layer3"])
+    val = r.read(split="val", views=0, layers=["layer3"])
     rows = np.flatnonzero(data["samples"]["split"] == 1)
     np.testing.assert_array_equal(val["rows"], rows)
     np.testing.assert_array_equal(val["logits"], data["teacher_logits"][rows, 0])
@@ -106,7 +113,7 @@ def test_load_all(full, data):
 
 def test_file_layout(full):
     with h5py.File(full, "r") as f:
-        assert f.attrs["schema"] == C.SCHEMA_NAME and f.attrs["schema_version"] == 1
+        assert f.attrs["schema"] == S.SCHEMA_NAME and f.attrs["schema_version"] == 1
         assert json.loads(f.attrs["teachers"])[3]["role"] == "biased"
         assert f.attrs["row_start"] == 0 and f.attrs["row_stop"] == N and f.attrs["shard"] == ""
         names = []
@@ -125,7 +132,7 @@ def test_resume(tmp_path, data):
         assert w.resumed and w.num_done == 10
         assert w.pending_chunks(5) == [(10, 15), (15, 20)]
         assert w.pending_chunks(4) == [(10, 12), (12, 16), (16, 20)]  # aligned to multiples of 4
-    for other in (make_meta(dataset_fingerprint="fp-other"), make_meta(view_spec={"K": 5}),
+    for other in (make_meta(dataset_fingerprint="fp-other"), make_meta(view_spec={"random_views": V - 1, "out_size": 16, "seed": 5}),
                   make_meta(tau_cached=2.0), make_meta(layers=["layer4"], feature_dims={"layer4": 8})):
         with pytest.raises(CacheError, match="(?i)made for other inputs.*delete it or choose another --out"):
             CacheWriter.create_or_resume(path, other, data["samples"])
@@ -133,8 +140,7 @@ def test_resume(tmp_path, data):
     with pytest.raises(CacheError, match="samples"):
         CacheWriter.create_or_resume(path, make_meta(), changed)
     write(path, data, chunk=5)  # finish it
-    np.testing.assert_array_equal(open_cache(path).logits(np.arange(N), np.ones(N, int)),
-                                  data["teacher_logits"][:, 1])
+    np.testing.assert_array_equal(open_cache(path).read(views=1)["logits"], data["teacher_logits"][:, 1])
 
 
 def test_incomplete_refused(tmp_path, data):
@@ -142,7 +148,7 @@ def test_incomplete_refused(tmp_path, data):
     with pytest.raises(CacheError, match=r"incomplete: 10 of 20 rows done; rerun precompute"):
         open_cache(path)
     assert open_cache(path, require_complete=False).done.sum() == 10
-    assert any("incomplete" in p for p in C.verify(path, "fp-abc"))
+    assert any("incomplete" in p for p in VF.verify(path, "fp-abc"))
 
 
 def test_unknown_schema_version(tmp_path, full, data):
@@ -171,7 +177,7 @@ def test_truncated_file(tmp_path, full):
     path.write_bytes(blob[: len(blob) // 2])
     with pytest.raises(CacheError, match="cut.h5: not a readable HDF5 file.*truncated or corrupt"):
         open_cache(path)
-    problems = C.verify(path, None)
+    problems = VF.verify(path, None)
     assert problems and "cut.h5" in problems[0]
 
 
@@ -189,18 +195,18 @@ def _flip_chunk_bytes(path, name, chunk_index):
 @pytest.mark.parametrize("compression", [None, 1])
 def test_corrupt_chunk_found_by_verify(tmp_path, data, compression):
     path = write(tmp_path / "c.h5", data, compression=compression)
-    assert C.verify(path, "fp-abc") == []
+    assert VF.verify(path, "fp-abc") == []
     _flip_chunk_bytes(path, "logits/teachers", 0)
-    problems = C.verify(path, "fp-abc")
+    problems = VF.verify(path, "fp-abc")
     assert len(problems) == 1 and problems[0].startswith("/logits/teachers") and "checksum" in problems[0]
     r = open_cache(path)  # header and done flags are intact, the reads fail loudly
     with pytest.raises(CacheError, match="logits/teachers.*verify"):
-        r.logits(np.array([0]), np.array([0]))
+        r.read(rows=np.array([0]), views=0)
 
 
 def test_verify_fingerprint(full):
-    assert C.verify(full, "fp-abc") == [] and C.verify(full, None) == []
-    problems = C.verify(full, "fp-zzz")
+    assert VF.verify(full, "fp-abc") == [] and VF.verify(full, None) == []
+    problems = VF.verify(full, "fp-zzz")
     assert len(problems) == 1 and "another data set" in problems[0]
 
 
@@ -213,10 +219,10 @@ def _shards(tmp_path, data, specs, meta=None):
 
 
 def test_shard_merge_equals_full(tmp_path, full, data):
-    specs = [(f"{i}/3", C.shard_rows(f"{i}/3", N)) for i in (2, 0, 1)]  # any order
+    specs = [(f"{i}/3", S.shard_rows(f"{i}/3", N)) for i in (2, 0, 1)]  # any order
     assert [r for _, r in sorted(specs)] == [(0, 6), (6, 13), (13, 20)]
     out = tmp_path / "merged.h5"
-    C.merge(out, _shards(tmp_path, data, specs))
+    M.merge(out, _shards(tmp_path, data, specs))
     assert not (tmp_path / "merged.h5.tmp").exists()
     with h5py.File(full, "r") as a, h5py.File(out, "r") as b:
         skip = {"created"}
@@ -230,41 +236,41 @@ def test_shard_merge_equals_full(tmp_path, full, data):
             assert (a[n].dtype, a[n].chunks, a[n].compression, a[n].fletcher32) == \
                    (b[n].dtype, b[n].chunks, b[n].compression, b[n].fletcher32), n
             np.testing.assert_array_equal(a[n][...], b[n][...], err_msg=n)
-    assert C.verify(out, "fp-abc") == []
+    assert VF.verify(out, "fp-abc") == []
 
 
 def test_merge_refusals(tmp_path, data):
-    third = {f"{i}/3": C.shard_rows(f"{i}/3", N) for i in range(3)}
+    third = {f"{i}/3": S.shard_rows(f"{i}/3", N) for i in range(3)}
     good = _shards(tmp_path, data, list(third.items()))
     out = tmp_path / "m.h5"
 
     with pytest.raises(CacheError, match="rows 6..13 are in none of the shards"):
-        C.merge(out, [good[0], good[2]])
+        M.merge(out, [good[0], good[2]])
     with pytest.raises(CacheError, match="rows 13..20 are in none"):
-        C.merge(out, good[:2])
+        M.merge(out, good[:2])
     with pytest.raises(CacheError, match="twice"):
-        C.merge(out, [good[0], good[0], good[1], good[2]])
+        M.merge(out, [good[0], good[0], good[1], good[2]])
 
     (tmp_path / "odd").mkdir()
     other_fp = _shards(tmp_path / "odd", data, [("1/3", third["1/3"])],
                        meta=make_meta(dataset_fingerprint="x"))
     with pytest.raises(CacheError, match="does not belong.*dataset_fingerprint"):
-        C.merge(out, [good[0], other_fp[0], good[2]])
+        M.merge(out, [good[0], other_fp[0], good[2]])
 
     (tmp_path / "half").mkdir()
-    halves = _shards(tmp_path / "half", data, [("1/2", C.shard_rows("1/2", N))])
+    halves = _shards(tmp_path / "half", data, [("1/2", S.shard_rows("1/2", N))])
     with pytest.raises(CacheError, match="different shard counts"):
-        C.merge(out, [good[0], good[1], halves[0]])
+        M.merge(out, [good[0], good[1], halves[0]])
 
     (tmp_path / "over").mkdir()
     over = _shards(tmp_path / "over", data, [("0/2", (0, 8)), ("1/2", (6, 20))])
     with pytest.raises(CacheError, match="overlaps"):
-        C.merge(out, over)
+        M.merge(out, over)
 
     (tmp_path / "inc").mkdir()
     inc = write(tmp_path / "inc" / "s1.h5", data, row_start=6, row_stop=13, shard="1/3", chunk=2, limit=1)
     with pytest.raises(CacheError, match="s1.h5: incomplete"):
-        C.merge(out, [good[0], inc, good[2]])
+        M.merge(out, [good[0], inc, good[2]])
 
     assert not out.exists() and not (tmp_path / "m.h5.tmp").exists()
 
@@ -273,17 +279,16 @@ def test_reader_pickles_and_works_in_workers(full, data):
     import torch
 
     r = open_cache(full)
-    r.logits(np.array([1]), np.array([0]))  # the handle is open now
+    r.read(rows=np.array([1]), views=0)  # the handle is open now
     r2 = pickle.loads(pickle.dumps(r))
-    np.testing.assert_array_equal(r2.biased(np.array([4, 3]), np.array([1, 0])),
-                                  data["biased_logits"][[4, 3], [1, 0]])
+    np.testing.assert_array_equal(r2.read(rows=np.array([3, 4]), views=1)["biased"], data["biased_logits"][[3, 4], 1])
 
     class Rows(torch.utils.data.Dataset):
         def __len__(self):
             return N
 
         def __getitem__(self, i):
-            return i, r.logits(np.array([i]), np.array([1]))[0]
+            return i, r.read(rows=np.array([i]), views=1)["logits"][0]
 
     loader = torch.utils.data.DataLoader(Rows(), batch_size=5, num_workers=2)
     for idx, logits in loader:
@@ -291,8 +296,8 @@ def test_reader_pickles_and_works_in_workers(full, data):
 
 
 def test_summarize_accuracy(full, data):
-    d = C.summarize(full)
-    assert d["rows"] == N and d["rows_done"] == N and d["num_views"] == V
+    d = I.summarize(full)
+    assert d["rows"] == N and d["rows_done"] == N and d["random_views"] == V - 1
     assert d["layers"] == DIMS and [t["role"] for t in d["teachers"]].count("biased") == 1
     s = data["samples"]
     assert d["splits"] == {"train": 7, "val": 7, "test": 6}
@@ -307,7 +312,7 @@ def test_summarize_accuracy(full, data):
     groups = s["group"][sel]
     per_group = [np.mean(pred[groups == g] == s["y"][sel][groups == g]) for g in np.unique(groups)]
     assert d["accuracy"]["erm0"]["test"]["wga"] == pytest.approx(min(per_group))
-    text = C.format_summary(d)
+    text = I.format_summary(d)
     for word in ("t0", "erm0", "biased", "layer4 8", "ensemble", "fp-abc", "test 6"):
         assert word in text
 
@@ -321,18 +326,20 @@ def test_write_rows_refuses_bad_input(tmp_path, data):
             w.write_rows(0, 4, **{**rows, "features": {"layer4": rows["features"]["layer4"]}})
         bad = rows["biased_logits"].copy()
         bad[0, 0, 0] = np.nan
-        with pytest.raises(ValueError, match="non-finite"):
+        with pytest.raises(CacheError, match="non-finite"):
             w.write_rows(0, 4, **{**rows, "biased_logits": bad})
         assert w.num_done == 0
 
 
 def test_meta_validation_and_provenance():
-    with pytest.raises(ValueError, match="biased"):
+    with pytest.raises(CacheError, match="biased"):
         make_meta(teachers=[{"name": "t0", "role": "teacher", "sha256": "", "backbone_id": "erm0"}],
                   backbone_of_teacher=[0])
-    with pytest.raises(ValueError, match="backbone_of_teacher points"):
+    with pytest.raises(CacheError, match="backbone_of_teacher points"):
         make_meta(backbone_of_teacher=[1, 1, 1])
-    p = C.provenance()
+    from core.provenance import provenance
+
+    p = provenance()
     assert set(p) == {"created", "tool_version", "git_commit", "torch_version"} and p["git_commit"]
     with pytest.raises(ValueError):
-        C.parse_shard("3/3")
+        S.parse_shard("3/3")

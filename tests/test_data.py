@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from data.metrics import group_metrics, group_of
+from data.metrics import group_metrics
 from data.store import ImageStore, StoreError, build_store, store_size_for
 from data.synth import WATERBIRDS_COUNTS, SynthSpec, generate, group_counts
 from data.views import (EVAL_CROP, EVAL_RESIZE, IMAGENET_MEAN, IMAGENET_STD, ViewSpec, eval_box,
                         pixel_box, pixel_boxes, render, sample_views)
-from data.waterbirds import (KNOWN_SUBFOLDERS, METADATA_COLUMNS, DataError, WaterbirdsDataset,
+from data.waterbirds import (KNOWN_SUBFOLDERS, METADATA_COLUMNS, DataError,
                              check_folder, fingerprint, load_metadata, read_image, resolve_root)
 
 # Group counts of SynthSpec(scale=0.01), worked by hand from the real counts: round(c * 0.01), at
@@ -90,7 +90,7 @@ def test_group_metrics_golden_values():
     y = [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1]
     place = [0, 0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 1, 1]
     pred = [0, 0, 0, 1, 0, 1, 1, 1, 1, 1, 0, 1, 0]
-    group = group_of(y, place)
+    group = 2 * np.asarray(y) + np.asarray(place)
     assert group.tolist() == [0, 0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 3, 3]
     m = group_metrics(np.array(pred), np.array(y), group)
     assert m["group_acc"] == pytest.approx([0.75, 0.5, 1.0, 0.5])
@@ -113,7 +113,7 @@ def test_group_metrics_empty_group_is_nan_and_excluded():
     y = [0, 0, 1, 1, 1]
     place = [0, 0, 0, 0, 1]
     pred = [0, 0, 1, 0, 1]
-    m = group_metrics(pred, y, group_of(y, place), train_group_counts=[10, 5, 2, 8])
+    m = group_metrics(pred, y, 2 * np.asarray(y) + np.asarray(place), train_group_counts=[10, 5, 2, 8])
     assert math.isnan(m["group_acc"][1])
     assert m["group_acc"][0] == 1.0 and m["group_acc"][2] == 0.5 and m["group_acc"][3] == 1.0
     assert m["group_count"] == [2, 0, 2, 1]
@@ -189,10 +189,9 @@ def test_loader_real_layout_from_parent(tmp_path, sub):
     assert meta.filenames[1] == "001.Black_footed_Albatross/Black_footed_Albatross_0001_101.jpg"
     meta2, problems = check_folder(tmp_path, progress=False)
     assert problems == [] and meta2.root == root
-    ds = WaterbirdsDataset(tmp_path, "test")
-    item = ds[0]
-    assert len(ds) == 3 and item["idx"] == 1 and (item["y"], item["place"], item["group"]) == (1, 1, 3)
-    assert item["image"].shape == (14, 20, 3) and item["image"].dtype == np.uint8
+    test = meta.rows("test")
+    assert len(test) == 3 and test[0] == 1 and meta.group[1] == 3
+    assert read_image(root / meta.filenames[1]).shape == (14, 20, 3)
 
 
 def test_missing_folder_and_missing_metadata(tmp_path):
@@ -308,12 +307,12 @@ def test_fingerprint_tracks_content_not_location(synth, tmp_path):
 def test_eval_box_is_resize256_centercrop224():
     assert eval_box() == pytest.approx((16 / 256, 16 / 256, 224 / 256, 224 / 256))
     assert pixel_box(eval_box(), EVAL_RESIZE) == (16, 16, EVAL_CROP, EVAL_CROP)
-    spec = ViewSpec(num_views=3, seed=5, out_size=32)
-    assert ViewSpec.from_dict(spec.to_dict()) == spec
+    spec = ViewSpec(random_views=3, seed=5, out_size=32)
+    assert ViewSpec(**spec.to_dict()) == spec
 
 
 def test_sample_views_deterministic_and_independent_of_batch():
-    spec = ViewSpec(num_views=4, seed=3)
+    spec = ViewSpec(random_views=4, seed=3)
     box, flip = sample_views(np.array([9, 5, 0, 123456]), spec)
     assert box.shape == (4, 5, 4) and box.dtype == np.float32 and flip.shape == (4, 5)
     box5, flip5 = sample_views(np.array([5]), spec)
@@ -322,18 +321,18 @@ def test_sample_views_deterministic_and_independent_of_batch():
     again, flip_again = sample_views(np.array([9, 5, 0, 123456]), spec)
     np.testing.assert_array_equal(again, box)
     np.testing.assert_array_equal(flip_again, flip)
-    other, _ = sample_views(np.array([9, 5, 0, 123456]), ViewSpec(num_views=4, seed=4))
+    other, _ = sample_views(np.array([9, 5, 0, 123456]), ViewSpec(random_views=4, seed=4))
     assert not np.allclose(other[:, 1:], box[:, 1:])
     # distinct rows and distinct views of one row get distinct boxes
     assert not np.allclose(box[0, 1:], box[1, 1:])
     assert len({tuple(b) for b in box[1, 1:]}) == 4
     # K = 0: the eval view only
-    b0, f0 = sample_views(np.arange(3), ViewSpec(num_views=0))
+    b0, f0 = sample_views(np.arange(3), ViewSpec(random_views=0))
     assert b0.shape == (3, 1, 4) and not f0.any()
 
 
 def test_view_boxes_respect_ranges():
-    spec = ViewSpec(num_views=4, seed=0)
+    spec = ViewSpec(random_views=4, seed=0)
     box, flip = sample_views(np.arange(300), spec)
     np.testing.assert_allclose(box[:, 0], np.broadcast_to(eval_box(), (300, 4)), rtol=0, atol=1e-7)
     assert not flip[:, 0].any()
@@ -349,14 +348,14 @@ def test_view_boxes_respect_ranges():
     assert area.min() < 0.72 and area.max() > 0.95 and aspect.min() < 0.8 and aspect.max() > 1.25
     assert 0.4 < flip[:, 1:].mean() < 0.6
     # narrow ranges are honoured too
-    box2, _ = sample_views(np.arange(50), ViewSpec(num_views=2, scale=(0.3, 0.4), ratio=(1.0, 1.0)))
+    box2, _ = sample_views(np.arange(50), ViewSpec(random_views=2, scale=(0.3, 0.4), ratio=(1.0, 1.0)))
     h2, w2 = box2[:, 1:, 2].astype(np.float64), box2[:, 1:, 3].astype(np.float64)
     np.testing.assert_allclose(h2, w2, atol=1e-6)
     assert (h2 * w2 >= 0.3 - eps).all() and (h2 * w2 <= 0.4 + eps).all()
 
 
 def test_pixel_boxes_matches_pixel_box():
-    box, _ = sample_views(np.arange(40), ViewSpec(num_views=3, seed=1))
+    box, _ = sample_views(np.arange(40), ViewSpec(random_views=3, seed=1))
     flat = torch.from_numpy(box.reshape(-1, 4))
     for size in (7, 37, 256):
         want = torch.tensor([pixel_box(b, size) for b in flat.tolist()], dtype=torch.float32)
@@ -379,7 +378,7 @@ def test_render_equals_torchvision_resized_crop(size, out_size):
     # (16 -> 24: every crop is upsampled; 37/64 -> 16/20: downsampled; 48 -> 48: mixed)
     gen = torch.Generator().manual_seed(size)
     images = torch.randint(0, 256, (12, 3, size, size), dtype=torch.uint8, generator=gen)
-    box, flip = sample_views(np.arange(6), ViewSpec(num_views=1, seed=size))
+    box, flip = sample_views(np.arange(6), ViewSpec(random_views=1, seed=size))
     box = torch.from_numpy(box.reshape(-1, 4))
     flip = torch.from_numpy(flip.reshape(-1))
     flip[0] = True  # the eval view, flipped, too

@@ -9,7 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from distill.config import DistillConfig
-from distill.train import DistillError, fit
+from distill.data import DistillError
+from distill.train import fit
 
 FAST = dict(epochs=1, batch_size=64, lr=1e-2, device="cpu", pretrained=False)
 
@@ -42,7 +43,7 @@ def test_end_to_end_run_writes_everything(tiny_cache, tmp_path):
     dict(weighting="aver"), dict(weighting="agre"), dict(weighting="cached"),
     dict(weighting="agre-batch", agre_params="last"), dict(weighting="agre-batch", agre_params="all"),
     dict(gamma=0.5, feature_weighting="disagree"), dict(layers=("layer3", "layer4"), layer_gammas=(0.25, 0.5)),
-    dict(alpha=0.9, gamma=0.25, views=False),
+    dict(alpha=0.9, gamma=0.25, sample_views=False),
 ])
 def test_every_mode_trains(tiny_cache, tmp_path, kw):
     s = fit(_cfg(tiny_cache, tmp_path / "run", **kw), progress=False)
@@ -85,7 +86,7 @@ def logits_only_cache(tiny_data, tiny_teachers, tmp_path_factory):
     from precompute.run import PrecomputeConfig, run_precompute
 
     out = tmp_path_factory.mktemp("c0") / "c0.h5"
-    return run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(out), views=0,
+    return run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(out), random_views=0,
                                            layers=("layer4",), device="cpu", progress=False))
 
 
@@ -132,7 +133,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cache, tmp_pa
 def test_resume_refuses_other_settings_and_keeps_teacher_weights(tiny_cache, tmp_path):
     fit(_cfg(tiny_cache, tmp_path / "run", epochs=1), progress=False)
     w = np.load(tmp_path / "run" / "teacher_weights.npy")
-    with pytest.raises(DistillError, match=r"other settings \(tau: 4.0 -> 2.0\)"):
+    with pytest.raises(DistillError, match=r"other settings \(tau: was 4.0, now 2.0\)"):
         fit(_cfg(tiny_cache, tmp_path / "run", epochs=1, tau=2.0), resume=True, progress=False)
     # resuming a finished run re-evaluates it without touching what the last epoch recorded
     fit(_cfg(tiny_cache, tmp_path / "run", epochs=1), resume=True, progress=False)
@@ -145,11 +146,11 @@ def test_shard_cache_is_refused(tiny_data, tiny_teachers, tmp_path):
     shard = run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(tmp_path / "c.shard0.h5"),
                                             layers=("layer4",), shard="0/2", device="cpu", progress=False))
     with pytest.raises(DistillError, match="merge the shards"):
-        fit(_cfg(shard, tmp_path / "run", views=False), progress=False)
+        fit(_cfg(shard, tmp_path / "run", sample_views=False), progress=False)
 
 
 def test_batch_bounds_never_leave_a_single_sample():
-    from distill.train import batch_bounds
+    from distill.data import batch_bounds
 
     assert batch_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
     assert batch_bounds(9, 4) == [(0, 4), (4, 9)]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.losses import distillation_loss, feature_loss
-from distill.weighting import kd_per_teacher
+from core.weighting import kd_per_teacher
 
 LN3 = math.log(3.0)
 # tau = 1, z_s = (0, 0) -> p_s = (1/2, 1/2); z_t = (ln 3, 0) -> p_t = (3/4, 1/4):

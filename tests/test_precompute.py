@@ -12,9 +12,10 @@ from click.testing import CliRunner
 
 from data.store import ImageStore
 from data.views import ViewSpec, render, sample_views
-from precompute.cache import open_cache
+from cache.reader import open_cache
 from precompute.manifest import load_model, read_manifest
-from precompute.run import Ensemble, PrecomputeConfig, run_precompute, store_path_for
+from cache.schema import store_path_for
+from precompute.run import Ensemble, PrecomputeConfig, run_precompute
 
 
 def _datasets(path) -> dict:
@@ -35,38 +36,37 @@ def test_cache_equals_model_outputs(tiny_data, tiny_teachers, tiny_cache):
     cache = open_cache(tiny_cache)
     man = read_manifest(tiny_teachers)
     ens = Ensemble(man).eval()
-    spec = ViewSpec.from_dict({k: v for k, v in cache.meta.view_spec.items() if k in ViewSpec.__dataclass_fields__})
+    spec = ViewSpec(**cache.meta.view_spec)
     rows = np.array([0, 7, 100, 301, 589])
     store = ImageStore(store_path_for(tiny_cache))
     box, flip = sample_views(rows, spec)
-    for v in range(cache.meta.num_views):
+    for v in range(cache.meta.views_per_row):
         x = render(torch.from_numpy(store.load(rows)), torch.from_numpy(box[:, v]), torch.from_numpy(flip[:, v]), spec.out_size)
         with torch.no_grad():
             zt, zb, feats = ens(x)
-        views = np.full(len(rows), v)
-        np.testing.assert_allclose(cache.boxes(rows, views), box[:, v])
-        np.testing.assert_allclose(cache.logits(rows, views), zt.numpy(), rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(cache.biased(rows, views), zb.numpy(), rtol=1e-4, atol=1e-4)
+        d = cache.read(rows=rows, views=v)
+        np.testing.assert_allclose(d["box"], box[:, v])
+        np.testing.assert_allclose(d["logits"], zt.numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(d["biased"], zb.numpy(), rtol=1e-4, atol=1e-4)
         for layer in cache.meta.layers:
-            np.testing.assert_allclose(cache.features(layer, rows, views).astype(np.float32),
+            np.testing.assert_allclose(d["features"][layer].astype(np.float32),
                                        feats[layer].half().float().numpy(), rtol=2e-3, atol=2e-3)
     # ... and equal to each model loaded on its own: teacher t's head on its backbone, the biased
     # model's own head (not a teacher's) on the backbone it shares
     x = render(torch.from_numpy(store.load(rows)), torch.from_numpy(box[:, 0]), torch.from_numpy(flip[:, 0]),
                spec.out_size)
+    v0 = cache.read(rows=rows, views=0)
     with torch.no_grad():
         for t, m in enumerate(man.teachers):
-            np.testing.assert_allclose(cache.logits(rows, np.zeros(5, int))[:, t], load_model(man, m).eval()(x)[0],
-                                       rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(cache.biased(rows, np.zeros(5, int)), load_model(man, man.biased).eval()(x)[0],
-                                   rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(v0["logits"][:, t], load_model(man, m).eval()(x)[0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(v0["biased"], load_model(man, man.biased).eval()(x)[0], rtol=1e-4, atol=1e-4)
     # teacher t's logits are its own head on its backbone, not another teacher's
-    assert not np.allclose(cache.logits(rows, np.zeros(5, int))[:, 0], cache.logits(rows, np.zeros(5, int))[:, 1])
+    assert not np.allclose(v0["logits"][:, 0], v0["logits"][:, 1])
 
 
 def test_cached_weights_follow_the_formula(tiny_cache):
     cache = open_cache(tiny_cache)
-    d = cache.load_all(split="val")
+    d = cache.read(split="val")
     tau = cache.meta.tau_cached
 
     def softmax(z):
@@ -100,7 +100,7 @@ def test_shared_backbone_runs_once_per_view(tiny_data, tiny_teachers, tmp_path, 
             bb.register_forward_hook(lambda *a: calls.append(1))
 
     monkeypatch.setattr(Ensemble, "__init__", counting_init)
-    out = run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(tmp_path / "c.h5"), views=1,
+    out = run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(tmp_path / "c.h5"), random_views=1,
                                           layers=("layer4",), batch_size=200, device="cpu", progress=False))
     n = open_cache(out).num_rows
     chunks = -(-n // 200)
@@ -121,9 +121,9 @@ def test_ensemble_reads_each_checkpoint_file_once(tiny_teachers, monkeypatch):
 
 
 def test_resume_after_kill_equals_uninterrupted(tiny_data, tiny_teachers, tmp_path, monkeypatch):
-    from precompute import cache as cache_mod
+    from cache import writer as cache_mod
 
-    cfg = dict(views=1, layers=("layer3", "layer4"), batch_size=128, device="cpu", progress=False)
+    cfg = dict(random_views=1, layers=("layer3", "layer4"), batch_size=128, device="cpu", progress=False)
     full = run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(tmp_path / "full.h5"), **cfg))
 
     written = []
@@ -152,7 +152,7 @@ def test_shards_merge_to_the_single_run(tiny_data, tiny_teachers, tiny_cache, tm
     shards = []
     for i in range(3):
         p = tmp_path / f"cache.shard{i}.h5"
-        run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(p), views=2, batch_size=64,
+        run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(p), random_views=2, batch_size=64,
                                         shard=f"{i}/3", device="cpu", progress=False))
         shards.append(str(p))
     merged = tmp_path / "merged.h5"

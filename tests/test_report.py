@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from distill.config import DistillConfig
-from experiments.report import (aggregate, build_tables, format_table, load_runs, missing_runs,
-                                load_plan, write_report)
-from experiments.sweep import preset_runs, run_name, run_sweep
+from distill.config import DistillConfig, run_name
+from experiments.report import format_table, missing_runs, write_report
+from experiments.runs import aggregate, build_tables, load_plan, load_runs
+from experiments.sweep import preset_runs, run_sweep
 
 SEED_OFFSET = {42: -0.02, 43: 0.0, 44: 0.02}  # -> sample std of exactly 2 points
 TEACHERS = [{"name": f"dfr_seed{i}", "role": "teacher"} for i in range(5)] + [

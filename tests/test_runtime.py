@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from runtime import autocast, pick_device
+from core.runtime import autocast, pick_device
 
 glibc = platform.libc_ver()[0] == "glibc" and tuple(map(int, platform.libc_ver()[1].split(".")[:2])) >= (2, 33)
 
@@ -24,7 +24,7 @@ PROBE = textwrap.dedent("""
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
     if {tune}:
-        from runtime import keep_freed_memory
+        from core.runtime import keep_freed_memory
         assert keep_freed_memory()
     before = libc.mallinfo2().hblkhd
     buf = np.ones(16 * 2**20, dtype=np.uint8)

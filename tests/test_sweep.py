@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from distill.config import DistillConfig
-from experiments.sweep import (PRESETS, expand_grid, group_key, preset_runs, resolved_config,
-                               run_name, run_sweep)
+from distill.config import DistillConfig, group_key, run_name
+from experiments.sweep import PRESETS, expand_grid, preset_runs, run_sweep
 
 
 def fake_fit(calls, fail_if=lambda cfg: False):
@@ -46,8 +45,12 @@ def test_run_name_rejects_unknown_field():
 
 
 def test_group_key_drops_seed_and_placement():
-    cfg = DistillConfig(gamma=0.25, alpha=0.9, seed=44, out="/a/b", cache="/c").to_dict()
-    assert group_key(cfg) == "agre_g0.25_a0.9_layer4_none"
+    cfg = DistillConfig(gamma=0.25, alpha=0.9, seed=44, out="/a/b", cache="/c", data_root="/d").to_dict()
+    other = DistillConfig(gamma=0.25, alpha=0.9, seed=42, out="/x", cache="/y", device="cpu").to_dict()
+    assert group_key(cfg) == group_key(other) == group_key({**cfg, "field_of_a_later_version": 1})
+    assert json.loads(group_key(cfg))["alpha"] == 0.9 and "seed" not in json.loads(group_key(cfg))
+    assert group_key(cfg) != group_key({**cfg, "tau": 2.0})
+    assert run_name({"gamma": 0.5, "data_root": "/d", "device": "cpu"}) == "agre_g0.5_a1_layer4_none_s42"
 
 
 def test_names_unique_within_each_preset_and_one_per_config():
@@ -57,7 +60,7 @@ def test_names_unique_within_each_preset_and_one_per_config():
     # Across presets, equal names mean equal configurations and vice versa.
     by_name = {}
     for spec in preset_runs(*PRESETS):
-        cfg = resolved_config(spec["overrides"])
+        cfg = DistillConfig.from_settings(spec["overrides"]).identity()
         assert by_name.setdefault(run_name(spec["overrides"]), cfg) == cfg
     configs = {json.dumps(c, sort_keys=True, default=list) for c in by_name.values()}
     assert len(configs) == len(by_name) == 14 * 3

@@ -26,8 +26,9 @@ from data.waterbirds import load_metadata
 from precompute import teachers
 from precompute.manifest import (Manifest, ManifestError, ModelEntry, load_model, make_entry,
                                  read_manifest, verify_files)
-from precompute.models import (CheckpointError, FeatureResNet, backbone_id, build_model,
-                               file_sha256, load_checkpoint, model_from_state)
+from core.files import sha256_file as file_sha256
+from core.models import (CheckpointError, FeatureResNet, backbone_id, build_model, load_checkpoint,
+                         model_from_state)
 from precompute.teachers import TeacherConfig, build_teachers, import_teachers, train_erm
 
 SIZE = 16  # view side for every tiny run
@@ -459,7 +460,7 @@ def test_train_erm_resume_is_exact(tmp_path, monkeypatch, data_root, images):
     assert after_one["epoch"] == 1 and after_one["config"]["lr"] == cfg.lr
 
     # A resume under other settings would silently train a different model: refused.
-    with pytest.raises(CheckpointError, match=r"erm_seed0\.pt\.ckpt: .*lr 0\.01 now 0\.1"):
+    with pytest.raises(CheckpointError, match=r"erm_seed0\.pt\.ckpt: .*lr: was 0\.01, now 0\.1"):
         train_erm(tiny_cfg(data_root, tmp_path, epochs=2, batch_size=8, lr=0.1), 0, images, meta, path)
 
     epochs_run = []

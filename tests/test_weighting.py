@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.weighting import (agre_batch_weights_autograd, agre_batch_weights_last, agre_weights,
+from core.weighting import (agre_batch_weights_autograd, agre_batch_weights_last, agre_weights,
                                aver_weights, cached_agre_weights, kd_per_teacher, teacher_weights)
 
 F64 = torch.float64

@@ -12,7 +12,7 @@ CACHE = ROOT / "cache.h5"
 RUNS = ROOT / "runs"
 
 IMAGE_SIZE = 32          # synthetic view side (real Waterbirds: 224)
-NUM_VIEWS = 2            # cached random views per sample besides the eval view
+RANDOM_VIEWS = 2         # cached random views per sample besides the eval view
 # Teachers for the synthetic default: one from-scratch ERM backbone (no ImageNet weights offline),
 # five DFR heads on different balanced subsamples.
 TEACHERS_OVERRIDES = dict(image_size=IMAGE_SIZE, pretrained=False, shared_backbone=True,

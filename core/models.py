@@ -6,13 +6,15 @@ Checkpoints are plain ``{name: tensor}`` state dicts saved with ``torch.save`` a
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torchvision
+
+from core.constants import LAYERS
+from core.errors import ToolError
 
 FEATURE_DIMS = {
     "resnet18": {"layer2": 128, "layer3": 256, "layer4": 512},
@@ -23,7 +25,7 @@ IMAGENET_WEIGHTS = {"resnet18": "ResNet18_Weights.IMAGENET1K_V1",
                     "resnet50": "ResNet50_Weights.IMAGENET1K_V1"}
 
 
-class CheckpointError(Exception):
+class CheckpointError(ToolError):
     """A checkpoint that cannot be loaded into the model asked for."""
 
 
@@ -37,7 +39,7 @@ class FeatureResNet(nn.Module):
     def __init__(self, arch: str, num_classes: int):
         super().__init__()
         if arch not in FEATURE_DIMS:
-            raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(FEATURE_DIMS)}")
+            raise CheckpointError(f"unknown architecture {arch!r}; known: {', '.join(FEATURE_DIMS)}")
         self.arch, self.num_classes = arch, num_classes
         self.net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
 
@@ -45,12 +47,12 @@ class FeatureResNet(nn.Module):
     def fc(self) -> nn.Linear:
         return self.net.fc
 
-    def forward(self, x: torch.Tensor, layers=("layer2", "layer3", "layer4")):
+    def forward(self, x: torch.Tensor, layers=LAYERS):
         n = self.net
         x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
         x = n.layer1(x)
         feats = {}
-        for name in ("layer2", "layer3", "layer4"):
+        for name in LAYERS:
             x = getattr(n, name)(x)
             if name in layers or name == "layer4":
                 feats[name] = torch.flatten(n.avgpool(x), 1)
@@ -90,23 +92,6 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
         raise CheckpointError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     return extract_state_dict(obj, str(path))
-
-
-def save_checkpoint(obj, path: str | Path) -> None:
-    """Atomic ``torch.save``: a kill mid-write never leaves a half file under ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def backbone_id(state: dict[str, torch.Tensor]) -> str:

@@ -1,4 +1,4 @@
-"""Where the work runs: device choice, mixed precision, and the CPU memory allocator."""
+"""Where and how the work runs: device choice, mixed precision, per-epoch seeds, the CPU allocator."""
 from __future__ import annotations
 
 import ctypes
@@ -8,6 +8,8 @@ import sys
 
 import torch
 
+from core.errors import ConfigError
+
 # glibc mallopt() parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's ceiling on 64-bit
@@ -16,10 +18,20 @@ _MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's ceiling on 64-bit
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu or auto")
+        raise ConfigError(f"--device {name}: no CUDA device is available here; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's generator (shuffling, crops): replayable, so resume is exact."""
+    return seed * 100_003 + epoch
 
 
 def autocast(device: torch.device):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.config import AGRE_PARAMS, WEIGHTINGS
+from core.constants import AGRE_PARAMS, WEIGHTINGS
 
 # Rounding leaves 1 - cos ~ 1e-16 for exactly parallel gradients in float64. Without snapping,
 # a row of such residues would be normalised into arbitrary weights instead of taking the

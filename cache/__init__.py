@@ -1,0 +1,1 @@
+"""The teacher cache: the contract between precompute (writes it) and distill (reads it)."""

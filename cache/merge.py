@@ -1,0 +1,106 @@
+"""Merging shard files (written with ``--shard i/n``) into one full cache file."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from cache.reader import SLAB_BYTES, guarded, open_cache
+from cache.schema import (SAMPLE_FIELDS, CacheError, layout, parse_shard, row_bytes, store_path_for)
+from cache.writer import create_file
+from core.provenance import PROVENANCE_FIELDS, settings_diff, utc_now
+
+log = logging.getLogger(__name__)
+
+
+def merge(out_path, shard_paths) -> None:
+    """Combine complete shard files into one full file, equal in content to a single-process run
+    (same datasets, chunking and attributes except ``created``, ``shard`` and the row range), and
+    put the image store that goes with the shards beside it.
+
+    The shards must come from the same inputs (fingerprint, teachers, views, layers, schema, N,
+    shard count) and cover rows 0..N exactly once. Written to ``out_path + ".tmp"`` and renamed,
+    so ``out_path`` never holds a half-written file (an existing one is replaced only when the
+    merge succeeded). Provenance attributes that differ between shards are recorded as
+    ``"mixed: a, b"``.
+    """
+    out_path = str(out_path)
+    paths = [str(p) for p in shard_paths]
+    if not paths:
+        raise CacheError("merge needs at least one shard file")
+    if any(os.path.abspath(p) == os.path.abspath(out_path) for p in paths):
+        raise CacheError(f"{out_path}: the merged file cannot be one of the shards; choose another --out")
+    shards = [open_cache(p, require_complete=True) for p in paths]
+    ref = shards[0]
+    listing = ", ".join(f"{s.path}: {s.shard}" for s in shards)
+    counts = set()
+    for s in shards:
+        if not s.shard:
+            raise CacheError(f"{s.path}: a full file (no shard attribute), not a shard; merge only "
+                             "files written with --shard i/n")
+        counts.add(parse_shard(s.shard)[1])
+        diff = settings_diff(ref.meta.identity(), s.meta.identity(), names=(ref.path, s.path))
+        if diff:
+            raise CacheError(f"{s.path} does not belong with {ref.path}: " + "; ".join(diff)
+                             + ". Merge only shards written with the same arguments")
+    if len(counts) > 1:
+        raise CacheError(f"shards were written for different shard counts {sorted(counts)} "
+                         f"({listing}); rerun them with one n")
+    n = counts.pop()
+    if len({s.shard for s in shards}) != len(shards):
+        raise CacheError(f"the same shard is given twice: {listing}")
+    shards.sort(key=lambda s: s.row_start)
+    N, expected = ref.meta.num_samples, 0
+    for prev, s in zip([None, *shards], shards):
+        if s.row_start < expected:
+            raise CacheError(f"{s.path} (rows {s.row_start}..{s.row_stop}) overlaps {prev.path} "
+                             f"(rows {prev.row_start}..{prev.row_stop}); merge each shard once")
+        if s.row_start > expected:
+            raise CacheError(f"rows {expected}..{s.row_start} are in none of the shards; run the "
+                             f"missing shard(s) of {n} and merge again")
+        expected = s.row_stop
+    if expected != N:
+        raise CacheError(f"rows {expected}..{N} are in none of the shards; run the missing "
+                         f"shard(s) of {n} and merge again")
+
+    prov = {k: sorted({getattr(s.meta, k) for s in shards})
+            for k in PROVENANCE_FIELDS if k != "created"}
+    meta = dataclasses.replace(ref.meta, created=utc_now(),
+                               **{k: v[0] if len(v) == 1 else "mixed: " + ", ".join(v)
+                                  for k, v in prov.items()})
+    samples = {k: np.concatenate([s.sample(k) for s in shards]) for k in SAMPLE_FIELDS}
+    ds0 = ref._h5()["logits/teachers"]
+    compression = ds0.compression_opts if ds0.compression == "gzip" else None
+    tmp = out_path + ".tmp"
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    if os.path.exists(tmp):
+        os.remove(tmp)  # left over from an interrupted merge
+    try:
+        with create_file(tmp, meta, samples, 0, N, "", compression) as out:
+            for name in layout(meta, N):
+                if name.startswith("samples/") or name == "progress/done":
+                    continue
+                for s in shards:
+                    src = s._h5()[name]
+                    step = max(1, SLAB_BYTES // max(row_bytes(src.shape, src.dtype.itemsize), 1))
+                    for a in range(0, s.num_rows, step):
+                        b = min(a + step, s.num_rows)
+                        out[name][s.row_start + a:s.row_start + b] = guarded(s.path, name, lambda: src[a:b])
+            out.flush()
+            out["progress/done"][...] = True
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    finally:
+        for s in shards:
+            s.close()
+    store = store_path_for(out_path)
+    if not store.exists() and store_path_for(paths[0]).exists():
+        shutil.copyfile(store_path_for(paths[0]), store)
+    log.info("merged %d shards into %s (%d rows)", len(shards), out_path, N)

@@ -1,0 +1,9 @@
+"""Names the whole tool shares, torch-free so that configs and the command line load fast.
+
+``LAYERS``: the ResNet stages whose globally pooled outputs can be cached and distilled (layer4's
+is the penultimate embedding). ``WEIGHTINGS``: the teacher weighting modes
+(:mod:`core.weighting`); ``AGRE_PARAMS``: the parameter sets of ``agre-batch``.
+"""
+LAYERS = ("layer2", "layer3", "layer4")
+WEIGHTINGS = ("aver", "agre", "agre-batch", "cached")
+AGRE_PARAMS = ("last", "all")

@@ -1,0 +1,120 @@
+"""What a distillation run reads: the cache and its image store, checked, as tensors per split."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cache.reader import CacheReader, open_cache
+from cache.schema import CacheError, store_path_for
+from core.errors import ToolError
+from core.runtime import epoch_seed
+from data.store import ImageStore, StoreError
+from data.waterbirds import fingerprint, load_metadata
+from distill.config import DistillConfig
+
+
+class DistillError(ToolError):
+    """A run that cannot start or go on; the message says why and what to do."""
+
+
+@dataclass
+class SplitData:
+    """Everything one split needs, as tensors on one device (rows in cache order)."""
+
+    images: torch.Tensor      # [N, 3, S, S] uint8
+    y: torch.Tensor           # [N]
+    group: torch.Tensor       # [N]
+    box: torch.Tensor         # [N, V, 4]
+    flip: torch.Tensor        # [N, V]
+    logits: torch.Tensor | None = None    # [N, V, T, C]
+    biased: torch.Tensor | None = None    # [N, V, C]
+    cached: torch.Tensor | None = None    # [N, V, T]
+    feats: dict | None = None             # {layer: [N, V, B, D] float16}
+
+
+def open_inputs(cfg: DistillConfig) -> tuple[CacheReader, ImageStore]:
+    """The cache and its image store, checked against what ``cfg`` asks of them."""
+    if not Path(cfg.cache).is_file():
+        raise DistillError(f"no cache at {cfg.cache}; make one with `python cli.py precompute`")
+    try:
+        cache = open_cache(cfg.cache)
+    except CacheError as e:
+        raise DistillError(str(e)) from None
+    meta = cache.meta
+    if cache.shard:
+        raise DistillError(f"{cfg.cache} is shard {cache.shard} of a cache; merge the shards first with "
+                           "`python cli.py cache merge CACHE.h5 SHARD...`")
+    empty = [name for name in ("train", "val", "test") if len(cache.split_rows(name)) == 0]
+    if empty:
+        raise DistillError(f"{cfg.cache} has no {' or '.join(empty)} samples; distillation needs all three splits")
+    if cfg.uses_features:
+        missing = [l for l, g in cfg.gammas.items() if g > 0 and l not in meta.layers]
+        if missing:
+            raise DistillError(f"gamma > 0 for {', '.join(missing)} but {cfg.cache} holds features of "
+                               f"{', '.join(meta.layers) or 'no layer'}; precompute with --layers "
+                               f"{','.join(sorted(set(meta.layers) | set(missing)))} or set gamma 0")
+    if cfg.sample_views and meta.random_views < 1:
+        raise DistillError(f"--views on, but {cfg.cache} holds only the eval view; precompute with "
+                           "--views K (K > 0) or pass --views off")
+    if cfg.data_root is not None:
+        folder_fp = fingerprint(load_metadata(cfg.data_root))
+        if folder_fp != meta.dataset_fingerprint:
+            raise DistillError(f"{cfg.cache} was made from another data set than {cfg.data_root} "
+                               f"(fingerprints {meta.dataset_fingerprint[:12]} vs {folder_fp[:12]})")
+    try:
+        store = ImageStore(store_path_for(cfg.cache), meta.dataset_fingerprint, meta.store_size)
+    except StoreError as e:
+        raise DistillError(f"the image store of {cfg.cache} does not match it: {e}") from None
+    return cache, store
+
+
+def load_split(cache: CacheReader, store: ImageStore, split: str, cfg: DistillConfig, device,
+               train: bool) -> SplitData:
+    """A split in memory on ``device``: the training split with every view and the teachers'
+    outputs, an evaluation split with view 0 only."""
+    layers = [l for l, g in cfg.gammas.items() if g > 0] if train else []
+    d = cache.read(split=split, views=None if train else 0, layers=layers)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    box, flip = d["box"], d["flip"]
+    if not train:  # one view: keep the [N, V] layout with V = 1
+        box, flip = box.reshape(len(box), 1, 4), flip.reshape(len(flip), 1)
+    data = SplitData(images=t(store.load(d["rows"] + cache.row_start)), y=t(d["y"]), group=t(d["group"]),
+                     box=t(box), flip=t(flip))
+    if train:
+        data.logits, data.biased, data.cached = t(d["logits"]), t(d["biased"]), t(d["weights"])
+        data.feats = {l: t(v) for l, v in d["features"].items()}
+    return data
+
+
+def placement(device: torch.device, nbytes: int) -> torch.device:
+    """Keep the data on the GPU when it fits comfortably, else in host memory."""
+    if device.type == "cuda" and nbytes < 0.5 * torch.cuda.mem_get_info(device)[0]:
+        return device
+    return torch.device("cpu")
+
+
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """Batch (start, stop) pairs; a last batch of one sample joins the previous one (BatchNorm
+    cannot normalise a single sample when layer4 is 1x1)."""
+    bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
+def epoch_plan(n: int, views_per_row: int, cfg: DistillConfig, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The order of the training rows and the view each row is seen through in one epoch.
+
+    Seeded by (seed, epoch), so a resumed run replays it exactly. Views are drawn from the K
+    random views when they are sampled (``cfg.sample_views``, or by default when the cache
+    holds any), else view 0 for every row.
+    """
+    gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
+    order = torch.randperm(n, generator=gen)
+    use_views = views_per_row > 1 if cfg.sample_views is None else cfg.sample_views
+    view = (torch.randint(1, views_per_row, (n,), generator=gen) if use_views
+            else torch.zeros(n, dtype=torch.long))
+    return order, view

@@ -1,0 +1,142 @@
+"""The report's plots: WGA against gamma, per-group accuracy, teacher-weight histograms."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from data.metrics import GROUP_NAMES, NUM_GROUPS
+from distill.config import group_key
+from experiments.runs import BASELINE, WEIGHTING_NAMES, Row, RunRecord, gamma_family
+
+# ----------------------------------------------------------------------------- plots
+
+def _new_figure(width: float, height: float):
+    """A pyplot-free figure on the Agg canvas (no global backend switch, works headless)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=120)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_wga_vs_gamma(rows: list[Row], path: Path) -> str | None:
+    """Test WGA (mean ± std over seeds, seeds as dots) against γ, one line per weighting.
+
+    Returns None when written, else why it was skipped.
+    """
+    family = gamma_family(rows)
+    if not any(len(by_gamma) >= 2 for by_gamma in family.values()):
+        return "needs finished AGRE-KD or AVER runs (α=1, layer4) at two or more γ values"
+    fig = _new_figure(6, 4)
+    ax = fig.add_subplot()
+    for weighting in sorted(family):
+        gammas = sorted(family[weighting])
+        pts = [family[weighting][g] for g in gammas]
+        line = ax.errorbar(gammas, [r.mean for r in pts], yerr=[r.std or 0.0 for r in pts],
+                           marker="o", capsize=4, label=WEIGHTING_NAMES[weighting])
+        for g, r in zip(gammas, pts):
+            ax.scatter([g] * r.n, list(r.wga_by_seed.values()), s=10, alpha=0.4,
+                       color=line[0].get_color())
+    ax.set(xlabel="γ (feature loss weight)", ylabel="test WGA (%)",
+           title="Worst-group accuracy vs γ (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return None
+
+
+def plot_group_accuracy(rows: list[Row], path: Path) -> str | None:
+    """Per-group test accuracy (mean over seeds) per configuration, grouped bars."""
+    rows = [r for r in rows if r.runs]
+    if not rows:
+        return "no finished runs"
+    accs = np.array([r.group_acc for r in rows])  # [configs, 4]
+    fig = _new_figure(max(6.0, 1.1 * len(rows) + 2), 4.5)
+    ax = fig.add_subplot()
+    x, width = np.arange(len(rows)), 0.8 / NUM_GROUPS
+    for g, name in enumerate(GROUP_NAMES):
+        ax.bar(x + (g - (NUM_GROUPS - 1) / 2) * width, np.nan_to_num(accs[:, g]), width, label=name)
+    ax.set_xticks(x, [r.label for r in rows], rotation=30, ha="right", fontsize=8)
+    low = np.nanmin(accs) if np.isfinite(accs).any() else 0.0
+    ax.set(ylabel="test accuracy (%)", ylim=(max(0.0, low - 10), 100))
+    ax.set_title("Per-group test accuracy (best-val-WGA checkpoint; mean over seeds)", pad=24, fontsize=10)
+    # Above the axes: bars reach 100%, a legend inside would hide them.
+    ax.legend(fontsize=8, ncol=NUM_GROUPS, loc="lower center", bbox_to_anchor=(0.5, 1.0),
+              frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    return None
+
+
+def _load_weights(rec: RunRecord) -> np.ndarray | None:
+    try:
+        w = np.load(rec.path / "teacher_weights.npy", allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return w if w.ndim == 2 and w.shape[0] > 0 else None
+
+
+def _teacher_names(rec: RunRecord, count: int) -> list[str]:
+    names = [t["name"] for t in rec.summary.get("teachers", []) if t.get("role") != "biased"]
+    return names if len(names) == count else [f"teacher {t}" for t in range(count)]
+
+
+def plot_teacher_weights(records: list[RunRecord], path: Path) -> str | None:
+    """Histogram of per-sample teacher weights (last epoch), per teacher, one panel per weighting.
+
+    Per weighting (AGRE-KD and AVER first), one finished run that saved teacher_weights.npy,
+    preferring the logits-only baseline settings (γ=0, α=1, layer4), then the lowest seed.
+    """
+    def preference(rec):
+        plain = {**rec.config, **BASELINE, "weighting": rec.config["weighting"]}
+        return group_key(rec.config) != group_key(plain), rec.seed or 0, rec.name
+
+    chosen = []
+    for weighting in ("agre", "aver", "agre-batch", "cached"):
+        candidates = [r for r in records if r.finished and r.config.get("weighting") == weighting]
+        for rec in sorted(candidates, key=preference):
+            weights = _load_weights(rec)
+            if weights is not None:
+                chosen.append((weighting, rec, weights))
+                break
+    if not chosen:
+        return "no finished run saved a readable teacher_weights.npy"
+    fig = _new_figure(5 * len(chosen), 4)
+    bins = np.linspace(0, 1, 21)
+    for i, (weighting, rec, weights) in enumerate(chosen):
+        ax = fig.add_subplot(1, len(chosen), i + 1)
+        for t, name in enumerate(_teacher_names(rec, weights.shape[1])):
+            ax.hist(weights[:, t], bins=bins, histtype="step", linewidth=1.5,
+                    label=f"{name} (mean {weights[:, t].mean():.2f})")
+        ax.set(xlabel="per-sample teacher weight", ylabel="training samples",
+               title=f"{WEIGHTING_NAMES.get(weighting, weighting)}: {rec.name}")
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    return None
+
+
+PLOTS = {"wga_vs_gamma": "wga_vs_gamma.png", "group_accuracy": "group_accuracy.png",
+         "teacher_weights": "teacher_weights.png"}
+
+
+def make_plots(records: list[RunRecord], rows: list[Row], out: Path) -> tuple[dict, dict]:
+    """Writes the plots; returns (written paths, skip reasons) keyed by plot name."""
+    makers = {"wga_vs_gamma": lambda p: plot_wga_vs_gamma(rows, p),
+              "group_accuracy": lambda p: plot_group_accuracy(rows, p),
+              "teacher_weights": lambda p: plot_teacher_weights(records, p)}
+    written, skipped = {}, {}
+    for name, make in makers.items():
+        path = out / PLOTS[name]
+        path.unlink(missing_ok=True)  # a stale plot from an earlier report would mislead
+        reason = make(path)
+        if reason is None:
+            written[name] = path
+        else:
+            skipped[name] = reason
+    return written, skipped

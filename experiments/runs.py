@@ -1,0 +1,285 @@
+"""Run folders -> records and results tables: loading, grouping by configuration, aggregation.
+
+Every number is the test metric of the best-validation-WGA checkpoint (``summary["test_best"]``),
+in percent; "Mean ± Std" is over the seeds that finished, with the sample std (ddof=1). Runs are
+grouped by the identity values of their ``config.json`` (:func:`distill.config.group_key`), never by
+their folder names.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from core.files import read_jsonl
+from data.metrics import NUM_GROUPS
+from distill.config import DistillConfig, group_key, identity_of, non_default_settings, setting_label
+from experiments.sweep import PRESETS, SWEEP_FILE, read_summary
+
+RUN_FILES = ("config.json", "summary.json", "metrics.jsonl")
+# The reference configuration of the report: AGRE-KD logits only, pure KD, layer4.
+BASELINE = {"weighting": "agre", "gamma": 0.0, "alpha": 1.0, "layers": ("layer4",),
+            "layer_gammas": None, "feature_weighting": "none"}
+WEIGHTING_NAMES = {"agre": "AGRE-KD", "aver": "AVER", "agre-batch": "AGRE-KD (batch)",
+                   "cached": "AGRE-KD (cached)"}
+DASH, NA = "—", "n/a"
+
+
+# ----------------------------------------------------------------------------- loading runs
+
+@dataclass
+class RunRecord:
+    """One run folder. ``status`` is "finished", "failed" or "incomplete" (no summary yet)."""
+
+    name: str
+    path: Path
+    status: str
+    reason: str = ""
+    config: dict = field(default_factory=dict)
+    summary: dict | None = None
+    epochs_logged: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+    @property
+    def seed(self) -> int | None:
+        return self.config.get("seed")
+
+    @property
+    def test(self) -> dict:
+        """Test metrics of the best-validation-WGA checkpoint (finished runs only)."""
+        return self.summary["test_best"]
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _count_epochs(path: Path) -> int:
+    """Complete lines of metrics.jsonl (a run killed mid-write leaves a partial last line)."""
+    return len(read_jsonl(path))
+
+
+def _status(path: Path, summary: dict | None, epochs: int, planned_epochs) -> tuple[str, str]:
+    if summary is None:
+        if (path / "summary.json").exists():
+            return "failed", "summary.json is unreadable"
+        return "incomplete", (f"no summary.json (crashed or still running) after "
+                              f"{epochs}/{planned_epochs or '?'} epochs")
+    status = summary.get("status")
+    if status == "failed":
+        return "failed", str(summary.get("error") or "failed without an error message")
+    if status != "finished":
+        return "failed", f"summary.json has status {status!r}"
+    wga = (summary.get("test_best") or {}).get("wga")
+    if not isinstance(wga, (int, float)) or not math.isfinite(wga):
+        return "failed", "summary.json has no finite test_best WGA"
+    return "finished", ""
+
+
+def load_run(path: str | Path) -> RunRecord:
+    """Read one run folder (config.json, summary.json, metrics.jsonl) into a RunRecord."""
+    path = Path(path)
+    summary = read_summary(path)
+    config = _read_json(path / "config.json") or (summary or {}).get("config") or {}
+    epochs = _count_epochs(path / "metrics.jsonl")
+    status, reason = _status(path, summary, epochs, config.get("epochs"))
+    return RunRecord(path.name, path, status, reason, config, summary, epochs)
+
+
+def load_runs(runs_dir: str | Path) -> list[RunRecord]:
+    """Every run folder directly under ``runs_dir`` (a folder with any of RUN_FILES), by name."""
+    folders = [p for p in sorted(Path(runs_dir).iterdir())
+               if p.is_dir() and any((p / f).exists() for f in RUN_FILES)]
+    return [load_run(p) for p in folders]
+
+
+def load_plan(runs_dir: str | Path) -> list[dict] | None:
+    """The planned runs of sweep.json (``{"name", "overrides", "preset", "label"}``), or None."""
+    plan = _read_json(Path(runs_dir) / SWEEP_FILE)
+    return None if plan is None else plan.get("runs", [])
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+@dataclass
+class Row:
+    """One configuration over seeds. Percent values; ``delta`` in points vs the baseline row."""
+
+    label: str
+    runs: list[RunRecord] = field(default_factory=list)  # finished runs only
+    seeds: list[int] = field(default_factory=list)       # seeds planned (or found)
+    is_baseline: bool = False
+    delta: float | None = None
+
+    @property
+    def key(self) -> str | None:
+        return group_key(self.runs[0].config) if self.runs else None
+
+    @property
+    def wga_by_seed(self) -> dict[int, float]:
+        return {r.seed: 100 * r.test["wga"] for r in self.runs}
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.wga_by_seed.values()) if self.runs else None
+
+    @property
+    def std(self) -> float | None:
+        """Sample std (ddof=1); None for fewer than two seeds."""
+        return statistics.stdev(self.wga_by_seed.values()) if self.n >= 2 else None
+
+    @property
+    def avg_acc(self) -> float | None:
+        vals = [100 * r.test["avg_acc"] for r in self.runs if r.test.get("avg_acc") is not None]
+        return statistics.fmean(vals) if vals else None
+
+    @property
+    def group_acc(self) -> list[float]:
+        """Per-group test accuracy, mean over seeds (NaN for a group empty in every run)."""
+        accs = np.array([[np.nan if a is None else a
+                          for a in r.test.get("group_acc") or [None] * NUM_GROUPS]
+                         for r in self.runs], dtype=float).reshape(-1, NUM_GROUPS)
+        present = ~np.isnan(accs)
+        count = present.sum(0)
+        total = np.where(present, accs, 0.0).sum(0)
+        return [100 * t / c if c else math.nan for t, c in zip(total, count)]
+
+
+@dataclass
+class Table:
+    """A results table: rows in display order; ``baseline`` is the label of the Δ reference."""
+
+    name: str
+    title: str
+    rows: list[Row]
+    baseline: str | None = None
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted({s for row in self.rows for s in row.seeds})
+
+
+def describe(config: dict) -> str:
+    """A readable row label for a configuration, e.g. "AGRE-KD γ=0.5, α=0.9, layer3+layer4"."""
+    parts = [f"{WEIGHTING_NAMES.get(config.get('weighting'), config.get('weighting'))} "
+             f"γ={float(config.get('gamma', 0)):g}"]
+    if float(config.get("alpha", 1.0)) != 1.0:
+        parts.append(f"α={float(config['alpha']):g}")
+    if tuple(config.get("layers", ("layer4",))) != ("layer4",):
+        parts.append("+".join(config["layers"]))
+    if config.get("feature_weighting", "none") != "none":
+        parts.append(f"{config['feature_weighting']}-weighted features")
+    extras = non_default_settings(identity_of(config))
+    return ", ".join(parts + [setting_label(k, v) for k, v in extras.items()])
+
+
+def baseline_key(config: dict) -> str:
+    """Group key of the paired baseline: the same settings with AGRE-KD, γ=0, α=1, layer4."""
+    return group_key({**config, **BASELINE})
+
+
+def aggregate(records: list[RunRecord]) -> list[Row]:
+    """Finished runs grouped by configuration minus seed, with Δ against the paired baseline.
+
+    Returns one Row per group (label from :func:`describe`), ordered by label. A group whose
+    configuration is the baseline (AGRE-KD, γ=0, α=1, layer4, no feature weighting) is marked
+    ``is_baseline``; the others get ``delta`` = their mean minus the baseline's mean when that
+    baseline group has finished runs.
+    """
+    groups: dict[str, Row] = {}
+    for rec in (r for r in records if r.finished):
+        row = groups.setdefault(group_key(rec.config), Row(describe(rec.config)))
+        row.runs.append(rec)
+        row.seeds.append(rec.seed)
+    for row in groups.values():
+        base = groups.get(baseline_key(row.runs[0].config))
+        row.is_baseline = base is row
+        if base is not None and not row.is_baseline:
+            row.delta = row.mean - base.mean
+    return sorted(groups.values(), key=lambda r: r.label)
+
+
+def _preset_table(preset: str, entries: list[dict], by_name: dict[str, RunRecord]) -> Table:
+    """Rows of one preset in plan order; Δ against the preset's baseline row."""
+    meta = PRESETS.get(preset, {})
+    rows: dict[str, Row] = {}
+    for entry in entries:
+        row = rows.setdefault(entry["label"], Row(entry["label"]))
+        row.seeds.append(entry["overrides"].get("seed", _seed_of(by_name.get(entry["name"]))))
+        rec = by_name.get(entry["name"])
+        if rec is not None and rec.finished:
+            row.runs.append(rec)
+    table = Table(preset, meta.get("title", preset), list(rows.values()), meta.get("baseline"))
+    _set_deltas(table)
+    return table
+
+
+def _seed_of(rec: RunRecord | None) -> int:
+    return rec.seed if rec is not None and rec.seed is not None else DistillConfig.seed
+
+
+def _set_deltas(table: Table) -> None:
+    base = next((r for r in table.rows if r.label == table.baseline), None)
+    for row in table.rows:
+        row.is_baseline = row is base
+        has_both = base is not None and base.runs and row.runs
+        row.delta = row.mean - base.mean if has_both and row is not base else None
+
+
+def build_tables(runs_dir: str | Path, records: list[RunRecord] | None = None) -> list[Table]:
+    """One table per preset found in sweep.json, in the presets' order, plus "Other runs".
+
+    Without sweep.json, one table of every finished run grouped by configuration. Finished
+    runs that no preset table shows (ad-hoc grids) go to the "Other runs" table, Δ against
+    the paired baseline (:func:`aggregate`).
+    """
+    records = load_runs(runs_dir) if records is None else records
+    by_name = {r.name: r for r in records}
+    plan = load_plan(runs_dir) or []
+    presets = [p for p in PRESETS if any(e.get("preset") == p for e in plan)]
+    presets += sorted({e["preset"] for e in plan if e.get("preset") and e["preset"] not in PRESETS})
+    tables = [_preset_table(p, [e for e in plan if e.get("preset") == p], by_name) for p in presets]
+    shown = {r.name for t in tables for row in t.rows for r in row.runs}
+    # Aggregate everything so that a run's paired baseline counts even when a preset shows it.
+    rest = [row for row in aggregate(records) if not shown & {r.name for r in row.runs}]
+    if rest:
+        title = "Other runs" if tables else "All runs"
+        tables.append(Table("runs", title, rest, "paired AGRE-KD γ=0 (same other settings)"))
+    return tables
+
+
+def gamma_family(rows: list[Row]) -> dict[str, dict[float, Row]]:
+    """``{weighting: {gamma: Row}}`` for AGRE-KD and AVER at α=1, layer4, no feature weighting.
+
+    When runs differ in other settings (e.g. epochs), the most common setting is used so that
+    one γ never has two points.
+    """
+    fixed = {"alpha": 1.0, "layers": ("layer4",), "layer_gammas": None, "feature_weighting": "none"}
+    cands = [r for r in rows if r.runs and r.runs[0].config.get("weighting") in ("agre", "aver")
+             and group_key(r.runs[0].config) == group_key({**r.runs[0].config, **fixed})]
+    if not cands:
+        return {}
+    sig = [baseline_key(r.runs[0].config) for r in cands]
+    common = max(set(sig), key=sig.count)
+    family: dict[str, dict[float, Row]] = {}
+    for row, s in zip(cands, sig):
+        if s == common:
+            cfg = row.runs[0].config
+            family.setdefault(cfg["weighting"], {})[float(cfg["gamma"])] = row
+    return family
+
+

@@ -1,0 +1,75 @@
+"""The house rules, checked: imports point down the layers, files stay small and say what they hold.
+
+Layers, bottom to top: core (errors, files, provenance, tables, runtime, models, weighting maths)
+<- data <- cache <- precompute, distill (siblings that never import each other) <- experiments
+<- cli. A module may import its own package and any lower layer, nothing else.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYER = {"core": 0, "data": 1, "cache": 2, "precompute": 3, "distill": 3, "experiments": 4, "cli": 5}
+MAX_LINES = 500
+
+
+def _sources() -> list[Path]:
+    files = [ROOT / "cli.py"]
+    for package in LAYER:
+        if (ROOT / package).is_dir():
+            files += sorted((ROOT / package).glob("*.py"))
+    return files
+
+
+def _package(path: Path) -> str:
+    return "cli" if path.name == "cli.py" and path.parent == ROOT else path.parent.name
+
+
+def _imports(path: Path) -> set[str]:
+    """Top-level project packages imported anywhere in the file (also inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found |= {n.split(".")[0] for n in names if n.split(".")[0] in LAYER}
+    return found
+
+
+@pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_imports_point_down(path):
+    own = _package(path)
+    wrong = sorted(p for p in _imports(path) - {own} if LAYER[p] >= LAYER[own])
+    assert not wrong, (f"{path.relative_to(ROOT)} ({own}, layer {LAYER[own]}) imports {wrong}: "
+                       "imports must point down (core <- data <- cache <- precompute, distill <- "
+                       "experiments <- cli)")
+
+
+@pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_files_are_small_and_say_what_they_hold(path):
+    text = path.read_text()
+    assert len(text.splitlines()) <= MAX_LINES, f"{path.name}: {len(text.splitlines())} lines"
+    if path.name == "__init__.py" and not text.strip():
+        return
+    doc = ast.get_docstring(ast.parse(text))
+    assert doc and doc.splitlines()[0].strip(), f"{path.name}: no module docstring saying what it holds"
+    assert text.lstrip().startswith('"""'), f"{path.name}: the first line must be the module docstring"
+
+
+def test_the_stages_never_import_each_other():
+    for path in _sources():
+        pkg = _package(path)
+        if pkg in ("precompute", "distill"):
+            other = {"precompute": "distill", "distill": "precompute"}[pkg]
+            assert other not in _imports(path), path
+
+
+def test_the_check_sees_every_module():
+    names = {str(p.relative_to(ROOT)) for p in _sources()}
+    assert {"cache/schema.py", "core/weighting.py", "distill/losses.py", "data/metrics.py"} <= names
