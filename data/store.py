@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from core.errors import ToolError
-from data.waterbirds import Metadata, read_image
+from data.folders import Metadata, read_image
 
 SCHEMA = "gr-kd-images"
 SCHEMA_VERSION = 1

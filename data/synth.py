@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 
 from core.errors import ConfigError
-from data.waterbirds import METADATA_COLUMNS, SPLIT_CODES
+from data.folders import SPLIT_CODES
+from data.waterbirds import METADATA_COLUMNS
 
 # Real Waterbirds group counts per split: (landbird/land, landbird/water, waterbird/land,
 # waterbird/water), from metadata.csv of waterbird_complete95_forest2water2.

@@ -119,7 +119,7 @@ BROKEN = {
     "not an image": (lambda root: folder(root, GOOD) and (root / "a/1.png").write_bytes(b"<html>"),
                      ["row 3: a/1.png: unreadable image"]),
     "extra image": (lambda root: folder(root, GOOD) and image(root / "c/stray.jpg"),
-                    ["1 image file(s) not listed in metadata.csv, e.g. c/stray.jpg"]),
+                    ["1 image file(s) not listed in the metadata, e.g. c/stray.jpg"]),
     "garbage metadata": (lambda root: root.mkdir() or (root / "metadata.csv").write_bytes(b"\x00\xff\xfe"),
                          ["metadata.csv: not a readable"]),
     "no metadata": (lambda root: root.mkdir(), ["no metadata.csv in"]),
@@ -152,7 +152,7 @@ def test_check_lists_all_problems_at_once(tmp_path):
                 "row 6: c/4.png: y='3' is not one of [0, 1]",
                 "row 7: c/5.png: split='9' is not one of [0, 1, 2]",
                 "row 8: c/6.png: unreadable image",
-                "1 image file(s) not listed in metadata.csv, e.g. stray.png"]
+                "1 image file(s) not listed in the metadata, e.g. stray.png"]
     assert "6 problem(s)" in r.output
     positions = [r.output.find(m) for m in expected]
     assert -1 not in positions, r.output

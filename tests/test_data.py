@@ -22,8 +22,8 @@ from data.store import ImageStore, StoreError, build_store, store_size_for
 from data.synth import WATERBIRDS_COUNTS, SynthSpec, generate, group_counts
 from data.views import (EVAL_CROP, EVAL_RESIZE, IMAGENET_MEAN, IMAGENET_STD, ViewSpec, eval_box,
                         pixel_box, pixel_boxes, render, sample_views)
-from data.waterbirds import (KNOWN_SUBFOLDERS, METADATA_COLUMNS, DataError,
-                             check_folder, fingerprint, load_metadata, read_image, resolve_root)
+from data.folders import DataError, check_folder, fingerprint, load_metadata, read_image
+from data.waterbirds import KNOWN_SUBFOLDERS, METADATA_COLUMNS, resolve_root
 
 # Group counts of SynthSpec(scale=0.01), worked by hand from the real counts: round(c * 0.01), at
 # least 1: train 34.98->35, 1.84->2, 0.56->1, 10.57->11; val 4.67->5, 4.66->5, 1.33->1, 1.33->1;
@@ -154,7 +154,7 @@ def test_synth_counts_and_metadata(synth):
         assert reader.fieldnames == METADATA_COLUMNS
         recs = list(reader)
     assert [int(r["img_id"]) for r in recs] == list(range(1, 120))
-    for r, y, place in zip(recs, meta.y, meta.place):
+    for r, y, place in zip(recs, meta.y, meta.attr):
         assert r["img_filename"].startswith("images/waterbird/" if y else "images/landbird/")
         assert r["place_filename"].startswith("/w/water/" if place else "/l/land/")
     im = Image.open(synth / recs[0]["img_filename"])
@@ -262,7 +262,7 @@ def test_broken_folder_lists_every_problem(tmp_path):
         assert msg in text, f"row {r} not reported:\n{text}"
     positions = [text.index(msg) for msg in expected.values()]
     assert positions == sorted(positions)  # listed in row order
-    assert "1 image file(s) not listed in metadata.csv" in text and "stray/extra.png" in text
+    assert "1 image file(s) not listed in the metadata" in text and "stray/extra.png" in text
     assert not any(f"row {n}:" in text for n in range(2, 8))  # the good rows are not blamed
     # load_metadata raises on the label problems alone, all of them in one message
     with pytest.raises(DataError) as e:
@@ -555,7 +555,7 @@ def test_split_metrics_weights_avg_acc_by_training_groups():
     group = np.array([0, 0, 0, 3, 0, 3, 3, 3])
     y = group // 2
     pred = np.array([0, 0, 0, 1, 0, 0, 0, 1])
-    out = split_metrics(pred, y, group, split, {"val": 1, "test": 2})
+    out = split_metrics(pred, y, group, split, {"val": 1, "test": 2}, num_groups=4)
     assert set(out) == {"test"}  # no val rows: no entry
     t = out["test"]
     assert t["wga"] == pytest.approx(1 / 3) and t["mean_acc"] == pytest.approx(2 / 4)
