@@ -55,6 +55,19 @@ def setting(item: str) -> tuple[str, object]:
         return key.strip(), text
 
 
+def dataset_options(fn):
+    """``--dataset`` and the CelebA attribute choice, passed on as ``dataset`` and ``dataset_options``."""
+    @click.option("--dataset", type=click.Choice(["waterbirds", "celeba", "csv"]), default="waterbirds",
+                  show_default=True, help="Layout of the data folder (csv: metadata.csv with image,label,attribute,split).")
+    @click.option("--target", default=None, help="CelebA: the attribute to predict [default: Blond_Hair].")
+    @click.option("--spurious", default=None, help="CelebA: the spurious attribute [default: Male].")
+    @functools.wraps(fn)
+    def wrapper(*args, dataset, target, spurious, **kwargs):
+        options = {k: v for k, v in {"target": target, "spurious": spurious}.items() if v is not None}
+        return fn(*args, dataset=dataset, dataset_options=options, **kwargs)
+    return wrapper
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli():
     """Group-robust ensemble knowledge distillation: teachers -> cache -> student -> report."""
@@ -78,19 +91,21 @@ def data():
 def data_synth(out, scale, size, seed):
     """Write synthetic Waterbirds (metadata.csv + images) in the real layout."""
     from data.synth import SynthSpec, generate
-    from data.waterbirds import count_table, load_metadata
+    from data.folders import count_table, load_metadata
 
     generate(out, SynthSpec(scale=scale, size=size, seed=seed))
     click.echo(f"wrote {out}\n{count_table(load_metadata(out))}")
 
 
 @data.command("check")
-@click.option("--root", required=True, type=click.Path(), help="Waterbirds folder (or its parent).")
-def data_check(root):
+@click.option("--root", required=True, type=click.Path(), help="Data folder (Waterbirds: the folder or its parent).")
+@dataset_options
+@friendly
+def data_check(root, dataset, dataset_options):
     """Print split x group counts and every problem found; non-zero exit on any problem."""
-    from data.waterbirds import check_folder, count_table
+    from data.folders import check_folder, count_table
 
-    meta, problems = check_folder(root)
+    meta, problems = check_folder(root, dataset, **dataset_options)
     if meta is not None:
         click.echo(f"{meta.root}: {len(meta)} rows\n{count_table(meta)}")
     if problems:
@@ -113,7 +128,9 @@ def data_check(root):
 @click.option("--pretrained/--no-pretrained", default=None, help="ImageNet init [default: on; synthetic off].")
 @click.option("--weights-file", type=click.Path(exists=True), default=None, help="Local ImageNet ResNet-50 weights.")
 @click.option("--shared-backbone", is_flag=True, default=None, help="One ERM backbone, T DFR heads.")
+@click.option("--overwrite", is_flag=True, default=None, help="Rebuild teachers that --out holds from other settings or data.")
 @click.option("--device", default="auto", show_default=True)
+@dataset_options
 @click.pass_context
 @friendly
 def teachers(ctx, data_root, out, **opts):
@@ -158,9 +175,12 @@ def teachers_import(out, teacher_files, biased_file, arch, num_classes, image_si
 @click.option("--layers", default="layer2,layer3,layer4", show_default=True)
 @click.option("--batch-size", default=128, show_default=True)
 @click.option("--shard", default="", help="Write shard i/n (0-based) only.")
+@click.option("--overwrite", is_flag=True, help="Delete a cache at --out made for other inputs and rebuild it.")
 @click.option("--device", default="auto", show_default=True)
+@dataset_options
 @friendly
-def precompute(data_root, manifest, out, random_views, layers, batch_size, shard, device):
+def precompute(data_root, manifest, out, random_views, layers, batch_size, shard, overwrite, device, dataset,
+               dataset_options):
     """Run every teacher once and write the HDF5 cache (+ the pre-decoded image store)."""
     from cache.info import format_summary, summarize
     from experiments.pipeline import ensure_data, ensure_teachers
@@ -175,7 +195,8 @@ def precompute(data_root, manifest, out, random_views, layers, batch_size, shard
                                "to the synthetic data set)")
     cfg = PrecomputeConfig(data_root=data_root, teachers=manifest, out=out or str(defaults.CACHE),
                            random_views=random_views or 0, layers=words(layers), batch_size=batch_size,
-                           shard=shard, device=device)
+                           shard=shard, overwrite=overwrite, device=device, dataset=dataset,
+                           dataset_options=dataset_options)
     path = run_precompute(cfg)
     click.echo(format_summary(summarize(path)))
 
@@ -201,10 +222,20 @@ def cache_info(path):
 @friendly
 def cache_verify(path, data_root):
     """Checksums, schema, completeness and data fingerprint; non-zero exit on any problem."""
+    from cache.reader import open_cache
     from cache.verify import verify
-    from data.waterbirds import fingerprint, load_metadata
+    from data.folders import fingerprint, load_metadata
 
-    fp = fingerprint(load_metadata(data_root)) if data_root else None
+    from core.errors import ToolError
+
+    fp = None
+    if data_root:
+        try:
+            meta = open_cache(path, require_complete=False).meta
+        except ToolError:  # a damaged file: verify lists what is wrong with it
+            meta = None
+        if meta is not None:
+            fp = fingerprint(load_metadata(data_root, meta.dataset, **meta.dataset_options))
     problems = verify(path, fp)
     if problems:
         raise click.ClickException(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
@@ -226,7 +257,7 @@ def cache_merge(out, shards):
 # ---------------------------------------------------------------- distill
 def distill_options(fn):
     from core.constants import AGRE_PARAMS, WEIGHTINGS
-    from distill.config import FEATURE_WEIGHTINGS, DistillConfig
+    from distill.config import FEATURE_WEIGHTINGS, KEEP_CHECKPOINTS, DistillConfig
 
     d = functools.partial(default_of, DistillConfig)
     opts = [
@@ -250,6 +281,8 @@ def distill_options(fn):
         click.option("--pretrained/--no-pretrained", default=None, help="ImageNet student [default: as the teachers]."),
         click.option("--weights-file", type=click.Path(exists=True), default=None, help="Local ImageNet ResNet-18 weights."),
         click.option("--data-root", type=click.Path(), default=None, help="Check the cache against this folder."),
+        click.option("--keep-checkpoints", type=click.Choice(KEEP_CHECKPOINTS), default=d("keep_checkpoints"),
+                     show_default=True, help="What a finished run keeps: best weights, + last weights, + optimizer."),
         click.option("--device", default=d("device"), show_default=True),
     ]
     for opt in reversed(opts):
@@ -261,8 +294,9 @@ def distill_options(fn):
 @distill_options
 @click.option("--out", default=None, type=click.Path(), help="Run folder [default: artifacts/default/runs/<name>].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
+@click.option("--overwrite", is_flag=True, help="Delete the run in --out and start it again.")
 @friendly
-def distill(out, resume, cache_path, layers, layer_gammas, sample_views, **kw):
+def distill(out, resume, overwrite, cache_path, layers, layer_gammas, sample_views, **kw):
     """Train the ResNet-18 student from the cache (no teacher runs at training time)."""
     from distill.config import DistillConfig, run_name
     from distill.train import fit
@@ -271,7 +305,7 @@ def distill(out, resume, cache_path, layers, layer_gammas, sample_views, **kw):
                         sample_views={"on": True, "off": False}.get(sample_views), **kw)
     if not out:
         cfg.out = str(defaults.RUNS / run_name(cfg))
-    s = fit(cfg, resume=resume)
+    s = fit(cfg, resume=resume, overwrite=overwrite)
     click.echo(f"best epoch {s['best_epoch']}: test WGA {100 * s['test_best']['wga']:.2f}%  "
                f"avg acc {100 * s['test_best']['avg_acc']:.2f}%  (last epoch: WGA {100 * s['test_last']['wga']:.2f}%)")
     click.echo(f"run folder: {cfg.out}")

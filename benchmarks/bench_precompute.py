@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.store import ImageStore, build_store, store_size_for  # noqa: E402
 from data.synth import SynthSpec, generate  # noqa: E402
 from data.views import ViewSpec, render, sample_views  # noqa: E402
-from data.waterbirds import fingerprint, load_metadata  # noqa: E402
+from data.folders import fingerprint, load_metadata  # noqa: E402
 from core.files import save_checkpoint
 from core.models import FeatureResNet  # noqa: E402
 from cache.schema import store_path_for

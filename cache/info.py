@@ -10,7 +10,7 @@ from cache.schema import FEATURE_DTYPE, SCHEMA_NAME, SCHEMA_VERSION
 from core.provenance import PROVENANCE_FIELDS
 from core.tables import format_table
 from data.metrics import split_metrics
-from data.waterbirds import SPLIT_NAMES
+from data.folders import SPLIT_NAMES
 
 
 def model_predictions(logits: np.ndarray, biased: np.ndarray, meta) -> dict[str, np.ndarray]:
@@ -39,7 +39,8 @@ def summarize(path) -> dict:
             "schema": f"{SCHEMA_NAME} v{SCHEMA_VERSION}", "num_samples": m.num_samples,
             "row_start": r.row_start, "row_stop": r.row_stop, "shard": r.shard,
             "rows": r.num_rows, "rows_done": int(len(done_rows)), "random_views": m.random_views,
-            "num_classes": m.num_classes, "layers": {l: m.feature_dims[l] for l in m.layers},
+            "num_classes": m.num_classes, "dataset": m.dataset, "group_names": m.group_names,
+            "finished": r.finished, "layers": {l: m.feature_dims[l] for l in m.layers},
             "feature_dtype": FEATURE_DTYPE, "tau_cached": m.tau_cached,
             "dataset_fingerprint": m.dataset_fingerprint, "view_spec": m.view_spec,
             "store_size": m.store_size, "teachers": m.teachers, "backbone_ids": m.backbone_ids,
@@ -54,7 +55,7 @@ def summarize(path) -> dict:
             for model, pred in model_predictions(v0["logits"], v0["biased"], m).items():
                 acc[model] = {name: {k: g[k] for k in ("mean_acc", "wga", "group_acc")}
                               for name, g in split_metrics(pred, v0["y"], v0["group"], v0["split"],
-                                                           named).items()}
+                                                           named, m.num_groups).items()}
         d["accuracy"] = acc
     return d
 
@@ -73,13 +74,14 @@ def format_summary(d: dict) -> str:
             f"{d['rows']} of {d['num_samples']} (shard {d['shard']}, rows {d['row_start']}..{d['row_stop']})")
     lines = [
         f"cache        {d['path']}  ({_size(d['file_bytes'])}, {d['schema']})",
-        f"rows         {rows}; done {d['rows_done']}/{d['rows']}",
+        f"rows         {rows}; done {d['rows_done']}/{d['rows']}"
+        + ("" if d["finished"] else " (not finished: rerun precompute to complete it)"),
         f"views        {d['random_views'] + 1} per row (view 0 eval + {d['random_views']} random) at "
         f"{d['view_spec']['out_size']} px from a {d['store_size']} px store   classes "
         f"{d['num_classes']}   tau_cached {d['tau_cached']:g}",
         f"features     " + (", ".join(f"{l} {D}" for l, D in d["layers"].items()) or "none")
         + f"  ({d['feature_dtype']}, {len(d['backbone_ids'])} backbones)",
-        f"data set     fingerprint {d['dataset_fingerprint']}",
+        f"data set     {d['dataset']}, groups {', '.join(d['group_names'])}; fingerprint {d['dataset_fingerprint']}",
         f"splits       " + ", ".join(f"{k} {v}" for k, v in d["splits"].items()),
         f"made         {p['created']} by tool {p['tool_version']} (git {p['git_commit']}, "
         f"torch {p['torch_version']})",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cache.integrity import write_digests
 from cache.reader import SLAB_BYTES, guarded, open_cache
 from cache.schema import (SAMPLE_FIELDS, CacheError, layout, parse_shard, row_bytes, store_path_for)
 from cache.writer import create_file
@@ -92,6 +93,8 @@ def merge(out_path, shard_paths) -> None:
                         out[name][s.row_start + a:s.row_start + b] = guarded(s.path, name, lambda: src[a:b])
             out.flush()
             out["progress/done"][...] = True
+            write_digests(out, list(layout(meta, N)),
+                          lambda ds: max(1, SLAB_BYTES // max(row_bytes(ds.shape, ds.dtype.itemsize), 1)))
         os.replace(tmp, out_path)
     except BaseException:
         if os.path.exists(tmp):

@@ -6,9 +6,11 @@ import os
 import h5py
 import numpy as np
 
+from cache.integrity import (BLOCK_ROWS, DIGESTS_KEY, HEADER_KEY, digests_digest, first_bad_block,
+                             header_digest, read_digest_tables)
 from cache.schema import (ROW_DATASETS, SAMPLE_FIELDS, CacheError, CacheMeta, check_schema, layout,
                           meta_from_file, row_bytes)
-from data.waterbirds import SPLIT_CODES
+from data.folders import SPLIT_CODES
 
 # Bulk reads go through slabs of at most this size, so peak memory stays bounded.
 SLAB_BYTES = 64 * 1024 * 1024
@@ -49,28 +51,66 @@ def layout_problems(f: h5py.File, meta: CacheMeta, R: int) -> list[str]:
     return problems
 
 
+# What h5py raises on a damaged file, depending on which structure the damage hit.
+H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, UnicodeDecodeError)
+
+
 def guarded(path, name: str, read):
-    """Run ``read()``; a failed read (checksum mismatch, truncated data) becomes a CacheError."""
+    """Run ``read()``; a failed read (checksum mismatch, damaged structure, truncated data)
+    becomes a CacheError naming the file and what to do."""
     try:
         return read()
-    except OSError as e:
-        raise CacheError(f"{path}: cannot read /{name} ({e}); the file is corrupt. Run `cache "
-                         "verify` on it, then copy it again or rebuild it with precompute") from None
+    except CacheError:
+        raise
+    except H5_ERRORS as e:
+        raise CacheError(f"{path}: cannot read /{name} ({type(e).__name__}: {str(e)[:200]}); the file is "
+                         "corrupt. Run `cache verify` on it, then copy it again or rebuild it with precompute") from None
+
+
+def check_header(f: h5py.File, path) -> bool:
+    """True for a finished file whose attributes match their digest; False for an unfinished one.
+
+    Checked before the attributes are parsed, so that damage is named as damage. A finished file
+    whose header or digest tables do not match is damaged: CacheError.
+    """
+    if HEADER_KEY not in f.attrs:
+        return False
+    if str(f.attrs[HEADER_KEY]) != header_digest(f.attrs):
+        raise CacheError(f"{path}: the header (root attributes) does not match its digest: it was edited "
+                         "or damaged after precompute wrote it. Copy the file again or rebuild it with precompute")
+    return True
+
+
+def check_digest_tables(f: h5py.File, path, names: list[str]) -> None:
+    """The digest tables of a finished file match the digest its (checked) header holds."""
+    try:
+        tables = read_digest_tables(f, names)
+    except H5_ERRORS as e:
+        raise CacheError(f"{path}: the digest tables are missing or unreadable ({e}); the file is damaged. "
+                         "Copy it again or rebuild it with precompute") from None
+    if digests_digest(tables) != str(f.attrs.get(DIGESTS_KEY)):
+        raise CacheError(f"{path}: the digest tables do not match the header; the file is damaged. "
+                         "Copy it again or rebuild it with precompute")
 
 
 def read_checked(f: h5py.File, path, require_complete: bool):
-    """Schema, header and layout checks of an open file -> (meta, row_start, row_stop, shard, done)."""
+    """Schema, header, digests and layout checks of an open file
+    -> (meta, row_start, row_stop, shard, done, finished)."""
     check_schema(f.attrs, path)
+    finished = check_header(f, path)
     meta, row_start, row_stop, shard = meta_from_file(f, path)
     problems = layout_problems(f, meta, row_stop - row_start)
     if problems:
         raise CacheError(f"{path}: " + "; ".join(problems) + ". The file is damaged or was not "
                          "written by this tool; delete it and rerun precompute")
+    if finished:
+        check_digest_tables(f, path, list(layout(meta, row_stop - row_start)))
     done = guarded(path, "progress/done", lambda: f["progress/done"][...])
-    if require_complete and not done.all():
-        raise CacheError(f"{path}: incomplete: {int(done.sum())} of {len(done)} rows done; rerun "
-                         "precompute with the same arguments to resume")
-    return meta, row_start, row_stop, shard, done
+    if require_complete and not (done.all() and finished):
+        raise CacheError(f"{path}: incomplete: {int(done.sum())} of {len(done)} rows done"
+                         + ("" if not done.all() else ", digests not written yet")
+                         + "; rerun precompute with the same arguments to finish it")
+    return meta, row_start, row_stop, shard, done, finished
 
 
 def _spans(rows: np.ndarray, gap: int, max_rows: int) -> list[tuple[int, int]]:
@@ -92,14 +132,27 @@ def _spans(rows: np.ndarray, gap: int, max_rows: int) -> list[tuple[int, int]]:
     return out
 
 
-def gather(ds: h5py.Dataset, rows: np.ndarray, views=None) -> np.ndarray:
+def gather(ds: h5py.Dataset, rows: np.ndarray, views=None, digests: np.ndarray | None = None,
+           path="") -> np.ndarray:
     """``ds[rows]`` (then the view axis selected: None all, an int, or an index array) for sorted
-    ``rows``, read as contiguous slabs."""
-    max_rows = max(1, SLAB_BYTES // max(row_bytes(ds.shape, ds.dtype.itemsize), 1))
+    ``rows``, read as contiguous slabs. With ``digests`` (the dataset's block digest table) every
+    block read is checked against it first; a mismatch is a CacheError."""
+    max_rows = max(BLOCK_ROWS, SLAB_BYTES // max(row_bytes(ds.shape, ds.dtype.itemsize), 1))
+    gap = max(ds.chunks[0] if ds.chunks else 1, BLOCK_ROWS if digests is not None else 1)
     pieces = []
-    for a, b in _spans(rows, ds.chunks[0] if ds.chunks else 1, max_rows):
+    for a, b in _spans(rows, gap, max_rows):
         lo, hi = int(rows[a]), int(rows[b - 1]) + 1
-        block = ds[lo:hi][rows[a:b] - lo]
+        if digests is not None:  # whole blocks, so that each one can be checked
+            lo, hi = lo // BLOCK_ROWS * BLOCK_ROWS, min(ds.shape[0], -(-hi // BLOCK_ROWS) * BLOCK_ROWS)
+        slab = ds[lo:hi]
+        if digests is not None:
+            bad = first_bad_block(slab, lo // BLOCK_ROWS, digests)
+            if bad is not None:
+                raise CacheError(f"{path}: rows {bad * BLOCK_ROWS}..{min(ds.shape[0], (bad + 1) * BLOCK_ROWS)} "
+                                 f"of /{ds.name.lstrip('/')} do not match their digest: the file is damaged "
+                                 "(its chunk index?). Run `cache verify` on it, then copy it again or rebuild "
+                                 "it with precompute")
+        block = slab[rows[a:b] - lo]
         pieces.append(block if views is None else block[:, views])
     if pieces:
         return np.concatenate(pieces)
@@ -115,11 +168,11 @@ class CacheReader:
     """
 
     def __init__(self, path, meta: CacheMeta, row_start: int, row_stop: int, shard: str,
-                 done: np.ndarray):
+                 done: np.ndarray, finished: bool):
         self.path, self.meta, self.shard = str(path), meta, shard
         self.row_start, self.row_stop = row_start, row_stop
-        self.done = done
-        self._file, self._pid, self._samples = None, None, None
+        self.done, self.finished = done, finished
+        self._file, self._pid, self._samples, self._digests = None, None, None, None
 
     def _h5(self) -> h5py.File:
         # A handle inherited through fork must not be used by the child: reopen per process.
@@ -152,13 +205,27 @@ class CacheReader:
     def num_rows(self) -> int:
         return self.row_stop - self.row_start
 
+    def digests(self, name: str) -> np.ndarray | None:
+        """The block digest table of dataset ``name`` (None for an unfinished file)."""
+        if not self.finished:
+            return None
+        if self._digests is None:
+            f = self._h5()
+            names = list(layout(self.meta, self.num_rows))
+            self._digests = guarded(self.path, "digests", lambda: read_digest_tables(f, names))
+        return self._digests[name]
+
+    def load(self, name: str, rows: np.ndarray, views=None) -> np.ndarray:
+        """Rows of one dataset, every block read checked against its digest."""
+        f = self._h5()
+        return guarded(self.path, name, lambda: gather(f[name], rows, views, self.digests(name), self.path))
+
     def sample(self, key: str) -> np.ndarray:
         """``samples/<key>`` of every file row ("id" as an object array of str)."""
         if self._samples is None:
-            f = self._h5()
-            self._samples = guarded(self.path, "samples", lambda: {
-                "id": f["samples/id"].asstr()[...].astype(object),
-                **{k: f[f"samples/{k}"][...] for k in SAMPLE_FIELDS[1:]}})
+            everything = np.arange(self.num_rows)
+            self._samples = {k: self.load(f"samples/{k}", everything) for k in SAMPLE_FIELDS}
+            self._samples["id"] = np.char.decode(self._samples["id"], "utf-8").astype(object)
         return self._samples[key]
 
     @property
@@ -186,7 +253,7 @@ class CacheReader:
             views: None (all V views), an int (view axis dropped) or a list of views.
             layers: feature layers to load; None for all, [] for none.
         Returns:
-            ``{"rows": [n] file rows, "id", "y", "place", "group", "split": [n],
+            ``{"rows": [n] file rows, "id", "y", "attr", "group", "split": [n],
             "box": [n, v, 4], "flip": [n, v], "logits": [n, v, T, C], "biased": [n, v, C],
             "weights": [n, v, T], "features": {layer: [n, v, B, D]}}`` (no v axis for an int view).
         """
@@ -202,27 +269,19 @@ class CacheReader:
         if unknown:
             raise CacheError(f"{self.path} holds features of {self.meta.layers}, not {unknown}; "
                              f"rerun precompute with --layers including {','.join(unknown)}")
-        f = self._h5()
-
-        def load(name):
-            return guarded(self.path, name, lambda: gather(f[name], rows, views))
-
         return {"rows": rows, **{k: self.sample(k)[rows] for k in SAMPLE_FIELDS},
-                **{key: load(name) for key, name in ROW_DATASETS.items()},
-                "features": {l: load(f"features/{l}") for l in layers}}
+                **{key: self.load(name, rows, views) for key, name in ROW_DATASETS.items()},
+                "features": {l: self.load(f"features/{l}", rows, views) for l in layers}}
 
 
 def open_cache(path, require_complete: bool = True) -> CacheReader:
     """Check a cache file and return a lazy :class:`CacheReader` on it.
 
-    Checks: readable HDF5, schema name and version, header, every dataset present with the shape
-    the header implies, and (``require_complete``) every row done. Any failure is a CacheError
+    Checks: readable HDF5, schema name and version, header (and its digest), every dataset
+    present with the shape the header implies, and (``require_complete``) every row done and the
+    digests written. Every later read is checked against the block digests. Any failure is a CacheError
     that names the file and says what to do; the file is not kept open.
     """
     with open_h5(path, "r") as f:
-        try:
-            meta, row_start, row_stop, shard, done = read_checked(f, path, require_complete)
-        except (OSError, RuntimeError) as e:  # HDF5 failures not caught more precisely above
-            raise CacheError(f"{path}: cannot read the file ({e}); it is corrupt. Copy it again "
-                             "or delete it and rerun precompute") from None
-    return CacheReader(path, meta, row_start, row_stop, shard, done)
+        checked = guarded(path, "", lambda: read_checked(f, path, require_complete))
+    return CacheReader(path, *checked)

@@ -1,30 +1,36 @@
 """The cache schema: what a teacher cache holds, declared once (layout, header, shards).
 
 The cache is the contract between ``precompute`` (writes it) and ``distill`` (reads it). One
-self-describing HDF5 file; no pickle. Schema ``gr-kd-cache`` version 1 (R = row_stop - row_start
+self-describing HDF5 file; no pickle. Schema ``gr-kd-cache`` version 2 (R = row_stop - row_start
 rows in this file; file row r is dataset row row_start + r; V = K + 1 views per row, view 0 the
-eval view and views 1..K random; T teachers; B distinct backbones; C classes)::
+eval view and views 1..K random; T teachers; B distinct backbones; C classes; A values of the
+spurious attribute)::
 
     / attrs  schema, schema_version, created (UTC ISO), tool_version, git_commit, torch_version,
+             dataset (name), dataset_options (JSON, e.g. CelebA's target and spurious attribute),
+             class_names (JSON [C]), attr_names (JSON [A]),
              num_classes, dataset_fingerprint, teachers (JSON [{name, role, sha256, backbone_id}],
              role "teacher" | "biased"; logits follow the order of the "teacher" entries),
              backbone_ids (JSON [B]), backbone_of_teacher (JSON [T], index into B),
              biased_backbone (index into B), view_spec (JSON of data.views.ViewSpec: random_views
              K, out_size, scale, ratio, seed), store_size (pixel side of the image store),
              teachers_pretrained, layers (JSON), tau_cached, feature_dtype "float16",
-             num_samples (N of the whole data set), row_start, row_stop, shard ("i/n" or "")
-    /samples/  id [R] utf-8 str (img_filename), y, place, group, split [R] int64
+             num_samples (N of the whole data set), row_start, row_stop, shard ("i/n" or ""),
+             digests_sha256, header_sha256 (cache.integrity; present once the file is finished)
+    /samples/  id [R] utf-8 str (image path), y, attr, group (y * A + attr), split [R] int64
     /views/    box [R, V, 4] float32 (top, left, height, width, relative), flip [R, V] bool
     /logits/   teachers [R, V, T, C] float32, biased [R, V, C] float32
     /features/ <layer> [R, V, B, D_layer] float16
     /weights/  agre_cached [R, V, T] float32
     /progress/ done [R] bool
+    /digests/  <dataset> [ceil(R / 64), 32] uint8: sha256 of every 64-row block (cache.integrity)
 
 Every dataset is chunked by rows (a chunk holds a few whole rows, all views), checksummed
 (fletcher32) and compressed with the portable shuffle + gzip filters (or not compressed).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -36,10 +42,10 @@ from core.errors import ConfigError, ToolError
 from core.provenance import PROVENANCE_FIELDS, canon, provenance
 
 SCHEMA_NAME = "gr-kd-cache"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FEATURE_DTYPE = "float16"
 ROLES = ("teacher", "biased")
-SAMPLE_FIELDS = ("id", "y", "place", "group", "split")
+SAMPLE_FIELDS = ("id", "y", "attr", "group", "split")
 
 # A chunk is the unit of decompression: a random row read decodes its whole chunk, so chunks stay
 # small, but a few rows long so that small per-row datasets do not turn into millions of chunks.
@@ -65,6 +71,10 @@ class CacheMeta:
     """
 
     num_classes: int
+    class_names: list
+    attr_names: list
+    dataset: str
+    dataset_options: dict
     dataset_fingerprint: str
     teachers: list
     backbone_ids: list
@@ -83,17 +93,19 @@ class CacheMeta:
     torch_version: str = ""
 
     # The fields a resumed or merged file must share with the inputs; provenance may differ.
-    IDENTITY = ("num_classes", "dataset_fingerprint", "teachers", "backbone_ids",
+    IDENTITY = ("num_classes", "class_names", "attr_names", "dataset", "dataset_options", "dataset_fingerprint", "teachers", "backbone_ids",
                 "backbone_of_teacher", "biased_backbone", "view_spec", "store_size",
                 "teachers_pretrained", "layers", "feature_dims", "num_samples", "tau_cached")
 
     def __post_init__(self):
         self.teachers = canon(list(self.teachers))
+        self.class_names, self.attr_names = [str(c) for c in self.class_names], [str(a) for a in self.attr_names]
         self.backbone_ids = [str(b) for b in self.backbone_ids]
         self.backbone_of_teacher = [int(b) for b in self.backbone_of_teacher]
         self.layers = [str(l) for l in self.layers]
         self.feature_dims = {str(k): int(v) for k, v in self.feature_dims.items()}
         self.view_spec = canon(dict(self.view_spec))
+        self.dataset_options = canon(dict(self.dataset_options))
         self.num_classes, self.store_size = int(self.num_classes), int(self.store_size)
         self.num_samples, self.biased_backbone = int(self.num_samples), int(self.biased_backbone)
         self.teachers_pretrained = bool(self.teachers_pretrained)
@@ -123,6 +135,14 @@ class CacheMeta:
         return len(self.backbone_ids)
 
     @property
+    def num_groups(self) -> int:
+        return len(self.class_names) * len(self.attr_names)
+
+    @property
+    def group_names(self) -> list[str]:
+        return [f"{c}/{a}" for c in self.class_names for a in self.attr_names]
+
+    @property
     def random_views(self) -> int:
         """K: the random views stored per row besides the eval view."""
         return int(self.view_spec.get("random_views", 0))
@@ -139,6 +159,11 @@ class CacheMeta:
 
     def identity(self) -> dict:
         return canon({k: getattr(self, k) for k in self.IDENTITY})
+
+    def identity_digest(self) -> str:
+        """sha256 of :meth:`identity`: equal for caches with the same contents (a merged file
+        and its single-process twin), different when data, teachers, views or layers differ."""
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
 
     def validate(self) -> None:
         """Raise CacheError on a meta that could not describe a consistent file."""
@@ -176,6 +201,9 @@ class CacheMeta:
             problems.append(f"feature dims must be positive: {self.feature_dims}")
         if self.num_classes < 2 or self.num_samples < 1 or self.random_views < 0:
             problems.append("num_classes >= 2, num_samples >= 1 and random_views >= 0 are required")
+        if len(self.class_names) != self.num_classes or not self.attr_names:
+            problems.append(f"class_names {self.class_names} must name the {self.num_classes} classes "
+                            f"and attr_names {self.attr_names} at least one attribute value")
         if "out_size" not in self.view_spec or self.store_size < 1:
             problems.append("view_spec needs out_size, and store_size must be positive")
         if problems:
@@ -235,6 +263,8 @@ def meta_attrs(meta: CacheMeta, row_start: int, row_stop: int, shard: str) -> di
         "schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "created": meta.created,
         "tool_version": meta.tool_version, "git_commit": meta.git_commit,
         "torch_version": meta.torch_version, "num_classes": meta.num_classes,
+        "class_names": json.dumps(meta.class_names), "attr_names": json.dumps(meta.attr_names),
+        "dataset": meta.dataset, "dataset_options": json.dumps(meta.dataset_options, sort_keys=True),
         "dataset_fingerprint": meta.dataset_fingerprint, "teachers": json.dumps(meta.teachers),
         "backbone_ids": json.dumps(meta.backbone_ids),
         "backbone_of_teacher": json.dumps(meta.backbone_of_teacher),
@@ -267,7 +297,10 @@ def meta_from_file(f, path) -> tuple[CacheMeta, int, int, str]:
         if missing:
             raise KeyError(", ".join(missing))
         meta = CacheMeta(
-            num_classes=int(a["num_classes"]), dataset_fingerprint=str(a["dataset_fingerprint"]),
+            num_classes=int(a["num_classes"]), class_names=json.loads(a["class_names"]),
+            attr_names=json.loads(a["attr_names"]), dataset=str(a["dataset"]),
+            dataset_options=json.loads(a["dataset_options"]),
+            dataset_fingerprint=str(a["dataset_fingerprint"]),
             teachers=json.loads(a["teachers"]), backbone_ids=json.loads(a["backbone_ids"]),
             backbone_of_teacher=json.loads(a["backbone_of_teacher"]),
             biased_backbone=int(a["biased_backbone"]), view_spec=json.loads(a["view_spec"]),
@@ -278,8 +311,8 @@ def meta_from_file(f, path) -> tuple[CacheMeta, int, int, str]:
             git_commit=str(a["git_commit"]), torch_version=str(a["torch_version"]))
         row_start, row_stop, shard = int(a["row_start"]), int(a["row_stop"]), str(a["shard"])
     except KeyError as e:
-        raise CacheError(f"{path}: attribute or dataset {e} is missing; the file was not written "
-                         "completely by precompute. Delete it and rerun precompute") from None
+        raise CacheError(f"{path}: attribute or dataset {e} is missing: the file is damaged, or was not "
+                         "written completely. Delete it and rerun precompute") from None
     except (ValueError, TypeError, IndexError, CacheError) as e:
         raise CacheError(f"{path}: inconsistent header ({e}); delete it and rerun precompute") from None
     if not 0 <= row_start < row_stop <= meta.num_samples:
@@ -299,10 +332,24 @@ def parse_shard(shard: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def shard_rows(shard: str, num_samples: int) -> tuple[int, int]:
-    """Dataset rows ``[start, stop)`` of shard ``"i/n"``: n contiguous, near-equal ranges."""
+def shard_rows(shard: str, num_samples: int, align: int = 1) -> tuple[int, int]:
+    """Dataset rows ``[start, stop)`` of shard ``"i/n"``: n contiguous, near-equal ranges whose
+    boundaries are multiples of ``align``.
+
+    Precompute aligns them to its batch size, so every shard runs exactly the batches of a
+    single-process run and the merged file equals it bit for bit (batch composition changes
+    float results in the last bits on some kernels). Raises ConfigError for an empty shard.
+    """
     i, n = parse_shard(shard)
-    return i * num_samples // n, (i + 1) * num_samples // n
+    align = max(1, int(align))
+
+    def edge(k):
+        return min(num_samples, round((k * num_samples // n) / align) * align)
+    start, stop = edge(i), (num_samples if i == n - 1 else edge(i + 1))
+    if start >= stop:
+        raise ConfigError(f"shard {shard} holds no rows: {num_samples} rows in batches of {align} do not "
+                          f"make {n} shards; use fewer shards or a smaller --batch-size")
+    return start, stop
 
 
 def store_path_for(cache_path: str | Path) -> Path:

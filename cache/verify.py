@@ -1,46 +1,51 @@
-"""Full check of a cache file: schema, layout, every chunk's checksum, completeness, data set."""
+"""Full check of a cache file: schema, layout, header digest, every block's digest and checksum."""
 from __future__ import annotations
 
 import h5py
 import numpy as np
 
-from cache.reader import SLAB_BYTES, layout_problems, open_h5
+from cache.integrity import BLOCK_ROWS, first_bad_block, read_digest_tables
+from cache.reader import (H5_ERRORS, SLAB_BYTES, check_digest_tables, check_header, guarded, layout_problems,
+                          open_h5)
 from cache.schema import CacheError, check_schema, layout, meta_from_file, row_bytes
 
 
-def _chunk_ranges(ds: h5py.Dataset) -> list[tuple[int, int]]:
-    step = ds.chunks[0] if ds.chunks else ds.shape[0]
-    return [(a, min(a + step, ds.shape[0])) for a in range(0, ds.shape[0], max(step, 1))]
-
-
-def _verify_dataset(ds: h5py.Dataset, name: str) -> list[str]:
-    """Read every chunk of ``ds`` (HDF5 checks each chunk's fletcher32 on read)."""
+def _verify_dataset(ds: h5py.Dataset, name: str, digests: np.ndarray | None) -> list[str]:
+    """Read every block of ``ds``: HDF5 checks each chunk's fletcher32 on read, and each block is
+    compared with its digest (which catches a damaged chunk index: no read error, wrong rows)."""
     problems = []
     if not ds.fletcher32:
         problems.append(f"/{name} has no fletcher32 checksums; its integrity cannot be checked")
-    bad, nonfinite = [], 0
-    slab = max(1, SLAB_BYTES // max(row_bytes(ds.shape, ds.dtype.itemsize), 1))
-    chunks = _chunk_ranges(ds)
-    per_slab = max(1, slab // max(chunks[0][1] - chunks[0][0], 1)) if chunks else 1
-    for i in range(0, len(chunks), per_slab):
-        group = chunks[i:i + per_slab]
+    step = max(1, SLAB_BYTES // max(row_bytes(ds.shape, ds.dtype.itemsize), 1) // BLOCK_ROWS) * BLOCK_ROWS
+    unreadable, mismatched, nonfinite = [], [], 0
+    for lo in range(0, ds.shape[0], step):
+        hi = min(lo + step, ds.shape[0])
         try:
-            parts = [ds[group[0][0]:group[-1][1]]]
-        except OSError:
-            # a failure somewhere in the slab: read chunk by chunk to name the bad rows
-            parts = []
-            for a, b in group:
+            slab = ds[lo:hi]
+        except H5_ERRORS as e:  # a checksum failure somewhere in the slab: name the bad blocks
+            for a in range(lo, hi, BLOCK_ROWS):
                 try:
-                    parts.append(ds[a:b])
-                except OSError as e:
-                    bad.append((a, b, str(e).splitlines()[0]))
-        for p in parts:
-            if p.dtype.kind == "f":
-                nonfinite += int(p.size - np.count_nonzero(np.isfinite(p)))
-    if bad:
-        where = ", ".join(f"rows {a}..{b}" for a, b, _ in bad[:5]) + (" ..." if len(bad) > 5 else "")
-        problems.append(f"/{name}: {len(bad)} chunk(s) fail the checksum or cannot be read ({where}; "
-                        f"{bad[0][2]}): the file is corrupt; copy it again or rebuild it with precompute")
+                    ds[a:min(a + BLOCK_ROWS, hi)]
+                except H5_ERRORS:
+                    unreadable.append((a, min(a + BLOCK_ROWS, hi), (str(e).splitlines() or [type(e).__name__])[0]))
+            continue
+        if digests is not None:
+            for a in range(0, len(slab), BLOCK_ROWS):
+                bad = first_bad_block(slab[a:a + BLOCK_ROWS], (lo + a) // BLOCK_ROWS, digests)
+                if bad is not None:
+                    mismatched.append((lo + a, min(lo + a + BLOCK_ROWS, hi)))
+        if slab.dtype.kind == "f":
+            nonfinite += int(slab.size - np.count_nonzero(np.isfinite(slab)))
+
+    def where(spans):
+        return ", ".join(f"rows {a}..{b}" for a, b, *_ in spans[:5]) + (" ..." if len(spans) > 5 else "")
+    if unreadable:
+        problems.append(f"/{name}: {len(unreadable)} block(s) fail the checksum or cannot be read "
+                        f"({where(unreadable)}; {unreadable[0][2]}): the file is corrupt; copy it again "
+                        "or rebuild it with precompute")
+    if mismatched:
+        problems.append(f"/{name}: {len(mismatched)} block(s) do not match their digest ({where(mismatched)}): "
+                        "the file is damaged; copy it again or rebuild it with precompute")
     if nonfinite:
         problems.append(f"/{name}: {nonfinite} non-finite values")
     return problems
@@ -49,9 +54,9 @@ def _verify_dataset(ds: h5py.Dataset, name: str) -> list[str]:
 def verify(path, fingerprint: str | None = None) -> list[str]:
     """Full check of a cache file; returns the problems found (empty list: the file is sound).
 
-    Re-reads every dataset completely, so every chunk's fletcher32 checksum is checked; also the
-    schema, the layout, completeness and, with ``fingerprint``, that the file was made from that
-    data set.
+    Re-reads every dataset completely, so every chunk's fletcher32 checksum and every block's
+    digest is checked; also the schema, the header digest, the layout, completeness and, with
+    ``fingerprint``, that the file was made from that data set.
     """
     try:
         f = open_h5(path, "r")
@@ -59,23 +64,32 @@ def verify(path, fingerprint: str | None = None) -> list[str]:
         return [str(e)]
     with f:
         try:
-            check_schema(f.attrs, path)
-            meta, row_start, row_stop, _ = meta_from_file(f, path)
+            return guarded(path, "", lambda: _verify_open(f, path, fingerprint))
         except CacheError as e:
             return [str(e)]
-        except (OSError, RuntimeError) as e:
-            return [f"{path}: cannot read the header ({e}); the file is corrupt"]
-        problems = layout_problems(f, meta, row_stop - row_start)
-        present = [n for n in layout(meta, row_stop - row_start) if n in f]
-        for name in present:
-            problems += _verify_dataset(f[name], name)
-        if "progress/done" in f and not any(p.startswith("/progress/done") for p in problems):
-            done = f["progress/done"][...]
-            if not done.all():
-                problems.append(f"incomplete: {int(done.sum())} of {len(done)} rows done; rerun "
-                                "precompute with the same arguments to resume")
-        if fingerprint is not None and fingerprint != meta.dataset_fingerprint:
-            problems.append(f"cache made from another data set: file fingerprint "
-                            f"{meta.dataset_fingerprint[:16]}, data folder {fingerprint[:16]}; "
-                            "rerun precompute on this data folder or point to the right one")
+
+
+def _verify_open(f: h5py.File, path, fingerprint: str | None) -> list[str]:
+    check_schema(f.attrs, path)
+    finished = check_header(f, path)
+    meta, row_start, row_stop, _ = meta_from_file(f, path)
+    names = list(layout(meta, row_stop - row_start))
+    problems = layout_problems(f, meta, row_stop - row_start)
+    if problems:
+        return problems
+    if finished:
+        check_digest_tables(f, path, names)
+    tables = read_digest_tables(f, names) if finished else {}
+    for name in names:
+        problems += _verify_dataset(f[name], name, tables.get(name))
+    if not any(p.startswith("/progress/done") for p in problems):
+        done = f["progress/done"][...]
+        if not done.all() or not finished:
+            problems.append(f"incomplete: {int(done.sum())} of {len(done)} rows done"
+                            + (", digests not written yet" if done.all() else "")
+                            + "; rerun precompute with the same arguments to finish it")
+    if fingerprint is not None and fingerprint != meta.dataset_fingerprint:
+        problems.append(f"cache made from another data set: file fingerprint "
+                        f"{meta.dataset_fingerprint[:16]}, data folder {fingerprint[:16]}; "
+                        "rerun precompute on this data folder or point to the right one")
     return problems

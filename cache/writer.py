@@ -8,7 +8,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache.reader import READ_CACHE_BYTES, open_h5, read_checked
+from cache.integrity import HEADER_KEY, write_digests
+from cache.reader import READ_CACHE_BYTES, SLAB_BYTES, open_h5, read_checked
 from cache.schema import (DEFAULT_GZIP_LEVEL, SAMPLE_FIELDS, CacheError, CacheMeta, chunk_rows,
                           encode_ids, layout, meta_attrs, parse_shard, row_bytes)
 from core.errors import ConfigError
@@ -68,7 +69,7 @@ class CacheWriter:
 
         Args:
             meta: what the file is made from; on resume it must equal the file's (provenance aside).
-            samples: ``{"id": [R] str, "y", "place", "group", "split": [R] int}`` for these rows.
+            samples: ``{"id": [R] str, "y", "attr", "group", "split": [R] int}`` for these rows.
             shard: ``"i/n"`` for one of n shard files, ``""`` for a full file.
             compression: gzip level (1-9; 1 is nearly as small as 9 on float data and much
                 faster) or None (about 20% larger, reads ~10x faster). Used only when creating.
@@ -99,9 +100,11 @@ class CacheWriter:
             log.info("%s: new cache, %d rows to compute", path, R)
             return cls(path, f, meta, row_start, row_stop, shard, resumed=False)
 
-        f = open_h5(path, "r+")
+        # Checked read-only first: a finished file that matches is left untouched (not even its
+        # modification time changes); anything else is reopened for writing.
+        f = open_h5(path, "r")
         try:
-            old, old_start, old_stop, old_shard, done = read_checked(f, path, require_complete=False)
+            old, old_start, old_stop, old_shard, done, finished = read_checked(f, path, require_complete=False)
             diff = settings_diff(old.identity(), meta.identity(), names=("file", "now"))
             if (old_start, old_stop, old_shard) != (row_start, row_stop, shard):
                 diff.append(f"rows/shard: file {old_start}..{old_stop} {old_shard!r}, now "
@@ -111,19 +114,39 @@ class CacheWriter:
                         and all(np.array_equal(f[f"samples/{k}"][...], np.asarray(samples[k]))
                                 for k in SAMPLE_FIELDS[1:]))
                 if not same:
-                    diff.append("samples (ids, labels, places, groups or splits) differ")
+                    diff.append("samples (ids, labels, attributes, groups or splits) differ")
             if diff:
                 raise CacheError(f"{path} already exists and was made for other inputs ("
-                                 + "; ".join(diff) + "). Delete it or choose another --out")
+                                 + "; ".join(diff) + "). Pass --overwrite to rebuild it, or choose another --out")
         except BaseException:
             f.close()
             raise
+        if not (finished and done.all()):
+            f.close()
+            f = open_h5(path, "r+")
         log.info("%s: resuming, %d of %d rows already done", path, int(done.sum()), R)
         return cls(path, f, old, row_start, row_stop, shard, resumed=True)
 
     @property
     def num_rows(self) -> int:
         return self.row_stop - self.row_start
+
+    @property
+    def finished(self) -> bool:
+        """Every row done and the digests written: nothing left to do."""
+        return bool(self._done.all()) and HEADER_KEY in self._f.attrs
+
+    def finalize(self) -> None:
+        """Once every row is done: read every dataset back and write its block digests, then the
+        digest and header attributes (cache.integrity). A kill before the end leaves an
+        unfinished file that the next run finalizes again."""
+        if not self._done.all():
+            raise ValueError(f"{self.path}: {self.num_rows - self.num_done} rows are not done yet")
+        if HEADER_KEY in self._f.attrs:
+            del self._f.attrs[HEADER_KEY]  # unfinished until the new digests are all written
+        names = list(layout(self.meta, self.num_rows))
+        write_digests(self._f, names, lambda ds: max(1, SLAB_BYTES // max(row_bytes(ds.shape, ds.dtype.itemsize), 1)))
+        self._f.flush()
 
     @property
     def num_done(self) -> int:

@@ -2,8 +2,10 @@
 
 ``LAYERS``: the ResNet stages whose globally pooled outputs can be cached and distilled (layer4's
 is the penultimate embedding). ``WEIGHTINGS``: the teacher weighting modes
-(:mod:`core.weighting`); ``AGRE_PARAMS``: the parameter sets of ``agre-batch``.
+(:mod:`core.weighting`); ``AGRE_PARAMS``: the student parameters whose gradients give the
+``agre-batch`` weights: ``last`` (the classifier, closed form), ``layer4`` (layer4 + the
+classifier, by autograd) or ``all`` (every parameter, as the report did).
 """
 LAYERS = ("layer2", "layer3", "layer4")
 WEIGHTINGS = ("aver", "agre", "agre-batch", "cached")
-AGRE_PARAMS = ("last", "all")
+AGRE_PARAMS = ("last", "layer4", "all")

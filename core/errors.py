@@ -13,3 +13,7 @@ class ToolError(Exception):
 
 class ConfigError(ToolError, ValueError):
     """An option or configuration value that cannot be used (also a ValueError, as before)."""
+
+
+class LockedError(ToolError):
+    """Another process is writing the same output."""

@@ -63,3 +63,46 @@ def read_jsonl(path: str | Path) -> list[dict]:
         if isinstance(rec, dict):
             records.append(rec)
     return records
+
+
+class OutputLock:
+    """Exclusive lock on an output (a run folder, a cache, a store, a teachers folder).
+
+    ``with OutputLock(path, "what"):`` holds an ``fcntl.flock`` on ``<path>.lock`` (for a folder:
+    ``<path>/.lock``) and writes this process's PID and start time into it. The kernel releases a
+    flock when its process dies, so a lock left by a killed run is never stale: the next run
+    takes it. A second writer gets a LockedError naming the holder.
+    """
+
+    def __init__(self, path: str | Path, what: str = "output"):
+        path = Path(path)
+        self.file = path / ".lock" if path.is_dir() else path.with_name(path.name + ".lock")
+        self.target, self.what, self._fd = path, what, None
+
+    def __enter__(self):
+        import fcntl
+        import time
+
+        from core.errors import LockedError
+
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise LockedError(f"{self.what} {self.target} is being written by another run ({holder}); "
+                              "wait for it to finish (or stop it) and run again") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

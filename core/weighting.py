@@ -199,15 +199,48 @@ def agre_batch_weights_last(student_logits: Tensor, penultimate: Tensor, teacher
     return _batch_normalised(cos).to(at_least_float32(student_logits))
 
 
+def loss_gradients(losses: Sequence[Tensor], params: Sequence[Tensor], keep_graph: bool = True) -> list[list[Tensor]]:
+    """``grad_theta loss`` for each scalar loss, one ``torch.autograd.grad`` call (one backward
+    pass) each, as lists over ``params``; a parameter a loss does not reach gets zeros. The graph
+    is kept after the last call only with ``keep_graph`` (for a further backward)."""
+    out = []
+    for i, loss in enumerate(losses):
+        keep = keep_graph or i < len(losses) - 1
+        grads = torch.autograd.grad(loss, params, retain_graph=keep, allow_unused=True)
+        out.append([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
+    return out
+
+
+def agre_batch_weights_from_grads(teacher_grads: Sequence[Sequence[Tensor]],
+                                  biased_grads: Sequence[Tensor]) -> Tensor:
+    """``w_t = max(1 - cos(g_t, g_b), 0.01)`` normalised to sum 1, from the gradients as lists of
+    per-parameter tensors (the cosine of the flattened, concatenated vectors; with a zero vector
+    it is 0). Inner products are accumulated in float64. Returns [T] float32."""
+    wide = _wide_dtype(biased_grads[0].device)
+
+    def dot(ga, gb) -> Tensor:
+        # Summed per parameter: no concatenated copy of the whole gradient is ever built.
+        return torch.stack([torch.sum(a * b, dtype=wide) for a, b in zip(ga, gb)]).sum()
+
+    with torch.no_grad():
+        bb = dot(biased_grads, biased_grads)
+        cos = []
+        for g_t in teacher_grads:
+            tt, tb = dot(g_t, g_t), dot(g_t, biased_grads)
+            nonzero = (tt.sqrt() > _ZERO_NORM) & (bb.sqrt() > _ZERO_NORM)
+            c = (tb / (tt * bb).sqrt().clamp_min(_ZERO_NORM ** 2)).clamp(-1.0, 1.0)
+            cos.append(torch.where(nonzero, c, torch.zeros_like(c)))
+        return _batch_normalised(torch.stack(cos)).float()
+
+
 def agre_batch_weights_autograd(teacher_losses: Sequence[Tensor], biased_loss: Tensor,
                                 params: Sequence[Tensor]) -> Tensor:
     """The seed's exact batch-level AGRE weights over the given parameters (``--agre-params all``).
 
     ``g_t = grad_theta mean_i l_t(i)`` and ``g_b = grad_theta mean_i l_b(i)``, flattened and
-    concatenated over ``params``, each by ``torch.autograd.grad(..., retain_graph=True)`` (T + 1
-    extra backward passes: slow, for exact reproduction). ``w_t = max(1 - cos(g_t, g_b), 0.01)``
-    normalised to sum 1. ``.grad`` of the parameters is left untouched and the graph is kept for
-    the training loss's own backward pass.
+    concatenated over ``params``, each by one backward pass (:func:`loss_gradients`);
+    ``w_t = max(1 - cos(g_t, g_b), 0.01)`` normalised to sum 1. ``.grad`` of the parameters is
+    left untouched and the graph is kept for the training loss's own backward pass.
 
     Args:
         teacher_losses: T scalar batch-mean KD losses, each a function of the student's output.
@@ -225,28 +258,8 @@ def agre_batch_weights_autograd(teacher_losses: Sequence[Tensor], biased_loss: T
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("agre_batch_weights_autograd got no parameter that requires grad")
-    wide = _wide_dtype(params[0].device)
-
-    def grads(loss: Tensor) -> list[Tensor | None]:
-        return list(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
-
-    def dot(ga: list[Tensor | None], gb: list[Tensor | None]) -> Tensor:
-        # Summed per parameter: no concatenated copy of the whole gradient is ever built.
-        terms = [torch.sum(a * b, dtype=wide) for a, b in zip(ga, gb)
-                 if a is not None and b is not None]
-        return torch.stack(terms).sum() if terms else torch.zeros((), dtype=wide, device=params[0].device)
-
-    g_b = grads(biased_loss)
-    with torch.no_grad():
-        bb = dot(g_b, g_b)
-        cos = []
-        for loss in losses:
-            g_t = grads(loss)
-            tt, tb = dot(g_t, g_t), dot(g_t, g_b)
-            nonzero = (tt.sqrt() > _ZERO_NORM) & (bb.sqrt() > _ZERO_NORM)
-            c = (tb / (tt * bb).sqrt().clamp_min(_ZERO_NORM ** 2)).clamp(-1.0, 1.0)
-            cos.append(torch.where(nonzero, c, torch.zeros_like(c)))
-        return _batch_normalised(torch.stack(cos)).float()
+    g_b, *g_t = loss_gradients([biased_loss, *losses], params)
+    return agre_batch_weights_from_grads(g_t, g_b)
 
 
 def teacher_weights(mode: str, *, student_logits: Tensor, teacher_logits: Tensor,
@@ -261,8 +274,8 @@ def teacher_weights(mode: str, *, student_logits: Tensor, teacher_logits: Tensor
     - ``"agre"``: per-sample AGRE-KD (:func:`agre_weights`); needs ``biased_logits``.
     - ``"agre-batch"``: one weight per teacher, broadcast over the batch. ``agre_params="last"``
       (:func:`agre_batch_weights_last`) needs ``biased_logits`` and ``penultimate``;
-      ``"all"`` (:func:`agre_batch_weights_autograd`) needs ``teacher_losses``, ``biased_loss``
-      and ``params``.
+      ``"layer4"`` and ``"all"`` (:func:`agre_batch_weights_autograd`) need ``teacher_losses``,
+      ``biased_loss`` and ``params`` (the parameters of that set).
     - ``"cached"``: the precomputed [B, T] ``cached`` weights, returned as given (detached).
 
     Raises:
@@ -293,7 +306,7 @@ def teacher_weights(mode: str, *, student_logits: Tensor, teacher_logits: Tensor
     if agre_params == "last":
         need(biased_logits=biased_logits, penultimate=penultimate)
         w = agre_batch_weights_last(student_logits, penultimate, teacher_logits, biased_logits, tau)
-    elif agre_params == "all":
+    elif agre_params in ("layer4", "all"):
         need(teacher_losses=teacher_losses, biased_loss=biased_loss, params=params)
         if len(teacher_losses) != T:
             raise ValueError(f"got {len(teacher_losses)} teacher losses for {T} teachers")

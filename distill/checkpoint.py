@@ -8,36 +8,60 @@ import torch
 
 from core.files import atomic_write_text, read_jsonl, save_checkpoint
 from core.provenance import settings_diff
-from distill.config import DistillConfig
+from distill.config import DistillConfig, identity_of
 from distill.data import DistillError
 
 
 def save_last(path: Path, model, opt, sched, epoch: int, best: tuple[float, int], cfg: DistillConfig,
-              cache_fp: str) -> None:
+              cache_id: str) -> None:
     """Everything a resume needs after ``epoch`` finished epochs."""
     save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "epoch": epoch, "best_wga": best[0], "best_epoch": best[1], "config": cfg.to_dict(),
-                     "cache_fingerprint": cache_fp}, path)
+                     "cache_identity": cache_id}, path)
 
 
 def save_best(path: Path, model, epoch: int, cfg: DistillConfig) -> None:
     save_checkpoint({"model": model.state_dict(), "epoch": epoch, "config": cfg.to_dict()}, path)
 
 
-def load_for_resume(path: Path, cfg: DistillConfig, cache_fp: str, device) -> dict:
+def check_same_run(out: Path, saved_config: dict, saved_cache_id: str | None, cfg: DistillConfig,
+                   cache_id: str) -> None:
+    """Refuse to continue (or reuse) the run in ``out`` when it was made with other settings or
+    from a cache with other contents (data, teachers, views, layers)."""
+    diff = settings_diff(identity_of(saved_config), cfg.identity())
+    if saved_cache_id != cache_id:
+        diff.append("the cache differs (other data, teachers, views or layers)")
+    if diff:
+        raise DistillError(f"{out} holds a run made with other settings ({'; '.join(diff)}); use the same "
+                           "options, pass --overwrite to start it again, or choose another --out")
+
+
+def load_for_resume(path: Path, cfg: DistillConfig, cache_id: str, device) -> dict:
     """The last checkpoint of a run, refused when it was made with other settings or data."""
     try:
         ck = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch raises several types for a damaged file
-        raise DistillError(f"{path} cannot be read ({type(e).__name__}); delete the run folder to start again") from None
-    saved = DistillConfig.from_settings(ck.get("config", {})).identity()
-    diff = settings_diff(saved, cfg.identity())
-    if ck.get("cache_fingerprint", cache_fp) != cache_fp:
-        diff.append("the cache was made from another data set")
-    if diff:
-        raise DistillError(f"cannot resume {path.parent} with other settings ({'; '.join(diff)}); "
-                           "use the same options or another --out")
+        raise DistillError(f"{path} cannot be read ({type(e).__name__}); pass --overwrite to start the run again") from None
+    check_same_run(path.parent, ck.get("config", {}), ck.get("cache_identity"), cfg, cache_id)
     return ck
+
+
+def trim_checkpoints(out: Path, keep: str) -> None:
+    """What a finished run keeps (``DistillConfig.keep_checkpoints``): ``best`` the best epoch's
+    weights only, ``last`` also the last epoch's weights, ``all`` also the optimizer state."""
+    last = out / "last.pt"
+    if keep == "best":
+        last.unlink(missing_ok=True)
+    elif keep == "last" and last.is_file():
+        ck = torch.load(last, map_location="cpu", weights_only=True)
+        save_checkpoint({k: ck[k] for k in ("model", "epoch", "config")}, last)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def truncate_metrics(path: Path, epochs_done: int) -> None:

@@ -18,8 +18,9 @@ from core.files import atomic_write_json
 from core.provenance import canon
 
 FEATURE_WEIGHTINGS = ("none", "disagree")
+KEEP_CHECKPOINTS = ("best", "last", "all")
 # Fields that say where or how a run executes, not what it computes: outside its identity.
-PLACEMENT_FIELDS = ("cache", "out", "device", "data_root")
+PLACEMENT_FIELDS = ("cache", "out", "device", "data_root", "keep_checkpoints")
 
 
 @dataclass
@@ -49,6 +50,8 @@ class DistillConfig:
     image_size: int | None = None    # student input size; default: the cache's view size
     data_root: str | None = None     # when given, checked against the cache's data fingerprint
     device: str = "auto"             # auto | cpu | cuda
+    keep_checkpoints: str = "best"   # what a finished run keeps: best (weights), last (+ last
+                                     # epoch's weights) or all (+ optimizer state, resumable)
     feat_eps: float = 1e-6           # eps of the disagreement confidence 1 / (Var_t f + eps)
 
     def __post_init__(self):
@@ -80,12 +83,20 @@ class DistillConfig:
             bad(f"--layers takes a comma list from {', '.join(LAYERS)}, got {','.join(self.layers)!r}")
         if self.layer_gammas is not None and len(self.layer_gammas) != len(self.layers):
             bad(f"--layer-gammas has {len(self.layer_gammas)} values for {len(self.layers)} layers")
+        if self.layer_gammas is not None and any(g < 0 for g in self.layer_gammas):
+            bad(f"--layer-gammas must be >= 0, got {','.join(f'{g:g}' for g in self.layer_gammas)}")
+        if self.keep_checkpoints not in KEEP_CHECKPOINTS:
+            bad(f"--keep-checkpoints must be one of {', '.join(KEEP_CHECKPOINTS)}, got {self.keep_checkpoints!r}")
         if not 0.0 <= self.alpha <= 1.0:
             bad(f"--alpha must lie in [0, 1], got {self.alpha}")
         if self.gamma < 0 or self.tau <= 0:
             bad("--gamma must be >= 0 and --tau > 0")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             bad("--epochs, --batch-size and --lr must be positive")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1 or self.feat_eps <= 0:
+            bad("weight decay must be >= 0, momentum in [0, 1) and feat_eps > 0")
+        if self.image_size is not None and self.image_size < 8:
+            bad(f"--image-size must be at least 8 px, got {self.image_size}")
 
     @property
     def gammas(self) -> dict[str, float]:

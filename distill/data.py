@@ -12,7 +12,7 @@ from cache.schema import CacheError, store_path_for
 from core.errors import ToolError
 from core.runtime import epoch_seed
 from data.store import ImageStore, StoreError
-from data.waterbirds import fingerprint, load_metadata
+from data.folders import fingerprint, load_metadata
 from distill.config import DistillConfig
 
 
@@ -60,7 +60,7 @@ def open_inputs(cfg: DistillConfig) -> tuple[CacheReader, ImageStore]:
         raise DistillError(f"--views on, but {cfg.cache} holds only the eval view; precompute with "
                            "--views K (K > 0) or pass --views off")
     if cfg.data_root is not None:
-        folder_fp = fingerprint(load_metadata(cfg.data_root))
+        folder_fp = fingerprint(load_metadata(cfg.data_root, meta.dataset, **meta.dataset_options))
         if folder_fp != meta.dataset_fingerprint:
             raise DistillError(f"{cfg.cache} was made from another data set than {cfg.data_root} "
                                f"(fingerprints {meta.dataset_fingerprint[:12]} vs {folder_fp[:12]})")

@@ -76,9 +76,10 @@ def distillation_loss(student_logits: Tensor, y: Tensor, teacher_logits: Tensor,
         gammas: layer -> feature-loss weight.
         disagree, eps: disagreement weighting of the feature loss (:func:`feature_loss`).
     Returns:
-        ``{"loss": scalar with grad, "ce", "kd", "feat": detached scalars, "feat/<layer>": each
-        layer's unweighted L_feat, "weights": [B, T] detached}``; ``"feat"`` is the unweighted sum
-        of the per-layer losses.
+        ``{"loss": scalar with grad, "non_kd": the loss without its KD term, ``(1 - alpha) CE +
+        sum_l gamma_l L_feat`` (with grad when not zero), "ce", "kd", "feat": detached scalars,
+        "feat/<layer>": each layer's unweighted L_feat, "weights": [B, T] detached}``; ``"feat"``
+        is the unweighted sum of the per-layer losses.
     """
     if student_logits.ndim != 2 or teacher_logits.ndim != 3:
         raise ValueError(f"student_logits must be [B, C] and teacher_logits [B, T, C], got "
@@ -95,10 +96,10 @@ def distillation_loss(student_logits: Tensor, y: Tensor, teacher_logits: Tensor,
 
     kd = (weights.to(dtype) * kd_per_teacher(student_logits, teacher_logits, tau)).sum(1).mean()
     if alpha == 1:
-        ce, loss = zero(), kd
+        ce, rest = zero(), zero()
     else:
         ce = F.cross_entropy(student_logits.to(dtype), y)
-        loss = (1.0 - alpha) * ce + alpha * kd
+        rest = (1.0 - alpha) * ce
 
     parts = {}
     feat = zero()
@@ -112,9 +113,9 @@ def distillation_loss(student_logits: Tensor, y: Tensor, teacher_logits: Tensor,
             raise ValueError(f"feature layer {layer!r} has gamma {gamma} but no projected student "
                              "or teacher features were given for it")
         layer_loss = feature_loss(projected[layer], teacher_feats[layer], weights, disagree, eps)
-        loss = loss + gamma * layer_loss
+        rest = rest + gamma * layer_loss
         parts[f"feat/{layer}"] = layer_loss.detach()
         feat = feat + parts[f"feat/{layer}"]
 
-    return {"loss": loss, "ce": ce.detach(), "kd": kd.detach(), "feat": feat,
+    return {"loss": alpha * kd + rest, "non_kd": rest, "ce": ce.detach(), "kd": kd.detach(), "feat": feat,
             "weights": weights, **parts}

@@ -15,14 +15,16 @@ import torch
 from tqdm import tqdm
 
 from cache.reader import CacheReader
-from core.files import atomic_write_json
+from core.files import OutputLock, atomic_write_json
 from core.provenance import provenance
 from core.runtime import autocast, pick_device
-from core.weighting import kd_per_teacher, teacher_weights
+from core.weighting import (agre_batch_weights_from_grads, at_least_float32, kd_per_teacher, loss_gradients,
+                            teacher_weights)
 from data.metrics import group_metrics, split_metrics
 from data.views import render
-from data.waterbirds import SPLIT_CODES
-from distill.checkpoint import load_for_resume, save_best, save_last, truncate_metrics
+from data.folders import SPLIT_CODES
+from distill.checkpoint import (check_same_run, load_for_resume, read_json, save_best, save_last, trim_checkpoints,
+                                truncate_metrics)
 from distill.config import DistillConfig
 from distill.data import DistillError, SplitData, batch_bounds, epoch_plan, load_split, open_inputs, placement
 from distill.losses import distillation_loss
@@ -53,25 +55,51 @@ def train_step(model, opt, data: SplitData, idx: torch.Tensor, view: torch.Tenso
     """
     x = render(data.images[idx].to(device, non_blocking=True), data.box[idx, view].to(device),
                data.flip[idx, view].to(device), image_size)
-    y = data.y[idx].to(device)
     zt, zb = data.logits[idx, view].to(device), data.biased[idx, view].to(device)
+    gammas = {l: g for l, g in cfg.gammas.items() if g > 0}
+    feats = {l: data.feats[l][idx, view].to(device).index_select(1, teacher_backbone) for l in gammas}
+    cached = data.cached[idx, view].to(device) if cfg.weighting == "cached" else None
+    return step(model, opt, x, data.y[idx].to(device), zt, zb, feats, cached, cfg, device)
+
+
+def step(model, opt, x, y, zt, zb, teacher_feats: dict, cached, cfg: DistillConfig, device) -> tuple[dict, torch.Tensor]:
+    """Forward, teacher weights, loss and one SGD update, from a batch's images [b, 3, S, S],
+    labels, teacher logits [b, T, C], biased logits [b, C], teacher features {layer: [b, T, D]}
+    and (``cached`` weighting) cached weights [b, T]. Returns the loss parts and the weights.
+
+    ``agre-batch`` over an autograd parameter set takes T + 1 gradients (one backward pass
+    each). With ``all``, the weights are constants of the step, so the KD part of the update is
+    exactly ``alpha * sum_t w_t g_t`` from those gradients: only the CE and feature terms need a
+    further backward pass, and none when there are none (DESIGN.md, "agre-batch").
+    """
     with autocast(device):
         logits, h, projected = model(x.contiguous(memory_format=torch.channels_last))
-    logits = logits.float()
+    logits, h = logits.to(at_least_float32(logits)), h.to(at_least_float32(h))  # bf16 under autocast
     gammas = {l: g for l, g in cfg.gammas.items() if g > 0}
-    extra = {}
-    if cfg.weighting == "agre-batch" and cfg.agre_params == "all":
-        extra = dict(teacher_losses=list(kd_per_teacher(logits, zt, cfg.tau).mean(0)),
-                     biased_loss=kd_per_teacher(logits, zb[:, None], cfg.tau).mean(),
-                     params=[p for p in model.backbone.parameters() if p.requires_grad])
-    cached = data.cached[idx, view].to(device) if cfg.weighting == "cached" else None
-    w = teacher_weights(cfg.weighting, student_logits=logits, teacher_logits=zt, biased_logits=zb,
-                        tau=cfg.tau, cached=cached, penultimate=h.float(), agre_params=cfg.agre_params, **extra)
-    tfeats = {l: data.feats[l][idx, view].to(device).index_select(1, teacher_backbone) for l in gammas}
-    out = distillation_loss(logits, y, zt, w, cfg.tau, cfg.alpha, projected=projected, teacher_feats=tfeats,
-                            gammas=gammas, disagree=cfg.feature_weighting == "disagree", eps=cfg.feat_eps)
     opt.zero_grad(set_to_none=True)
-    out["loss"].backward()
+    grads = None
+    if cfg.weighting == "agre-batch" and cfg.agre_params != "last":
+        params = model.agre_params(cfg.agre_params)
+        losses = [kd_per_teacher(logits, zb[:, None], cfg.tau).mean(), *kd_per_teacher(logits, zt, cfg.tau).mean(0)]
+        exact = cfg.agre_params == "all"  # every parameter the KD losses reach
+        g_b, *grads = loss_gradients(losses, params, keep_graph=not exact or cfg.alpha < 1 or bool(gammas))
+        w = agre_batch_weights_from_grads(grads, g_b).unsqueeze(0).expand(len(y), -1)
+        grads = grads if exact else None
+    else:
+        w = teacher_weights(cfg.weighting, student_logits=logits, teacher_logits=zt, biased_logits=zb,
+                            tau=cfg.tau, cached=cached, penultimate=h, agre_params=cfg.agre_params)
+    out = distillation_loss(logits, y, zt, w, cfg.tau, cfg.alpha, projected=projected, teacher_feats=teacher_feats,
+                            gammas=gammas, disagree=cfg.feature_weighting == "disagree", eps=cfg.feat_eps)
+    if grads is None:
+        out["loss"].backward()
+    else:
+        if out["non_kd"].requires_grad:
+            out["non_kd"].backward()
+        with torch.no_grad():
+            wt = cfg.alpha * w[0].to(grads[0][0].dtype)
+            for p, *g_t in zip(params, *grads):
+                kd = torch.stack(g_t).mul_(wt.view(-1, *([1] * p.dim()))).sum(0)
+                p.grad = kd if p.grad is None else p.grad.add_(kd)
     opt.step()
     return out, w
 
@@ -105,23 +133,47 @@ def train_one_epoch(model, opt, data: SplitData, cfg: DistillConfig, epoch: int,
     return {**{k: float(v) / n for k, v in sums.items()}, "teacher_weights": (wsum / n).tolist()}
 
 
-def fit(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Train one run into ``cfg.out``; returns the summary (also written to summary.json)."""
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "last.pt", "best.pt", "teacher_weights.npy")
+
+
+def fit(cfg: DistillConfig, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    """Train one run into ``cfg.out``; returns the summary (also written to summary.json).
+
+    ``resume``: continue the run in ``cfg.out`` from its last finished epoch (a finished run is
+    returned as it is); ``overwrite``: delete the run there first. Either way the folder's run
+    must have been made with the same settings from the same cache, or it is refused.
+    """
     out = Path(cfg.out)
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    if out.exists() and any(out.iterdir()) and not resume:
-        if (out / "summary.json").is_file() or last_path.is_file():
-            raise DistillError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    pick_device(cfg.device)
     out.mkdir(parents=True, exist_ok=True)
+    with OutputLock(out, "the run folder"):
+        existing = [f for f in RUN_FILES if (out / f).exists()]
+        if existing and overwrite:
+            for f in existing:
+                (out / f).unlink()
+        elif existing and not resume:
+            raise DistillError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "
+                               "start it again, or choose another --out")
+        return _fit(cfg, out, progress)
+
+
+def _fit(cfg: DistillConfig, out: Path, progress: bool) -> dict:
+    last_path, best_path = out / "last.pt", out / "best.pt"
     cache, store = open_inputs(cfg)
     meta = cache.meta
+    cache_id = meta.identity_digest()
+    say = tqdm.write if progress else (lambda *_: None)
+    done = read_json(out / "summary.json")
+    if done and done.get("status") == "finished":
+        check_same_run(out, done.get("config", {}), done.get("cache_identity"), cfg, cache_id)
+        say(f"{out} is already finished; nothing to do")
+        return done
     device = pick_device(cfg.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: autotune once
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     image_size = cfg.image_size or meta.out_size
     pretrained = cfg.pretrained if cfg.pretrained is not None else meta.teachers_pretrained
-    say = tqdm.write if progress else (lambda *_: None)
 
     gammas = {l: g for l, g in cfg.gammas.items() if g > 0}
     nbytes = store.size ** 2 * 3 * cache.num_rows + sum(
@@ -130,7 +182,7 @@ def fit(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> dict
     train = load_split(cache, store, "train", cfg, place, train=True)
     val = load_split(cache, store, "val", cfg, place, train=False)
     test = load_split(cache, store, "test", cfg, place, train=False)
-    train_counts = torch.bincount(train.group.cpu(), minlength=4).numpy()
+    train_counts = torch.bincount(train.group.cpu(), minlength=meta.num_groups).numpy()
     teacher_backbone = torch.tensor(meta.backbone_of_teacher, device=device)
 
     model = Student(meta.num_classes, {l: meta.feature_dims[l] for l in gammas}, pretrained, cfg.weights_file)
@@ -138,8 +190,8 @@ def fit(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> dict
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     start, best = 0, (-1.0, -1)
-    if resume and last_path.is_file():
-        ck = load_for_resume(last_path, cfg, meta.dataset_fingerprint, device)
+    if last_path.is_file():
+        ck = load_for_resume(last_path, cfg, cache_id, device)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -159,14 +211,14 @@ def fit(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> dict
         if vm["wga"] > best[0]:
             best = (vm["wga"], epoch + 1)
             save_best(best_path, model, epoch + 1, cfg)
-        save_last(last_path, model, opt, sched, epoch + 1, best, cfg, meta.dataset_fingerprint)
+        save_last(last_path, model, opt, sched, epoch + 1, best, cfg, cache_id)
         rec = {"epoch": epoch + 1, "lr": lr, "time_s": round(time.time() - t0, 3),
                "train": {k: tr[k] for k in ("loss", "ce", "kd", "feat")},
                "teacher_weights": tr["teacher_weights"], "val": vm}
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         say(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {tr['loss']:.4f}  val WGA {100 * vm['wga']:.2f}  "
-            f"avg {100 * vm['avg_acc']:.2f}  ({rec['time_s']:.1f}s)")
+            f"avg {_avg(vm)}  ({rec['time_s']:.1f}s)")
 
     if start < cfg.epochs:  # the last epoch ran in this process (else the saved file stands)
         np.save(out / "teacher_weights.npy", weights_out.cpu().numpy())
@@ -174,14 +226,20 @@ def fit(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> dict
     model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
     summary = {
         "status": "finished", "config": cfg.to_dict(), "cache_fingerprint": meta.dataset_fingerprint,
-        "cache": str(cfg.cache), "git_commit": provenance()["git_commit"],
+        "cache_identity": cache_id, "cache": str(cfg.cache), "git_commit": provenance()["git_commit"],
+        "group_names": meta.group_names,
         "teachers": [{"name": t["name"], "role": t["role"]} for t in meta.teachers],
-        "best_epoch": best[1], "val_best": None, "test_best": evaluate(model, test, image_size, device, train_counts),
+        "best_epoch": best[1], "val_best": evaluate(model, val, image_size, device, train_counts),
+        "test_best": evaluate(model, test, image_size, device, train_counts),
         "test_last": test_last, "teacher_test": teacher_test_metrics(cache),
     }
-    summary["val_best"] = evaluate(model, val, image_size, device, train_counts)
     atomic_write_json(out / "summary.json", summary)
+    trim_checkpoints(out, cfg.keep_checkpoints)
     return summary
+
+
+def _avg(metrics: dict) -> str:
+    return "n/a" if metrics["avg_acc"] is None else f"{100 * metrics['avg_acc']:.2f}"
 
 
 def teacher_test_metrics(cache: CacheReader) -> dict:
@@ -190,4 +248,5 @@ def teacher_test_metrics(cache: CacheReader) -> dict:
     names = [t["name"] for t in cache.meta.teacher_entries] + [cache.meta.biased_entry["name"]]
     preds = list(d["logits"].argmax(-1).T) + [d["biased"].argmax(-1)]
     test = {"test": SPLIT_CODES["test"]}
-    return {n: split_metrics(p, d["y"], d["group"], d["split"], test)["test"] for n, p in zip(names, preds)}
+    return {n: split_metrics(p, d["y"], d["group"], d["split"], test, cache.meta.num_groups)["test"]
+            for n, p in zip(names, preds)}

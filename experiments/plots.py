@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 
-from data.metrics import GROUP_NAMES, NUM_GROUPS
 from distill.config import group_key
 from experiments.runs import BASELINE, WEIGHTING_NAMES, Row, RunRecord, gamma_family
 
@@ -48,7 +47,7 @@ def plot_wga_vs_gamma(rows: list[Row], path: Path) -> str | None:
     return None
 
 
-def plot_group_accuracy(rows: list[Row], path: Path) -> str | None:
+def plot_group_accuracy(rows: list[Row], path: Path, group_names: list[str]) -> str | None:
     """Per-group test accuracy (mean over seeds) per configuration, grouped bars."""
     rows = [r for r in rows if r.runs]
     if not rows:
@@ -56,15 +55,16 @@ def plot_group_accuracy(rows: list[Row], path: Path) -> str | None:
     accs = np.array([r.group_acc for r in rows])  # [configs, 4]
     fig = _new_figure(max(6.0, 1.1 * len(rows) + 2), 4.5)
     ax = fig.add_subplot()
-    x, width = np.arange(len(rows)), 0.8 / NUM_GROUPS
-    for g, name in enumerate(GROUP_NAMES):
-        ax.bar(x + (g - (NUM_GROUPS - 1) / 2) * width, np.nan_to_num(accs[:, g]), width, label=name)
+    G = accs.shape[1]
+    x, width = np.arange(len(rows)), 0.8 / max(G, 1)
+    for g, name in enumerate(group_names[:G]):
+        ax.bar(x + (g - (G - 1) / 2) * width, np.nan_to_num(accs[:, g]), width, label=name)
     ax.set_xticks(x, [r.label for r in rows], rotation=30, ha="right", fontsize=8)
     low = np.nanmin(accs) if np.isfinite(accs).any() else 0.0
     ax.set(ylabel="test accuracy (%)", ylim=(max(0.0, low - 10), 100))
     ax.set_title("Per-group test accuracy (best-val-WGA checkpoint; mean over seeds)", pad=24, fontsize=10)
     # Above the axes: bars reach 100%, a legend inside would hide them.
-    ax.legend(fontsize=8, ncol=NUM_GROUPS, loc="lower center", bbox_to_anchor=(0.5, 1.0),
+    ax.legend(fontsize=8, ncol=min(G, 4), loc="lower center", bbox_to_anchor=(0.5, 1.0),
               frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -125,10 +125,10 @@ PLOTS = {"wga_vs_gamma": "wga_vs_gamma.png", "group_accuracy": "group_accuracy.p
          "teacher_weights": "teacher_weights.png"}
 
 
-def make_plots(records: list[RunRecord], rows: list[Row], out: Path) -> tuple[dict, dict]:
+def make_plots(records: list[RunRecord], rows: list[Row], out: Path, group_names: list[str]) -> tuple[dict, dict]:
     """Writes the plots; returns (written paths, skip reasons) keyed by plot name."""
     makers = {"wga_vs_gamma": lambda p: plot_wga_vs_gamma(rows, p),
-              "group_accuracy": lambda p: plot_group_accuracy(rows, p),
+              "group_accuracy": lambda p: plot_group_accuracy(rows, p, group_names),
               "teacher_weights": lambda p: plot_teacher_weights(records, p)}
     written, skipped = {}, {}
     for name, make in makers.items():

@@ -13,10 +13,9 @@ from pathlib import Path
 from core.errors import ConfigError
 from core.files import atomic_write_text
 from core.tables import format_table as text_table
-from data.metrics import GROUP_NAMES
 from experiments.plots import PLOTS, make_plots
 from experiments.runs import (DASH, NA, Row, RunRecord, Table, aggregate, build_tables, gamma_family,
-                              load_plan, load_runs)
+                              group_names_of, load_plan, load_runs)
 
 # ----------------------------------------------------------------------------- formatting
 
@@ -125,12 +124,12 @@ def _missing_section(missing: list[dict]) -> str:
 
 # ----------------------------------------------------------------------------- CSV
 
-def write_csv(tables: list[Table], path: str | Path) -> Path:
+def write_csv(tables: list[Table], path: str | Path, group_names: list[str]) -> Path:
     """All results tables in one CSV, numbers in percent (2 decimals), blank when absent."""
     seeds = sorted({s for t in tables for s in t.seeds})
     header = (["table", "row", "is_baseline", "n_seeds"] + [f"seed_{s}" for s in seeds]
               + ["wga_mean", "wga_std", "delta_vs_baseline", "avg_acc_mean"]
-              + [f"acc_{g.replace('/', '_')}" for g in GROUP_NAMES])
+              + [f"acc_{g.replace('/', '_').replace(' ', '_')}" for g in group_names])
 
     def num(v):
         return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
@@ -195,7 +194,8 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None) -> dic
     records = load_runs(runs_dir)
     tables = build_tables(runs_dir, records)
     rows = _labelled_rows(tables, records)
-    plots, skipped = make_plots(records, rows, out)
+    names = group_names_of(records)
+    plots, skipped = make_plots(records, rows, out, names)
     missing = missing_runs(records, load_plan(runs_dir))
 
     md = ["# Group-robust distillation: results", "",
@@ -209,6 +209,6 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None) -> dic
     for name, fname in PLOTS.items():
         md.append(f"![{name}]({fname})" if name in plots
                   else f"- `{fname}` skipped: {skipped[name]}")
-    paths = {"markdown": out / "report.md", "csv": write_csv(tables, out / "report.csv")}
+    paths = {"markdown": out / "report.md", "csv": write_csv(tables, out / "report.csv", names)}
     atomic_write_text(paths["markdown"], "\n".join(md) + "\n")
     return {**paths, **plots}

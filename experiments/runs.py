@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from core.files import read_jsonl
-from data.metrics import NUM_GROUPS
 from distill.config import DistillConfig, group_key, identity_of, non_default_settings, setting_label
 from experiments.sweep import PRESETS, SWEEP_FILE, read_summary
 
@@ -55,6 +54,19 @@ class RunRecord:
     def test(self) -> dict:
         """Test metrics of the best-validation-WGA checkpoint (finished runs only)."""
         return self.summary["test_best"]
+
+
+# Summaries written before they recorded group names are Waterbirds runs.
+WATERBIRDS_GROUPS = ("landbird/land", "landbird/water", "waterbird/land", "waterbird/water")
+
+
+def group_names_of(records: list["RunRecord"]) -> list[str]:
+    """Group names of the finished runs (from their summaries), ``g0``.. when none says."""
+    for r in records:
+        if r.finished and r.summary.get("group_names"):
+            return list(r.summary["group_names"])
+    width = max((len(r.test.get("group_acc") or []) for r in records if r.finished), default=4)
+    return list(WATERBIRDS_GROUPS) if width == 4 else [f"g{g}" for g in range(width)]
 
 
 def _read_json(path: Path) -> dict | None:
@@ -150,9 +162,10 @@ class Row:
     @property
     def group_acc(self) -> list[float]:
         """Per-group test accuracy, mean over seeds (NaN for a group empty in every run)."""
-        accs = np.array([[np.nan if a is None else a
-                          for a in r.test.get("group_acc") or [None] * NUM_GROUPS]
-                         for r in self.runs], dtype=float).reshape(-1, NUM_GROUPS)
+        width = max((len(r.test.get("group_acc") or []) for r in self.runs), default=0)
+        accs = np.array([[np.nan if a is None else a for a in (r.test.get("group_acc") or [])]
+                         + [np.nan] * (width - len(r.test.get("group_acc") or [])) for r in self.runs],
+                        dtype=float).reshape(-1, width)
         present = ~np.isnan(accs)
         count = present.sum(0)
         total = np.where(present, accs, 0.0).sum(0)

@@ -27,7 +27,8 @@ from typing import Callable
 
 from core.errors import ConfigError
 from core.files import atomic_write_json, atomic_write_text
-from distill.config import DistillConfig, run_name
+from core.provenance import settings_diff
+from distill.config import DistillConfig, identity_of, run_name
 
 SEEDS = (42, 43, 44)
 SWEEP_FILE = "sweep.json"
@@ -214,36 +215,42 @@ def run_sweep(cache: str, out_dir: str, runs: list[dict], base: dict | None = No
     out.mkdir(parents=True, exist_ok=True)
     _write_plan(out, cache, base, specs)
     counts = {"finished": 0, "skipped": 0, "failed": 0}
-    cache_fp = _cache_fingerprint(cache)
+    cache_id = _cache_identity(cache)
     for i, (name, cfg) in enumerate(configs.items(), 1):
-        counts[_run_one(name, cfg, fit, f"[{i}/{len(configs)}]", cache_fp)] += 1
+        counts[_run_one(name, cfg, fit, f"[{i}/{len(configs)}]", cache_id)] += 1
     print(f"sweep {out}: {counts['finished']} finished, {counts['skipped']} skipped, "
           f"{counts['failed']} failed")
     return counts
 
 
-def _cache_fingerprint(cache: str) -> str | None:
-    """Data fingerprint of the sweep's cache (None when it cannot be read here)."""
+def _cache_identity(cache: str) -> str | None:
+    """Identity digest of the sweep's cache (None when it cannot be read here)."""
+    from core.errors import ToolError
+
     try:
         from cache.reader import open_cache
 
-        return open_cache(cache).meta.dataset_fingerprint
-    except Exception:  # an unreadable cache is reported by fit itself, per run
+        return open_cache(cache).meta.identity_digest()
+    except ToolError:  # an unreadable cache is reported by fit itself, per run
         return None
 
 
-def _run_one(name: str, cfg: DistillConfig, fit, tag: str, cache_fp: str | None = None) -> str:
+def _run_one(name: str, cfg: DistillConfig, fit, tag: str, cache_id: str | None = None) -> str:
     """Train one run unless finished on this cache; returns "finished", "skipped" or "failed".
 
-    A finished run made from another data set is left untouched and counted as failed, with a
-    message: its numbers do not belong to this sweep, and deleting them is the user's call.
+    A finished run made with other settings or from a cache with other contents (data,
+    teachers, views, layers) is left untouched and counted as failed, with a message: its
+    numbers do not belong to this sweep, and deleting them is the user's call.
     """
     run_dir = Path(cfg.out)
-    done_fp = (read_summary(run_dir) or {}).get("cache_fingerprint")
-    if is_finished(run_dir) and cache_fp is not None and done_fp not in (None, cache_fp):
-        print(f"{tag} {name}: FAILED: {run_dir} holds a run made from another data set "
-              f"({done_fp[:12]}, this cache {cache_fp[:12]}); move it away or use another --out", file=sys.stderr)
-        return "failed"
+    done = read_summary(run_dir) or {}
+    if is_finished(run_dir) and cache_id is not None:
+        diff = [] if done.get("cache_identity") == cache_id else ["the cache differs (other data, teachers, views or layers)"]
+        diff += settings_diff(identity_of(done.get("config", {})), cfg.identity())
+        if diff:
+            print(f"{tag} {name}: FAILED: {run_dir} holds a finished run made otherwise ({'; '.join(diff)}); "
+                  "move it away or use another --out", file=sys.stderr)
+            return "failed"
     if is_finished(run_dir):
         print(f"{tag} {name}: already finished, skipped")
         return "skipped"

@@ -61,6 +61,20 @@ class Manifest:
     def biased(self) -> ModelEntry:
         return next(m for m in self.models if m.role == "biased")
 
+    @property
+    def backbone_ids(self) -> list[str]:
+        """Distinct backbones, teachers' first, then the biased model's (if not shared)."""
+        return list(dict.fromkeys(m.backbone_id for m in self.teachers + [self.biased]))
+
+    @property
+    def teacher_backbone(self) -> list[int]:
+        """Index into ``backbone_ids`` of each teacher's backbone."""
+        return [self.backbone_ids.index(m.backbone_id) for m in self.teachers]
+
+    @property
+    def biased_backbone(self) -> int:
+        return self.backbone_ids.index(self.biased.backbone_id)
+
     def path(self, rel: str) -> Path:
         p = Path(rel)
         return p if p.is_absolute() else self.root / p

@@ -3,22 +3,24 @@ from __future__ import annotations
 
 import functools
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache.schema import CacheMeta, shard_rows, store_path_for
+from cache.schema import CacheMeta, parse_shard, shard_rows, store_path_for
 from cache.writer import CacheWriter
 from core.constants import LAYERS
+from core.errors import ConfigError
+from core.files import OutputLock
 from core.models import FEATURE_DIMS, load_checkpoint
 from core.runtime import autocast, pick_device
 from core.weighting import cached_agre_weights
 from data.store import ImageStore, build_store, store_size_for
 from data.views import ViewSpec, render, sample_views
-from data.waterbirds import fingerprint, load_metadata
+from data.folders import fingerprint, load_metadata
 from precompute.manifest import Manifest, load_model, read_manifest, verify_files
 
 
@@ -35,8 +37,29 @@ class PrecomputeConfig:
     view_seed: int = 0
     tau_cached: float = 4.0             # temperature of the static `cached` AGRE weights
     compression: int | None = None      # gzip level, or None (faster reads; fletcher32 either way)
+    dataset: str = "waterbirds"         # layout of data_root (data.folders.DATASETS)
+    dataset_options: dict = field(default_factory=dict)  # e.g. CelebA's target and spurious attribute
+    overwrite: bool = False             # delete an existing cache made for other inputs first
     device: str = "auto"
     progress: bool = True
+
+    def __post_init__(self):
+        """Every argument checked before any expensive work (fingerprinting, the image store)."""
+        self.layers = tuple(self.layers)
+        bad = [l for l in self.layers if l not in LAYERS]
+        if bad or not self.layers or len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"--layers takes distinct names from {', '.join(LAYERS)}, got {','.join(self.layers)!r}")
+        if self.random_views < 0 or self.batch_size < 1 or self.tau_cached <= 0:
+            raise ConfigError("--views must be >= 0, --batch-size >= 1 and tau_cached > 0")
+        if self.image_size is not None and self.image_size < 8:
+            raise ConfigError(f"--image-size must be at least 8 px, got {self.image_size}")
+        if self.compression is not None and not 1 <= self.compression <= 9:
+            raise ConfigError(f"compression must be a gzip level 1..9 or None, got {self.compression}")
+        if self.shard:
+            parse_shard(self.shard)
+        if Path(self.out).is_dir():
+            raise ConfigError(f"--out {self.out} is a folder; give the cache file's path, e.g. {Path(self.out) / 'cache.h5'}")
+        pick_device(self.device)
 
 
 class Ensemble(torch.nn.Module):
@@ -49,12 +72,11 @@ class Ensemble(torch.nn.Module):
     def __init__(self, man: Manifest):
         super().__init__()
         models = man.teachers + [man.biased]
-        self.backbone_ids: list[str] = list(dict.fromkeys(m.backbone_id for m in models))
+        self.backbone_ids = man.backbone_ids
         load = functools.cache(load_checkpoint)  # every checkpoint file is read once
         first = {b: next(m for m in models if m.backbone_id == b) for b in self.backbone_ids}
         self.backbones = torch.nn.ModuleList(load_model(man, first[b], load) for b in self.backbone_ids)
-        self.teacher_backbone = [self.backbone_ids.index(m.backbone_id) for m in man.teachers]
-        self.biased_backbone = self.backbone_ids.index(man.biased.backbone_id)
+        self.teacher_backbone, self.biased_backbone = man.teacher_backbone, man.biased_backbone
         self.heads = torch.nn.ModuleList(self._head(load(man.path(m.head_file or m.file))) for m in models)
 
     @staticmethod
@@ -74,55 +96,72 @@ class Ensemble(torch.nn.Module):
 
 
 def run_precompute(cfg: PrecomputeConfig) -> Path:
-    """Write (or resume) the cache for ``cfg``; returns its path."""
+    """Write (or resume, or leave as it is when finished) the cache for ``cfg``; returns its path."""
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     say = tqdm.write if cfg.progress else (lambda *_: None)
     man = read_manifest(cfg.teachers)
-    verify_files(man)
-    meta = load_metadata(cfg.data_root)
-    say(f"fingerprinting {len(meta)} images in {meta.root}")
-    fp = fingerprint(meta)
-    image_size = cfg.image_size or man.image_size
-    size = store_size_for(image_size)
-    store = ImageStore(build_store(meta, store_path_for(out), size, fp, progress=cfg.progress), fp, size)
-    device = pick_device(cfg.device)
-    ens = Ensemble(man).to(device).eval().to(memory_format=torch.channels_last)
-    spec = ViewSpec(random_views=cfg.random_views, out_size=image_size, seed=cfg.view_seed)
-    arch = man.teachers[0].arch
-    row_start, row_stop = shard_rows(cfg.shard, len(meta)) if cfg.shard else (0, len(meta))
-    rows = np.arange(row_start, row_stop)
-    cmeta = CacheMeta(
-        num_classes=man.num_classes, dataset_fingerprint=fp,
-        teachers=[{"name": m.name, "role": m.role, "sha256": m.sha256, "head_sha256": m.head_sha256,
-                   "backbone_id": m.backbone_id, "arch": m.arch} for m in man.teachers + [man.biased]],
-        backbone_ids=ens.backbone_ids, backbone_of_teacher=ens.teacher_backbone,
-        biased_backbone=ens.biased_backbone,
-        view_spec=spec.to_dict(), store_size=size, teachers_pretrained=man.pretrained,
-        layers=list(cfg.layers), feature_dims={l: FEATURE_DIMS[arch][l] for l in cfg.layers},
-        num_samples=len(meta), tau_cached=cfg.tau_cached)
-    samples = {"id": meta.filenames[rows], "y": meta.y[rows], "place": meta.place[rows],
-               "group": meta.group[rows], "split": meta.split[rows]}
-    with CacheWriter.create_or_resume(str(out), cmeta, samples, row_start, row_stop, cfg.shard,
-                                      compression=cfg.compression) as writer:
-        chunks = writer.pending_chunks(cfg.batch_size)
-        if writer.resumed:
-            say(f"resuming {out}: {writer.num_done} of {writer.num_rows} rows already done")
-        todo = sum(b - a for a, b in chunks) * (cfg.random_views + 1)
-        bar = tqdm(total=todo, desc="precompute", unit="img", disable=not cfg.progress)
-        # One writer thread: HDF5 writes of chunk i overlap the forward passes of chunk i+1.
-        with ThreadPoolExecutor(1) as pool:
-            pending = None
-            for a, b in chunks:
-                arrays = _forward_chunk(ens, store, rows[a:b], spec, cfg, device)
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(writer.write_rows, a, b, **arrays)
-                bar.update((b - a) * (cfg.random_views + 1))
+    meta = load_metadata(cfg.data_root, cfg.dataset, **cfg.dataset_options)
+    if man.num_classes != meta.num_classes:
+        raise ConfigError(f"the teachers in {cfg.teachers} have {man.num_classes} classes, the data set "
+                          f"{cfg.data_root} has {meta.num_classes} ({', '.join(meta.class_names)})")
+    row_start, row_stop = shard_rows(cfg.shard, len(meta), cfg.batch_size) if cfg.shard else (0, len(meta))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with OutputLock(out, "the cache"):
+        verify_files(man)
+        if cfg.overwrite and out.exists():
+            out.unlink()
+        say(f"fingerprinting {len(meta)} images in {meta.root}")
+        fp = fingerprint(meta)
+        image_size = cfg.image_size or man.image_size
+        size = store_size_for(image_size)
+        spec = ViewSpec(random_views=cfg.random_views, out_size=image_size, seed=cfg.view_seed)
+        rows = np.arange(row_start, row_stop)
+        cmeta = CacheMeta(
+            num_classes=meta.num_classes, class_names=list(meta.class_names), attr_names=list(meta.attr_names),
+            dataset=meta.dataset, dataset_options=meta.options, dataset_fingerprint=fp,
+            teachers=[{"name": m.name, "role": m.role, "sha256": m.sha256, "head_sha256": m.head_sha256,
+                       "backbone_id": m.backbone_id, "arch": m.arch} for m in man.teachers + [man.biased]],
+            backbone_ids=man.backbone_ids, backbone_of_teacher=man.teacher_backbone,
+            biased_backbone=man.biased_backbone,
+            view_spec=spec.to_dict(), store_size=size, teachers_pretrained=man.pretrained,
+            layers=list(cfg.layers), feature_dims={l: FEATURE_DIMS[man.teachers[0].arch][l] for l in cfg.layers},
+            num_samples=len(meta), tau_cached=cfg.tau_cached)
+        samples = {"id": meta.filenames[rows], "y": meta.y[rows], "attr": meta.attr[rows],
+                   "group": meta.group[rows], "split": meta.split[rows]}
+        with CacheWriter.create_or_resume(str(out), cmeta, samples, row_start, row_stop, cfg.shard,
+                                          compression=cfg.compression) as writer:
+            if writer.finished:
+                say(f"{out} is already complete ({writer.num_rows} rows); nothing to do")
+                return out
+            if writer.num_done:
+                say(f"resuming {out}: {writer.num_done} of {writer.num_rows} rows already done")
+            chunks = writer.pending_chunks(cfg.batch_size)
+            if chunks:
+                with OutputLock(store_path_for(out), "the image store"):
+                    store_file = build_store(meta, store_path_for(out), size, fp, progress=cfg.progress)
+                store = ImageStore(store_file, fp, size)
+                device = pick_device(cfg.device)
+                ens = Ensemble(man).to(device).eval().to(memory_format=torch.channels_last)
+                _run_chunks(writer, chunks, ens, store, rows, spec, cfg, device)
+            writer.finalize()
+    return out
+
+
+def _run_chunks(writer: CacheWriter, chunks, ens, store, rows, spec, cfg, device) -> None:
+    todo = sum(b - a for a, b in chunks) * (cfg.random_views + 1)
+    bar = tqdm(total=todo, desc="precompute", unit="img", disable=not cfg.progress)
+    # One writer thread: HDF5 writes of chunk i overlap the forward passes of chunk i+1.
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        for a, b in chunks:
+            arrays = _forward_chunk(ens, store, rows[a:b], spec, cfg, device)
             if pending is not None:
                 pending.result()
-        bar.close()
-    return out
+            pending = pool.submit(writer.write_rows, a, b, **arrays)
+            bar.update((b - a) * (cfg.random_views + 1))
+        if pending is not None:
+            pending.result()
+    bar.close()
 
 
 @torch.inference_mode()

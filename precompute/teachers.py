@@ -7,8 +7,9 @@ the validation set (``precompute.dfr``). The biased model is the first ERM model
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +18,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from core.files import atomic_write_json, atomic_write_text, save_checkpoint
-from core.models import CheckpointError, build_model, load_checkpoint
+from core.errors import ConfigError, ToolError
+from core.files import OutputLock
+from core.models import FEATURE_DIMS, CheckpointError, build_model, load_checkpoint
 from core.provenance import settings_diff
 from core.runtime import autocast, epoch_seed, pick_device
 from core.tables import format_table
 from data.metrics import split_metrics
 from data.store import ImageStore, build_store, store_size_for
 from data.views import ViewSpec, render, sample_views
-from data.waterbirds import SPLIT_CODES, Metadata, fingerprint, load_metadata
+from data.folders import Metadata, SPLIT_CODES, fingerprint, load_metadata
 from precompute.dfr import fit_dfr
 from precompute.manifest import Manifest, load_model, make_entry
 
@@ -33,6 +36,8 @@ from precompute.manifest import Manifest, load_model, make_entry
 class TeacherConfig:
     data_root: str
     out: str
+    dataset: str = "waterbirds"         # layout of data_root (data.folders.DATASETS)
+    dataset_options: dict = field(default_factory=dict)
     num_teachers: int = 5
     seed: int = 0
     epochs: int = 100
@@ -46,8 +51,34 @@ class TeacherConfig:
     weight_decay: float = 1e-3
     batch_size: int = 32
     dfr_retrains: int = 20
+    overwrite: bool = False             # rebuild teachers that were made with other settings
     device: str = "auto"
     progress: bool = True
+
+    # Fields that do not change what is built: outside the teachers' identity.
+    PLACEMENT = ("out", "overwrite", "device", "progress")
+
+    def __post_init__(self):
+        """Every argument checked before any expensive work."""
+        if self.num_teachers < 1 or self.epochs < 0 or self.dfr_retrains < 1 or self.batch_size < 1:
+            raise ConfigError("--num-teachers, DFR retrains and the batch size must be >= 1 and --epochs >= 0 "
+                              f"(got {self.num_teachers}, {self.dfr_retrains}, {self.batch_size}, {self.epochs})")
+        if self.epochs == 0 and not (self.pretrained or self.weights_file):
+            raise ConfigError("--epochs 0 with --no-pretrained would make teachers from an untrained, random "
+                              "backbone; train at least one epoch (--epochs 0 means DFR on ImageNet features)")
+        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ConfigError(f"--lr must be > 0, weight decay >= 0 and momentum in [0, 1) (got {self.lr}, "
+                              f"{self.weight_decay}, {self.momentum})")
+        if self.image_size < 8:
+            raise ConfigError(f"--image-size must be at least 8 px, got {self.image_size}")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ConfigError(f"--out {self.out} is a file; the teachers need a folder")
+        if self.arch not in FEATURE_DIMS:
+            raise ConfigError(f"unknown architecture {self.arch!r}; known: {', '.join(FEATURE_DIMS)}")
+        pick_device(self.device)
+
+    def identity(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.PLACEMENT}
 
 
 @torch.inference_mode()
@@ -138,7 +169,7 @@ def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, meta: Metadat
 def evaluate_logits(logits: torch.Tensor, meta: Metadata) -> dict:
     """Per-split group metrics of eval-view logits for every row of ``meta``."""
     return split_metrics(logits.argmax(1).numpy(), meta.y, meta.group, meta.split,
-                         {s: SPLIT_CODES[s] for s in ("val", "test")})
+                         {s: SPLIT_CODES[s] for s in ("val", "test")}, meta.num_groups)
 
 
 def format_eval_table(man: Manifest) -> str:
@@ -149,27 +180,64 @@ def format_eval_table(man: Manifest) -> str:
     return format_table(["model", "role", "split", *(f"g{g}" for g in range(4)), "WGA", "avg acc", "mean acc"], rows)
 
 
-def _prepare_images(cfg: TeacherConfig, meta: Metadata, out: Path) -> torch.Tensor:
-    fp = fingerprint(meta)
+def _prepare_images(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str) -> torch.Tensor:
     size = store_size_for(cfg.image_size)
     path = build_store(meta, out / f"images_{size}px.h5", size, fp, progress=cfg.progress)
     return torch.from_numpy(ImageStore(path, fp, size).load_all())
 
 
+BUILT = ("erm_seed*.pt", "erm_seed*.pt.ckpt", "teacher_*_dfr_head.pt", "manifest.json", "eval.md",
+         "teachers_config.json")
+
+
+def _claim_folder(cfg: TeacherConfig, out: Path, fp: str) -> None:
+    """Reuse what ``out`` holds only when it was built with these settings from this data set;
+    otherwise refuse, or with ``overwrite`` delete it, so no file claims a training that never
+    happened."""
+    identity = {"config": cfg.identity(), "dataset_fingerprint": fp}
+    record = out / "teachers_config.json"
+    if record.is_file() or any(out.glob("erm_seed*.pt*")):
+        try:
+            before = json.loads(record.read_text())
+        except (OSError, ValueError):
+            before = {}
+        diff = settings_diff(before.get("config", {}), identity["config"])
+        if before.get("dataset_fingerprint") != fp:
+            diff.append("the data set differs (another folder, or its files changed)")
+        if diff and not cfg.overwrite:
+            raise ToolError(f"{out} holds teachers built with other settings or data ({'; '.join(diff)}); "
+                            "pass --overwrite to rebuild them there, or choose another --out")
+        if diff:
+            for pattern in BUILT:
+                for p in out.glob(pattern):
+                    p.unlink()
+    atomic_write_json(record, identity)
+
+
 def build_teachers(cfg: TeacherConfig) -> Manifest:
-    """Train ERM backbone(s), fit DFR heads, evaluate, and write ``cfg.out/manifest.json``."""
+    """Train ERM backbone(s), fit DFR heads, evaluate, and write ``cfg.out/manifest.json``.
+
+    Rerun into the same folder with the same settings, it reuses the finished backbones and
+    resumes a killed ERM run; with other settings it refuses (or rebuilds with ``overwrite``).
+    """
     out = Path(cfg.out)
+    meta = load_metadata(cfg.data_root, cfg.dataset, **cfg.dataset_options)
+    num_classes = meta.num_classes
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "teachers_config.json", dataclasses.asdict(cfg))
-    meta = load_metadata(cfg.data_root)
-    num_classes = int(meta.y.max()) + 1
+    with OutputLock(out, "the teachers folder"):
+        fp = fingerprint(meta)
+        _claim_folder(cfg, out, fp)
+        return _build(cfg, meta, out, fp, num_classes)
+
+
+def _build(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str, num_classes: int) -> Manifest:
     n_backbones = 1 if cfg.shared_backbone else cfg.num_teachers
     if (cfg.pretrained or cfg.weights_file) and not all(
             (out / f"erm_seed{cfg.seed + b}.pt").is_file() for b in range(n_backbones)):
         # Resolve the ImageNet weights before the image store is built: a failed download or a
         # weights file that does not fit stops the command now, not after minutes of decoding.
         build_model(cfg.arch, num_classes, cfg.pretrained, cfg.weights_file)
-    images = _prepare_images(cfg, meta, out)
+    images = _prepare_images(cfg, meta, out, fp)
     device = pick_device(cfg.device)
     eval_box, eval_flip = sample_views(np.arange(len(meta)), ViewSpec(random_views=0))
     eval_box, eval_flip = eval_box[:, 0], eval_flip[:, 0]
@@ -218,7 +286,8 @@ def import_teachers(out: str | Path, teacher_files: list[str], biased_file: str,
     man = Manifest(entries, num_classes, image_size, pretrained, out)
     if data_root is not None:
         meta = load_metadata(data_root)
-        images = _prepare_images(TeacherConfig(data_root, str(out), image_size=image_size, progress=progress), meta, out)
+        images = _prepare_images(TeacherConfig(data_root, str(out), image_size=image_size, progress=progress), meta,
+                                 out, fingerprint(meta))
         box, flip = sample_views(np.arange(len(meta)), ViewSpec(random_views=0))
         for e in entries:
             logits, _ = embed(load_model(man, e), images, box[:, 0], flip[:, 0], image_size,

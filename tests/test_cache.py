@@ -20,7 +20,8 @@ DIMS = {"layer3": 6, "layer4": 8}
 
 def make_meta(**over) -> CacheMeta:
     kw = dict(
-        num_classes=NC, dataset_fingerprint="fp-abc",
+        num_classes=NC, class_names=["landbird", "waterbird"], attr_names=["land", "water"],
+        dataset="waterbirds", dataset_options={}, dataset_fingerprint="fp-abc",
         teachers=[{"name": "t0", "role": "teacher", "sha256": "a" * 64, "backbone_id": "erm0"},
                   {"name": "t1", "role": "teacher", "sha256": "b" * 64, "backbone_id": "erm1"},
                   {"name": "t2", "role": "teacher", "sha256": "c" * 64, "backbone_id": "erm1"},
@@ -36,10 +37,10 @@ def make_meta(**over) -> CacheMeta:
 def data():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, N)
-    place = rng.integers(0, 2, N)
+    attr = rng.integers(0, 2, N)
     return {
-        "samples": {"id": [f"{i:03d}.Bird/img_é{i}.jpg" for i in range(N)], "y": y, "place": place,
-                    "group": 2 * y + place, "split": np.arange(N) % 3},
+        "samples": {"id": [f"{i:03d}.Bird/img_é{i}.jpg" for i in range(N)], "y": y, "attr": attr,
+                    "group": 2 * y + attr, "split": np.arange(N) % 3},
         "box": rng.random((N, V, 4), dtype=np.float32),
         "flip": rng.random((N, V)) > 0.5,
         "teacher_logits": rng.normal(size=(N, V, T, NC)).astype(np.float32),
@@ -63,6 +64,8 @@ def write(path, data, meta=None, row_start=0, row_stop=N, shard="", chunk=7, lim
     with CacheWriter.create_or_resume(path, meta, samples, row_start, row_stop, shard, **kw) as w:
         for a, b in w.pending_chunks(chunk)[:limit]:
             w.write_rows(a, b, **rows_of(data, row_start + a, row_start + b))
+        if w.num_done == w.num_rows:
+            w.finalize()
     return path
 
 
@@ -77,7 +80,7 @@ def test_round_trip(full, data):
     assert r.meta.views_per_row == V and r.meta.view_spec == make_meta().view_spec
     assert r.meta.store_size == 18 and r.meta.out_size == 16 and r.meta.random_views == V - 1
     assert list(r.sample("id")) == data["samples"]["id"]
-    for k in ("y", "place", "group", "split"):
+    for k in ("y", "attr", "group", "split"):
         np.testing.assert_array_equal(r.sample(k), data["samples"][k])
     rows = np.array([0, 2, 7, 13, 19])  # sparse: several slabs
     for views in (1, [1, 0]):
@@ -113,13 +116,16 @@ def test_read_split(full, data):
 
 def test_file_layout(full):
     with h5py.File(full, "r") as f:
-        assert f.attrs["schema"] == S.SCHEMA_NAME and f.attrs["schema_version"] == 1
+        assert f.attrs["schema"] == S.SCHEMA_NAME and f.attrs["schema_version"] == 2
         assert json.loads(f.attrs["teachers"])[3]["role"] == "biased"
         assert f.attrs["row_start"] == 0 and f.attrs["row_stop"] == N and f.attrs["shard"] == ""
         names = []
         f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
         for name in names:
             ds = f[name]
+            if name.startswith("digests/"):  # small tables, checksummed, not compressed
+                assert ds.fletcher32 and ds.dtype == np.uint8 and ds.shape[1] == 32, name
+                continue
             assert ds.fletcher32 and ds.compression == "gzip" and ds.chunks[1:] == ds.shape[1:], name
         assert f["features/layer4"].dtype == np.float16
         assert f["features/layer4"].shape == (N, V, B, 8)
@@ -134,7 +140,7 @@ def test_resume(tmp_path, data):
         assert w.pending_chunks(4) == [(10, 12), (12, 16), (16, 20)]  # aligned to multiples of 4
     for other in (make_meta(dataset_fingerprint="fp-other"), make_meta(view_spec={"random_views": V - 1, "out_size": 16, "seed": 5}),
                   make_meta(tau_cached=2.0), make_meta(layers=["layer4"], feature_dims={"layer4": 8})):
-        with pytest.raises(CacheError, match="(?i)made for other inputs.*delete it or choose another --out"):
+        with pytest.raises(CacheError, match="(?i)made for other inputs.*pass --overwrite to rebuild it, or choose another --out"):
             CacheWriter.create_or_resume(path, other, data["samples"])
     changed = {**data["samples"], "y": 1 - data["samples"]["y"]}
     with pytest.raises(CacheError, match="samples"):
@@ -152,13 +158,13 @@ def test_incomplete_refused(tmp_path, data):
 
 
 def test_unknown_schema_version(tmp_path, full, data):
-    path = tmp_path / "v2.h5"
+    path = tmp_path / "v3.h5"
     shutil.copy(full, path)
     with h5py.File(path, "r+") as f:
-        f.attrs["schema_version"] = 2
-    with pytest.raises(CacheError, match=r"version 2 found.*supports version 1"):
+        f.attrs["schema_version"] = 3
+    with pytest.raises(CacheError, match=r"version 3 found.*supports version 2"):
         open_cache(path)
-    with pytest.raises(CacheError, match=r"version 2 found"):  # not resumed over either
+    with pytest.raises(CacheError, match=r"version 3 found"):  # not resumed over either
         CacheWriter.create_or_resume(path, make_meta(), data["samples"])
 
 
@@ -225,7 +231,7 @@ def test_shard_merge_equals_full(tmp_path, full, data):
     M.merge(out, _shards(tmp_path, data, specs))
     assert not (tmp_path / "merged.h5.tmp").exists()
     with h5py.File(full, "r") as a, h5py.File(out, "r") as b:
-        skip = {"created"}
+        skip = {"created", "header_sha256"}  # the header digest covers "created"
         attrs = [{k: f.attrs[k] for k in f.attrs if k not in skip} for f in (a, b)]
         assert attrs[0] == attrs[1]
         names_a, names_b = [], []

@@ -34,8 +34,10 @@ def test_end_to_end_run_writes_everything(tiny_cache, tmp_path):
     assert summary["test_best"]["group_count"] == s["test_best"]["group_count"]
     w = np.load(run / "teacher_weights.npy")
     assert w.shape == (240, 3) and np.allclose(w.sum(1), 1, atol=1e-4)
-    assert (run / "best.pt").is_file() and (run / "last.pt").is_file()
-    ck = torch.load(run / "last.pt", weights_only=True)
+    # the lean default: a finished run keeps the best epoch's weights, no optimizer state
+    assert (run / "best.pt").is_file() and not (run / "last.pt").exists()
+    ck = torch.load(run / "best.pt", weights_only=True)
+    assert set(ck) == {"model", "epoch", "config"} and ck["epoch"] == summary["best_epoch"]
     assert any(k.startswith("adapters.layer4") for k in ck["model"])  # adapters saved with the student
 
 
@@ -58,7 +60,7 @@ def test_every_mode_trains(tiny_cache, tmp_path, kw):
 def test_resume_gives_the_same_run(tiny_cache, tmp_path, monkeypatch):
     import distill.train as train_mod
 
-    full = fit(_cfg(tiny_cache, tmp_path / "full", epochs=3, gamma=0.5), progress=False)
+    full = fit(_cfg(tiny_cache, tmp_path / "full", epochs=3, gamma=0.5, keep_checkpoints="last"), progress=False)
     real = train_mod.train_one_epoch
 
     def dying(*a, **kw):
@@ -68,11 +70,12 @@ def test_resume_gives_the_same_run(tiny_cache, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "train_one_epoch", dying)
     with pytest.raises(KeyboardInterrupt):
-        fit(_cfg(tiny_cache, tmp_path / "part", epochs=3, gamma=0.5), progress=False)
+        fit(_cfg(tiny_cache, tmp_path / "part", epochs=3, gamma=0.5, keep_checkpoints="last"), progress=False)
     monkeypatch.setattr(train_mod, "train_one_epoch", real)
     with pytest.raises(DistillError, match="--resume"):
         fit(_cfg(tiny_cache, tmp_path / "part", epochs=3, gamma=0.5), progress=False)
-    part = fit(_cfg(tiny_cache, tmp_path / "part", epochs=3, gamma=0.5), resume=True, progress=False)
+    part = fit(_cfg(tiny_cache, tmp_path / "part", epochs=3, gamma=0.5, keep_checkpoints="last"), resume=True,
+               progress=False)
     assert part["test_best"] == full["test_best"] and part["test_last"] == full["test_last"]
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "part" / "last.pt", weights_only=True)["model"]

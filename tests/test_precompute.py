@@ -155,9 +155,13 @@ def test_shards_merge_to_the_single_run(tiny_data, tiny_teachers, tiny_cache, tm
         run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(p), random_views=2, batch_size=64,
                                         shard=f"{i}/3", device="cpu", progress=False))
         shards.append(str(p))
+    for shard in shards:  # a shard's own metrics never fail a valid shard
+        res = CliRunner().invoke(cli, ["cache", "info", shard])
+        assert res.exit_code == 0 and "shard" in res.output, res.output
     merged = tmp_path / "merged.h5"
     res = CliRunner().invoke(cli, ["cache", "merge", str(merged), *shards])
     assert res.exit_code == 0, res.output
+    # bit for bit: shard boundaries are aligned to the batch size, so every batch is the same
     _assert_same_content(tiny_cache, merged)
     assert store_path_for(merged).is_file()
 

@@ -166,14 +166,15 @@ def test_finished_run_from_another_data_set_is_not_skipped_nor_touched(tmp_path,
         calls.append(cfg.out)
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps({"status": "finished", "cache_fingerprint": "aaa"}))
+        (out / "summary.json").write_text(json.dumps({"status": "finished", "cache_identity": "aaa",
+                                                      "config": cfg.to_dict()}))
 
-    monkeypatch.setattr(sweep, "_cache_fingerprint", lambda cache: "aaa")
+    monkeypatch.setattr(sweep, "_cache_identity", lambda cache: "aaa")
     counts = sweep.run_sweep("cache.h5", str(tmp_path), [{"gamma": 0.0, "seed": 42}], fit=fake_fit)
     assert counts["finished"] == 1 and len(calls) == 1
     assert sweep.run_sweep("cache.h5", str(tmp_path), [{"gamma": 0.0, "seed": 42}], fit=fake_fit)["skipped"] == 1
-    monkeypatch.setattr(sweep, "_cache_fingerprint", lambda cache: "bbb")
+    monkeypatch.setattr(sweep, "_cache_identity", lambda cache: "bbb")
     counts = sweep.run_sweep("cache.h5", str(tmp_path), [{"gamma": 0.0, "seed": 42}], fit=fake_fit)
     assert counts["failed"] == 1 and len(calls) == 1
     summary = json.loads(next(tmp_path.glob("*/summary.json")).read_text())
-    assert summary["cache_fingerprint"] == "aaa"  # left as it was
+    assert summary["cache_identity"] == "aaa"  # left as it was

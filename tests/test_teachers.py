@@ -22,7 +22,7 @@ import cli
 from data.metrics import group_metrics
 from data.synth import SynthSpec, generate
 from data.views import eval_box, render
-from data.waterbirds import load_metadata
+from data.folders import fingerprint, load_metadata
 from precompute import teachers
 from precompute.manifest import (Manifest, ManifestError, ModelEntry, load_model, make_entry,
                                  read_manifest, verify_files)
@@ -87,7 +87,8 @@ def data_root(tmp_path_factory) -> Path:
 def images(data_root, tmp_path_factory) -> torch.Tensor:
     """The data set through the image store, as train_erm gets it: uint8 [N, 3, S, S]."""
     cfg = TeacherConfig(str(data_root), "", image_size=SIZE, progress=False)
-    return teachers._prepare_images(cfg, load_metadata(data_root), tmp_path_factory.mktemp("store"))
+    meta = load_metadata(data_root)
+    return teachers._prepare_images(cfg, meta, tmp_path_factory.mktemp("store"), fingerprint(meta))
 
 
 def tiny_cfg(data_root, out, **kw) -> TeacherConfig:
@@ -508,7 +509,7 @@ def test_build_teachers_shared_backbone_manifest(shared):
     assert man.num_classes == 2 and man.image_size == SIZE and man.pretrained is False
     assert all(m.arch == "resnet18" and m.num_classes == 2 for m in man.models)
     verify_files(man)
-    assert json.loads((shared / "teachers_config.json").read_text())["shared_backbone"] is True
+    assert json.loads((shared / "teachers_config.json").read_text())["config"]["shared_backbone"] is True
     assert "| teacher_2 | teacher | test |" in (shared / "eval.md").read_text()
     assert not list(shared.glob("*.ckpt")) and not list(shared.glob("*.tmp"))
 
@@ -606,7 +607,7 @@ def test_cli_teachers_with_weights_file(offline, tmp_path, data_root, imagenet_r
     assert erm["fc.weight"].shape == (2, 2048)
     assert_state_equal({k: v for k, v in erm.items() if not k.startswith("fc.")},
                        {k: v for k, v in r50.items() if not k.startswith("fc.")})
-    assert json.loads((out / "teachers_config.json").read_text())["weights_file"] == str(imagenet_r50_file)
+    assert json.loads((out / "teachers_config.json").read_text())["config"]["weights_file"] == str(imagenet_r50_file)
 
 
 def test_cli_teachers_weights_file_of_wrong_arch(offline, tmp_path, data_root, r18):
