@@ -128,15 +128,22 @@ def data_check(root, dataset, dataset_options):
 @click.option("--pretrained/--no-pretrained", default=None, help="ImageNet init [default: on; synthetic off].")
 @click.option("--weights-file", type=click.Path(exists=True), default=None, help="Local ImageNet ResNet-50 weights.")
 @click.option("--shared-backbone", is_flag=True, default=None, help="One ERM backbone, T DFR heads.")
+@click.option("--dfr", type=click.Choice(["report", "reference", "tool"]), default=None,
+              help="DFR protocol: the report's dfr.py (lbfgs, L2, C=1, one balanced subsample), the DFR "
+                   "authors' reference (L1, C tuned, 20 subsamples, scaler fit on train), or the tool's "
+                   "earlier variant [default: report].")
+@click.option("--dfr-bias", default=None, help="Per teacher, how much of the training split's spurious "
+              "correlation its DFR data keeps, e.g. 0,0,0,0.6,0.8 (0: balanced).")
 @click.option("--overwrite", is_flag=True, default=None, help="Rebuild teachers that --out holds from other settings or data.")
 @click.option("--device", default="auto", show_default=True)
 @dataset_options
 @click.pass_context
 @friendly
-def teachers(ctx, data_root, out, **opts):
+def teachers(ctx, data_root, out, dfr_bias, **opts):
     """Build ERM + DFR teachers and the biased model (or `teachers import` your own)."""
     if ctx.invoked_subcommand is not None:
         return
+    opts["dfr_bias"] = floats(dfr_bias)
     from experiments.pipeline import build_teachers_for
     from precompute.teachers import format_eval_table
 

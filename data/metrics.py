@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-NUM_GROUPS = 4  # TEMPORARY: precompute.dfr's default until it takes num_groups from its data
-
 
 def as_numpy(x) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor, without importing torch here

@@ -1,22 +1,23 @@
-"""Deep Feature Reweighting (DFR): re-train a teacher's last layer on group-balanced data.
+"""Deep Feature Reweighting (DFR): three protocols for re-training a teacher's last layer.
 
 Reference: Kirichenko, Izmailov & Wilson, "Last layer re-training is sufficient for robustness
-to spurious correlations", ICLR 2023 (DFR_Val^Tr, as in their ``dfr_evaluate_spurious.py``).
+to spurious correlations", ICLR 2023 (DFR_Val^Tr). :func:`fit_dfr` fits a last layer on the
+validation-set penultimate embeddings ``emb [N, D]`` (D = 2048 for ResNet-50) with one of
+``DFR_VARIANTS``:
 
-Protocol on the validation-set penultimate embeddings ``emb [N, D]`` (D = 2048 for ResNet-50):
+- ``"tool"`` (default): this tool's protocol. ``StandardScaler`` fit on all N embeddings; C tuned
+  on two random halves (L1 liblinear on one group-balanced subsample of the fit half, worst-group
+  accuracy (WGA) on the other half, ties to the smallest C); ``coef_``/``intercept_`` averaged
+  over ``num_retrains`` group-balanced subsamples of the whole set.
+- ``"reference"``: the DFR reference code's validation variant (``dfr_evaluate_spurious.py``,
+  ``dfr_on_validation_tune`` + ``dfr_on_validation_eval`` with their main script's defaults): the
+  tuning scaler is fit on the tuning subsample, the final scaler on the TRAINING split's
+  embeddings, ties go to the first C of the grid. See :func:`_fit_reference`.
+- ``"report"``: the user's report's ``dfr.py``: one L2 lbfgs logistic regression (C = 1,
+  ``class_weight="balanced"``) on one group-balanced subsample, no scaler, no tuning, no averaging.
 
-1. ``StandardScaler`` fit on all N embeddings.
-2. Tuning: split the N rows into two random halves; for each C in ``DFR_CS`` fit an L1 logistic
-   regression (liblinear) on a group-balanced subsample of the first half and score worst-group
-   accuracy (WGA) on the second half. Keep the C with the best held-out WGA.
-3. Final head: fit with that C on ``num_retrains`` group-balanced subsamples of the WHOLE set and
-   average ``coef_`` and ``intercept_``.
-
-The result is a :class:`DFRHead` whose weight/bias already contain the scaler, so it drops into
-the teacher's ``fc = nn.Linear(D, C)``::
-
-    fc.weight.data.copy_(torch.from_numpy(head.weight))
-    fc.bias.data.copy_(torch.from_numpy(head.bias))
+Every variant returns a :class:`DFRHead` with any scaler folded into its weight/bias: the
+parameters of the teacher's ``fc = nn.Linear(D, C)``, copied in as they are.
 """
 from __future__ import annotations
 
@@ -28,12 +29,13 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from core.errors import ToolError
-from data.metrics import NUM_GROUPS, group_metrics
+from core.errors import ConfigError, ToolError
+from data.metrics import group_metrics
 
 # The DFR reference grid for Waterbirds (inverse L1 strength), largest C first as in the paper.
 DFR_CS = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
 DEFAULT_NUM_RETRAINS = 20
+DFR_VARIANTS = ("reference", "report", "tool")
 
 
 class DFRError(ToolError, ValueError):
@@ -42,7 +44,7 @@ class DFRError(ToolError, ValueError):
 
 @dataclass
 class DFRHead:
-    """A DFR last layer with the input standardisation folded in.
+    """A DFR last layer with the input standardisation (if any) folded in.
 
     ``logits = emb @ weight.T + bias`` (see :func:`apply_head`), i.e. the parameters of an
     ``nn.Linear(D, num_classes)``.
@@ -50,11 +52,12 @@ class DFRHead:
     Attributes:
         weight: [C, D] float32. Binary problems: rows ``[-w/2, +w/2]`` so that
             ``logit_1 - logit_0`` equals the logistic decision function and the 2-way softmax equals
-            the logistic probability. C > 2: one-vs-rest rows (argmax = OvR prediction; the softmax
-            is not sklearn's normalised-sigmoid ``predict_proba``).
+            the logistic probability. C > 2: one-vs-rest rows for "tool"/"reference" (argmax = OvR
+            prediction; the softmax is not sklearn's normalised-sigmoid ``predict_proba``),
+            multinomial rows for "report" (softmax = its ``predict_proba``).
         bias: [C] float32, built the same way.
-        C: the chosen inverse L1 regularisation strength.
-        tune_wga: held-out worst-group accuracy for every candidate C (tuning step).
+        C: the inverse regularisation strength used (L1 for "tool"/"reference", L2 for "report").
+        tune_wga: held-out worst-group accuracy for every candidate C (empty for "report").
     """
 
     weight: np.ndarray
@@ -82,38 +85,55 @@ def _as_int_vector(x, name: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def balanced_subsample(group, rng: np.random.Generator, num_groups: int = NUM_GROUPS) -> np.ndarray:
+def balanced_subsample(group, rng: np.random.Generator, num_groups: int | None = None,
+                       proportions=None) -> np.ndarray:
     """Indices of a group-balanced subsample (the DFR "balanced" data).
 
     Every non-empty group contributes ``m`` rows drawn without replacement, where ``m`` is the size
     of the smallest non-empty group; empty groups are skipped (they cannot be balanced in).
+    With ``proportions`` ([num_groups], the share of each group; for teachers that keep part of
+    the spurious correlation) group g contributes ``floor(M * p_g)`` rows, M the largest size the
+    groups allow; uniform proportions give the balanced subsample.
 
     Args:
         group: [N] ints in ``[0, num_groups)``.
         rng: the generator to draw from (advanced in place, so consecutive calls differ).
-        num_groups: number of possible groups.
+        num_groups: number of possible groups (default ``max(group) + 1``).
+        proportions: target share of each group (renormalised over the non-empty groups).
     Returns:
-        [m * (number of non-empty groups)] int64 indices into ``group``, sorted ascending.
+        int64 indices into ``group``, sorted ascending.
     """
     group = _as_int_vector(group, "group")
     if group.size == 0:
         raise ValueError("balanced_subsample needs at least one sample, got an empty group array")
+    if num_groups is None:
+        num_groups = int(group.max()) + 1
     if group.min() < 0 or group.max() >= num_groups:
         raise ValueError(
             f"group values must lie in [0, {num_groups}), got min {group.min()}, max {group.max()}"
         )
     members = [np.flatnonzero(group == g) for g in range(num_groups)]
-    m = min(len(idx) for idx in members if len(idx))
-    picks = [rng.choice(idx, size=m, replace=False) for idx in members if len(idx)]
+    if proportions is None:
+        m = min(len(idx) for idx in members if len(idx))
+        sizes = [m if len(idx) else 0 for idx in members]
+    else:
+        p = np.asarray(proportions, dtype=np.float64)[:num_groups] * np.array([len(i) > 0 for i in members])
+        if len(p) != num_groups or p.min() < 0 or p.sum() <= 0:
+            raise ValueError(f"proportions must give {num_groups} non-negative shares, got {proportions}")
+        p = p / p.sum()
+        total = min(len(idx) / p[g] for g, idx in enumerate(members) if p[g] > 0)
+        sizes = [int(np.floor(total * p[g] + 1e-9)) for g in range(num_groups)]
+    picks = [rng.choice(idx, size=n, replace=False) for idx, n in zip(members, sizes) if n]
     return np.sort(np.concatenate(picks)).astype(np.int64)
 
 
 def choose_c(tune_wga: dict[float, float]) -> float:
-    """The C with the highest held-out WGA; ties go to the smallest C (strongest L1).
+    """The C with the highest held-out WGA; ties go to the smallest C ("tool"'s rule).
 
     The reference code's ``np.argmax`` over its grid order (1.0 first) would keep the largest C on a
     tie; with a few dozen minority samples ties are common, and among equally robust heads the
-    sparser one is the safer choice, so we break ties towards regularisation.
+    sparser one is the safer choice, so "tool" breaks ties towards regularisation ("reference"
+    keeps the reference's rule, see :func:`_fit_reference`).
     """
     if not tune_wga:
         raise ValueError("choose_c needs at least one (C, WGA) pair")
@@ -121,12 +141,28 @@ def choose_c(tune_wga: dict[float, float]) -> float:
     return float(min(c for c, w in tune_wga.items() if w == best))
 
 
-def _l1_logreg(C: float, random_state: int) -> LogisticRegression:
-    # scikit-learn 1.8 deprecated `penalty` in favour of `l1_ratio`; before 1.8, `l1_ratio` is
-    # ignored unless penalty="elasticnet" (silently giving L2), so pick the spelling by version.
+def _logreg(penalty: str, C: float, **kwargs) -> LogisticRegression:
+    """``LogisticRegression`` with an L1 or L2 penalty, spelled for the installed scikit-learn."""
+    # scikit-learn 1.8 deprecated `penalty` in favour of `l1_ratio` (1 = L1, 0 = L2); before 1.8,
+    # `l1_ratio` is ignored unless penalty="elasticnet" (silently giving L2), so pick the spelling
+    # by version: no deprecation warning on new versions, no silent L2 on old ones.
     if inspect.signature(LogisticRegression).parameters["penalty"].default == "deprecated":
-        return LogisticRegression(l1_ratio=1.0, C=C, solver="liblinear", random_state=random_state)
-    return LogisticRegression(penalty="l1", C=C, solver="liblinear", random_state=random_state)
+        return LogisticRegression(l1_ratio={"l1": 1.0, "l2": 0.0}[penalty], C=C, **kwargs)
+    return LogisticRegression(penalty=penalty, C=C, **kwargs)
+
+
+def _l1_logreg(C: float, random_state: int) -> LogisticRegression:
+    return _logreg("l1", C, solver="liblinear", random_state=random_state)
+
+
+def _require_all_classes(y: np.ndarray, num_classes: int) -> None:
+    present = np.unique(y)
+    if len(present) != num_classes:
+        missing = sorted(set(range(num_classes)) - set(present.tolist()))
+        raise DFRError(
+            f"a group-balanced subsample has no sample of class(es) {missing}; DFR needs every "
+            "class in every balanced subsample (does each class have its own groups?)"
+        )
 
 
 def _fit_l1(z: np.ndarray, y: np.ndarray, C: float, num_classes: int, random_state: int):
@@ -136,13 +172,7 @@ def _fit_l1(z: np.ndarray, y: np.ndarray, C: float, num_classes: int, random_sta
     K = num_classes one-vs-rest problems. Recent scikit-learn refuses multiclass liblinear, so the
     one-vs-rest loop (what liblinear did internally) is written out here.
     """
-    present = np.unique(y)
-    if len(present) != num_classes:
-        missing = sorted(set(range(num_classes)) - set(present.tolist()))
-        raise DFRError(
-            f"a group-balanced subsample has no sample of class(es) {missing}; DFR needs every "
-            "class in every balanced subsample (does each class have its own groups?)"
-        )
+    _require_all_classes(y, num_classes)
     if num_classes == 2:
         model = _l1_logreg(C, random_state).fit(z, y)
         return model.coef_.copy(), model.intercept_.copy()
@@ -161,10 +191,12 @@ def _predict(z: np.ndarray, coef: np.ndarray, intercept: np.ndarray) -> np.ndarr
     return scores.argmax(axis=1)
 
 
-def _fold(coef: np.ndarray, intercept: np.ndarray, scaler: StandardScaler):
-    """Fold ``z = (x - mean) / scale`` into the linear map: (weight [C, D], bias [C]) float32."""
-    w = coef / scaler.scale_  # [K, D]
-    b = intercept - w @ scaler.mean_  # [K]
+def _fold(coef: np.ndarray, intercept: np.ndarray, scaler: StandardScaler | None):
+    """Fold ``z = (x - mean) / scale`` (if a scaler) into the linear map: (weight [C, D], bias [C])."""
+    w, b = coef, intercept
+    if scaler is not None:
+        w = coef / scaler.scale_  # [K, D]
+        b = intercept - w @ scaler.mean_  # [K]
     if coef.shape[0] == 1:
         # Two logits whose difference is the decision function: softmax == sigmoid(decision).
         w = np.concatenate([-w / 2, w / 2])
@@ -192,54 +224,80 @@ def _check_inputs(emb, y, group, num_classes):
         raise ValueError(f"y has label {y.max()} but num_classes is {num_classes}")
     counts = np.bincount(y, minlength=num_classes)
     if num_classes < 2 or np.count_nonzero(counts) < 2:
-        raise DFRError(
-            f"DFR needs at least 2 classes with samples, got class counts {counts.tolist()}"
-        )
+        raise DFRError(f"DFR needs at least 2 classes with samples, got class counts {counts.tolist()}")
     if np.any(counts == 0):
+        raise DFRError(f"class(es) {np.flatnonzero(counts == 0).tolist()} have no samples (class counts "
+                       f"{counts.tolist()}); a head cannot be fit for a class it never sees")
+    return emb, y, group, int(num_classes), int(group.max()) + 1
+
+
+def _check_train_emb(train_emb, dim: int) -> np.ndarray:
+    if train_emb is None:
         raise DFRError(
-            f"class(es) {np.flatnonzero(counts == 0).tolist()} have no samples (class counts "
-            f"{counts.tolist()}); a head cannot be fit for a class it never sees"
+            'DFR variant "reference" fits its final StandardScaler on the TRAINING split\'s '
+            "embeddings, as the DFR reference code does: pass train_emb=[M, D] (eval-view "
+            'embeddings of the training rows), or choose variant "tool" (scaler fit on the '
+            'validation embeddings) or "report" (no scaler)'
         )
-    # Waterbirds has 4 groups; wider group ids (more classes) widen the count, never truncate it.
-    num_groups = max(NUM_GROUPS, int(group.max()) + 1)
-    return emb, y, group, int(num_classes), num_groups
+    train_emb = np.asarray(train_emb, dtype=np.float64)
+    if train_emb.ndim != 2 or train_emb.shape[1] != dim or len(train_emb) == 0:
+        raise ValueError(f"train_emb must be [M, {dim}] with M >= 1 (like emb), got shape {train_emb.shape}")
+    if not np.all(np.isfinite(train_emb)):
+        raise DFRError("train_emb contains NaN or inf; check the embedding extraction")
+    return train_emb
 
 
-def fit_dfr(
-    emb,
-    y,
-    group,
-    *,
-    seed: int = 0,
-    Cs=DFR_CS,
-    num_retrains: int = DEFAULT_NUM_RETRAINS,
-    num_classes: int | None = None,
-) -> DFRHead:
+def _check_halves(group, fit_half, score_half, groups) -> None:
+    total = np.bincount(group, minlength=len(groups))
+    in_fit = np.bincount(group[fit_half], minlength=len(groups))
+    in_score = np.bincount(group[score_half], minlength=len(groups))
+    for g in groups:
+        if in_fit[g] == 0 or in_score[g] == 0:
+            raise DFRError(
+                f"group {g} has {total[g]} sample(s); the seeded split into tuning halves leaves "
+                f"{in_fit[g]} in the fit half and {in_score[g]} in the score half. DFR tuning "
+                "needs each group in both halves: add samples to it or drop the group"
+            )
+
+
+def fit_dfr(emb, y, group, *, variant: str = "tool", train_emb=None, seed: int = 0, Cs=DFR_CS,
+            num_retrains: int = DEFAULT_NUM_RETRAINS, num_classes: int | None = None,
+            proportions=None) -> DFRHead:
     """Fit a DFR head on (validation-set) embeddings (Kirichenko et al., ICLR 2023).
 
     Args:
         emb: [N, D] penultimate embeddings (eval view, eval mode).
         y: [N] class labels in ``[0, num_classes)``.
         group: [N] group ids (Waterbirds: ``2 * y + place``).
+        variant: one of ``DFR_VARIANTS``; the protocols are in :func:`_fit_tool`,
+            :func:`_fit_reference` and :func:`_fit_report`.
+        train_emb: [M, D] training-split embeddings; required by "reference" (its final scaler),
+            ignored by the others.
         seed: the only source of randomness; equal seeds give identical heads.
-        Cs: candidate inverse L1 strengths (default: the DFR Waterbirds grid).
-        num_retrains: number of balanced subsamples whose fits are averaged (DFR: 20).
+        Cs: candidate inverse L1 strengths (default: the DFR Waterbirds grid); not used by "report".
+        num_retrains: balanced subsamples whose fits are averaged (DFR: 20); not used by "report".
         num_classes: defaults to ``max(y) + 1``; every class needs samples.
+        proportions: group shares of the subsamples instead of balanced ones ("tool" and
+            "report"; see :func:`balanced_subsample`), for a teacher that keeps part of the
+            spurious correlation.
     Returns:
-        DFRHead with the scaler folded into weight [C, D] / bias [C].
-
-    Randomness, in this exact order, from ``rng = np.random.default_rng(seed)``:
-    ``perm = rng.permutation(N)``; fit half ``perm[:N // 2]``, score half ``perm[N // 2:]``;
-    one ``balanced_subsample`` of the fit half (shared by all C, as in the reference); then
-    ``num_retrains`` ``balanced_subsample`` calls on the whole set. liblinear gets
-    ``random_state=seed`` in every fit.
-
+        DFRHead with any scaler folded into weight [C, D] / bias [C].
     Raises:
-        ValueError: mismatched lengths, non-finite embeddings, fewer than 2 classes, a class with no
-            samples, a group present in the data but absent from one tuning half, bad Cs or
-            num_retrains.
+        ConfigError: an unknown variant.
+        DFRError (a ValueError): data DFR cannot fit (non-finite embeddings, fewer than 2 classes,
+            a class with no samples, a group missing from a tuning half), or "reference" without
+            train_emb.
+        ValueError: mismatched lengths or shapes, bad Cs or num_retrains.
     """
+    if variant not in DFR_VARIANTS:
+        raise ConfigError(f"unknown DFR variant {variant!r}; choose one of {', '.join(DFR_VARIANTS)}")
     emb, y, group, num_classes, num_groups = _check_inputs(emb, y, group, num_classes)
+    if proportions is not None and variant == "reference":
+        raise ConfigError("the reference DFR protocol balances its data itself; skewed group proportions "
+                          "work with the 'tool' and 'report' variants")
+    if variant == "report":
+        return _fit_report(emb, y, group, seed=seed, num_classes=num_classes, num_groups=num_groups,
+                           proportions=proportions)
     Cs = tuple(float(c) for c in Cs)
     if not Cs or any(not math.isfinite(c) or c <= 0 for c in Cs):
         raise ValueError(f"Cs must be a non-empty sequence of positive finite numbers, got {Cs}")
@@ -247,7 +305,22 @@ def fit_dfr(
         raise ValueError(f"Cs has duplicates: {Cs}")
     if int(num_retrains) != num_retrains or num_retrains < 1:
         raise ValueError(f"num_retrains must be a positive integer, got {num_retrains}")
+    if variant == "reference":
+        return _fit_reference(emb, y, group, _check_train_emb(train_emb, emb.shape[1]), seed=seed,
+                              Cs=Cs, num_retrains=int(num_retrains), num_classes=num_classes)
+    return _fit_tool(emb, y, group, seed=seed, Cs=Cs, num_retrains=int(num_retrains),
+                     num_classes=num_classes, num_groups=num_groups, proportions=proportions)
 
+
+def _fit_tool(emb, y, group, *, seed, Cs, num_retrains, num_classes, num_groups, proportions=None) -> DFRHead:
+    """Variant "tool": the protocol in the module docstring.
+
+    Randomness, in this exact order, from ``rng = np.random.default_rng(seed)``:
+    ``perm = rng.permutation(N)``; fit half ``perm[:N // 2]``, score half ``perm[N // 2:]``;
+    one ``balanced_subsample`` of the fit half (shared by all C, as in the reference); then
+    ``num_retrains`` ``balanced_subsample`` calls on the whole set. liblinear gets
+    ``random_state=seed`` in every fit.
+    """
     rng = np.random.default_rng(seed)
     # Fit once on the whole set (not per half, unlike the reference's tuning step): the same scaler
     # is then the one folded into the final head, and it uses no labels.
@@ -257,19 +330,10 @@ def fit_dfr(
     n = len(y)
     perm = rng.permutation(n)
     fit_half, score_half = perm[: n // 2], perm[n // 2:]
-    total = np.bincount(group, minlength=num_groups)
-    in_fit = np.bincount(group[fit_half], minlength=num_groups)
-    in_score = np.bincount(group[score_half], minlength=num_groups)
-    for g in np.flatnonzero(total):
-        if in_fit[g] == 0 or in_score[g] == 0:
-            raise DFRError(
-                f"group {g} has {total[g]} sample(s); the seeded split into tuning halves leaves "
-                f"{in_fit[g]} in the fit half and {in_score[g]} in the score half. DFR tuning "
-                "needs every present group in both halves: add samples to it or drop the group"
-            )
+    _check_halves(group, fit_half, score_half, np.flatnonzero(np.bincount(group)))
 
     # One balanced subsample for all C, so the candidates differ only in regularisation.
-    tune_idx = fit_half[balanced_subsample(group[fit_half], rng, num_groups)]
+    tune_idx = fit_half[balanced_subsample(group[fit_half], rng, num_groups, proportions)]
     tune_wga: dict[float, float] = {}
     for C in Cs:
         coef, intercept = _fit_l1(z[tune_idx], y[tune_idx], C, num_classes, seed)
@@ -281,13 +345,111 @@ def fit_dfr(
     # Averaging over balanced subsamples uses every majority sample at least sometimes, and
     # averaging logistic weights is what the reference does (not an ensemble of predictions).
     coefs, intercepts = [], []
-    for _ in range(int(num_retrains)):
-        idx = balanced_subsample(group, rng, num_groups)
+    for _ in range(num_retrains):
+        idx = balanced_subsample(group, rng, num_groups, proportions)
         coef, intercept = _fit_l1(z[idx], y[idx], best_c, num_classes, seed)
         coefs.append(coef)
         intercepts.append(intercept)
     weight, bias = _fold(np.mean(coefs, axis=0), np.mean(intercepts, axis=0), scaler)
     return DFRHead(weight=weight, bias=bias, C=best_c, tune_wga=tune_wga)
+
+
+def _reference_balanced(group: np.ndarray, num_groups: int, rng: np.random.Generator) -> np.ndarray:
+    """Reference balanced subset: per group 0..G-1 in turn, shuffle its positions, keep the first
+    ``m`` (the smallest group's size); concatenated in group order, not sorted."""
+    members = [np.flatnonzero(group == g) for g in range(num_groups)]
+    m = min(len(p) for p in members)
+    for p in members:
+        rng.shuffle(p)
+    return np.concatenate([p[:m] for p in members])
+
+
+def _liblinear_seed(rng: np.random.Generator) -> int:
+    # With random_state=None scikit-learn seeds liblinear from the global RandomState, one draw
+    # of randint(2**31 - 1) per fit; drawing it from our generator keeps that, reproducibly.
+    return int(rng.integers(np.iinfo(np.int32).max))
+
+
+def _fit_reference(emb, y, group, train_emb, *, seed, Cs, num_retrains, num_classes) -> DFRHead:
+    """Variant "reference": ``dfr_on_validation_tune`` then ``dfr_on_validation_eval`` of the DFR
+    reference code (``dfr_evaluate_spurious.py``) with its main script's DFR_Val defaults
+    (balanced validation data, no training rows added, unit class weights, L1 liblinear).
+
+    Groups are ``0..G-1`` with ``G = max(group) + 1``; each must be present in both tuning halves.
+
+    1. Tuning (one round): shuffle ``idx = arange(N)``; score half ``idx[:N // 2]``, fit half
+       ``idx[N // 2:]``. Balanced subset of the fit half: for each group in turn, shuffle its
+       positions and keep the first ``m`` (``m`` = its smallest group), rows in group order.
+       ``StandardScaler`` fit on that subset, applied to it and to the score half. For each C in
+       grid order: fit, WGA on the score half. ``C = Cs[argmax(WGA)]``: ties go to the FIRST C of
+       the grid (1.0, the weakest L1, in the default grid).
+    2. Final head: ``StandardScaler`` fit on ``train_emb``. ``num_retrains`` times: a fresh
+       balanced subset of the whole validation set (same recipe), a shuffle of the training row
+       indices (the reference shuffles them even though it adds none of them), an L1 fit with the
+       chosen C on the train-scaled subset. ``coef_`` and ``intercept_`` are averaged and the
+       train scaler is folded in.
+
+    Same as the reference: every step above, its row order, its class weights (``{0: 1, 1: 1}``
+    is no weighting) and its tie rule. Not the same: (a) randomness comes from
+    ``np.random.default_rng(seed)`` instead of the unseeded global ``np.random``, in the
+    reference's order of draws (``rng.shuffle`` for each ``np.random.shuffle``; one liblinear seed
+    ``rng.integers(2**31 - 1)`` per fit, where scikit-learn would draw it from the global
+    RandomState), so the same subsets as any given reference run cannot be reproduced;
+    (b) embeddings are float64 (the reference passes float32 to the scaler); (c) more than 2
+    classes (the reference is binary) use the one-vs-rest loop of :func:`_fit_l1` with one seed;
+    (d) data on which the reference would fail or score NaN (a group id in 0..G-1 without rows
+    in a half) raise DFRError.
+    """
+    rng = np.random.default_rng(seed)
+    num_groups = int(group.max()) + 1
+    n = len(y)
+    idx = np.arange(n)
+    rng.shuffle(idx)
+    score_half, fit_half = idx[: n // 2], idx[n // 2:]
+    _check_halves(group, fit_half, score_half, range(num_groups))
+
+    tune = fit_half[_reference_balanced(group[fit_half], num_groups, rng)]
+    tune_scaler = StandardScaler().fit(emb[tune])
+    z_tune, z_score = tune_scaler.transform(emb[tune]), tune_scaler.transform(emb[score_half])
+    tune_wga: dict[float, float] = {}
+    for C in Cs:
+        coef, intercept = _fit_l1(z_tune, y[tune], C, num_classes, _liblinear_seed(rng))
+        pred = _predict(z_score, coef, intercept)
+        tune_wga[C] = group_metrics(pred, y[score_half], group[score_half], num_groups=num_groups)["wga"]
+    best_c = Cs[int(np.argmax(list(tune_wga.values())))]  # np.argmax: the first maximum
+
+    scaler = StandardScaler().fit(train_emb)
+    train_order = np.arange(len(train_emb))
+    coefs, intercepts = [], []
+    for _ in range(num_retrains):
+        rows = _reference_balanced(group, num_groups, rng)
+        rng.shuffle(train_order)  # unused, as in the reference: keeps its order of draws
+        coef, intercept = _fit_l1(scaler.transform(emb[rows]), y[rows], best_c, num_classes,
+                                  _liblinear_seed(rng))
+        coefs.append(coef)
+        intercepts.append(intercept)
+    weight, bias = _fold(np.mean(coefs, axis=0), np.mean(intercepts, axis=0), scaler)
+    return DFRHead(weight=weight, bias=bias, C=best_c, tune_wga=tune_wga)
+
+
+REPORT_C = 1.0  # the report's dfr.py; its other settings are scikit-learn's defaults
+
+
+def _fit_report(emb, y, group, *, seed, num_classes, num_groups, proportions=None) -> DFRHead:
+    """Variant "report": the user's report's ``dfr.py``.
+
+    ``LogisticRegression(solver="lbfgs", L2, C=1, class_weight="balanced")`` on raw embeddings
+    (no scaler) of ONE group-balanced subsample of the validation set:
+    ``balanced_subsample(group, np.random.default_rng(seed))``. No C tuning, no averaging; more
+    than 2 classes give lbfgs's multinomial model. ``C = 1.0``, ``tune_wga = {}``. scikit-learn's
+    ``max_iter=100`` is kept as the report's call had it: on raw 2048-d embeddings lbfgs may stop
+    there with a ConvergenceWarning (left visible), and that early stop is part of its heads.
+    """
+    rows = balanced_subsample(group, np.random.default_rng(seed), num_groups, proportions)
+    _require_all_classes(y[rows], num_classes)
+    model = _logreg("l2", REPORT_C, solver="lbfgs", class_weight="balanced").fit(emb[rows], y[rows])
+    weight, bias = _fold(model.coef_, model.intercept_, None)
+    return DFRHead(weight=weight, bias=bias, C=REPORT_C, tune_wga={})
 
 
 def apply_head(emb, head: DFRHead) -> np.ndarray:

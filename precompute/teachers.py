@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from core.files import atomic_write_json, atomic_write_text, save_checkpoint
 from core.errors import ConfigError, ToolError
-from core.files import OutputLock
+from core.files import OutputLock, atomic_write_json, atomic_write_text, save_checkpoint
 from core.models import FEATURE_DIMS, CheckpointError, build_model, load_checkpoint
 from core.provenance import settings_diff
 from core.runtime import autocast, epoch_seed, pick_device
@@ -27,8 +26,8 @@ from core.tables import format_table
 from data.metrics import split_metrics
 from data.store import ImageStore, build_store, store_size_for
 from data.views import ViewSpec, render, sample_views
-from data.folders import Metadata, SPLIT_CODES, fingerprint, load_metadata
-from precompute.dfr import fit_dfr
+from data.folders import SPLIT_CODES, Metadata, fingerprint, load_metadata
+from precompute.dfr import DFR_VARIANTS, fit_dfr
 from precompute.manifest import Manifest, load_model, make_entry
 
 
@@ -51,6 +50,9 @@ class TeacherConfig:
     weight_decay: float = 1e-3
     batch_size: int = 32
     dfr_retrains: int = 20
+    dfr: str = "report"                 # DFR protocol (precompute.dfr.DFR_VARIANTS): report | reference | tool
+    dfr_bias: tuple[float, ...] = ()    # per teacher: how much of the training split's spurious
+                                        # correlation its DFR data keeps (0: balanced; () all 0)
     overwrite: bool = False             # rebuild teachers that were made with other settings
     device: str = "auto"
     progress: bool = True
@@ -73,6 +75,14 @@ class TeacherConfig:
             raise ConfigError(f"--image-size must be at least 8 px, got {self.image_size}")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise ConfigError(f"--out {self.out} is a file; the teachers need a folder")
+        self.dfr_bias = tuple(float(b) for b in self.dfr_bias)
+        if self.dfr not in DFR_VARIANTS:
+            raise ConfigError(f"--dfr must be one of {', '.join(DFR_VARIANTS)}, got {self.dfr!r}")
+        if self.dfr_bias and (len(self.dfr_bias) != self.num_teachers or not all(0 <= b <= 1 for b in self.dfr_bias)):
+            raise ConfigError(f"--dfr-bias takes one value in [0, 1] per teacher ({self.num_teachers}), got "
+                              f"{','.join(f'{b:g}' for b in self.dfr_bias)}")
+        if any(self.dfr_bias) and self.dfr == "reference":
+            raise ConfigError("--dfr-bias needs --dfr report or tool: the reference protocol balances its data itself")
         if self.arch not in FEATURE_DIMS:
             raise ConfigError(f"unknown architecture {self.arch!r}; known: {', '.join(FEATURE_DIMS)}")
         pick_device(self.device)
@@ -166,6 +176,17 @@ def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, meta: Metadat
     return state
 
 
+def dfr_proportions(meta: Metadata, bias: float):
+    """Group shares of a teacher's DFR data: balanced (None) at bias 0, the training split's
+    (spurious) proportions at bias 1, linear in between."""
+    if bias == 0:
+        return None
+    train = meta.group_counts("train").astype(float)
+    present = train > 0
+    uniform = present / present.sum()
+    return (1 - bias) * uniform + bias * train / train.sum()
+
+
 def evaluate_logits(logits: torch.Tensor, meta: Metadata) -> dict:
     """Per-split group metrics of eval-view logits for every row of ``meta``."""
     return split_metrics(logits.argmax(1).numpy(), meta.y, meta.group, meta.split,
@@ -257,8 +278,10 @@ def _build(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str, num_classes: 
             biased.metrics = evaluate_logits(logits, meta)
         heads = range(cfg.num_teachers) if cfg.shared_backbone else [b]
         for t in heads:
-            head = fit_dfr(emb[val].numpy(), meta.y[val], meta.group[val], seed=seed + 1000 * t,
-                           num_retrains=cfg.dfr_retrains, num_classes=num_classes)
+            head = fit_dfr(emb[val].numpy(), meta.y[val], meta.group[val], variant=cfg.dfr,
+                           train_emb=emb[meta.rows("train")].numpy() if cfg.dfr == "reference" else None,
+                           seed=seed + 1000 * t, num_retrains=cfg.dfr_retrains, num_classes=num_classes,
+                           proportions=dfr_proportions(meta, cfg.dfr_bias[t] if cfg.dfr_bias else 0.0))
             head_path = out / f"teacher_{t + 1}_dfr_head.pt"
             save_checkpoint({"fc.weight": torch.from_numpy(head.weight), "fc.bias": torch.from_numpy(head.bias)}, head_path)
             entry = make_entry(f"teacher_{t + 1}", "teacher", erm_path, cfg.arch, num_classes,

@@ -11,7 +11,9 @@ from sklearn.preprocessing import StandardScaler
 
 from data.metrics import group_metrics
 from precompute import dfr
-from precompute.dfr import DFR_CS, DFRHead, apply_head, balanced_subsample, choose_c, fit_dfr
+from core.errors import ConfigError
+from precompute.dfr import (DFR_CS, DFR_VARIANTS, DFRError, DFRHead, apply_head, balanced_subsample,
+                            choose_c, fit_dfr)
 
 D = 32
 CORE, SPUR = 0, 1
@@ -31,11 +33,21 @@ def make_split(counts, rng, dim=D):
     return emb.astype(np.float32), y, group
 
 
+NEW_PENALTY_API = inspect.signature(LogisticRegression).parameters["penalty"].default == "deprecated"
+
+
 def sk_l1(C, random_state):
     """An L1 liblinear logistic regression, spelled for the installed scikit-learn."""
-    if inspect.signature(LogisticRegression).parameters["penalty"].default == "deprecated":
+    if NEW_PENALTY_API:
         return LogisticRegression(l1_ratio=1.0, C=C, solver="liblinear", random_state=random_state)
     return LogisticRegression(penalty="l1", C=C, solver="liblinear", random_state=random_state)
+
+
+def sk_report():
+    """The report's fit: lbfgs, L2, C = 1, balanced class weights (sklearn's other defaults)."""
+    if NEW_PENALTY_API:
+        return LogisticRegression(l1_ratio=0.0, C=1.0, solver="lbfgs", class_weight="balanced")
+    return LogisticRegression(penalty="l2", C=1.0, solver="lbfgs", class_weight="balanced")
 
 
 def worst_group_acc(pred, y, group):
@@ -249,7 +261,13 @@ def test_balanced_subsample_determinism():
 )
 def test_balanced_subsample_errors(group, match):
     with pytest.raises(ValueError, match=match):
-        balanced_subsample(group, np.random.default_rng(0))
+        balanced_subsample(group, np.random.default_rng(0), num_groups=4)
+
+
+def test_balanced_subsample_default_groups_from_data():
+    group = np.array([0] * 5 + [4] * 2)  # groups 1-3 empty, 4 present: default num_groups = 5
+    idx = balanced_subsample(group, np.random.default_rng(0))
+    assert np.bincount(group[idx]).tolist() == [2, 0, 0, 0, 2]
 
 
 # ---------------------------------------------------------------- fit_dfr contract
@@ -295,3 +313,164 @@ def test_fit_dfr_errors():
         fit_dfr(emb, y, group, Cs=(1.0, 1.0))
     with pytest.raises(ValueError, match="num_retrains"):
         fit_dfr(emb, y, group, num_retrains=0)
+
+
+# ---------------------------------------------------------------- variants
+
+
+NO_SILENT_CHANGES = pytest.mark.filterwarnings(
+    "error::FutureWarning", "error::DeprecationWarning",
+    "error::sklearn.exceptions.ConvergenceWarning",
+)
+
+
+@NO_SILENT_CHANGES
+@pytest.mark.parametrize("variant", DFR_VARIANTS)
+def test_every_variant_recovers_core_direction(splits, variant):
+    train, val, test = splits
+    erm = LogisticRegression().fit(train[0], train[1])
+    erm_wga = worst_group_acc(erm.predict(test[0]), test[1], test[2])
+    head = fit_dfr(*val, variant=variant, train_emb=train[0], seed=0, num_retrains=5)
+    wga = worst_group_acc(apply_head(test[0], head).argmax(1), test[1], test[2])
+    assert erm_wga < 0.6 and wga > 0.75 and wga > erm_wga + 0.25, (erm_wga, wga)
+    assert abs(head.weight[1, CORE]) > 5 * abs(head.weight[1, SPUR])
+
+
+def test_unknown_variant_is_refused(splits):
+    with pytest.raises(ConfigError, match="unknown DFR variant 'paper'.*reference, report, tool"):
+        fit_dfr(*splits[1], variant="paper")
+
+
+def reference_balanced(g_arr, rng):
+    """The reference's balanced subset: per group in turn, shuffle its positions, keep m."""
+    members = [np.flatnonzero(g_arr == g) for g in range(g_arr.max() + 1)]
+    m = min(len(p) for p in members)
+    for p in members:
+        rng.shuffle(p)
+    return np.concatenate([p[:m] for p in members])
+
+
+def test_reference_matches_independent_recomputation(splits):
+    (train_emb, _, _), (emb, y, group), (test_emb, _, _) = splits
+    seed, num_retrains = 2, 3
+    head = fit_dfr(emb, y, group, variant="reference", train_emb=train_emb, seed=seed,
+                   num_retrains=num_retrains)
+
+    # dfr_on_validation_tune + dfr_on_validation_eval, with the documented seeded draws.
+    rng = np.random.default_rng(seed)
+    x = emb.astype(np.float64)
+    idx = np.arange(len(y))
+    rng.shuffle(idx)
+    score, fit = idx[: len(y) // 2], idx[len(y) // 2:]
+    tune = fit[reference_balanced(group[fit], rng)]
+    tune_scaler = StandardScaler().fit(x[tune])
+    expected_wga = {}
+    for C in DFR_CS:
+        model = sk_l1(C, int(rng.integers(2**31 - 1))).fit(tune_scaler.transform(x[tune]), y[tune])
+        pred = model.predict(tune_scaler.transform(x[score]))
+        expected_wga[C] = worst_group_acc(pred, y[score], group[score])
+    assert head.tune_wga == pytest.approx(expected_wga, abs=1e-12)
+    assert head.C == DFR_CS[int(np.argmax(list(expected_wga.values())))]
+
+    train_scaler = StandardScaler().fit(train_emb.astype(np.float64))
+    coefs, intercepts = [], []
+    for _ in range(num_retrains):
+        rows = reference_balanced(group, rng)
+        rng.shuffle(np.arange(len(train_emb)))
+        model = sk_l1(head.C, int(rng.integers(2**31 - 1))).fit(train_scaler.transform(x[rows]), y[rows])
+        coefs.append(model.coef_[0])
+        intercepts.append(model.intercept_[0])
+    w = np.mean(coefs, axis=0) / train_scaler.scale_
+    np.testing.assert_allclose(2 * head.weight[1], w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(2 * head.bias[1], np.mean(intercepts) - w @ train_scaler.mean_,
+                               rtol=1e-5, atol=1e-5)
+    decision = train_scaler.transform(test_emb) @ np.mean(coefs, axis=0) + np.mean(intercepts)
+    logits = apply_head(test_emb, head)
+    np.testing.assert_allclose(logits[:, 1] - logits[:, 0], decision, rtol=1e-4, atol=1e-4)
+
+
+def test_reference_scalers_observed(splits, spy):
+    """Tuning fits see the tuning subset standardised by itself; final fits the train scaler."""
+    (train_emb, _, _), (emb, y, group), _ = splits
+    fit_dfr(emb, y, group, variant="reference", train_emb=train_emb, seed=0, num_retrains=2)
+    tune_fits, final_fits = spy[: len(DFR_CS)], spy[len(DFR_CS):]
+    assert [f[0] for f in tune_fits] == list(DFR_CS) and len(final_fits) == 2
+    X = tune_fits[0][1]
+    np.testing.assert_allclose(X.mean(0), 0.0, atol=1e-9)
+    np.testing.assert_allclose(X.std(0), 1.0, atol=1e-9)
+    assert np.bincount(tune_fits[0][2]).tolist() == [len(X) // 2] * 2
+    train_scaler = StandardScaler().fit(train_emb.astype(np.float64))
+    for _, X, labels, _ in final_fits:
+        raw = train_scaler.inverse_transform(X)  # rows of the validation set, group by group
+        nearest = np.abs(raw[:, None, :] - emb[None, :, :]).max(-1).argmin(1)
+        np.testing.assert_allclose(raw, emb[nearest], atol=1e-5)
+        assert np.array_equal(labels, y[nearest])
+        assert group[nearest].tolist() == sorted(group[nearest].tolist()) == np.repeat(range(4), 80).tolist()
+
+
+def test_reference_ties_pick_the_first_c_of_the_grid(splits, monkeypatch):
+    train, val, _ = splits
+    monkeypatch.setattr(dfr, "group_metrics", lambda *a, **k: {"wga": 0.5})
+    head = fit_dfr(*val, variant="reference", train_emb=train[0], seed=0, num_retrains=1)
+    assert head.C == DFR_CS[0] == 1.0
+    head = fit_dfr(*val, variant="reference", train_emb=train[0], seed=0, Cs=(0.1, 0.03, 1.0),
+                   num_retrains=1)
+    assert head.C == 0.1
+    assert fit_dfr(*val, variant="tool", seed=0, num_retrains=1).C == min(DFR_CS)  # tool: smallest
+
+
+def test_reference_needs_train_emb(splits):
+    _, (emb, y, group), _ = splits
+    with pytest.raises(DFRError, match="TRAINING split's embeddings.*pass train_emb"):
+        fit_dfr(emb, y, group, variant="reference")
+    with pytest.raises(ValueError, match=r"train_emb must be \[M, 32\]"):
+        fit_dfr(emb, y, group, variant="reference", train_emb=emb[:, :5])
+    with pytest.raises(DFRError, match="group 2 has 0 sample"):
+        keep = group != 2  # the reference needs every group 0..max(group)
+        fit_dfr(emb[keep], y[keep], group[keep], variant="reference", train_emb=emb)
+
+
+def test_report_matches_independent_sklearn_fit(splits, spy):
+    _, (emb, y, group), (test_emb, _, _) = splits
+    head = fit_dfr(emb, y, group, variant="report", seed=7)
+    rows = balanced_subsample(group, np.random.default_rng(7))
+    model = sk_report().fit(emb[rows].astype(np.float64), y[rows])
+    logits = apply_head(test_emb, head)
+    np.testing.assert_allclose(logits[:, 1] - logits[:, 0], model.decision_function(test_emb),
+                               rtol=1e-4, atol=1e-4)
+    prob = torch.softmax(torch.from_numpy(logits), 1)[:, 1].numpy()
+    np.testing.assert_allclose(prob, model.predict_proba(test_emb)[:, 1], atol=1e-5)
+    assert head.C == 1.0 and head.tune_wga == {}
+
+    assert len(spy) == 1  # one fit: no tuning, no averaging
+    C, X, _, fitted = spy[0]
+    np.testing.assert_array_equal(X, emb[rows])  # raw embeddings: no scaler
+    assert (C, fitted.solver, fitted.class_weight) == (1.0, "lbfgs", "balanced")
+    assert fitted.l1_ratio == 0.0 if NEW_PENALTY_API else fitted.penalty == "l2"
+
+
+def test_report_multiclass_is_multinomial():
+    rng = np.random.default_rng(5)
+    y = np.repeat(np.arange(3), 100)
+    emb = rng.normal(size=(300, 20))
+    emb[np.arange(300), y] += 2.0
+    group = 2 * y + np.tile([0, 1], 150)
+    head = fit_dfr(emb, y, group, variant="report", seed=1)
+    rows = balanced_subsample(group, np.random.default_rng(1))
+    model = sk_report().fit(emb[rows], y[rows])
+    prob = torch.softmax(torch.from_numpy(apply_head(emb, head)).double(), 1).numpy()
+    np.testing.assert_allclose(prob, model.predict_proba(emb), atol=1e-5)
+
+
+def test_subsample_proportions():
+    """Uniform proportions give the balanced subsample; skewed ones keep the asked shares, as
+    large as the smallest group allows (teachers that keep part of the spurious correlation)."""
+    group = np.repeat(np.arange(4), [100, 40, 20, 60])
+    a = balanced_subsample(group, np.random.default_rng(3))
+    b = balanced_subsample(group, np.random.default_rng(3), proportions=[0.25] * 4)
+    np.testing.assert_array_equal(a, b)
+    skew = balanced_subsample(group, np.random.default_rng(3), proportions=[0.5, 0.1, 0.1, 0.3])
+    counts = np.bincount(group[skew], minlength=4)
+    assert counts.tolist() == [100, 20, 20, 60] and len(set(skew)) == len(skew)
+    with pytest.raises(ValueError, match="proportions"):
+        balanced_subsample(group, np.random.default_rng(3), proportions=[0, 0, 0, 0])

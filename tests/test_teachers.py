@@ -617,3 +617,29 @@ def test_cli_teachers_weights_file_of_wrong_arch(offline, tmp_path, data_root, r
     assert r.exit_code != 0
     assert f"Error: {r18[1]}: does not fit resnet50 (is it a resnet18?)" in r.output
     assert not list(out.glob("images_*"))
+
+
+def test_dfr_protocol_and_bias_reach_the_heads(data_root, tmp_path, monkeypatch):
+    """--dfr picks the protocol (reference gets the training split's embeddings for its scaler);
+    --dfr-bias skews a teacher's DFR data towards the training split's group proportions."""
+    meta = load_metadata(data_root)
+    assert teachers.dfr_proportions(meta, 0.0) is None
+    train = meta.group_counts("train") / meta.group_counts("train").sum()
+    np.testing.assert_allclose(teachers.dfr_proportions(meta, 1.0), train)
+    np.testing.assert_allclose(teachers.dfr_proportions(meta, 0.5), 0.5 * train + 0.125)
+    calls = []
+    real = teachers.fit_dfr
+    monkeypatch.setattr(teachers, "fit_dfr", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    out = tmp_path / "t"
+    build_teachers(tiny_cfg(data_root, out, shared_backbone=True, num_teachers=2, dfr="reference"))
+    assert [c["variant"] for c in calls] == ["reference"] * 2
+    assert calls[0]["train_emb"].shape == (len(meta.rows("train")), 512)
+    calls.clear()
+    build_teachers(tiny_cfg(data_root, out, shared_backbone=True, num_teachers=2, dfr="report",
+                            dfr_bias=(0.0, 0.8), overwrite=True))
+    assert calls[0]["proportions"] is None and calls[0]["train_emb"] is None
+    np.testing.assert_allclose(calls[1]["proportions"], teachers.dfr_proportions(meta, 0.8))
+    from core.errors import ToolError
+
+    with pytest.raises(ToolError, match="--dfr-bias takes one value in \\[0, 1\\] per teacher"):
+        tiny_cfg(data_root, out, num_teachers=2, dfr_bias=(0.5,))
