@@ -127,6 +127,9 @@ def data_check(root, dataset, dataset_options):
 @click.option("--lr", default=None, type=float, help="ERM learning rate [default: 1e-3; synthetic 1e-2].")
 @click.option("--pretrained/--no-pretrained", default=None, help="ImageNet init [default: on; synthetic off].")
 @click.option("--weights-file", type=click.Path(exists=True), default=None, help="Local ImageNet ResNet-50 weights.")
+@click.option("--resize", type=click.Choice(["keep-aspect", "squash"]), default=None,
+              help="First transform: Resize(256) keeping the aspect ratio (the report's) or Resize((256, 256)) "
+                   "(DFR's) [default: keep-aspect].")
 @click.option("--shared-backbone", is_flag=True, default=None, help="One ERM backbone, T DFR heads.")
 @click.option("--dfr", type=click.Choice(["report", "reference", "tool"]), default=None,
               help="DFR protocol: the report's dfr.py (lbfgs, L2, C=1, one balanced subsample), the DFR "
@@ -160,13 +163,16 @@ def teachers(ctx, data_root, out, dfr_bias, **opts):
 @click.option("--num-classes", default=2, show_default=True)
 @click.option("--image-size", default=224, show_default=True)
 @click.option("--pretrained/--no-pretrained", default=True, show_default=True, help="Were they ImageNet-initialised?")
+@click.option("--resize", type=click.Choice(["keep-aspect", "squash"]), default="keep-aspect", show_default=True,
+              help="How their images were resized: Resize(256) (aspect kept) or Resize((256, 256)).")
 @click.option("--data-root", type=click.Path(), default=None, help="Evaluate them on this folder.")
 @friendly
-def teachers_import(out, teacher_files, biased_file, arch, num_classes, image_size, pretrained, data_root):
+def teachers_import(out, teacher_files, biased_file, arch, num_classes, image_size, pretrained, resize, data_root):
     """Write a manifest for existing checkpoints (state dicts or {"model_state_dict": ...})."""
     from precompute.teachers import format_eval_table, import_teachers
 
-    man = import_teachers(out, list(teacher_files), biased_file, arch, num_classes, image_size, pretrained, data_root)
+    man = import_teachers(out, list(teacher_files), biased_file, arch, num_classes, image_size, pretrained, data_root,
+                          resize)
     if data_root:
         click.echo(format_eval_table(man))
     click.echo(f"manifest: {Path(out) / 'manifest.json'} ({len(man.teachers)} teachers + biased)")
@@ -180,13 +186,15 @@ def teachers_import(out, teacher_files, biased_file, arch, num_classes, image_si
 @click.option("--views", "random_views", default=None, type=int,
               help=f"Random views K stored besides the eval view [default: 0; synthetic {defaults.RANDOM_VIEWS}].")
 @click.option("--layers", default="layer2,layer3,layer4", show_default=True)
+@click.option("--resize", type=click.Choice(["keep-aspect", "squash"]), default=None,
+              help="First transform of every view [default: as the teachers' manifest says].")
 @click.option("--batch-size", default=128, show_default=True)
 @click.option("--shard", default="", help="Write shard i/n (0-based) only.")
 @click.option("--overwrite", is_flag=True, help="Delete a cache at --out made for other inputs and rebuild it.")
 @click.option("--device", default="auto", show_default=True)
 @dataset_options
 @friendly
-def precompute(data_root, manifest, out, random_views, layers, batch_size, shard, overwrite, device, dataset,
+def precompute(data_root, manifest, out, random_views, layers, resize, batch_size, shard, overwrite, device, dataset,
                dataset_options):
     """Run every teacher once and write the HDF5 cache (+ the pre-decoded image store)."""
     from cache.info import format_summary, summarize
@@ -201,7 +209,7 @@ def precompute(data_root, manifest, out, random_views, layers, batch_size, shard
         raise click.UsageError("--teachers and --out are required with --data-root (the defaults belong "
                                "to the synthetic data set)")
     cfg = PrecomputeConfig(data_root=data_root, teachers=manifest, out=out or str(defaults.CACHE),
-                           random_views=random_views or 0, layers=words(layers), batch_size=batch_size,
+                           random_views=random_views or 0, layers=words(layers), resize=resize, batch_size=batch_size,
                            shard=shard, overwrite=overwrite, device=device, dataset=dataset,
                            dataset_options=dataset_options)
     path = run_precompute(cfg)

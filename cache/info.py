@@ -67,6 +67,13 @@ def _size(n: int) -> str:
         n /= 1024
 
 
+def _resize_words(d: dict) -> str:
+    S = d["store_size"]
+    if d["view_spec"].get("resize") == "squash":
+        return f"Resize(({S}, {S})) (squashed; DFR's)"
+    return f"Resize({S}) (short side {S}, aspect kept; the report's)"
+
+
 def format_summary(d: dict) -> str:
     """Readable text block of :func:`summarize`'s dict."""
     p = d["provenance"]
@@ -77,7 +84,7 @@ def format_summary(d: dict) -> str:
         f"rows         {rows}; done {d['rows_done']}/{d['rows']}"
         + ("" if d["finished"] else " (not finished: rerun precompute to complete it)"),
         f"views        {d['random_views'] + 1} per row (view 0 eval + {d['random_views']} random) at "
-        f"{d['view_spec']['out_size']} px from a {d['store_size']} px store   classes "
+        f"{d['view_spec']['out_size']} px, from images resized with {_resize_words(d)}   classes "
         f"{d['num_classes']}   tau_cached {d['tau_cached']:g}",
         f"features     " + (", ".join(f"{l} {D}" for l, D in d["layers"].items()) or "none")
         + f"  ({d['feature_dtype']}, {len(d['backbone_ids'])} backbones)",

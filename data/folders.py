@@ -98,17 +98,20 @@ def load_metadata(root: str | Path, dataset: str = "waterbirds", **options) -> M
     return meta
 
 
-def read_image(path: Path, size: int | None = None) -> np.ndarray:
-    """Decode an image to RGB uint8 [H, W, 3], resized to (size, size) when given.
+def read_image(path: Path, size: int | None = None, hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode an image to RGB uint8 [H, W, 3], resized to (size, size) or to ``hw`` = (height,
+    width) when given.
 
-    PIL's bilinear resize (antialiased) matches torchvision's ``Resize((size, size))`` on PIL.
+    PIL's bilinear resize (antialiased) matches torchvision's ``Resize`` on a PIL image.
     A missing or unreadable file is a DataError naming it.
     """
+    if size is not None:
+        hw = (size, size)
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
+            if hw is not None and im.size != (hw[1], hw[0]):
+                im = im.resize((int(hw[1]), int(hw[0])), Image.BILINEAR)
             return np.asarray(im)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         what = "missing image file" if isinstance(e, FileNotFoundError) else f"unreadable image ({type(e).__name__}: {e})"

@@ -24,7 +24,8 @@ class DistillError(ToolError):
 class SplitData:
     """Everything one split needs, as tensors on one device (rows in cache order)."""
 
-    images: torch.Tensor      # [N, 3, S, S] uint8
+    images: torch.Tensor      # [N, 3, L, L] uint8 canvases
+    hw: torch.Tensor          # [N, 2] (height, width) of the image in each canvas
     y: torch.Tensor           # [N]
     group: torch.Tensor       # [N]
     box: torch.Tensor         # [N, V, 4]
@@ -65,7 +66,8 @@ def open_inputs(cfg: DistillConfig) -> tuple[CacheReader, ImageStore]:
             raise DistillError(f"{cfg.cache} was made from another data set than {cfg.data_root} "
                                f"(fingerprints {meta.dataset_fingerprint[:12]} vs {folder_fp[:12]})")
     try:
-        store = ImageStore(store_path_for(cfg.cache), meta.dataset_fingerprint, meta.store_size)
+        store = ImageStore(store_path_for(cfg.cache), meta.dataset_fingerprint, meta.store_size,
+                           meta.view_spec.get("resize"))
     except StoreError as e:
         raise DistillError(f"the image store of {cfg.cache} does not match it: {e}") from None
     return cache, store
@@ -81,7 +83,8 @@ def load_split(cache: CacheReader, store: ImageStore, split: str, cfg: DistillCo
     box, flip = d["box"], d["flip"]
     if not train:  # one view: keep the [N, V] layout with V = 1
         box, flip = box.reshape(len(box), 1, 4), flip.reshape(len(flip), 1)
-    data = SplitData(images=t(store.load(d["rows"] + cache.row_start)), y=t(d["y"]), group=t(d["group"]),
+    rows = d["rows"] + cache.row_start
+    data = SplitData(images=t(store.load(rows)), hw=t(store.hw[rows]), y=t(d["y"]), group=t(d["group"]),
                      box=t(box), flip=t(flip))
     if train:
         data.logits, data.biased, data.cached = t(d["logits"]), t(d["biased"]), t(d["weights"])

@@ -38,7 +38,7 @@ def evaluate(model: Student, data: SplitData, image_size: int, device, train_cou
     preds = []
     for s in range(0, len(data.y), batch_size):
         x = render(data.images[s:s + batch_size].to(device), data.box[s:s + batch_size, 0],
-                   data.flip[s:s + batch_size, 0], image_size)
+                   data.flip[s:s + batch_size, 0], image_size, data.hw[s:s + batch_size])
         with autocast(device):
             logits, _, _ = model(x.contiguous(memory_format=torch.channels_last))
         preds.append(logits.argmax(1))
@@ -54,7 +54,7 @@ def train_step(model, opt, data: SplitData, idx: torch.Tensor, view: torch.Tenso
     Returns the loss parts (device tensors, no host sync) and the weights [b, T].
     """
     x = render(data.images[idx].to(device, non_blocking=True), data.box[idx, view].to(device),
-               data.flip[idx, view].to(device), image_size)
+               data.flip[idx, view].to(device), image_size, data.hw[idx])
     zt, zb = data.logits[idx, view].to(device), data.biased[idx, view].to(device)
     gammas = {l: g for l, g in cfg.gammas.items() if g > 0}
     feats = {l: data.feats[l][idx, view].to(device).index_select(1, teacher_backbone) for l in gammas}
@@ -176,7 +176,7 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool) -> dict:
     pretrained = cfg.pretrained if cfg.pretrained is not None else meta.teachers_pretrained
 
     gammas = {l: g for l, g in cfg.gammas.items() if g > 0}
-    nbytes = store.size ** 2 * 3 * cache.num_rows + sum(
+    nbytes = store.side ** 2 * 3 * cache.num_rows + sum(
         meta.views_per_row * meta.num_backbones * meta.feature_dims[l] * 2 * cache.num_rows for l in gammas)
     place = placement(device, nbytes)
     train = load_split(cache, store, "train", cfg, place, train=True)

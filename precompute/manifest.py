@@ -52,6 +52,7 @@ class Manifest:
     image_size: int
     pretrained: bool
     root: Path = Path(".")
+    resize: str = "keep-aspect"  # how the images were resized before the teachers saw them
 
     @property
     def teachers(self) -> list[ModelEntry]:
@@ -82,7 +83,7 @@ class Manifest:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         d = {"schema": SCHEMA, "version": VERSION, "num_classes": self.num_classes,
-             "image_size": self.image_size, "pretrained": self.pretrained,
+             "image_size": self.image_size, "pretrained": self.pretrained, "resize": self.resize,
              "models": [asdict(m) for m in self.models]}
         return atomic_write_json(path, d)
 
@@ -99,7 +100,8 @@ def read_manifest(path: str | Path) -> Manifest:
         if not isinstance(d, dict) or d.get("schema") != SCHEMA or d.get("version") != VERSION:
             raise ManifestError(f"{path}: not a version-{VERSION} {SCHEMA} manifest")
         models = [ModelEntry(**m) for m in d["models"]]
-        man = Manifest(models, int(d["num_classes"]), int(d["image_size"]), bool(d["pretrained"]), path.parent)
+        man = Manifest(models, int(d["num_classes"]), int(d["image_size"]), bool(d["pretrained"]), path.parent,
+                       str(d.get("resize", "keep-aspect")))
     except (ValueError, KeyError, TypeError) as e:
         raise ManifestError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
     roles = [m.role for m in models]

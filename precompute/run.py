@@ -18,7 +18,7 @@ from core.files import OutputLock
 from core.models import FEATURE_DIMS, load_checkpoint
 from core.runtime import autocast, pick_device
 from core.weighting import cached_agre_weights
-from data.store import ImageStore, build_store, store_size_for
+from data.store import RESIZE_MODES, ImageStore, build_store, store_size_for
 from data.views import ViewSpec, render, sample_views
 from data.folders import fingerprint, load_metadata
 from precompute.manifest import Manifest, load_model, read_manifest, verify_files
@@ -34,6 +34,7 @@ class PrecomputeConfig:
     batch_size: int = 128
     shard: str = ""                     # "i/n" (0-based) or "" for the whole data set
     image_size: int | None = None       # default: the teachers' training size
+    resize: str | None = None           # keep-aspect | squash; default: as the teachers' manifest says
     view_seed: int = 0
     tau_cached: float = 4.0             # temperature of the static `cached` AGRE weights
     compression: int | None = None      # gzip level, or None (faster reads; fletcher32 either way)
@@ -55,6 +56,8 @@ class PrecomputeConfig:
             raise ConfigError(f"--image-size must be at least 8 px, got {self.image_size}")
         if self.compression is not None and not 1 <= self.compression <= 9:
             raise ConfigError(f"compression must be a gzip level 1..9 or None, got {self.compression}")
+        if self.resize is not None and self.resize not in RESIZE_MODES:
+            raise ConfigError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
         if self.shard:
             parse_shard(self.shard)
         if Path(self.out).is_dir():
@@ -114,7 +117,8 @@ def run_precompute(cfg: PrecomputeConfig) -> Path:
         fp = fingerprint(meta)
         image_size = cfg.image_size or man.image_size
         size = store_size_for(image_size)
-        spec = ViewSpec(random_views=cfg.random_views, out_size=image_size, seed=cfg.view_seed)
+        spec = ViewSpec(random_views=cfg.random_views, out_size=image_size, seed=cfg.view_seed,
+                        resize=cfg.resize or man.resize)
         rows = np.arange(row_start, row_stop)
         cmeta = CacheMeta(
             num_classes=meta.num_classes, class_names=list(meta.class_names), attr_names=list(meta.attr_names),
@@ -138,8 +142,8 @@ def run_precompute(cfg: PrecomputeConfig) -> Path:
             chunks = writer.pending_chunks(cfg.batch_size)
             if chunks:
                 with OutputLock(store_path_for(out), "the image store"):
-                    store_file = build_store(meta, store_path_for(out), size, fp, progress=cfg.progress)
-                store = ImageStore(store_file, fp, size)
+                    store_file = build_store(meta, store_path_for(out), size, fp, spec.resize, progress=cfg.progress)
+                store = ImageStore(store_file, fp, size, spec.resize)
                 device = pick_device(cfg.device)
                 ens = Ensemble(man).to(device).eval().to(memory_format=torch.channels_last)
                 _run_chunks(writer, chunks, ens, store, rows, spec, cfg, device)
@@ -168,10 +172,11 @@ def _run_chunks(writer: CacheWriter, chunks, ens, store, rows, spec, cfg, device
 def _forward_chunk(ens: Ensemble, store: ImageStore, rows: np.ndarray, spec: ViewSpec,
                    cfg: PrecomputeConfig, device: torch.device) -> dict:
     images = torch.from_numpy(store.load(rows)).to(device, non_blocking=True)
-    box, flip = sample_views(rows, spec)
+    box, flip = sample_views(rows, spec, store.hw[rows])
+    hw = torch.from_numpy(store.hw[rows])
     t_log, b_log, feats = [], [], {l: [] for l in cfg.layers}
     for v in range(spec.random_views + 1):
-        x = render(images, torch.from_numpy(box[:, v]), torch.from_numpy(flip[:, v]), spec.out_size)
+        x = render(images, torch.from_numpy(box[:, v]), torch.from_numpy(flip[:, v]), spec.out_size, hw)
         with autocast(device):
             zt, zb, f = ens(x.contiguous(memory_format=torch.channels_last), cfg.layers)
         t_log.append(zt.float())

@@ -24,7 +24,7 @@ from core.provenance import settings_diff
 from core.runtime import autocast, epoch_seed, pick_device
 from core.tables import format_table
 from data.metrics import split_metrics
-from data.store import ImageStore, build_store, store_size_for
+from data.store import RESIZE_MODES, ImageStore, build_store, store_size_for
 from data.views import ViewSpec, render, sample_views
 from data.folders import SPLIT_CODES, Metadata, fingerprint, load_metadata
 from precompute.dfr import DFR_VARIANTS, fit_dfr
@@ -41,6 +41,7 @@ class TeacherConfig:
     seed: int = 0
     epochs: int = 100
     image_size: int = 224
+    resize: str = "keep-aspect"         # how images are resized first (data.store.RESIZE_MODES)
     pretrained: bool = True
     weights_file: str | None = None
     shared_backbone: bool = False
@@ -83,6 +84,8 @@ class TeacherConfig:
                               f"{','.join(f'{b:g}' for b in self.dfr_bias)}")
         if any(self.dfr_bias) and self.dfr == "reference":
             raise ConfigError("--dfr-bias needs --dfr report or tool: the reference protocol balances its data itself")
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
         if self.arch not in FEATURE_DIMS:
             raise ConfigError(f"unknown architecture {self.arch!r}; known: {', '.join(FEATURE_DIMS)}")
         pick_device(self.device)
@@ -92,9 +95,10 @@ class TeacherConfig:
 
 
 @torch.inference_mode()
-def embed(model, images: torch.Tensor, box: np.ndarray, flip: np.ndarray, out_size: int,
+def embed(model, images: torch.Tensor, hw: torch.Tensor, box: np.ndarray, flip: np.ndarray, out_size: int,
           device: torch.device, batch_size: int = 256, progress: bool = False, desc: str = "embed"):
-    """Eval-mode forward of ``model`` on one view per image.
+    """Eval-mode forward of ``model`` on one view per image (stored canvases ``images`` [N, 3,
+    L, L] holding images of ``hw`` [N, 2] pixels).
 
     Returns (logits [N, C] float32, penultimate [N, D] float32) on the CPU.
     """
@@ -102,7 +106,7 @@ def embed(model, images: torch.Tensor, box: np.ndarray, flip: np.ndarray, out_si
     logits, embs = [], []
     for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
         x = render(images[s:s + batch_size].to(device), torch.from_numpy(box[s:s + batch_size]),
-                   torch.from_numpy(flip[s:s + batch_size]), out_size)
+                   torch.from_numpy(flip[s:s + batch_size]), out_size, hw[s:s + batch_size])
         with autocast(device):
             z, f = model(x.contiguous(memory_format=torch.channels_last), layers=("layer4",))
         logits.append(z.float().cpu())
@@ -110,17 +114,18 @@ def embed(model, images: torch.Tensor, box: np.ndarray, flip: np.ndarray, out_si
     return torch.cat(logits), torch.cat(embs)
 
 
-def _epoch_views(rows: np.ndarray, seed: int, epoch: int):
+def _epoch_views(rows: np.ndarray, hw: np.ndarray, seed: int, epoch: int):
     # A fresh RandomResizedCrop + flip per (seed, epoch, row): replayable, so resume is exact.
-    box, flip = sample_views(rows, ViewSpec(random_views=1, seed=epoch_seed(seed, epoch)))
+    box, flip = sample_views(rows, ViewSpec(random_views=1, seed=epoch_seed(seed, epoch)), hw)
     return box[:, 1], flip[:, 1]
 
 
 # The TeacherConfig fields that shape an ERM run: a resume must use the values it started with.
-ERM_FIELDS = ("arch", "image_size", "pretrained", "weights_file", "lr", "momentum", "weight_decay", "batch_size")
+ERM_FIELDS = ("arch", "image_size", "resize", "pretrained", "weights_file", "lr", "momentum", "weight_decay",
+              "batch_size")
 
 
-def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, meta: Metadata, path: Path,
+def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, hw: torch.Tensor, meta: Metadata, path: Path,
               num_classes: int = 2) -> dict[str, torch.Tensor]:
     """ERM on the training split; resumes from ``path.ckpt`` after a kill. Returns the state dict."""
     if path.is_file():
@@ -148,7 +153,7 @@ def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, meta: Metadat
     for epoch in range(start, cfg.epochs):
         model.train()
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
-        box, flip = _epoch_views(rows, seed, epoch)
+        box, flip = _epoch_views(rows, hw[rows].numpy(), seed, epoch)
         box, flip = torch.from_numpy(box), torch.from_numpy(flip)
         total, correct, seen = 0.0, 0, 0
         bar = tqdm(range(0, len(rows), cfg.batch_size), desc=f"ERM seed {seed} epoch {epoch + 1}/{cfg.epochs}",
@@ -156,7 +161,7 @@ def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, meta: Metadat
         for s in bar:
             idx = order[s:s + cfg.batch_size]
             r = torch.from_numpy(rows)[idx]
-            x = render(images[r].to(device, non_blocking=True), box[idx], flip[idx], cfg.image_size)
+            x = render(images[r].to(device, non_blocking=True), box[idx], flip[idx], cfg.image_size, hw[r])
             target = y[r].to(device)
             with autocast(device):
                 logits, _ = model(x.contiguous(memory_format=torch.channels_last), layers=())
@@ -201,10 +206,12 @@ def format_eval_table(man: Manifest) -> str:
     return format_table(["model", "role", "split", *(f"g{g}" for g in range(4)), "WGA", "avg acc", "mean acc"], rows)
 
 
-def _prepare_images(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str) -> torch.Tensor:
+def _prepare_images(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The data set through its image store: canvases [N, 3, L, L] uint8 and sizes [N, 2]."""
     size = store_size_for(cfg.image_size)
-    path = build_store(meta, out / f"images_{size}px.h5", size, fp, progress=cfg.progress)
-    return torch.from_numpy(ImageStore(path, fp, size).load_all())
+    path = build_store(meta, out / f"images_{size}px_{cfg.resize}.h5", size, fp, cfg.resize, progress=cfg.progress)
+    store = ImageStore(path, fp, size, cfg.resize)
+    return torch.from_numpy(store.load_all()), torch.from_numpy(store.hw)
 
 
 BUILT = ("erm_seed*.pt", "erm_seed*.pt.ckpt", "teacher_*_dfr_head.pt", "manifest.json", "eval.md",
@@ -258,9 +265,9 @@ def _build(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str, num_classes: 
         # Resolve the ImageNet weights before the image store is built: a failed download or a
         # weights file that does not fit stops the command now, not after minutes of decoding.
         build_model(cfg.arch, num_classes, cfg.pretrained, cfg.weights_file)
-    images = _prepare_images(cfg, meta, out, fp)
+    images, hw = _prepare_images(cfg, meta, out, fp)
     device = pick_device(cfg.device)
-    eval_box, eval_flip = sample_views(np.arange(len(meta)), ViewSpec(random_views=0))
+    eval_box, eval_flip = sample_views(np.arange(len(meta)), ViewSpec(out_size=cfg.image_size), hw.numpy())
     eval_box, eval_flip = eval_box[:, 0], eval_flip[:, 0]
     val = meta.rows("val")
     entries = []
@@ -268,10 +275,10 @@ def _build(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str, num_classes: 
         seed = cfg.seed + b
         erm_path = out / f"erm_seed{seed}.pt"
         t0 = time.time()
-        state = train_erm(cfg, seed, images, meta, erm_path, num_classes)
+        state = train_erm(cfg, seed, images, hw, meta, erm_path, num_classes)
         model = build_model(cfg.arch, num_classes)
         model.net.load_state_dict(state)
-        logits, emb = embed(model, images, eval_box, eval_flip, cfg.image_size, device,
+        logits, emb = embed(model, images, hw, eval_box, eval_flip, cfg.image_size, device,
                             progress=cfg.progress, desc=f"embeddings seed {seed}")
         if b == 0:
             biased = make_entry("biased", "biased", erm_path, cfg.arch, num_classes, state=state, root=out)
@@ -291,7 +298,8 @@ def _build(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str, num_classes: 
             entries.append(entry)
         if cfg.progress:
             tqdm.write(f"backbone seed {seed}: ERM + DFR done in {time.time() - t0:.0f}s")
-    man = Manifest(entries + [biased], num_classes, cfg.image_size, cfg.pretrained or bool(cfg.weights_file), out)
+    man = Manifest(entries + [biased], num_classes, cfg.image_size, cfg.pretrained or bool(cfg.weights_file), out,
+                   cfg.resize)
     man.save(out / "manifest.json")
     atomic_write_text(out / "eval.md", format_eval_table(man) + "\n")
     return man
@@ -299,21 +307,22 @@ def _build(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str, num_classes: 
 
 def import_teachers(out: str | Path, teacher_files: list[str], biased_file: str, arch: str = "resnet50",
                     num_classes: int = 2, image_size: int = 224, pretrained: bool = True,
-                    data_root: str | None = None, device: str = "auto", progress: bool = True) -> Manifest:
+                    data_root: str | None = None, resize: str = "keep-aspect", device: str = "auto",
+                    progress: bool = True) -> Manifest:
     """Declare existing checkpoints as the ensemble (optionally evaluating them on a data folder)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     entries = [make_entry(f"teacher_{i + 1}", "teacher", f, arch, num_classes, root=out)
                for i, f in enumerate(teacher_files)]
     entries.append(make_entry("biased", "biased", biased_file, arch, num_classes, root=out))
-    man = Manifest(entries, num_classes, image_size, pretrained, out)
+    man = Manifest(entries, num_classes, image_size, pretrained, out, resize)
     if data_root is not None:
         meta = load_metadata(data_root)
-        images = _prepare_images(TeacherConfig(data_root, str(out), image_size=image_size, progress=progress), meta,
-                                 out, fingerprint(meta))
-        box, flip = sample_views(np.arange(len(meta)), ViewSpec(random_views=0))
+        cfg = TeacherConfig(data_root, str(out), image_size=image_size, resize=resize, progress=progress)
+        images, hw = _prepare_images(cfg, meta, out, fingerprint(meta))
+        box, flip = sample_views(np.arange(len(meta)), ViewSpec(out_size=image_size), hw.numpy())
         for e in entries:
-            logits, _ = embed(load_model(man, e), images, box[:, 0], flip[:, 0], image_size,
+            logits, _ = embed(load_model(man, e), images, hw, box[:, 0], flip[:, 0], image_size,
                               pick_device(device), progress=progress, desc=f"evaluating {e.name}")
             e.metrics = evaluate_logits(logits, meta)
     man.save(out / "manifest.json")

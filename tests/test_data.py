@@ -421,9 +421,10 @@ def test_store_build_and_load(tmp_path):
     root = make_real_layout(tmp_path, KNOWN_SUBFOLDERS[0])
     meta = load_metadata(root)
     fp = fingerprint(meta)
-    path = build_store(meta, tmp_path / "store" / "images.h5", 12, fp, workers=2, progress=False)
-    store = ImageStore(path, fp, 12)
+    path = build_store(meta, tmp_path / "store" / "images.h5", 12, fp, "squash", workers=2, progress=False)
+    store = ImageStore(path, fp, 12, "squash")
     assert store.size == 12 and store.num_rows == len(meta) and store.fingerprint == fp
+    assert store.side == 12 and (store.hw == 12).all()
     every = store.load_all()
     assert every.shape == (len(meta), 3, 12, 12) and every.dtype == np.uint8
     for r in range(len(meta)):
@@ -443,6 +444,32 @@ def test_store_build_and_load(tmp_path):
     np.testing.assert_array_equal(clone.load([3]), every[[3]])
 
 
+def test_keep_aspect_store_and_eval_view_are_torchvisions(tmp_path):
+    """Keep-aspect: each image is torchvision's Resize(S) (short side S), top-left in its canvas,
+    and view 0 renders exactly Resize(S) + CenterCrop(out) of the non-square image."""
+    from torchvision.transforms import CenterCrop, Compose, Resize
+
+    root = make_real_layout(tmp_path, KNOWN_SUBFOLDERS[0])  # 20 x 14 (w x h) images
+    meta = load_metadata(root)
+    fp = fingerprint(meta)
+    out = 10
+    S = store_size_for(out)  # 11
+    store = ImageStore(build_store(meta, tmp_path / "ka.h5", S, fp, "keep-aspect", progress=False), fp, S, "keep-aspect")
+    assert store.resize == "keep-aspect" and (store.hw == [S, int(S * 20 / 14)]).all() and store.side == 15
+    canvases = store.load_all()
+    box, flip = sample_views(np.arange(len(meta)), ViewSpec(out_size=out), store.hw)
+    views = render(torch.from_numpy(canvases), torch.from_numpy(box[:, 0]), torch.from_numpy(flip[:, 0]), out,
+                   torch.from_numpy(store.hw), normalize=False)
+    for r in range(len(meta)):
+        with Image.open(root / meta.filenames[r]) as im:
+            resized = np.asarray(Resize(S)(im.convert("RGB"))).transpose(2, 0, 1)
+            want = np.asarray(Compose([Resize(S), CenterCrop(out)])(im.convert("RGB"))).transpose(2, 0, 1)
+        h, w = store.hw[r]
+        np.testing.assert_array_equal(canvases[r, :, :h, :w], resized)
+        assert not canvases[r, :, h:, :].any() and not canvases[r, :, :, w:].any()
+        np.testing.assert_array_equal(views[r].round().byte().numpy(), want)
+
+
 def test_store_resume_after_kill(synth, tmp_path, monkeypatch):
     import data.store as S
 
@@ -455,10 +482,10 @@ def test_store_resume_after_kill(synth, tmp_path, monkeypatch):
 
     real_read = S.read_image
 
-    def dying_read(path, size):
+    def dying_read(path, size=None, hw=None):
         if int(Path(path).stem) >= S.CHUNK_ROWS + 10:
             raise KeyboardInterrupt("killed")
-        return real_read(path, size)
+        return real_read(path, size, hw)
 
     path = tmp_path / "resumed.h5"
     monkeypatch.setattr(S, "read_image", dying_read)
@@ -481,7 +508,7 @@ def test_store_resume_after_kill(synth, tmp_path, monkeypatch):
         f["done"][3:9] = False
         f["images"][3:9] = 7
     calls = []
-    monkeypatch.setattr(S, "read_image", lambda p, s: calls.append(p) or real_read(p, s))
+    monkeypatch.setattr(S, "read_image", lambda p, size=None, hw=None: calls.append(p) or real_read(p, size, hw))
     build_store(meta, path, 16, fp, workers=1, progress=False)
     assert 0 < len(calls) <= S.CHUNK_ROWS  # only the chunk holding rows 3..8
     with h5py.File(path, "r") as f:
@@ -529,7 +556,8 @@ def test_store_refuses_other_folder_size_and_files(synth, tmp_path):
         assert set(f) == {"logits"} and f.attrs["schema"] == "gr-kd-cache"
     # a store killed while being created: refused with a message, not a KeyError
     with h5py.File(tmp_path / "half.h5", "w") as f:
-        f.attrs.update(schema="gr-kd-images", schema_version=1, fingerprint=fp, size=8, num_rows=len(meta))
+        f.attrs.update(schema="gr-kd-images", schema_version=2, fingerprint=fp, size=8, resize="keep-aspect",
+                       side=8, num_rows=len(meta))
         f.create_dataset("images", (len(meta), 3, 8, 8), np.uint8)
     with pytest.raises(StoreError, match="damaged"):
         build_store(meta, tmp_path / "half.h5", 8, fp, progress=False)
@@ -560,3 +588,22 @@ def test_split_metrics_weights_avg_acc_by_training_groups():
     t = out["test"]
     assert t["wga"] == pytest.approx(1 / 3) and t["mean_acc"] == pytest.approx(2 / 4)
     assert t["avg_acc"] == pytest.approx((3 * 1.0 + 1 * (1 / 3)) / 4)
+
+
+def test_random_crops_follow_random_resized_crop_on_non_square_images():
+    """Views 1..K of a W x H image: area fraction in [0.7, 1] and crop aspect ratio (in pixels) in
+    [3/4, 4/3], as torchvision's RandomResizedCrop(scale=(0.7, 1), ratio=(3/4, 4/3)) draws them."""
+    hw = np.array([[100, 160], [160, 100], [100, 100], [50, 200]] * 50)  # landscape, portrait, square, 4:1
+    box, flip = sample_views(np.arange(len(hw)), ViewSpec(random_views=6, seed=3), hw)
+    rel = box[:, 1:]
+    area = rel[..., 2] * rel[..., 3]
+    aspect = (rel[..., 3] * hw[:, None, 1]) / (rel[..., 2] * hw[:, None, 0])
+    regular = np.repeat(hw[:, 1] / hw[:, 0] <= 2, 6).reshape(area.shape)
+    assert (area[regular] >= 0.7 - 1e-6).all() and (area[regular] <= 1 + 1e-6).all()
+    assert (aspect[regular] >= 0.75 - 1e-5).all() and (aspect[regular] <= 4 / 3 + 1e-5).all()
+    assert (rel[..., :2] >= 0).all() and (rel[..., :2] + rel[..., 2:] <= 1 + 1e-6).all()
+    assert 0.3 < flip[:, 1:].mean() < 0.7 and not flip[:, 0].any()
+    # a 4:1 image rarely fits a crop of aspect <= 4/3 and >= 70% of its area: the fallback
+    # (whole height, widest allowed crop) keeps the ratio bound
+    wide = rel[hw[:, 1] == 200]
+    np.testing.assert_allclose(wide[..., 3] * 200 / (wide[..., 2] * 50), 4 / 3, rtol=1e-5)

@@ -39,9 +39,11 @@ def test_cache_equals_model_outputs(tiny_data, tiny_teachers, tiny_cache):
     spec = ViewSpec(**cache.meta.view_spec)
     rows = np.array([0, 7, 100, 301, 589])
     store = ImageStore(store_path_for(tiny_cache))
-    box, flip = sample_views(rows, spec)
+    box, flip = sample_views(rows, spec, store.hw[rows])
+    hw = torch.from_numpy(store.hw[rows])
     for v in range(cache.meta.views_per_row):
-        x = render(torch.from_numpy(store.load(rows)), torch.from_numpy(box[:, v]), torch.from_numpy(flip[:, v]), spec.out_size)
+        x = render(torch.from_numpy(store.load(rows)), torch.from_numpy(box[:, v]), torch.from_numpy(flip[:, v]),
+                   spec.out_size, hw)
         with torch.no_grad():
             zt, zb, feats = ens(x)
         d = cache.read(rows=rows, views=v)
@@ -54,7 +56,7 @@ def test_cache_equals_model_outputs(tiny_data, tiny_teachers, tiny_cache):
     # ... and equal to each model loaded on its own: teacher t's head on its backbone, the biased
     # model's own head (not a teacher's) on the backbone it shares
     x = render(torch.from_numpy(store.load(rows)), torch.from_numpy(box[:, 0]), torch.from_numpy(flip[:, 0]),
-               spec.out_size)
+               spec.out_size, hw)
     v0 = cache.read(rows=rows, views=0)
     with torch.no_grad():
         for t, m in enumerate(man.teachers):

@@ -440,7 +440,7 @@ def test_train_erm_resume_is_exact(tmp_path, monkeypatch, data_root, images):
     meta = load_metadata(data_root)
     cfg = tiny_cfg(data_root, tmp_path, epochs=2, batch_size=8)  # 2 steps per epoch
 
-    full = train_erm(cfg, 0, images, meta, tmp_path / "straight" / "erm_seed0.pt")
+    full = train_erm(cfg, 0, *images, meta, tmp_path / "straight" / "erm_seed0.pt")
     assert not (tmp_path / "straight" / "erm_seed0.pt.ckpt").exists()
 
     path = tmp_path / "killed" / "erm_seed0.pt"
@@ -454,7 +454,7 @@ def test_train_erm_resume_is_exact(tmp_path, monkeypatch, data_root, images):
 
     monkeypatch.setattr(teachers, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
-        train_erm(cfg, 0, images, meta, path)
+        train_erm(cfg, 0, *images, meta, path)
     monkeypatch.setattr(teachers, "save_checkpoint", real_save)
     assert ckpt.is_file() and not path.exists()
     after_one = torch.load(ckpt, weights_only=True)
@@ -462,17 +462,17 @@ def test_train_erm_resume_is_exact(tmp_path, monkeypatch, data_root, images):
 
     # A resume under other settings would silently train a different model: refused.
     with pytest.raises(CheckpointError, match=r"erm_seed0\.pt\.ckpt: .*lr: was 0\.01, now 0\.1"):
-        train_erm(tiny_cfg(data_root, tmp_path, epochs=2, batch_size=8, lr=0.1), 0, images, meta, path)
+        train_erm(tiny_cfg(data_root, tmp_path, epochs=2, batch_size=8, lr=0.1), 0, *images, meta, path)
 
     epochs_run = []
     real_views = teachers._epoch_views
 
-    def record_epoch(rows, seed, epoch):
+    def record_epoch(rows, hw, seed, epoch):
         epochs_run.append(epoch)
-        return real_views(rows, seed, epoch)
+        return real_views(rows, hw, seed, epoch)
 
     monkeypatch.setattr(teachers, "_epoch_views", record_epoch)
-    resumed = train_erm(cfg, 0, images, meta, path)
+    resumed = train_erm(cfg, 0, *images, meta, path)
     assert epochs_run == [1]  # only the epoch the kill lost
     assert path.is_file() and not ckpt.exists()
 
@@ -480,7 +480,7 @@ def test_train_erm_resume_is_exact(tmp_path, monkeypatch, data_root, images):
     assert_state_equal(load_checkpoint(path), full)
     assert any(not torch.equal(after_one["model"][k], full[k]) for k in full)  # epoch 2 did train
     # A finished file is reused as it is.
-    assert_state_equal(train_erm(cfg, 0, images, meta, path), full)
+    assert_state_equal(train_erm(cfg, 0, *images, meta, path), full)
 
 
 # ---------------------------------------------------------------- build_teachers
@@ -519,7 +519,7 @@ def test_build_teachers_metrics_match_recomputation(shared, data_root, images):
     man = read_manifest(shared)
     meta = load_metadata(data_root)
     n = len(meta)
-    x = render(images, torch.tensor([eval_box()] * n), torch.zeros(n, dtype=torch.bool), SIZE)
+    x = render(images[0], torch.tensor([eval_box()] * n), torch.zeros(n, dtype=torch.bool), SIZE, images[1])
     preds = {}
     for m in man.models:
         with torch.no_grad():
