@@ -184,7 +184,9 @@ def teachers_import(out, teacher_files, biased_file, arch, num_classes, image_si
 @click.option("--teachers", "manifest", type=click.Path(), default=None, help="Teacher manifest.json.")
 @click.option("--out", type=click.Path(), default=None, help=f"Cache file [default: {defaults.CACHE}].")
 @click.option("--views", "random_views", default=None, type=int,
-              help=f"Random views K stored besides the eval view [default: 0; synthetic {defaults.RANDOM_VIEWS}].")
+              help=f"Random crops K stored per training image besides the eval view: with K >= the student's "
+                   f"epochs it sees a distinct crop every epoch [default: 30, the report's epochs; synthetic "
+                   f"{defaults.RANDOM_VIEWS}].")
 @click.option("--layers", default="layer2,layer3,layer4", show_default=True)
 @click.option("--resize", type=click.Choice(["keep-aspect", "squash"]), default=None,
               help="First transform of every view [default: as the teachers' manifest says].")
@@ -208,10 +210,10 @@ def precompute(data_root, manifest, out, random_views, layers, resize, batch_siz
     elif manifest is None or out is None:
         raise click.UsageError("--teachers and --out are required with --data-root (the defaults belong "
                                "to the synthetic data set)")
-    cfg = PrecomputeConfig(data_root=data_root, teachers=manifest, out=out or str(defaults.CACHE),
-                           random_views=random_views or 0, layers=words(layers), resize=resize, batch_size=batch_size,
-                           shard=shard, overwrite=overwrite, device=device, dataset=dataset,
-                           dataset_options=dataset_options)
+    given = {} if random_views is None else {"random_views": random_views}
+    cfg = PrecomputeConfig(data_root=data_root, teachers=manifest, out=out or str(defaults.CACHE), **given,
+                           layers=words(layers), resize=resize, batch_size=batch_size, shard=shard,
+                           overwrite=overwrite, device=device, dataset=dataset, dataset_options=dataset_options)
     path = run_precompute(cfg)
     click.echo(format_summary(summarize(path)))
 

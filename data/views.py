@@ -35,6 +35,7 @@ class ViewSpec:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     seed: int = 0
     resize: str = "keep-aspect"      # how the store resized the images (data.store.RESIZE_MODES)
+    random_rows: str = "train"       # the rows given random views; the others' views 1..K are view 0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -111,13 +111,16 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
 def epoch_plan(n: int, views_per_row: int, cfg: DistillConfig, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The order of the training rows and the view each row is seen through in one epoch.
 
-    Seeded by (seed, epoch), so a resumed run replays it exactly. Views are drawn from the K
-    random views when they are sampled (``cfg.sample_views``, or by default when the cache
-    holds any), else view 0 for every row.
+    With random views (``cfg.sample_views``, or by default when the cache holds any), each row
+    walks through its K views in its own random order, one per epoch (``1 + perm_row[epoch mod
+    K]``): with K >= epochs every row sees a distinct crop every epoch, like the online loop's
+    fresh crop (FKD stores per-epoch crops the same way). Without, view 0. The order is seeded by
+    (seed, epoch) and the walks by the seed, so a resumed run replays both exactly.
     """
-    gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
-    order = torch.randperm(n, generator=gen)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch)))
     use_views = views_per_row > 1 if cfg.sample_views is None else cfg.sample_views
-    view = (torch.randint(1, views_per_row, (n,), generator=gen) if use_views
-            else torch.zeros(n, dtype=torch.long))
-    return order, view
+    if not use_views:
+        return order, torch.zeros(n, dtype=torch.long)
+    K = views_per_row - 1
+    walks = torch.rand(n, K, generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, -1))).argsort(dim=1)
+    return order, 1 + walks[:, epoch % K]

@@ -20,7 +20,7 @@ from core.runtime import autocast, pick_device
 from core.weighting import cached_agre_weights
 from data.store import RESIZE_MODES, ImageStore, build_store, store_size_for
 from data.views import ViewSpec, render, sample_views
-from data.folders import fingerprint, load_metadata
+from data.folders import SPLIT_CODES, fingerprint, load_metadata
 from precompute.manifest import Manifest, load_model, read_manifest, verify_files
 
 
@@ -29,7 +29,8 @@ class PrecomputeConfig:
     data_root: str
     teachers: str                       # manifest.json (or its folder)
     out: str                            # cache file
-    random_views: int = 0               # K random views besides the eval view
+    random_views: int = 30              # K random views of each training image besides the eval view:
+                                        # the report's 30 epochs each see a distinct crop
     layers: tuple[str, ...] = LAYERS
     batch_size: int = 128
     shard: str = ""                     # "i/n" (0-based) or "" for the whole data set
@@ -38,6 +39,7 @@ class PrecomputeConfig:
     view_seed: int = 0
     tau_cached: float = 4.0             # temperature of the static `cached` AGRE weights
     compression: int | None = None      # gzip level, or None (faster reads; fletcher32 either way)
+    prefetch: int = 2                   # chunks read ahead of the device (0: read, compute, write in turn)
     dataset: str = "waterbirds"         # layout of data_root (data.folders.DATASETS)
     dataset_options: dict = field(default_factory=dict)  # e.g. CelebA's target and spurious attribute
     overwrite: bool = False             # delete an existing cache made for other inputs first
@@ -146,45 +148,79 @@ def run_precompute(cfg: PrecomputeConfig) -> Path:
                 store = ImageStore(store_file, fp, size, spec.resize)
                 device = pick_device(cfg.device)
                 ens = Ensemble(man).to(device).eval().to(memory_format=torch.channels_last)
-                _run_chunks(writer, chunks, ens, store, rows, spec, cfg, device)
+                is_train = samples["split"] == SPLIT_CODES["train"]
+                _run_chunks(writer, chunks, ens, store, rows, is_train, spec, cfg, device)
             writer.finalize()
     return out
 
 
-def _run_chunks(writer: CacheWriter, chunks, ens, store, rows, spec, cfg, device) -> None:
-    todo = sum(b - a for a, b in chunks) * (cfg.random_views + 1)
+def _run_chunks(writer: CacheWriter, chunks, ens, store, rows, is_train, spec, cfg, device) -> None:
+    """Compute and write every chunk, overlapped: a reader thread loads the next chunks from the
+    image store (into pinned memory on a GPU) while the device computes this one, and a writer
+    thread writes the previous one to HDF5 (``cfg.prefetch`` = 0: one thing at a time)."""
+    todo = sum(int(np.sum(1 + spec.random_views * is_train[a:b])) for a, b in chunks)
     bar = tqdm(total=todo, desc="precompute", unit="img", disable=not cfg.progress)
-    # One writer thread: HDF5 writes of chunk i overlap the forward passes of chunk i+1.
-    with ThreadPoolExecutor(1) as pool:
+
+    def load(chunk):
+        a, b = chunk
+        images = torch.from_numpy(store.load(rows[a:b]))
+        return chunk, images.pin_memory() if device.type == "cuda" else images
+
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer_pool:
+        ahead = [reader.submit(load, c) for c in chunks[:cfg.prefetch]]
         pending = None
-        for a, b in chunks:
-            arrays = _forward_chunk(ens, store, rows[a:b], spec, cfg, device)
+        for i, chunk in enumerate(chunks):
+            if cfg.prefetch:
+                (a, b), images = ahead.pop(0).result()
+                if i + cfg.prefetch < len(chunks):
+                    ahead.append(reader.submit(load, chunks[i + cfg.prefetch]))
+            else:
+                (a, b), images = load(chunk)
+            arrays = _forward_chunk(ens, images, store.hw[rows[a:b]], rows[a:b], is_train[a:b], spec, cfg, device)
             if pending is not None:
                 pending.result()
-            pending = pool.submit(writer.write_rows, a, b, **arrays)
-            bar.update((b - a) * (cfg.random_views + 1))
+            pending = writer_pool.submit(writer.write_rows, a, b, **arrays)
+            if not cfg.prefetch:
+                pending.result()
+            bar.update(int(np.sum(1 + spec.random_views * is_train[a:b])))
         if pending is not None:
             pending.result()
     bar.close()
 
 
 @torch.inference_mode()
-def _forward_chunk(ens: Ensemble, store: ImageStore, rows: np.ndarray, spec: ViewSpec,
-                   cfg: PrecomputeConfig, device: torch.device) -> dict:
-    images = torch.from_numpy(store.load(rows)).to(device, non_blocking=True)
-    box, flip = sample_views(rows, spec, store.hw[rows])
-    hw = torch.from_numpy(store.hw[rows])
-    t_log, b_log, feats = [], [], {l: [] for l in cfg.layers}
-    for v in range(spec.random_views + 1):
-        x = render(images, torch.from_numpy(box[:, v]), torch.from_numpy(flip[:, v]), spec.out_size, hw)
+def _forward_chunk(ens: Ensemble, images: torch.Tensor, hw: np.ndarray, rows: np.ndarray, is_train: np.ndarray,
+                   spec: ViewSpec, cfg: PrecomputeConfig, device: torch.device) -> dict:
+    """Teacher outputs of one chunk of rows: view 0 of every row, views 1..K of its training rows
+    (the other rows' views 1..K repeat their eval view: evaluation never uses random views).
+
+    The (row, view) pairs are rendered and run in batches of ``cfg.batch_size``, so a forward
+    pass sees a full batch whatever mix of rows and views it holds.
+    """
+    n, V = len(rows), spec.random_views + 1
+    box, flip = sample_views(rows, spec, hw)
+    box[~is_train, 1:], flip[~is_train, 1:] = box[~is_train, :1], False
+    pairs = [(i, 0) for i in range(n)] + [(i, v) for v in range(1, V) for i in np.flatnonzero(is_train)]
+    pair_row = torch.tensor([i for i, _ in pairs], dtype=torch.long)
+    pair_view = torch.tensor([v for _, v in pairs], dtype=torch.long)
+    images = images.to(device, non_blocking=True)
+    hw_t, box_t, flip_t = torch.from_numpy(hw), torch.from_numpy(box), torch.from_numpy(flip)
+    outs = []
+    for s in range(0, len(pairs), cfg.batch_size):
+        r, v = pair_row[s:s + cfg.batch_size], pair_view[s:s + cfg.batch_size]
+        x = render(images[r.to(device)], box_t[r, v], flip_t[r, v], spec.out_size, hw_t[r])
         with autocast(device):
             zt, zb, f = ens(x.contiguous(memory_format=torch.channels_last), cfg.layers)
-        t_log.append(zt.float())
-        b_log.append(zb.float())
-        for l in cfg.layers:
-            feats[l].append(f[l].half())
-    t_log, b_log = torch.stack(t_log, 1), torch.stack(b_log, 1)        # [n, V, T, C], [n, V, C]
-    weights = cached_agre_weights(t_log, b_log, cfg.tau_cached)        # [n, V, T]
-    return {"box": box, "flip": flip, "teacher_logits": t_log.cpu().numpy(),
-            "biased_logits": b_log.cpu().numpy(), "agre_cached": weights.cpu().numpy(),
-            "features": {l: torch.stack(v, 1).cpu().numpy() for l, v in feats.items()}}
+        outs.append((zt.float(), zb.float(), {l: f[l].half() for l in cfg.layers}))
+    zt = torch.cat([o[0] for o in outs]).cpu()
+    zb = torch.cat([o[1] for o in outs]).cpu()
+    feats = {l: torch.cat([o[2][l] for o in outs]).cpu() for l in cfg.layers}
+    # [n, V] position of each (row, view) among the pairs; other rows' views 1..K -> their view 0
+    train = np.flatnonzero(is_train)
+    index = np.repeat(np.arange(n)[:, None], V, axis=1)
+    index[train, 1:] = n + np.arange(len(train) * (V - 1)).reshape(V - 1, len(train)).T
+    index = torch.from_numpy(index)
+    t_log, b_log = zt[index], zb[index]                                   # [n, V, T, C], [n, V, C]
+    weights = cached_agre_weights(t_log, b_log, cfg.tau_cached)          # [n, V, T]
+    return {"box": box, "flip": flip, "teacher_logits": t_log.numpy(), "biased_logits": b_log.numpy(),
+            "agre_cached": weights.numpy(), "features": {l: v[index].numpy() for l, v in feats.items()}}

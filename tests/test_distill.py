@@ -147,7 +147,8 @@ def test_shard_cache_is_refused(tiny_data, tiny_teachers, tmp_path):
     from precompute.run import PrecomputeConfig, run_precompute
 
     shard = run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(tmp_path / "c.shard0.h5"),
-                                            layers=("layer4",), shard="0/2", device="cpu", progress=False))
+                                            random_views=0, layers=("layer4",), shard="0/2", device="cpu",
+                                            progress=False))
     with pytest.raises(DistillError, match="merge the shards"):
         fit(_cfg(shard, tmp_path / "run", sample_views=False), progress=False)
 
@@ -158,3 +159,23 @@ def test_batch_bounds_never_leave_a_single_sample():
     assert batch_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
     assert batch_bounds(9, 4) == [(0, 4), (4, 9)]
     assert batch_bounds(1, 4) == [(0, 1)]
+
+
+@pytest.mark.parametrize("K, E", [(5, 5), (8, 5), (3, 7)])
+def test_each_row_sees_distinct_views_over_epochs(K, E):
+    """With K >= E stored random views, every training row is given E distinct views over E
+    epochs (a fresh crop each epoch, as the online loop has); with fewer it cycles through all."""
+    from distill.data import epoch_plan
+
+    cfg = DistillConfig(seed=3)
+    n = 50
+    seen = np.stack([epoch_plan(n, K + 1, cfg, e)[1].numpy() for e in range(E)], axis=1)  # [n, E]
+    assert seen.min() >= 1 and seen.max() <= K
+    distinct = [len(set(r)) for r in seen]
+    assert distinct == [min(K, E)] * n
+    if E > K:  # the walk repeats with period K
+        np.testing.assert_array_equal(seen[:, :E - K], seen[:, K:])
+    assert len({tuple(r) for r in seen}) > 1  # rows walk in different orders
+    assert (epoch_plan(n, K + 1, cfg, 0)[1] == epoch_plan(n, K + 1, cfg, 0)[1]).all()  # replayable
+    order, view = epoch_plan(n, K + 1, DistillConfig(sample_views=False), 0)
+    assert (view == 0).all() and sorted(order.tolist()) == list(range(n))

@@ -37,9 +37,12 @@ def test_cache_equals_model_outputs(tiny_data, tiny_teachers, tiny_cache):
     man = read_manifest(tiny_teachers)
     ens = Ensemble(man).eval()
     spec = ViewSpec(**cache.meta.view_spec)
-    rows = np.array([0, 7, 100, 301, 589])
+    rows = np.array([0, 7, 100, 301, 589])  # three training rows, a validation and a test row
+    train = cache.split[rows] == 0
+    assert train.tolist() == [True, True, True, False, False]
     store = ImageStore(store_path_for(tiny_cache))
     box, flip = sample_views(rows, spec, store.hw[rows])
+    box[~train, 1:], flip[~train, 1:] = box[~train, :1], False  # random views: training rows only
     hw = torch.from_numpy(store.hw[rows])
     for v in range(cache.meta.views_per_row):
         x = render(torch.from_numpy(store.load(rows)), torch.from_numpy(box[:, v]), torch.from_numpy(flip[:, v]),
@@ -105,8 +108,10 @@ def test_shared_backbone_runs_once_per_view(tiny_data, tiny_teachers, tmp_path, 
     out = run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(tmp_path / "c.h5"), random_views=1,
                                           layers=("layer4",), batch_size=200, device="cpu", progress=False))
     n = open_cache(out).num_rows
-    chunks = -(-n // 200)
-    assert len(calls) == chunks * 2  # one forward per chunk per view, for 3 teachers + biased
+    split = open_cache(out).split
+    # one forward per batch of 200 (row, view) pairs: every row's view 0, the training rows' view 1
+    pairs = [np.sum(1 + (split[a:a + 200] == 0)) for a in range(0, n, 200)]
+    assert len(calls) == sum(-(-p // 200) for p in pairs)  # 3 teachers + biased on one backbone, once
 
 
 def test_ensemble_reads_each_checkpoint_file_once(tiny_teachers, monkeypatch):
@@ -199,3 +204,13 @@ def test_cache_info_and_verify_commands(tiny_data, tiny_cache, tmp_path):
     other = generate(tmp_path / "other", SynthSpec(scale=0.05, size=24, seed=2))
     res = CliRunner().invoke(cli, ["cache", "verify", str(tiny_cache), "--data-root", str(other)])
     assert res.exit_code != 0 and "another data set" in res.output and "Traceback" not in res.output
+
+
+def test_overlapped_pipeline_writes_the_serial_cache(tiny_data, tiny_teachers, tmp_path):
+    """Reading ahead and writing behind change when things happen, never what is written."""
+    kw = dict(random_views=1, layers=("layer4",), batch_size=64, device="cpu", progress=False)
+    serial = run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(tmp_path / "a.h5"),
+                                             prefetch=0, **kw))
+    overlapped = run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(tmp_path / "b.h5"),
+                                                 prefetch=3, **kw))
+    _assert_same_content(serial, overlapped)
