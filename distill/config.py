@@ -20,20 +20,21 @@ from core.provenance import canon
 FEATURE_WEIGHTINGS = ("none", "disagree")
 KEEP_CHECKPOINTS = ("best", "last", "all")
 # Fields that say where or how a run executes, not what it computes: outside its identity.
-PLACEMENT_FIELDS = ("cache", "out", "device", "data_root", "keep_checkpoints")
+PLACEMENT_FIELDS = ("cache", "out", "device", "data_root", "keep_checkpoints", "agre_compare")
 
 
 @dataclass
 class DistillConfig:
-    """One run of ``fit``. Defaults are those of the user's report (alpha 1, tau 4, 30 epochs)."""
+    """One run of ``fit``. Defaults are those of the user's report: its AGRE-KD (batch weights from
+    the gradients of all student parameters), alpha 1, tau 4, 30 epochs, lr 1e-3."""
 
     cache: str = "artifacts/default/cache.h5"
     out: str = "artifacts/default/runs/run"
     gamma: float = 0.0               # weight of the feature loss
     alpha: float = 1.0               # weight of KD against cross-entropy: (1-alpha) CE + alpha KD
     tau: float = 4.0                 # KD temperature
-    weighting: str = "agre"          # aver | agre | agre-batch | cached
-    agre_params: str = "last"        # for agre-batch: last layer (closed form) or all parameters
+    weighting: str = "agre-batch"    # aver | agre (per sample, the paper) | agre-batch (the report) | cached
+    agre_params: str = "all"         # for agre-batch: all parameters (the report), layer4, last (closed form)
     layers: tuple[str, ...] = ("layer4",)
     layer_gammas: tuple[float, ...] | None = None  # per-layer gammas; default gamma for each
     feature_weighting: str = "none"  # none | disagree
@@ -43,6 +44,9 @@ class DistillConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     seed: int = 42
+    warmup_epochs: int = 0           # linear lr warm-up before the cosine schedule (the report: none)
+    teachers_online: str | None = None  # a teacher manifest: run the teachers live on a fresh crop
+                                        # every step (the report's loop) instead of reading the cache
     sample_views: bool | None = None  # train on one cached random view per sample per epoch;
                                       # None: on when the cache holds random views
     pretrained: bool | None = None   # ImageNet-pretrained student; None: as the teachers were
@@ -52,6 +56,8 @@ class DistillConfig:
     device: str = "auto"             # auto | cpu | cuda
     keep_checkpoints: str = "best"   # what a finished run keeps: best (weights), last (+ last
                                      # epoch's weights) or all (+ optimizer state, resumable)
+    agre_compare: tuple[str, ...] = ()  # agre-batch: also compute the weights from these parameter
+                                        # sets on the same steps and log how they agree (no effect)
     feat_eps: float = 1e-6           # eps of the disagreement confidence 1 / (Var_t f + eps)
 
     def __post_init__(self):
@@ -64,6 +70,8 @@ class DistillConfig:
                     and value.is_integer():
                 setattr(self, f.name, int(value))
         self.layers = tuple(self.layers.split(",") if isinstance(self.layers, str) else self.layers)
+        self.agre_compare = tuple(self.agre_compare.split(",") if isinstance(self.agre_compare, str)
+                                  else self.agre_compare)
         if self.layer_gammas is not None:
             self.layer_gammas = tuple(float(g) for g in self.layer_gammas)
         self.validate()
@@ -85,6 +93,12 @@ class DistillConfig:
             bad(f"--layer-gammas has {len(self.layer_gammas)} values for {len(self.layers)} layers")
         if self.layer_gammas is not None and any(g < 0 for g in self.layer_gammas):
             bad(f"--layer-gammas must be >= 0, got {','.join(f'{g:g}' for g in self.layer_gammas)}")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
+            bad(f"--warmup-epochs must lie in [0, epochs), got {self.warmup_epochs}")
+        if any(p not in AGRE_PARAMS for p in self.agre_compare):
+            bad(f"agre_compare takes names from {', '.join(AGRE_PARAMS)}, got {','.join(self.agre_compare)}")
+        if self.agre_compare and self.weighting != "agre-batch":
+            bad("agre_compare compares agre-batch weights; use it with --weighting agre-batch")
         if self.keep_checkpoints not in KEEP_CHECKPOINTS:
             bad(f"--keep-checkpoints must be one of {', '.join(KEEP_CHECKPOINTS)}, got {self.keep_checkpoints!r}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -138,7 +152,8 @@ class DistillConfig:
 _CORE_FIELDS = ("weighting", "gamma", "alpha", "layers", "feature_weighting")
 _ABBREV = {"gamma": "g", "alpha": "a", "seed": "s", "epochs": "ep", "batch_size": "bs",
            "weight_decay": "wd", "momentum": "mom", "layer_gammas": "lg", "agre_params": "ap",
-           "pretrained": "pre", "image_size": "img", "weights_file": "wf", "feat_eps": "eps"}
+           "pretrained": "pre", "image_size": "img", "weights_file": "wf", "feat_eps": "eps",
+           "teachers_online": "online", "warmup_epochs": "wu", "sample_views": "sv"}
 _DEFAULTS = canon({f.name: f.default for f in dataclasses.fields(DistillConfig)})
 
 
