@@ -282,8 +282,14 @@ def distill_options(fn):
         click.option("--gamma", default=d("gamma"), show_default=True, help="Feature-loss weight."),
         click.option("--alpha", default=d("alpha"), show_default=True, help="KD weight against CE."),
         click.option("--tau", default=d("tau"), show_default=True),
-        click.option("--weighting", type=click.Choice(WEIGHTINGS), default=d("weighting"), show_default=True),
-        click.option("--agre-params", type=click.Choice(AGRE_PARAMS), default=d("agre_params"), show_default=True),
+        click.option("--weighting", type=click.Choice(WEIGHTINGS), default=d("weighting"), show_default=True,
+                     help="Teacher weights: agre-batch = the report's AGRE-KD (one weight per teacher per batch, "
+                          "from gradient cosines); agre = the paper's per-sample AGRE-KD; cached = static weights "
+                          "written by precompute (for two classes: 'the teacher's argmax differs from the biased "
+                          "model's', against a uniform student: not the student's gradients); aver = uniform."),
+        click.option("--agre-params", type=click.Choice(AGRE_PARAMS), default=d("agre_params"), show_default=True,
+                     help="agre-batch: gradients of all student parameters (the report), layer4 + classifier, "
+                          "or the classifier only (closed form)."),
         click.option("--layers", default=",".join(d("layers")), show_default=True, help="e.g. layer3,layer4"),
         click.option("--layer-gammas", default=None, help="Per-layer gammas, e.g. 0.25,0.5"),
         click.option("--feature-weighting", type=click.Choice(FEATURE_WEIGHTINGS), default=d("feature_weighting"),
@@ -293,6 +299,14 @@ def distill_options(fn):
         click.option("--lr", default=d("lr"), show_default=True),
         click.option("--weight-decay", default=d("weight_decay"), show_default=True),
         click.option("--seed", default=d("seed"), show_default=True),
+        click.option("--warmup-epochs", default=d("warmup_epochs"), show_default=True,
+                     help="Linear lr warm-up epochs before the cosine decay."),
+        click.option("--teachers-online", type=click.Path(), default=None,
+                     help="A teacher manifest: the report's online loop (teachers run on a fresh crop every "
+                          "step; the cache only gives the images), the yardstick for what caching changes."),
+        click.option("--agre-compare", default=None,
+                     help="agre-batch: also compute the weights from these parameter sets on the same steps and "
+                          "log how they agree, e.g. last,layer4 (no effect on training)."),
         click.option("--views", "sample_views", type=click.Choice(["on", "off", "auto"]), default="auto",
                      show_default=True, help="Train on the cached random views (auto: when the cache has them)."),
         click.option("--pretrained/--no-pretrained", default=None, help="ImageNet student [default: as the teachers]."),
@@ -313,13 +327,14 @@ def distill_options(fn):
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 @click.option("--overwrite", is_flag=True, help="Delete the run in --out and start it again.")
 @friendly
-def distill(out, resume, overwrite, cache_path, layers, layer_gammas, sample_views, **kw):
+def distill(out, resume, overwrite, cache_path, layers, layer_gammas, sample_views, agre_compare, **kw):
     """Train the ResNet-18 student from the cache (no teacher runs at training time)."""
     from distill.config import DistillConfig, run_name
     from distill.train import fit
 
     cfg = DistillConfig(cache=cache_path, out=out or "", layers=words(layers), layer_gammas=floats(layer_gammas),
-                        sample_views={"on": True, "off": False}.get(sample_views), **kw)
+                        sample_views={"on": True, "off": False}.get(sample_views),
+                        agre_compare=words(agre_compare) or (), **kw)
     if not out:
         cfg.out = str(defaults.RUNS / run_name(cfg))
     s = fit(cfg, resume=resume, overwrite=overwrite)

@@ -33,8 +33,9 @@ from core.files import save_checkpoint
 from core.models import FeatureResNet  # noqa: E402
 from cache.schema import store_path_for
 from core.constants import LAYERS
-from precompute.run import Ensemble, PrecomputeConfig, run_precompute  # noqa: E402
-from precompute.manifest import read_manifest  # noqa: E402
+from core.ensemble import Ensemble  # noqa: E402
+from precompute.run import PrecomputeConfig, run_precompute  # noqa: E402
+from core.manifest import read_manifest  # noqa: E402
 from precompute.teachers import import_teachers  # noqa: E402
 from core.runtime import autocast, keep_freed_memory, pick_device  # noqa: E402
 

@@ -38,13 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
+from core.constants import ROLES
 from core.errors import ConfigError, ToolError
 from core.provenance import PROVENANCE_FIELDS, canon, provenance
 
 SCHEMA_NAME = "gr-kd-cache"
 SCHEMA_VERSION = 2
 FEATURE_DTYPE = "float16"
-ROLES = ("teacher", "biased")
 SAMPLE_FIELDS = ("id", "y", "attr", "group", "split")
 
 # A chunk is the unit of decompression: a random row read decodes its whole chunk, so chunks stay

@@ -7,5 +7,6 @@ is the penultimate embedding). ``WEIGHTINGS``: the teacher weighting modes
 classifier, by autograd) or ``all`` (every parameter, as the report did).
 """
 LAYERS = ("layer2", "layer3", "layer4")
+ROLES = ("teacher", "biased")  # a model of the ensemble, or the biased reference model
 WEIGHTINGS = ("aver", "agre", "agre-batch", "cached")
 AGRE_PARAMS = ("last", "layer4", "all")

@@ -262,6 +262,19 @@ def agre_batch_weights_autograd(teacher_losses: Sequence[Tensor], biased_loss: T
     return agre_batch_weights_from_grads(g_t, g_b)
 
 
+def weight_agreement(reference: Tensor, other: Tensor) -> dict[str, Tensor]:
+    """How well batch weights ``other`` [T] agree with ``reference`` [T] (both sum to 1):
+    ``abs_diff`` mean |w_ref - w_other|, ``spearman`` rank correlation (ties broken by index),
+    ``top`` 1 when both put the most weight on the same teacher. Scalars, no host sync."""
+    def ranks(w):
+        return w.argsort().argsort().to(torch.float64)
+    a, b = ranks(reference), ranks(other)
+    a, b = a - a.mean(), b - b.mean()
+    denom = (a.norm() * b.norm()).clamp_min(_ZERO_NORM)
+    return {"abs_diff": (reference - other).abs().mean().to(torch.float64), "spearman": (a * b).sum() / denom,
+            "top": (reference.argmax() == other.argmax()).to(torch.float64)}
+
+
 def teacher_weights(mode: str, *, student_logits: Tensor, teacher_logits: Tensor,
                     biased_logits: Tensor | None, tau: float, cached: Tensor | None = None,
                     penultimate: Tensor | None = None, agre_params: str = "last",

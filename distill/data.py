@@ -24,6 +24,7 @@ class DistillError(ToolError):
 class SplitData:
     """Everything one split needs, as tensors on one device (rows in cache order)."""
 
+    rows: torch.Tensor        # [N] dataset rows (they seed the online loop's crops)
     images: torch.Tensor      # [N, 3, L, L] uint8 canvases
     hw: torch.Tensor          # [N, 2] (height, width) of the image in each canvas
     y: torch.Tensor           # [N]
@@ -51,7 +52,7 @@ def open_inputs(cfg: DistillConfig) -> tuple[CacheReader, ImageStore]:
     empty = [name for name in ("train", "val", "test") if len(cache.split_rows(name)) == 0]
     if empty:
         raise DistillError(f"{cfg.cache} has no {' or '.join(empty)} samples; distillation needs all three splits")
-    if cfg.uses_features:
+    if cfg.uses_features and not cfg.teachers_online:
         missing = [l for l, g in cfg.gammas.items() if g > 0 and l not in meta.layers]
         if missing:
             raise DistillError(f"gamma > 0 for {', '.join(missing)} but {cfg.cache} holds features of "
@@ -76,17 +77,17 @@ def open_inputs(cfg: DistillConfig) -> tuple[CacheReader, ImageStore]:
 def load_split(cache: CacheReader, store: ImageStore, split: str, cfg: DistillConfig, device,
                train: bool) -> SplitData:
     """A split in memory on ``device``: the training split with every view and the teachers'
-    outputs, an evaluation split with view 0 only."""
-    layers = [l for l, g in cfg.gammas.items() if g > 0] if train else []
+    outputs (none in the online loop: the teachers run live), an evaluation split with view 0."""
+    layers = [l for l, g in cfg.gammas.items() if g > 0] if train and not cfg.teachers_online else []
     d = cache.read(split=split, views=None if train else 0, layers=layers)
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
     box, flip = d["box"], d["flip"]
     if not train:  # one view: keep the [N, V] layout with V = 1
         box, flip = box.reshape(len(box), 1, 4), flip.reshape(len(flip), 1)
     rows = d["rows"] + cache.row_start
-    data = SplitData(images=t(store.load(rows)), hw=t(store.hw[rows]), y=t(d["y"]), group=t(d["group"]),
-                     box=t(box), flip=t(flip))
-    if train:
+    data = SplitData(rows=t(rows), images=t(store.load(rows)), hw=t(store.hw[rows]), y=t(d["y"]),
+                     group=t(d["group"]), box=t(box), flip=t(flip))
+    if train and not cfg.teachers_online:
         data.logits, data.biased, data.cached = t(d["logits"]), t(d["biased"]), t(d["weights"])
         data.feats = {l: t(v) for l, v in d["features"].items()}
     return data

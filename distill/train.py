@@ -7,6 +7,7 @@ teachers, take one SGD step on ``(1 - alpha) CE + alpha L_wKD + gamma L_feat``. 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from core.files import OutputLock, atomic_write_json
 from core.provenance import provenance
 from core.runtime import autocast, pick_device
 from core.weighting import (agre_batch_weights_from_grads, at_least_float32, kd_per_teacher, loss_gradients,
-                            teacher_weights)
+                            teacher_weights, weight_agreement)
 from data.metrics import group_metrics, split_metrics
 from data.views import render
 from data.folders import SPLIT_CODES
@@ -29,6 +30,7 @@ from distill.config import DistillConfig
 from distill.data import DistillError, SplitData, batch_bounds, epoch_plan, load_split, open_inputs, placement
 from distill.losses import distillation_loss
 from distill.student import Student
+from distill.teachers import teacher_source
 
 
 @torch.no_grad()
@@ -46,19 +48,11 @@ def evaluate(model: Student, data: SplitData, image_size: int, device, train_cou
 
 
 def train_step(model, opt, data: SplitData, idx: torch.Tensor, view: torch.Tensor, cfg: DistillConfig,
-               image_size: int, teacher_backbone: torch.Tensor, device) -> tuple[dict, torch.Tensor]:
-    """One SGD step on the samples ``idx`` seen through views ``view``.
-
-    Rebuilds each sampled view from the stored pixels, reads the matching cached teacher outputs,
-    weights the teachers, and steps on ``(1 - alpha) CE + alpha L_wKD + sum_l gamma_l L_feat``.
-    Returns the loss parts (device tensors, no host sync) and the weights [b, T].
-    """
-    x = render(data.images[idx].to(device, non_blocking=True), data.box[idx, view].to(device),
-               data.flip[idx, view].to(device), image_size, data.hw[idx])
-    zt, zb = data.logits[idx, view].to(device), data.biased[idx, view].to(device)
-    gammas = {l: g for l, g in cfg.gammas.items() if g > 0}
-    feats = {l: data.feats[l][idx, view].to(device).index_select(1, teacher_backbone) for l in gammas}
-    cached = data.cached[idx, view].to(device) if cfg.weighting == "cached" else None
+               teachers, device, epoch: int = 0) -> tuple[dict, torch.Tensor]:
+    """One SGD step on the training rows ``idx`` seen through views ``view``: the batch's images
+    and teacher outputs from ``teachers`` (distill.teachers: the cache, or live teachers), then
+    :func:`step`."""
+    x, zt, zb, feats, cached = teachers.batch(data, idx, view, epoch)
     return step(model, opt, x, data.y[idx].to(device), zt, zb, feats, cached, cfg, device)
 
 
@@ -78,6 +72,8 @@ def step(model, opt, x, y, zt, zb, teacher_feats: dict, cached, cfg: DistillConf
     gammas = {l: g for l, g in cfg.gammas.items() if g > 0}
     opt.zero_grad(set_to_none=True)
     grads = None
+    compared = {name: batch_weights(model, name, logits, h, zt, zb, cfg.tau, keep_graph=True)
+                for name in cfg.agre_compare}  # diagnostics, on this step's student before the update
     if cfg.weighting == "agre-batch" and cfg.agre_params != "last":
         params = model.agre_params(cfg.agre_params)
         losses = [kd_per_teacher(logits, zb[:, None], cfg.tau).mean(), *kd_per_teacher(logits, zt, cfg.tau).mean(0)]
@@ -101,36 +97,71 @@ def step(model, opt, x, y, zt, zb, teacher_feats: dict, cached, cfg: DistillConf
                 kd = torch.stack(g_t).mul_(wt.view(-1, *([1] * p.dim()))).sum(0)
                 p.grad = kd if p.grad is None else p.grad.add_(kd)
     opt.step()
+    if compared:
+        out["agre_compare"] = {name: weight_agreement(w[0].detach().double(), wx.double())
+                               for name, wx in compared.items()}
     return out, w
 
 
-def train_one_epoch(model, opt, data: SplitData, cfg: DistillConfig, epoch: int, image_size: int,
-                    teacher_backbone: torch.Tensor, device, weights_out: torch.Tensor | None = None,
-                    progress: bool = True) -> dict:
+def batch_weights(model, params: str, logits, h, zt, zb, tau: float, keep_graph: bool) -> torch.Tensor:
+    """agre-batch weights [T] of one batch from the parameter set ``params`` (last: closed form)."""
+    if params == "last":
+        return teacher_weights("agre-batch", student_logits=logits, teacher_logits=zt, biased_logits=zb, tau=tau,
+                               penultimate=h, agre_params="last")[0]
+    losses = [kd_per_teacher(logits, zb[:, None], tau).mean(), *kd_per_teacher(logits, zt, tau).mean(0)]
+    g_b, *g_t = loss_gradients(losses, model.agre_params(params), keep_graph=keep_graph)
+    return agre_batch_weights_from_grads(g_t, g_b)
+
+
+def train_one_epoch(model, opt, data: SplitData, cfg: DistillConfig, epoch: int, teachers, device,
+                    weights_out: torch.Tensor | None = None, progress: bool = True) -> dict:
     """One pass over the training split. Returns mean loss parts and mean teacher weights."""
     model.train()
     n = len(data.y)
     order, view = epoch_plan(n, data.box.shape[1], cfg, epoch)
     order, view = order.to(data.y.device), view.to(data.y.device)   # once per epoch, not per step
     sums = {k: torch.zeros((), device=device) for k in ("loss", "ce", "kd", "feat")}
-    wsum = torch.zeros(data.logits.shape[2], device=device)
+    agree = {name: {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("abs_diff", "spearman", "top")}
+             for name in cfg.agre_compare}
+    steps = 0
+    wsum = torch.zeros(teachers.num_teachers, device=device)
     first_bad = torch.full((), -1, device=device)
     for step, (s, e) in enumerate(tqdm(batch_bounds(n, cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                                        leave=False, disable=not progress)):
         idx = order[s:e]
-        out, w = train_step(model, opt, data, idx, view[s:e], cfg, image_size, teacher_backbone, device)
+        out, w = train_step(model, opt, data, idx, view[s:e], cfg, teachers, device, epoch)
         bad = ~torch.isfinite(out["loss"].detach())
         first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
         for k in sums:
             sums[k] += out[k].detach().float() * len(idx)
         wsum += w.detach().float().sum(0)
+        steps += 1
+        for name, parts in out.get("agre_compare", {}).items():
+            for k, v in parts.items():
+                agree[name][k] += v
         if weights_out is not None:
             weights_out[idx.to(weights_out.device)] = w.detach().float().to(weights_out.device)
     if int(first_bad) >= 0:  # one host sync per epoch
         kept = f"the last good checkpoint (epoch {epoch}) is kept in {cfg.out}" if epoch else "no epoch finished"
         raise DistillError(f"non-finite loss at epoch {epoch + 1}, step {int(first_bad) + 1}; stopped: "
                            f"{kept}. Try a lower --lr")
-    return {**{k: float(v) / n for k, v in sums.items()}, "teacher_weights": (wsum / n).tolist()}
+    result = {**{k: float(v) / n for k, v in sums.items()}, "teacher_weights": (wsum / n).tolist()}
+    if agree:  # per-step means: how a cheaper parameter set's weights agree with this run's
+        result["agre_agreement"] = {name: {k: float(v) / steps for k, v in parts.items()}
+                                    for name, parts in agree.items()}
+    return result
+
+
+def schedule(opt, cfg: DistillConfig):
+    """Cosine decay over the epochs (the report's schedule), after ``warmup_epochs`` epochs of
+    linear warm-up (lr x 1/W, 2/W, ..., 1) when asked; stepped once per epoch."""
+    if not cfg.warmup_epochs:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    W, E = cfg.warmup_epochs, cfg.epochs
+
+    def factor(e: int) -> float:
+        return (e + 1) / W if e < W else 0.5 * (1 + math.cos(math.pi * (e - W) / (E - W)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "last.pt", "best.pt", "teacher_weights.npy")
@@ -183,12 +214,12 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool) -> dict:
     val = load_split(cache, store, "val", cfg, place, train=False)
     test = load_split(cache, store, "test", cfg, place, train=False)
     train_counts = torch.bincount(train.group.cpu(), minlength=meta.num_groups).numpy()
-    teacher_backbone = torch.tensor(meta.backbone_of_teacher, device=device)
+    teachers = teacher_source(meta, cfg, image_size, device)
 
     model = Student(meta.num_classes, {l: meta.feature_dims[l] for l in gammas}, pretrained, cfg.weights_file)
     model = model.to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    sched = schedule(opt, cfg)
     start, best = 0, (-1.0, -1)
     if last_path.is_file():
         ck = load_for_resume(last_path, cfg, cache_id, device)
@@ -200,11 +231,11 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool) -> dict:
     cfg.save(out / "config.json")
     truncate_metrics(out / "metrics.jsonl", start)
 
-    weights_out = torch.zeros(len(train.y), train.logits.shape[2], device=place)
+    weights_out = torch.zeros(len(train.y), teachers.num_teachers, device=place)
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
         lr = opt.param_groups[0]["lr"]
-        tr = train_one_epoch(model, opt, train, cfg, epoch, image_size, teacher_backbone, device,
+        tr = train_one_epoch(model, opt, train, cfg, epoch, teachers, device,
                              weights_out if epoch == cfg.epochs - 1 else None, progress)
         sched.step()
         vm = evaluate(model, val, image_size, device, train_counts)
@@ -214,7 +245,8 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool) -> dict:
         save_last(last_path, model, opt, sched, epoch + 1, best, cfg, cache_id)
         rec = {"epoch": epoch + 1, "lr": lr, "time_s": round(time.time() - t0, 3),
                "train": {k: tr[k] for k in ("loss", "ce", "kd", "feat")},
-               "teacher_weights": tr["teacher_weights"], "val": vm}
+               "teacher_weights": tr["teacher_weights"], "val": vm,
+               **({"agre_agreement": tr["agre_agreement"]} if "agre_agreement" in tr else {})}
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         say(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {tr['loss']:.4f}  val WGA {100 * vm['wga']:.2f}  "
@@ -228,7 +260,8 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool) -> dict:
         "status": "finished", "config": cfg.to_dict(), "cache_fingerprint": meta.dataset_fingerprint,
         "cache_identity": cache_id, "cache": str(cfg.cache), "git_commit": provenance()["git_commit"],
         "group_names": meta.group_names,
-        "teachers": [{"name": t["name"], "role": t["role"]} for t in meta.teachers],
+        "teachers": ([{"name": m.name, "role": m.role} for m in teachers.manifest.models] if cfg.teachers_online
+                     else [{"name": t["name"], "role": t["role"]} for t in meta.teachers]),
         "best_epoch": best[1], "val_best": evaluate(model, val, image_size, device, train_counts),
         "test_best": evaluate(model, test, image_size, device, train_counts),
         "test_last": test_last, "teacher_test": teacher_test_metrics(cache),

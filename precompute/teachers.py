@@ -28,7 +28,7 @@ from data.store import RESIZE_MODES, ImageStore, build_store, store_size_for
 from data.views import ViewSpec, render, sample_views
 from data.folders import SPLIT_CODES, Metadata, fingerprint, load_metadata
 from precompute.dfr import DFR_VARIANTS, fit_dfr
-from precompute.manifest import Manifest, load_model, make_entry
+from core.manifest import Manifest, load_model, make_entry
 
 
 @dataclass

@@ -13,9 +13,10 @@ from click.testing import CliRunner
 from data.store import ImageStore
 from data.views import ViewSpec, render, sample_views
 from cache.reader import open_cache
-from precompute.manifest import load_model, read_manifest
+from core.manifest import load_model, read_manifest
 from cache.schema import store_path_for
-from precompute.run import Ensemble, PrecomputeConfig, run_precompute
+from core.ensemble import Ensemble
+from precompute.run import PrecomputeConfig, run_precompute
 
 
 def _datasets(path) -> dict:
@@ -116,7 +117,7 @@ def test_shared_backbone_runs_once_per_view(tiny_data, tiny_teachers, tmp_path, 
 
 def test_ensemble_reads_each_checkpoint_file_once(tiny_teachers, monkeypatch):
     """Backbone and heads of entries that share a file come from one read of it."""
-    from precompute import run as run_mod
+    from core import ensemble as run_mod
 
     man = read_manifest(tiny_teachers)
     reads = []

@@ -58,3 +58,35 @@ def test_fast_batch_agre_step_equals_the_reference_loop(kw):
         # float64 end to end: only the summation order of the KD gradient differs
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
     assert not torch.allclose(w_fast[0], torch.full((T,), 1.0 / T, dtype=w_fast.dtype))  # not trivially uniform
+
+
+def test_agreement_diagnostics_leave_the_update_alone():
+    """agre_compare computes other parameter sets' weights on the same step, logs how they agree,
+    and does not change the update; the same set agrees perfectly with itself."""
+    from core.weighting import agre_batch_weights_last, weight_agreement
+
+    torch.manual_seed(1)
+    model = Student(C, {}).double()
+    twin = copy.deepcopy(model)
+    x = torch.randn(B, 3, S, S, dtype=torch.float64)
+    y = torch.randint(0, C, (B,))
+    zt, zb = torch.randn(B, T, C, dtype=torch.float64) * 3, torch.randn(B, C, dtype=torch.float64) * 3
+    plain = DistillConfig(weighting="agre-batch", agre_params="all")
+    probed = DistillConfig(weighting="agre-batch", agre_params="all", agre_compare=("all", "last", "layer4"))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, twin)]
+    with torch.no_grad():
+        logits, h, _ = twin(x)
+    w_last = agre_batch_weights_last(logits, h, zt, zb, 4.0)
+    out_a, w_a = step(model, opts[0], x, y, zt, zb, {}, None, plain, torch.device("cpu"))
+    out_b, w_b = step(twin, opts[1], x, y, zt, zb, {}, None, probed, torch.device("cpu"))
+    torch.testing.assert_close(w_a, w_b, rtol=0, atol=0)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    same = out_b["agre_compare"]["all"]
+    assert float(same["abs_diff"]) < 1e-12 and float(same["spearman"]) > 0.999 and float(same["top"]) == 1
+    want = weight_agreement(w_b[0].double(), w_last.double())
+    for k in ("abs_diff", "spearman", "top"):
+        torch.testing.assert_close(out_b["agre_compare"]["last"][k], want[k], rtol=1e-9, atol=1e-12)
+    assert "agre_compare" not in out_a
+    with pytest.raises(ValueError, match="agre_compare"):
+        DistillConfig(weighting="aver", agre_compare=("last",))

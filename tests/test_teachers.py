@@ -24,7 +24,7 @@ from data.synth import SynthSpec, generate
 from data.views import eval_box, render
 from data.folders import fingerprint, load_metadata
 from precompute import teachers
-from precompute.manifest import (Manifest, ManifestError, ModelEntry, load_model, make_entry,
+from core.manifest import (Manifest, ManifestError, ModelEntry, load_model, make_entry,
                                  read_manifest, verify_files)
 from core.files import sha256_file as file_sha256
 from core.models import (CheckpointError, FeatureResNet, backbone_id, build_model, load_checkpoint,

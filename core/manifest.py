@@ -18,7 +18,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cache.schema import ROLES
+from core.constants import ROLES
 from core.errors import ToolError
 from core.files import atomic_write_json, sha256_file
 from core.models import CheckpointError, FeatureResNet, backbone_id, load_checkpoint, model_from_state

@@ -1,0 +1,91 @@
+"""Where a training step gets its teacher outputs: the cache (the tool), or live teachers (the report).
+
+A teacher source gives, for the batch rows ``idx`` of the training split, the student's input
+images and the teachers' outputs on exactly those pixels: ``batch(data, idx, view, epoch) ->
+(x, zt [b, T, C], zb [b, C], feats {layer: [b, T, D]}, cached [b, T] or None)``.
+
+- :class:`CachedTeachers` rebuilds the sampled stored view and reads its cached outputs;
+- :class:`OnlineTeachers` is the report's loop, the yardstick for what the cache changes: a fresh
+  ``RandomResizedCrop`` + flip of every image at every step (per (seed, epoch, row), so a resumed
+  run replays it), the teachers and the biased model run on it, nothing read from the cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from cache.schema import CacheMeta
+from core.ensemble import Ensemble
+from core.manifest import read_manifest, verify_files
+from core.runtime import autocast, epoch_seed
+from core.weighting import cached_agre_weights
+from data.views import ViewSpec, render, sample_views
+from distill.config import DistillConfig
+from distill.data import DistillError, SplitData
+
+
+class CachedTeachers:
+    """Teacher outputs read from the cache for the sampled stored views."""
+
+    def __init__(self, meta: CacheMeta, cfg: DistillConfig, image_size: int, device):
+        self.cfg, self.image_size, self.device = cfg, image_size, device
+        self.num_teachers = meta.num_teachers
+        self.backbone = torch.tensor(meta.backbone_of_teacher, device=device)
+        self.layers = [l for l, g in cfg.gammas.items() if g > 0]
+
+    def batch(self, data: SplitData, idx: torch.Tensor, view: torch.Tensor, epoch: int):
+        d = self.device
+        x = render(data.images[idx].to(d, non_blocking=True), data.box[idx, view].to(d), data.flip[idx, view].to(d),
+                   self.image_size, data.hw[idx])
+        feats = {l: data.feats[l][idx, view].to(d).index_select(1, self.backbone) for l in self.layers}
+        cached = data.cached[idx, view].to(d) if self.cfg.weighting == "cached" else None
+        return x, data.logits[idx, view].to(d), data.biased[idx, view].to(d), feats, cached
+
+
+class OnlineTeachers:
+    """The report's loop: teachers run live on a fresh crop of every image at every step."""
+
+    def __init__(self, meta: CacheMeta, cfg: DistillConfig, image_size: int, device):
+        man = read_manifest(cfg.teachers_online)
+        verify_files(man)
+        if man.num_classes != meta.num_classes:
+            raise DistillError(f"the teachers of {cfg.teachers_online} have {man.num_classes} classes, the data of "
+                               f"{cfg.cache} {meta.num_classes}")
+        self.cfg, self.image_size, self.device = cfg, image_size, device
+        self.ensemble = Ensemble(man).to(device).eval().to(memory_format=torch.channels_last)
+        self.num_teachers = len(man.teachers)
+        self.backbone = torch.tensor(man.teacher_backbone, device=device)
+        self.layers = [l for l, g in cfg.gammas.items() if g > 0]
+        spec = meta.view_spec  # the cache's crop distribution, eval geometry and tau
+        self.spec = ViewSpec(random_views=1, out_size=image_size, scale=tuple(spec.get("scale", (0.7, 1.0))),
+                             ratio=tuple(spec.get("ratio", (3 / 4, 4 / 3))), resize=spec.get("resize", "keep-aspect"))
+        self.tau_cached = meta.tau_cached
+        self.manifest = man
+
+    def crops(self, rows: np.ndarray, hw: np.ndarray, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This epoch's crop (box [b, 4], flip [b]) of each dataset row."""
+        spec = dataclasses.replace(self.spec, seed=epoch_seed(self.cfg.seed, epoch))
+        box, flip = sample_views(rows, spec, hw)
+        return torch.from_numpy(box[:, 1]), torch.from_numpy(flip[:, 1])
+
+    @torch.no_grad()
+    def outputs(self, x: torch.Tensor):
+        """(teacher logits [b, T, C], biased logits [b, C], {layer: [b, T, D]}) on images ``x``."""
+        with autocast(self.device):
+            zt, zb, f = self.ensemble(x.contiguous(memory_format=torch.channels_last), self.layers or ("layer4",))
+        feats = {l: f[l].float().index_select(1, self.backbone) for l in self.layers}
+        return zt.float(), zb.float(), feats
+
+    def batch(self, data: SplitData, idx: torch.Tensor, view: torch.Tensor, epoch: int):
+        box, flip = self.crops(data.rows[idx].cpu().numpy(), data.hw[idx].cpu().numpy(), epoch)
+        d = self.device
+        x = render(data.images[idx].to(d, non_blocking=True), box.to(d), flip.to(d), self.image_size, data.hw[idx])
+        zt, zb, feats = self.outputs(x)
+        cached = cached_agre_weights(zt, zb, self.tau_cached) if self.cfg.weighting == "cached" else None
+        return x, zt, zb, feats, cached
+
+
+def teacher_source(meta: CacheMeta, cfg: DistillConfig, image_size: int, device):
+    return (OnlineTeachers if cfg.teachers_online else CachedTeachers)(meta, cfg, image_size, device)

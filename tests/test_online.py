@@ -1,0 +1,67 @@
+"""The report's online loop (teachers run live every step) against the cache, on the same pixels."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import torch
+
+from distill.config import DistillConfig
+from distill.data import load_split, open_inputs
+from distill.student import Student
+from distill.teachers import CachedTeachers, OnlineTeachers
+from distill.train import fit, step
+
+CPU = torch.device("cpu")
+
+
+def test_online_step_equals_the_cached_step_on_the_same_crop(tiny_cache, tiny_teachers, monkeypatch):
+    """Same teachers, same pixels: the live outputs, the weights and the loss are the cached ones,
+    up to the float16 the cache stores features in."""
+    base = dict(cache=str(tiny_cache), gamma=0.5, weighting="agre-batch", agre_params="all", device="cpu",
+                pretrained=False, batch_size=16)
+    cached_cfg, online_cfg = DistillConfig(**base), DistillConfig(**base, teachers_online=str(tiny_teachers))
+    cache, store = open_inputs(cached_cfg)
+    data = load_split(cache, store, "train", cached_cfg, CPU, train=True)
+    size = cache.meta.out_size
+    cached, online = CachedTeachers(cache.meta, cached_cfg, size, CPU), OnlineTeachers(cache.meta, online_cfg, size, CPU)
+    idx, view = torch.arange(16), torch.ones(16, dtype=torch.long)  # a stored random view of training rows
+    monkeypatch.setattr(online, "crops", lambda rows, hw, epoch: (data.box[idx, 1], data.flip[idx, 1]))
+    a, b = cached.batch(data, idx, view, 0), online.batch(data, idx, view, 0)
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)                    # the same pixels
+    torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-4)              # teacher logits
+    torch.testing.assert_close(a[2], b[2], rtol=1e-4, atol=1e-4)              # biased logits
+    torch.testing.assert_close(a[3]["layer4"].float(), b[3]["layer4"], rtol=2e-3, atol=2e-3)  # float16 cached
+    torch.manual_seed(0)
+    model = Student(cache.meta.num_classes, {"layer4": cache.meta.feature_dims["layer4"]})
+    twin = copy.deepcopy(model)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, twin)]
+    y = data.y[idx]
+    out_a, w_a = step(model, opts[0], a[0], y, a[1], a[2], a[3], None, cached_cfg, CPU)
+    out_b, w_b = step(twin, opts[1], b[0], y, b[1], b[2], b[3], None, online_cfg, CPU)
+    torch.testing.assert_close(w_a, w_b, rtol=1e-3, atol=1e-4)
+    for k in ("loss", "kd", "feat"):
+        torch.testing.assert_close(out_a[k].detach(), out_b[k].detach(), rtol=2e-3, atol=1e-5, msg=k)
+
+
+def test_online_crops_are_fresh_every_epoch_and_replayable(tiny_cache, tiny_teachers):
+    cfg = DistillConfig(cache=str(tiny_cache), device="cpu", pretrained=False, teachers_online=str(tiny_teachers))
+    cache, _ = open_inputs(cfg)
+    online = OnlineTeachers(cache.meta, cfg, cache.meta.out_size, CPU)
+    rows, hw = np.arange(20), np.full((20, 2), cache.meta.store_size)
+    e0, e1 = online.crops(rows, hw, 0), online.crops(rows, hw, 1)
+    assert not torch.equal(e0[0], e1[0])                       # a new crop each epoch
+    torch.testing.assert_close(online.crops(rows, hw, 0)[0], e0[0], rtol=0, atol=0)  # replayable
+    area = e0[0][:, 2] * e0[0][:, 3]
+    assert (area >= 0.7 - 1e-6).all() and (area <= 1 + 1e-6).all()
+
+
+def test_online_run_trains_and_says_so(tiny_cache, tiny_teachers, tmp_path):
+    cfg = DistillConfig(cache=str(tiny_cache), out=str(tmp_path / "run"), epochs=1, batch_size=64, lr=1e-2,
+                        gamma=0.5, device="cpu", pretrained=False, teachers_online=str(tiny_teachers))
+    s = fit(cfg, progress=False)
+    assert s["status"] == "finished" and s["config"]["teachers_online"] == str(tiny_teachers)
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert np.isfinite(line["train"]["loss"]) and abs(sum(line["teacher_weights"]) - 1) < 1e-4
+    assert "online" in (tmp_path / "run" / "config.json").read_text()
