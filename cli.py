@@ -347,7 +347,16 @@ def distill(out, resume, overwrite, cache_path, layers, layer_gammas, sample_vie
 @cli.command()
 @click.option("--cache", "cache_path", type=click.Path(), default=str(defaults.CACHE), show_default=True)
 @click.option("--out", type=click.Path(), required=True, help="Sweep folder (one sub-folder per run).")
-@click.option("--preset", multiple=True, help="Preset table(s) of the report: main, agre-vs-aver, gamma, labels, multilayer, disagree.")
+@click.option("--preset", multiple=True, help="Preset table(s): the report's main, agre-vs-aver, gamma, labels, "
+              "multilayer, disagree; and weighting, agre-params, cache-vs-online.")
+@click.option("--agre-weighting", type=click.Choice(["agre-batch", "agre", "cached"]), default=None,
+              help="Weighting of the presets' AGRE-KD rows (AVER rows stay AVER): agre = the paper's per-sample "
+                   "formula, cached = the cache's static bias-disagreement weights. --set weighting=... sets every row.")
+@click.option("--teachers", "teachers_manifest", type=click.Path(), default=None,
+              help="Teacher manifest (the cache's) for the online rows of cache-vs-online.")
+@click.option("--jobs", default="1", show_default=True,
+              help="Runs trained at once, each in its own process; auto: from free GPU memory (1 on CPU).")
+@click.option("--plan", is_flag=True, help="Print the planned runs with their full settings as JSON; train nothing.")
 @click.option("--gamma", default=None, help="Grid: comma list.")
 @click.option("--weighting", default=None, help="Grid: comma list.")
 @click.option("--alpha", default=None, help="Grid: comma list.")
@@ -356,18 +365,28 @@ def distill(out, resume, overwrite, cache_path, layers, layer_gammas, sample_vie
 @click.option("--lr", default=None, type=float, help="Override lr of every run.")
 @click.option("--set", "extra", multiple=True, help="Any other DistillConfig field for every run, e.g. --set sample_views=off.")
 @friendly
-def sweep(cache_path, out, preset, gamma, weighting, alpha, seeds, epochs, lr, extra):
-    """Run a grid or preset tables, skipping runs already finished."""
-    from experiments.sweep import expand_grid, preset_runs, run_sweep
+def sweep(cache_path, out, preset, agre_weighting, teachers_manifest, jobs, plan, gamma, weighting, alpha, seeds,
+          epochs, lr, extra):
+    """Run a grid or preset tables, skipping runs already finished (--set always wins)."""
+    from core.errors import ConfigError
+    from experiments.sweep import expand_grid, plan_json, preset_runs, run_sweep
 
+    if (agre_weighting or teachers_manifest) and not preset:
+        raise ConfigError("--agre-weighting and --teachers apply to --preset tables; give a --preset")
+    if jobs != "auto" and not jobs.isdigit():
+        raise ConfigError(f"--jobs takes a number of runs or auto, got {jobs!r}")
     seeds = [int(s) for s in words(seeds)]
     base = {k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None}
     base.update(setting(item) for item in extra)
-    runs = preset_runs(*preset, seeds=seeds) if preset else []
+    runs = preset_runs(*preset, seeds=seeds, agre_weighting=agre_weighting,
+                       teachers_manifest=teachers_manifest) if preset else []
     grid = {k: list(f) for k, f in {"gamma": floats(gamma), "alpha": floats(alpha), "weighting": words(weighting)}.items() if f}
     if grid or not preset:
         runs += expand_grid(**grid, seed=seeds)
-    run_sweep(cache_path, out, runs, base=base)
+    if plan:
+        click.echo(plan_json(cache_path, out, runs, base=base))
+        return
+    run_sweep(cache_path, out, runs, base=base, jobs=jobs if jobs == "auto" else int(jobs))
 
 
 @cli.command()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from cache.reader import SLAB_BYTES, guarded, open_cache
 from cache.schema import (SAMPLE_FIELDS, CacheError, layout, parse_shard, row_bytes, store_path_for)
 from cache.writer import create_file
 from core.provenance import PROVENANCE_FIELDS, settings_diff, utc_now
+from data.store import merge_stores
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 def merge(out_path, shard_paths) -> None:
     """Combine complete shard files into one full file, equal in content to a single-process run
     (same datasets, chunking and attributes except ``created``, ``shard`` and the row range), and
-    put the image store that goes with the shards beside it.
+    the image stores of the shards (each holds its rows) into the cache's store.
 
     The shards must come from the same inputs (fingerprint, teachers, views, layers, schema, N,
     shard count) and cover rows 0..N exactly once. Written to ``out_path + ".tmp"`` and renamed,
@@ -103,7 +103,7 @@ def merge(out_path, shard_paths) -> None:
     finally:
         for s in shards:
             s.close()
-    store = store_path_for(out_path)
-    if not store.exists() and store_path_for(paths[0]).exists():
-        shutil.copyfile(store_path_for(paths[0]), store)
+    stores = [store_path_for(p) for p in paths]
+    if all(p.is_file() for p in stores):
+        merge_stores(store_path_for(out_path), stores)
     log.info("merged %d shards into %s (%d rows)", len(shards), out_path, N)

@@ -353,6 +353,7 @@ def shard_rows(shard: str, num_samples: int, align: int = 1) -> tuple[int, int]:
 
 
 def store_path_for(cache_path: str | Path) -> Path:
-    """The pre-decoded image store that goes with a cache file (same folder, same stem)."""
+    """The pre-decoded image store that goes with a cache file (same folder, same stem). A shard
+    file has its own, holding its rows only; ``cache merge`` puts them together."""
     p = Path(cache_path)
-    return p.with_name(p.stem.split(".shard")[0] + ".images.h5")
+    return p.with_name(p.stem + ".images.h5")

@@ -79,8 +79,13 @@ def _check_attrs(f: h5py.File, path, fingerprint: str | None, size: int | None, 
 
 
 def build_store(meta: Metadata, path: str | Path, size: int, fingerprint: str, resize: str = "keep-aspect",
-                workers: int = 4, progress: bool = True) -> Path:
-    """Build (or finish building) the store; a complete matching store is reused as it is."""
+                workers: int = 4, progress: bool = True, rows: range | None = None) -> Path:
+    """Build (or finish building) the store; a complete matching store is reused as it is.
+
+    ``rows``: decode only these dataset rows (one process's part under torchrun; the parts are
+    put together by :func:`merge_stores`). The canvas side comes from every image's header, so
+    all parts agree on it.
+    """
     from tqdm import tqdm
 
     if resize not in RESIZE_MODES:
@@ -88,7 +93,8 @@ def build_store(meta: Metadata, path: str | Path, size: int, fingerprint: str, r
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = len(meta)
-    if _is_complete(path, fingerprint, size, resize):
+    wanted = range(n) if rows is None else rows
+    if _is_complete(path, fingerprint, size, resize, wanted):
         return path  # reused read-only: readers of the same store may be open meanwhile
     try:
         f = h5py.File(path, "a")
@@ -111,8 +117,9 @@ def build_store(meta: Metadata, path: str | Path, size: int, fingerprint: str, r
         if "images" not in f or "done" not in f or "hw" not in f:
             raise StoreError(f"{path} is a damaged image store (killed while being created?); delete it to rebuild")
         done, hw, side = f["done"][:], f["hw"][:], int(f.attrs["side"])
-        todo = [s for s in range(0, n, CHUNK_ROWS) if not done[s:s + CHUNK_ROWS].all()]
-        bar = tqdm(total=n, initial=n - sum(min(CHUNK_ROWS, n - s) for s in todo), desc="image store",
+        lo, hi = wanted.start, wanted.stop
+        todo = [(a, min(a + CHUNK_ROWS, hi)) for a in range(lo, hi, CHUNK_ROWS) if not done[a:min(a + CHUNK_ROWS, hi)].all()]
+        bar = tqdm(total=hi - lo, initial=hi - lo - sum(b - a for a, b in todo), desc="image store",
                    unit="img", disable=not progress or not todo)
 
         def canvas(r):
@@ -122,8 +129,7 @@ def build_store(meta: Metadata, path: str | Path, size: int, fingerprint: str, r
             return out
 
         with ThreadPoolExecutor(workers) as pool:
-            for start in todo:
-                stop = min(start + CHUNK_ROWS, n)
+            for start, stop in todo:
                 imgs = list(pool.map(canvas, range(start, stop)))
                 f["images"][start:stop] = np.stack(imgs).transpose(0, 3, 1, 2)
                 f.flush()  # pixels on disk before the rows are marked done
@@ -134,8 +140,9 @@ def build_store(meta: Metadata, path: str | Path, size: int, fingerprint: str, r
     return path
 
 
-def _is_complete(path: Path, fingerprint: str, size: int, resize: str) -> bool:
-    """True for an existing, finished store of this folder and size (mismatches raise StoreError)."""
+def _is_complete(path: Path, fingerprint: str, size: int, resize: str, rows: range) -> bool:
+    """True for an existing store of this folder and size whose ``rows`` are all done
+    (mismatches raise StoreError)."""
     if not path.is_file():
         return False
     try:
@@ -143,16 +150,48 @@ def _is_complete(path: Path, fingerprint: str, size: int, resize: str) -> bool:
             if "done" not in f:
                 return False
             _check_attrs(f, path, fingerprint, size, resize)
-            return bool(f["done"][:].all())
+            return bool(f["done"][rows.start:rows.stop].all())
     except OSError:
         return False  # let the writer path report what is wrong with the file
+
+
+def merge_stores(out: str | Path, parts: list[str | Path]) -> Path:
+    """One store from parts that each hold some rows of the same data set (written with
+    ``build_store(..., rows=...)``): every row must be done in one of them. Written to
+    ``out.tmp`` and renamed."""
+    out, parts = Path(out), [Path(p) for p in parts]
+    with h5py.File(parts[0], "r") as ref:
+        attrs, hw, n, side = dict(ref.attrs), ref["hw"][:], int(ref.attrs["num_rows"]), int(ref.attrs["side"])
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    with h5py.File(tmp, "w") as f:
+        f.attrs.update(attrs)
+        f.create_dataset("hw", data=hw, fletcher32=True)
+        images = f.create_dataset("images", (n, 3, side, side), np.uint8, chunks=(min(CHUNK_ROWS, n), 3, side, side),
+                                  fletcher32=True)
+        done = np.zeros(n, bool)
+        for p in parts:
+            with h5py.File(p, "r") as src:
+                _check_attrs(src, p, attrs["fingerprint"], int(attrs["size"]), str(attrs["resize"]))
+                mine = src["done"][:] & ~done
+                for a in range(0, n, CHUNK_ROWS):
+                    sel = np.flatnonzero(mine[a:a + CHUNK_ROWS])
+                    if len(sel):
+                        block = src["images"][a:a + CHUNK_ROWS]
+                        images[a + sel] = block[sel] if len(sel) < len(block) else block
+                done |= mine
+        if not done.all():
+            raise StoreError(f"the store parts {', '.join(map(str, parts))} miss {int((~done).sum())} rows")
+        f.create_dataset("done", data=done)
+    tmp.replace(out)
+    return out
 
 
 class ImageStore:
     """Read side of the store. Opens the file lazily, so it can be sent to DataLoader workers."""
 
     def __init__(self, path: str | Path, fingerprint: str | None = None, size: int | None = None,
-                 resize: str | None = None):
+                 resize: str | None = None, rows: range | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise StoreError(f"no image store at {self.path}; it is built by `python cli.py precompute`")
@@ -166,7 +205,8 @@ class ImageStore:
                 self.fingerprint = str(f.attrs["fingerprint"])
         except (OSError, KeyError) as e:
             raise StoreError(f"{self.path} is not a readable image store ({e}); delete it to rebuild") from None
-        if not done.all():
+        needed = done if rows is None else done[rows.start:rows.stop]
+        if not needed.all():
             raise StoreError(f"{self.path} is incomplete ({int(done.sum())} of {len(done)} rows); "
                              "rerun the command that builds it to finish")
         self._file = None

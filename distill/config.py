@@ -126,8 +126,13 @@ class DistillConfig:
         return dataclasses.asdict(self)
 
     def identity(self) -> dict:
-        """What the run computes: every field but the placement ones, canonical JSON values."""
-        return canon({k: v for k, v in self.to_dict().items() if k not in PLACEMENT_FIELDS})
+        """What the run computes: every field but the placement ones, canonical JSON values
+        (``agre_params`` only matters to agre-batch: for the other weightings it reads as the
+        default, so that equal computations have one identity)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in PLACEMENT_FIELDS}
+        if self.weighting != "agre-batch":
+            d["agre_params"] = _DEFAULTS_AGRE_PARAMS
+        return canon(d)
 
     @classmethod
     def from_settings(cls, settings: dict) -> "DistillConfig":
@@ -144,6 +149,9 @@ class DistillConfig:
 
     def save(self, path: str | Path) -> None:
         atomic_write_json(path, self.to_dict())
+
+
+_DEFAULTS_AGRE_PARAMS = DistillConfig.agre_params
 
 
 # ----------------------------------------------------------------------------- names

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from distill.config import group_key
-from experiments.runs import BASELINE, WEIGHTING_NAMES, Row, RunRecord, gamma_family
+from experiments.runs import BASELINE, Row, RunRecord, gamma_family, weighting_label, weighting_of
 
 # ----------------------------------------------------------------------------- plots
 
@@ -27,14 +27,14 @@ def plot_wga_vs_gamma(rows: list[Row], path: Path) -> str | None:
     """
     family = gamma_family(rows)
     if not any(len(by_gamma) >= 2 for by_gamma in family.values()):
-        return "needs finished AGRE-KD or AVER runs (α=1, layer4) at two or more γ values"
+        return "needs finished runs of one weighting (α=1, layer4) at two or more γ values"
     fig = _new_figure(6, 4)
     ax = fig.add_subplot()
     for weighting in sorted(family):
         gammas = sorted(family[weighting])
         pts = [family[weighting][g] for g in gammas]
         line = ax.errorbar(gammas, [r.mean for r in pts], yerr=[r.std or 0.0 for r in pts],
-                           marker="o", capsize=4, label=WEIGHTING_NAMES[weighting])
+                           marker="o", capsize=4, label=weighting_label(pts[0].runs[0].config))
         for g, r in zip(gammas, pts):
             ax.scatter([g] * r.n, list(r.wga_by_seed.values()), s=10, alpha=0.4,
                        color=line[0].get_color())
@@ -88,16 +88,20 @@ def _teacher_names(rec: RunRecord, count: int) -> list[str]:
 def plot_teacher_weights(records: list[RunRecord], path: Path) -> str | None:
     """Histogram of per-sample teacher weights (last epoch), per teacher, one panel per weighting.
 
-    Per weighting (AGRE-KD and AVER first), one finished run that saved teacher_weights.npy,
-    preferring the logits-only baseline settings (γ=0, α=1, layer4), then the lowest seed.
+    Per weighting (:func:`weighting_of`: the report's AGRE-KD and AVER first), one finished run
+    that saved teacher_weights.npy, preferring the logits-only baseline settings (γ=0, α=1,
+    layer4), then the lowest seed.
     """
     def preference(rec):
-        plain = {**rec.config, **BASELINE, "weighting": rec.config["weighting"]}
+        plain = {**rec.config, **BASELINE, "weighting": rec.config["weighting"],
+                 "agre_params": rec.config.get("agre_params", BASELINE["agre_params"])}
         return group_key(rec.config) != group_key(plain), rec.seed or 0, rec.name
 
+    first = ("agre-batch/all", "aver", "agre", "cached")
+    found = {weighting_of(r.config) for r in records if r.finished}
     chosen = []
-    for weighting in ("agre", "aver", "agre-batch", "cached"):
-        candidates = [r for r in records if r.finished and r.config.get("weighting") == weighting]
+    for weighting in [w for w in first if w in found] + sorted(found - set(first)):
+        candidates = [r for r in records if r.finished and weighting_of(r.config) == weighting]
         for rec in sorted(candidates, key=preference):
             weights = _load_weights(rec)
             if weights is not None:
@@ -113,7 +117,7 @@ def plot_teacher_weights(records: list[RunRecord], path: Path) -> str | None:
             ax.hist(weights[:, t], bins=bins, histtype="step", linewidth=1.5,
                     label=f"{name} (mean {weights[:, t].mean():.2f})")
         ax.set(xlabel="per-sample teacher weight", ylabel="training samples",
-               title=f"{WEIGHTING_NAMES.get(weighting, weighting)}: {rec.name}")
+               title=f"{weighting_label(rec.config)}: {rec.name}")
         ax.title.set_fontsize(8)
         ax.legend(fontsize=7)
     fig.tight_layout()

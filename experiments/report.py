@@ -14,8 +14,8 @@ from core.errors import ConfigError
 from core.files import atomic_write_text
 from core.tables import format_table as text_table
 from experiments.plots import PLOTS, make_plots
-from experiments.runs import (DASH, NA, Row, RunRecord, Table, aggregate, build_tables, gamma_family,
-                              group_names_of, load_plan, load_runs)
+from experiments.runs import (DASH, NA, WEIGHTING_CAPTIONS, Row, RunRecord, Table, aggregate, build_tables,
+                              gamma_family, group_names_of, load_plan, load_runs, weighting_of)
 
 # ----------------------------------------------------------------------------- formatting
 
@@ -25,6 +25,10 @@ def _pct(value: float | None) -> str:
 
 def _signed(value: float | None) -> str:
     return NA if value is None else f"{value:+.2f}"
+
+
+def _minutes(value: float | None) -> str:
+    return DASH if value is None else f"{value:.2f}"
 
 
 def _mean_std(row: Row) -> str:
@@ -38,7 +42,9 @@ def format_table(table: Table | str | Path, preset: str | None = None) -> str:
 
     ``table`` is a Table, or a sweep folder: then the table of ``preset`` (default "main" if
     planned there, else the first table). Columns: Method, "Seed 42"..., "Mean ± Std",
-    "Δ vs Baseline", "Avg Acc"; values are test WGA in percent, 2 decimals.
+    "Δ vs Baseline", "Avg Acc" (test WGA and average accuracy in percent, 2 decimals), "Min / run"
+    (wall minutes of a run's epochs, mean over seeds). Under the title: the baseline row and the
+    teacher weighting(s) of the rows, in words.
     """
     if not isinstance(table, Table):
         tables = build_tables(table)
@@ -50,14 +56,16 @@ def format_table(table: Table | str | Path, preset: str | None = None) -> str:
             raise ConfigError(f"no table {wanted!r}; found {', '.join(t.name for t in tables)}")
         table = matches[0]
     seeds = table.seeds
-    header = ["Method"] + [f"Seed {s}" for s in seeds] + ["Mean ± Std", "Δ vs Baseline", "Avg Acc"]
+    header = (["Method"] + [f"Seed {s}" for s in seeds]
+              + ["Mean ± Std", "Δ vs Baseline", "Avg Acc", "Min / run"])
     body = []
     for row in table.rows:
         by_seed = row.wga_by_seed
         body.append([row.label] + [_pct(by_seed.get(s)) for s in seeds]
                     + [_mean_std(row), DASH if row.is_baseline else _signed(row.delta),
-                       _pct(row.avg_acc)])
+                       _pct(row.avg_acc), _minutes(row.minutes)])
     caption = (f"Baseline: {table.baseline}." if table.baseline else "No baseline row.")
+    caption += f" {table.caption}"
     return f"### {table.title}\n\n{caption}\n\n{text_table(header, body)}\n"
 
 
@@ -98,7 +106,7 @@ def missing_runs(records: list[RunRecord], plan: list[dict] | None) -> list[dict
     by_name = {r.name: r for r in records}
     planned: dict[str, list[str]] = {}
     for entry in plan or []:
-        where = f"{entry['preset']}: {entry['label']}" if entry.get("preset") else "ad-hoc grid"
+        where = f"{entry['table']}: {entry['label']}" if entry.get("table") else "ad-hoc grid"
         planned.setdefault(entry["name"], []).append(where)
     names = list(planned) + [r.name for r in records if r.name not in planned]
     out = []
@@ -125,10 +133,11 @@ def _missing_section(missing: list[dict]) -> str:
 # ----------------------------------------------------------------------------- CSV
 
 def write_csv(tables: list[Table], path: str | Path, group_names: list[str]) -> Path:
-    """All results tables in one CSV, numbers in percent (2 decimals), blank when absent."""
+    """All results tables in one CSV, numbers in percent (2 decimals), blank when absent;
+    ``min_per_run`` in wall minutes, ``weighting`` the row's teacher weighting in words."""
     seeds = sorted({s for t in tables for s in t.seeds})
-    header = (["table", "row", "is_baseline", "n_seeds"] + [f"seed_{s}" for s in seeds]
-              + ["wga_mean", "wga_std", "delta_vs_baseline", "avg_acc_mean"]
+    header = (["table", "row", "weighting", "is_baseline", "n_seeds"] + [f"seed_{s}" for s in seeds]
+              + ["wga_mean", "wga_std", "delta_vs_baseline", "avg_acc_mean", "min_per_run"]
               + [f"acc_{g.replace('/', '_').replace(' ', '_')}" for g in group_names])
 
     def num(v):
@@ -140,24 +149,27 @@ def write_csv(tables: list[Table], path: str | Path, group_names: list[str]) -> 
         for t in tables:
             for row in t.rows:
                 by_seed = row.wga_by_seed
-                writer.writerow([t.name, row.label, int(row.is_baseline), row.n]
+                weighting = WEIGHTING_CAPTIONS.get(weighting_of(row.runs[0].config), "") if row.runs else ""
+                writer.writerow([t.name, row.label, weighting, int(row.is_baseline), row.n]
                                 + [num(by_seed.get(s)) for s in seeds]
-                                + [num(row.mean), num(row.std), num(row.delta), num(row.avg_acc)]
+                                + [num(row.mean), num(row.std), num(row.delta), num(row.avg_acc),
+                                   num(row.minutes)]
                                 + [num(a) if row.runs else "" for a in row.group_acc])
     return Path(path)
 
 
 def _pivot_section(rows: list[Row]) -> str:
-    """AGRE-KD vs AVER at each γ both have (layout of the report's ablation A2)."""
+    """The report's AGRE-KD vs AVER at each γ both have (layout of the report's ablation A2)."""
     family = gamma_family(rows)
-    common = sorted(set(family.get("agre", {})) & set(family.get("aver", {})))
+    common = sorted(set(family.get("agre-batch/all", {})) & set(family.get("aver", {})))
     if not common:
         return ""
     body = []
     for g in common:
-        agre, aver = family["agre"][g], family["aver"][g]
+        agre, aver = family["agre-batch/all"][g], family["aver"][g]
         body.append([f"{g:.2f}", _mean_std(agre), _mean_std(aver), _signed(agre.mean - aver.mean)])
-    return ("### AGRE-KD vs AVER, paired by γ\n\nΔ = AGRE-KD − AVER (mean test WGA, points).\n\n"
+    return ("### AGRE-KD vs AVER, paired by γ\n\nΔ = AGRE-KD − AVER (mean test WGA, points). "
+            f"{WEIGHTING_CAPTIONS['agre-batch/all']}.\n\n"
             + text_table(["γ", "AGRE-KD", "AVER", "Δ"], body) + "\n")
 
 
@@ -201,7 +213,8 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None) -> dic
     md = ["# Group-robust distillation: results", "",
           "Test worst-group accuracy (%) of the best-validation-WGA checkpoint; Mean ± Std over "
           "the seeds that finished (sample std, n/a for one seed); Δ in points vs the baseline "
-          f"row; {DASH} = no finished run (see *Missing or failed runs*).", "",
+          f"row; Min / run = wall minutes of a run's epochs (training and validation), mean over "
+          f"seeds; {DASH} = no finished run (see *Missing or failed runs*).", "",
           _provenance(records), "## Results", ""]
     md += [format_table(t) for t in tables] or ["No finished runs.\n"]
     md += [_pivot_section(rows), "## Teachers (test set)", "", _teacher_section(records),

@@ -20,11 +20,45 @@ from distill.config import DistillConfig, group_key, identity_of, non_default_se
 from experiments.sweep import PRESETS, SWEEP_FILE, read_summary
 
 RUN_FILES = ("config.json", "summary.json", "metrics.jsonl")
-# The reference configuration of the report: AGRE-KD logits only, pure KD, layer4.
-BASELINE = {"weighting": "agre", "gamma": 0.0, "alpha": 1.0, "layers": ("layer4",),
-            "layer_gammas": None, "feature_weighting": "none"}
-WEIGHTING_NAMES = {"agre": "AGRE-KD", "aver": "AVER", "agre-batch": "AGRE-KD (batch)",
-                   "cached": "AGRE-KD (cached)"}
+# The reference configuration of the report: its AGRE-KD (batch weights from the gradients of all
+# student parameters), logits only, pure KD, layer4.
+BASELINE = {"weighting": "agre-batch", "agre_params": "all", "gamma": 0.0, "alpha": 1.0,
+            "layers": ("layer4",), "layer_gammas": None, "feature_weighting": "none"}
+# Short names of the teacher weightings in row labels and legends ("AGRE-KD" alone is the
+# report's), and what each is, in words, for table captions. The cached weights are never called
+# AGRE-KD without saying what they are: static, student-independent bias-disagreement weights.
+WEIGHTING_LABELS = {"agre-batch": "AGRE-KD", "agre": "AGRE-KD per-sample (paper)", "aver": "AVER",
+                    "cached": "Cached bias-disagreement weights (static)"}
+WEIGHTING_CAPTIONS = {
+    "agre-batch/all": "AGRE-KD: batch weights from the gradients of all student parameters (the report's method)",
+    "agre-batch/layer4": "AGRE-KD: batch weights from the gradients of layer4 and the classifier",
+    "agre-batch/last": "AGRE-KD: batch weights from the gradients of the classifier (closed form)",
+    "agre": "per-sample AGRE-KD (the paper's formula)",
+    "cached": "cached static bias-disagreement weights",
+    "aver": "AVER"}
+
+
+def weighting_of(config: dict) -> str:
+    """The weighting of a configuration, with its parameter set for agre-batch: "agre-batch/all",
+    "agre", "cached", "aver" (the keys of WEIGHTING_CAPTIONS)."""
+    weighting = config.get("weighting", DistillConfig.weighting)
+    if weighting == "agre-batch":
+        return f"agre-batch/{config.get('agre_params', DistillConfig.agre_params)}"
+    return str(weighting)
+
+
+def weighting_label(config: dict) -> str:
+    """Short name for labels: "AGRE-KD" (the report's), "AGRE-KD (layer4)", "AVER", ..."""
+    key = weighting_of(config)
+    if key.startswith("agre-batch/") and key != "agre-batch/all":
+        return f"AGRE-KD ({key.split('/')[1]})"
+    return WEIGHTING_LABELS.get(config.get("weighting"), str(config.get("weighting")))
+
+
+def weighting_caption(config: dict) -> str:
+    return WEIGHTING_CAPTIONS.get(weighting_of(config), weighting_of(config))
+
+
 DASH, NA = "—", "n/a"
 
 
@@ -41,6 +75,7 @@ class RunRecord:
     config: dict = field(default_factory=dict)
     summary: dict | None = None
     epochs_logged: int = 0
+    epoch_seconds: float | None = None  # sum of the epochs' time_s in metrics.jsonl (train + val)
 
     @property
     def finished(self) -> bool:
@@ -76,9 +111,12 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _count_epochs(path: Path) -> int:
-    """Complete lines of metrics.jsonl (a run killed mid-write leaves a partial last line)."""
-    return len(read_jsonl(path))
+def _epochs(path: Path) -> tuple[int, float | None]:
+    """Complete lines of metrics.jsonl (a run killed mid-write leaves a partial last line) and the
+    sum of their ``time_s`` (None when no line has one)."""
+    lines = read_jsonl(path)
+    times = [e["time_s"] for e in lines if isinstance(e.get("time_s"), (int, float))]
+    return len(lines), (float(sum(times)) if times else None)
 
 
 def _status(path: Path, summary: dict | None, epochs: int, planned_epochs) -> tuple[str, str]:
@@ -103,9 +141,9 @@ def load_run(path: str | Path) -> RunRecord:
     path = Path(path)
     summary = read_summary(path)
     config = _read_json(path / "config.json") or (summary or {}).get("config") or {}
-    epochs = _count_epochs(path / "metrics.jsonl")
+    epochs, seconds = _epochs(path / "metrics.jsonl")
     status, reason = _status(path, summary, epochs, config.get("epochs"))
-    return RunRecord(path.name, path, status, reason, config, summary, epochs)
+    return RunRecord(path.name, path, status, reason, config, summary, epochs, seconds)
 
 
 def load_runs(runs_dir: str | Path) -> list[RunRecord]:
@@ -116,9 +154,12 @@ def load_runs(runs_dir: str | Path) -> list[RunRecord]:
 
 
 def load_plan(runs_dir: str | Path) -> list[dict] | None:
-    """The planned runs of sweep.json (``{"name", "overrides", "preset", "label"}``), or None."""
+    """The planned runs of sweep.json (``{"name", "overrides", "preset", "table", "label"}``), or
+    None. Entries of version 1 (no "table") belong to their preset's table."""
     plan = _read_json(Path(runs_dir) / SWEEP_FILE)
-    return None if plan is None else plan.get("runs", [])
+    if plan is None:
+        return None
+    return [{**e, "table": e.get("table") or e.get("preset")} for e in plan.get("runs", [])]
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -155,6 +196,12 @@ class Row:
         return statistics.stdev(self.wga_by_seed.values()) if self.n >= 2 else None
 
     @property
+    def minutes(self) -> float | None:
+        """Wall minutes per run (sum of its epochs' time_s), mean over the finished seeds."""
+        vals = [r.epoch_seconds / 60 for r in self.runs if r.epoch_seconds is not None]
+        return statistics.fmean(vals) if vals else None
+
+    @property
     def avg_acc(self) -> float | None:
         vals = [100 * r.test["avg_acc"] for r in self.runs if r.test.get("avg_acc") is not None]
         return statistics.fmean(vals) if vals else None
@@ -180,6 +227,14 @@ class Table:
     title: str
     rows: list[Row]
     baseline: str | None = None
+    weightings: list[str] = field(default_factory=list)  # WEIGHTING_CAPTIONS keys, in row order
+
+    @property
+    def caption(self) -> str:
+        """What weighted the teachers in this table's rows, in words."""
+        if not self.weightings:
+            return "Teacher weighting: unknown (no run configuration found)."
+        return "Teacher weighting: " + "; ".join(WEIGHTING_CAPTIONS.get(w, w) for w in self.weightings) + "."
 
     @property
     def seeds(self) -> list[int]:
@@ -188,8 +243,7 @@ class Table:
 
 def describe(config: dict) -> str:
     """A readable row label for a configuration, e.g. "AGRE-KD γ=0.5, α=0.9, layer3+layer4"."""
-    parts = [f"{WEIGHTING_NAMES.get(config.get('weighting'), config.get('weighting'))} "
-             f"γ={float(config.get('gamma', 0)):g}"]
+    parts = [f"{weighting_label(config)} γ={float(config.get('gamma', 0)):g}"]
     if float(config.get("alpha", 1.0)) != 1.0:
         parts.append(f"α={float(config['alpha']):g}")
     if tuple(config.get("layers", ("layer4",))) != ("layer4",):
@@ -197,11 +251,14 @@ def describe(config: dict) -> str:
     if config.get("feature_weighting", "none") != "none":
         parts.append(f"{config['feature_weighting']}-weighted features")
     extras = non_default_settings(identity_of(config))
+    if config.get("weighting", DistillConfig.weighting) == "agre-batch":
+        extras.pop("agre_params", None)  # in the weighting's label
     return ", ".join(parts + [setting_label(k, v) for k, v in extras.items()])
 
 
 def baseline_key(config: dict) -> str:
-    """Group key of the paired baseline: the same settings with AGRE-KD, γ=0, α=1, layer4."""
+    """Group key of the paired baseline: the same settings with the report's AGRE-KD, γ=0, α=1,
+    layer4."""
     return group_key({**config, **BASELINE})
 
 
@@ -209,7 +266,7 @@ def aggregate(records: list[RunRecord]) -> list[Row]:
     """Finished runs grouped by configuration minus seed, with Δ against the paired baseline.
 
     Returns one Row per group (label from :func:`describe`), ordered by label. A group whose
-    configuration is the baseline (AGRE-KD, γ=0, α=1, layer4, no feature weighting) is marked
+    configuration is the baseline (the report's AGRE-KD, γ=0, α=1, layer4, no feature weighting) is marked
     ``is_baseline``; the others get ``delta`` = their mean minus the baseline's mean when that
     baseline group has finished runs.
     """
@@ -226,17 +283,24 @@ def aggregate(records: list[RunRecord]) -> list[Row]:
     return sorted(groups.values(), key=lambda r: r.label)
 
 
-def _preset_table(preset: str, entries: list[dict], by_name: dict[str, RunRecord]) -> Table:
-    """Rows of one preset in plan order; Δ against the preset's baseline row."""
+def _preset_table(table_name: str, entries: list[dict], by_name: dict[str, RunRecord]) -> Table:
+    """Rows of one preset table in plan order; Δ against the preset's baseline row. A table of a
+    preset run with sweep-wide settings (``main [epochs=5]``) says them in its title."""
+    preset = entries[0].get("preset") or table_name
     meta = PRESETS.get(preset, {})
     rows: dict[str, Row] = {}
+    weightings: list[str] = []
     for entry in entries:
         row = rows.setdefault(entry["label"], Row(entry["label"]))
         row.seeds.append(entry["overrides"].get("seed", _seed_of(by_name.get(entry["name"]))))
         rec = by_name.get(entry["name"])
         if rec is not None and rec.finished:
             row.runs.append(rec)
-    table = Table(preset, meta.get("title", preset), list(rows.values()), meta.get("baseline"))
+        config = rec.config if rec is not None and rec.config else entry["overrides"]
+        if weighting_of(config) not in weightings:
+            weightings.append(weighting_of(config))
+    title = meta.get("title", preset) + table_name[len(preset):]
+    table = Table(table_name, title, list(rows.values()), meta.get("baseline"), weightings)
     _set_deltas(table)
     return table
 
@@ -254,7 +318,7 @@ def _set_deltas(table: Table) -> None:
 
 
 def build_tables(runs_dir: str | Path, records: list[RunRecord] | None = None) -> list[Table]:
-    """One table per preset found in sweep.json, in the presets' order, plus "Other runs".
+    """One table per preset table found in sweep.json, in the presets' order, plus "Other runs".
 
     Without sweep.json, one table of every finished run grouped by configuration. Finished
     runs that no preset table shows (ad-hoc grids) go to the "Other runs" table, Δ against
@@ -262,27 +326,34 @@ def build_tables(runs_dir: str | Path, records: list[RunRecord] | None = None) -
     """
     records = load_runs(runs_dir) if records is None else records
     by_name = {r.name: r for r in records}
-    plan = load_plan(runs_dir) or []
-    presets = [p for p in PRESETS if any(e.get("preset") == p for e in plan)]
-    presets += sorted({e["preset"] for e in plan if e.get("preset") and e["preset"] not in PRESETS})
-    tables = [_preset_table(p, [e for e in plan if e.get("preset") == p], by_name) for p in presets]
+    plan = [e for e in load_plan(runs_dir) or [] if e.get("table")]
+    order = {p: i for i, p in enumerate(PRESETS)}
+    names = sorted(dict.fromkeys(e["table"] for e in plan),
+                   key=lambda t: (order.get(_preset_of(t, plan), len(order)), _preset_of(t, plan), t))
+    tables = [_preset_table(t, [e for e in plan if e["table"] == t], by_name) for t in names]
     shown = {r.name for t in tables for row in t.rows for r in row.runs}
     # Aggregate everything so that a run's paired baseline counts even when a preset shows it.
     rest = [row for row in aggregate(records) if not shown & {r.name for r in row.runs}]
     if rest:
         title = "Other runs" if tables else "All runs"
-        tables.append(Table("runs", title, rest, "paired AGRE-KD γ=0 (same other settings)"))
+        weightings = list(dict.fromkeys(weighting_of(row.runs[0].config) for row in rest))
+        tables.append(Table("runs", title, rest, "paired AGRE-KD γ=0 (same other settings)", weightings))
     return tables
 
 
+def _preset_of(table: str, plan: list[dict]) -> str:
+    return next(e.get("preset") or table for e in plan if e["table"] == table)
+
+
 def gamma_family(rows: list[Row]) -> dict[str, dict[float, Row]]:
-    """``{weighting: {gamma: Row}}`` for AGRE-KD and AVER at α=1, layer4, no feature weighting.
+    """``{weighting: {gamma: Row}}`` at α=1, layer4, no feature weighting, keyed by
+    :func:`weighting_of` ("agre-batch/all" is the report's AGRE-KD, "aver" AVER, ...).
 
     When runs differ in other settings (e.g. epochs), the most common setting is used so that
     one γ never has two points.
     """
     fixed = {"alpha": 1.0, "layers": ("layer4",), "layer_gammas": None, "feature_weighting": "none"}
-    cands = [r for r in rows if r.runs and r.runs[0].config.get("weighting") in ("agre", "aver")
+    cands = [r for r in rows if r.runs
              and group_key(r.runs[0].config) == group_key({**r.runs[0].config, **fixed})]
     if not cands:
         return {}
@@ -292,7 +363,5 @@ def gamma_family(rows: list[Row]) -> dict[str, dict[float, Row]]:
     for row, s in zip(cands, sig):
         if s == common:
             cfg = row.runs[0].config
-            family.setdefault(cfg["weighting"], {})[float(cfg["gamma"])] = row
+            family.setdefault(weighting_of(cfg), {})[float(cfg["gamma"])] = row
     return family
-
-

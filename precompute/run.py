@@ -9,11 +9,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cache.merge import merge
+from cache.reader import open_cache
 from cache.schema import CacheMeta, parse_shard, shard_rows, store_path_for
 from cache.writer import CacheWriter
 from core.constants import LAYERS
+from core.distributed import context
 from core.ensemble import Ensemble
-from core.errors import ConfigError
+from core.errors import ConfigError, ToolError
 from core.files import OutputLock
 from core.manifest import read_manifest, verify_files
 from core.models import FEATURE_DIMS
@@ -68,15 +71,52 @@ class PrecomputeConfig:
 
 
 def run_precompute(cfg: PrecomputeConfig) -> Path:
-    """Write (or resume, or leave as it is when finished) the cache for ``cfg``; returns its path."""
+    """Write (or resume, or leave as it is when finished) the cache for ``cfg``; returns its path.
+
+    Under torchrun every process computes its part of the rows (aligned to whole batches) into
+    ``<cache>.rank<i>of<n>.h5`` with its own partial image store, then rank 0 merges the parts
+    into the cache and its store, as ``cache merge`` does with ``--shard`` files. A killed
+    process's part resumes when the same command runs again.
+    """
     out = Path(cfg.out)
-    say = tqdm.write if cfg.progress else (lambda *_: None)
     man = read_manifest(cfg.teachers)
     meta = load_metadata(cfg.data_root, cfg.dataset, **cfg.dataset_options)
     if man.num_classes != meta.num_classes:
         raise ConfigError(f"the teachers in {cfg.teachers} have {man.num_classes} classes, the data set "
                           f"{cfg.data_root} has {meta.num_classes} ({', '.join(meta.class_names)})")
-    row_start, row_stop = shard_rows(cfg.shard, len(meta), cfg.batch_size) if cfg.shard else (0, len(meta))
+    d = context(pick_device(cfg.device).type)
+    if not d.active:
+        return _compute(cfg, man, meta, out, cfg.shard)
+    if cfg.shard:
+        raise ConfigError("--shard splits the rows by hand; under torchrun the processes split them: use one or the other")
+    if d.broadcast_object(_finished(out)):
+        if d.is_main:
+            tqdm.write(f"{out} is already complete; nothing to do")
+        return out
+    parts = [out.with_name(f"{out.stem}.rank{r}of{d.world}{out.suffix}") for r in range(d.world)]
+    _compute(cfg, man, meta, parts[d.rank], f"{d.rank}/{d.world}")
+    d.barrier()
+    if d.is_main:
+        with OutputLock(out, "the cache"):
+            merge(out, parts)
+        for p in parts:
+            p.unlink()
+            store_path_for(p).unlink(missing_ok=True)
+    d.barrier()
+    return out
+
+
+def _finished(path: Path) -> bool:
+    try:
+        return path.is_file() and open_cache(path).finished
+    except ToolError:
+        return False
+
+
+def _compute(cfg: PrecomputeConfig, man, meta, out: Path, shard: str) -> Path:
+    """The cache (or shard ``shard``) of ``cfg`` at ``out``, with the image store of its rows."""
+    say = tqdm.write if cfg.progress else (lambda *_: None)
+    row_start, row_stop = shard_rows(shard, len(meta), cfg.batch_size) if shard else (0, len(meta))
     out.parent.mkdir(parents=True, exist_ok=True)
     with OutputLock(out, "the cache"):
         verify_files(man)
@@ -101,7 +141,7 @@ def run_precompute(cfg: PrecomputeConfig) -> Path:
             num_samples=len(meta), tau_cached=cfg.tau_cached)
         samples = {"id": meta.filenames[rows], "y": meta.y[rows], "attr": meta.attr[rows],
                    "group": meta.group[rows], "split": meta.split[rows]}
-        with CacheWriter.create_or_resume(str(out), cmeta, samples, row_start, row_stop, cfg.shard,
+        with CacheWriter.create_or_resume(str(out), cmeta, samples, row_start, row_stop, shard,
                                           compression=cfg.compression) as writer:
             if writer.finished:
                 say(f"{out} is already complete ({writer.num_rows} rows); nothing to do")
@@ -110,9 +150,11 @@ def run_precompute(cfg: PrecomputeConfig) -> Path:
                 say(f"resuming {out}: {writer.num_done} of {writer.num_rows} rows already done")
             chunks = writer.pending_chunks(cfg.batch_size)
             if chunks:
+                mine = range(row_start, row_stop)
                 with OutputLock(store_path_for(out), "the image store"):
-                    store_file = build_store(meta, store_path_for(out), size, fp, spec.resize, progress=cfg.progress)
-                store = ImageStore(store_file, fp, size, spec.resize)
+                    store_file = build_store(meta, store_path_for(out), size, fp, spec.resize,
+                                             progress=cfg.progress, rows=mine)
+                store = ImageStore(store_file, fp, size, spec.resize, rows=mine)
                 device = pick_device(cfg.device)
                 ens = Ensemble(man).to(device).eval().to(memory_format=torch.channels_last)
                 is_train = samples["split"] == SPLIT_CODES["train"]

@@ -9,7 +9,7 @@ from matplotlib.image import imread
 
 from distill.config import DistillConfig, run_name
 from experiments.report import format_table, missing_runs, write_report
-from experiments.runs import aggregate, build_tables, load_plan, load_runs
+from experiments.runs import aggregate, build_tables, describe, load_plan, load_runs
 from experiments.sweep import preset_runs, run_sweep
 
 SEED_OFFSET = {42: -0.02, 43: 0.0, 44: 0.02}  # -> sample std of exactly 2 points
@@ -22,13 +22,15 @@ def metrics(wga: float) -> dict:
             "wga": wga, "mean_acc": 0.92, "avg_acc": 0.93}
 
 
-def write_run(root: Path, wga: float | None, status: str = "finished", weights=True, **overrides):
-    """A run folder as distill.train.fit writes it; wga None leaves it without a summary."""
+def write_run(root: Path, wga: float | None, status: str = "finished", weights=True, time_s: float = 1.0,
+              **overrides):
+    """A run folder as distill.train.fit writes it (one epoch of ``time_s`` seconds); wga None
+    leaves it without a summary."""
     cfg = DistillConfig(out=str(root / run_name(overrides)), **overrides)
     out = Path(cfg.out)
     out.mkdir(parents=True)
     cfg.save(out / "config.json")
-    epoch = {"epoch": 0, "lr": 1e-3, "time_s": 1.0, "val": metrics(0.8),
+    epoch = {"epoch": 0, "lr": 1e-3, "time_s": time_s, "val": metrics(0.8),
              "train": {"loss": 1.0, "ce": 0.5, "kd": 0.4, "feat": 0.1}, "teacher_weights": [.2] * 5}
     (out / "metrics.jsonl").write_text(json.dumps(epoch) + "\n")
     if weights:
@@ -103,7 +105,7 @@ def sweep_fit(fail_on):
     def fit(cfg):
         if (cfg.gamma, cfg.seed) == fail_on:
             raise RuntimeError("out of memory")
-        wga = 0.80 + 0.02 * cfg.gamma + (0.01 if cfg.weighting == "agre" else 0.0)
+        wga = 0.80 + 0.02 * cfg.gamma + (0.01 if cfg.weighting == "agre-batch" else 0.0)
         overrides = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "cache")}
         Path(cfg.out).rmdir()
         write_run(Path(cfg.out).parent, wga + SEED_OFFSET[cfg.seed], **overrides)
@@ -146,7 +148,7 @@ def test_preset_tables_follow_the_report(sweep_dir):
 def test_report_lists_missing_and_failed_runs(sweep_dir):
     missing = {m["name"]: m for m in missing_runs(load_runs(sweep_dir), load_plan(sweep_dir))}
     failed = run_name({"gamma": 0.25, "alpha": 0.9, "seed": 43})
-    assert set(missing) == {failed, run_name({"weighting": "agre", "gamma": 0.25, "seed": 43}),
+    assert set(missing) == {failed, run_name({"weighting": "agre-batch", "gamma": 0.25, "seed": 43}),
                             run_name({"weighting": "aver", "gamma": 0.25, "seed": 43}),
                             run_name({"weighting": "aver", "gamma": 1.0, "seed": 44}),
                             run_name({"weighting": "aver", "gamma": 0.0, "seed": 42})}
@@ -191,7 +193,7 @@ def test_plots_are_skipped_and_said_so_when_runs_are_absent(tmp_path):
     assert "group_accuracy" in paths and "wga_vs_gamma" not in paths
     assert "teacher_weights" not in paths
     md = paths["markdown"].read_text()
-    assert "`wga_vs_gamma.png` skipped: needs finished AGRE-KD or AVER runs" in md
+    assert "`wga_vs_gamma.png` skipped: needs finished runs of one weighting (α=1, layer4) at two" in md
     assert "`teacher_weights.png` skipped: no finished run saved" in md
     assert "### All runs" in md and "None: every planned run finished." in md
 
@@ -211,3 +213,45 @@ def test_adhoc_runs_next_to_presets_get_the_paired_baseline(tmp_path):
     (row,) = tables["runs"].rows
     assert row.label == "AGRE-KD γ=0.3" and row.delta == pytest.approx(85.0 - 79.0)
     assert missing_runs(load_runs(tmp_path), load_plan(tmp_path)) == []
+
+
+def test_captions_name_the_weightings_and_tables_show_minutes_per_run(tmp_path):
+    fit = sweep_fit(fail_on=None)
+    run_sweep("c.h5", tmp_path, preset_runs("weighting", "main", seeds=[42]), fit=fit)
+    run_sweep("c.h5", tmp_path, preset_runs("main", agre_weighting="cached", seeds=[42]), fit=fit)
+    tables = {t.name: t for t in build_tables(tmp_path)}
+    assert list(tables) == ["main", "main [agre_weighting=cached]", "weighting"]
+    report_agre = "AGRE-KD: batch weights from the gradients of all student parameters (the report's method)"
+    assert tables["weighting"].caption == (
+        f"Teacher weighting: AVER; {report_agre}; per-sample AGRE-KD (the paper's formula); "
+        "cached static bias-disagreement weights.")
+    assert tables["main"].caption == f"Teacher weighting: {report_agre}; AVER."
+    switched = tables["main [agre_weighting=cached]"]
+    assert switched.title == "Main Results [agre_weighting=cached]" and switched.baseline == "AGRE-KD Baseline"
+    assert switched.caption == "Teacher weighting: cached static bias-disagreement weights; AVER."
+    rows = {r.label: r for r in switched.rows}
+    assert rows["AGRE-KD + Features"].runs[0].config["weighting"] == "cached"
+    assert rows["AGRE-KD + Features"].delta == pytest.approx(1.0)  # vs the cached γ=0 baseline
+    md = format_table(tmp_path, "main [agre_weighting=cached]")
+    assert "Baseline: AGRE-KD Baseline. Teacher weighting: cached static bias-disagreement weights; AVER." in md
+    # Run labels never call the cached weights AGRE-KD.
+    assert describe({"weighting": "cached", "gamma": 0.5}) == "Cached bias-disagreement weights (static) γ=0.5"
+    assert describe({"weighting": "agre", "gamma": 0}) == "AGRE-KD per-sample (paper) γ=0"
+    assert describe({"weighting": "agre-batch", "agre_params": "last", "gamma": 0}) == "AGRE-KD (last) γ=0"
+
+
+def test_minutes_per_run_column_in_markdown_and_csv(tmp_path):
+    for seed, seconds in ((42, 60.0), (43, 120.0)):
+        write_run(tmp_path, 0.8, time_s=seconds, gamma=0.5, seed=seed)
+    write_run(tmp_path, 0.8, time_s=30.0, gamma=0.0, seed=42)
+    rows = {r.label: r for r in aggregate(load_runs(tmp_path))}
+    assert rows["AGRE-KD γ=0.5"].minutes == pytest.approx(1.5)  # (1 + 2) / 2 minutes
+    md = format_table(tmp_path)
+    assert "| Mean ± Std | Δ vs Baseline | Avg Acc | Min / run |" in md
+    assert "| AGRE-KD γ=0.5 | 80.00 | 80.00 | 80.00 ± 0.00 | +0.00 | 93.00 | 1.50 |" in md
+    assert "| AGRE-KD γ=0 | 80.00 | — | 80.00 ± n/a | — | 93.00 | 0.50 |" in md
+    paths = write_report(tmp_path)
+    with open(paths["csv"]) as f:
+        csv_rows = {r["row"]: r for r in csv.DictReader(f)}
+    assert csv_rows["AGRE-KD γ=0.5"]["min_per_run"] == "1.50" and csv_rows["AGRE-KD γ=0"]["min_per_run"] == "0.50"
+    assert csv_rows["AGRE-KD γ=0"]["weighting"].startswith("AGRE-KD: batch weights from the gradients of all")
