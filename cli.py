@@ -26,6 +26,13 @@ def friendly(fn):
     return wrapper
 
 
+def main_process() -> bool:
+    """False in the processes of a torchrun launch but rank 0: only one prints results."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def default_of(cls, name: str):
     """A dataclass field's default: the CLI never restates a config default."""
     return next(f.default for f in dataclasses.fields(cls) if f.name == name)
@@ -215,7 +222,8 @@ def precompute(data_root, manifest, out, random_views, layers, resize, batch_siz
                            layers=words(layers), resize=resize, batch_size=batch_size, shard=shard,
                            overwrite=overwrite, device=device, dataset=dataset, dataset_options=dataset_options)
     path = run_precompute(cfg)
-    click.echo(format_summary(summarize(path)))
+    if main_process():
+        click.echo(format_summary(summarize(path)))
 
 
 @cli.group()
@@ -338,6 +346,8 @@ def distill(out, resume, overwrite, cache_path, layers, layer_gammas, sample_vie
     if not out:
         cfg.out = str(defaults.RUNS / run_name(cfg))
     s = fit(cfg, resume=resume, overwrite=overwrite)
+    if not main_process():
+        return
     click.echo(f"best epoch {s['best_epoch']}: test WGA {100 * s['test_best']['wga']:.2f}%  "
                f"avg acc {100 * s['test_best']['avg_acc']:.2f}%  (last epoch: WGA {100 * s['test_last']['wga']:.2f}%)")
     click.echo(f"run folder: {cfg.out}")

@@ -183,6 +183,16 @@ def agre_batch_weights_last(student_logits: Tensor, penultimate: Tensor, teacher
     Returns:
         [T] weights summing to 1, no gradient.
     """
+    g_t, g_b = last_layer_gradients(student_logits, penultimate, teacher_logits, biased_logits, tau)
+    cos = _cosine(torch.stack([g[0] for g in g_t]).flatten(1), g_b[0].flatten().unsqueeze(0))
+    return _batch_normalised(cos).to(at_least_float32(student_logits))
+
+
+@torch.no_grad()
+def last_layer_gradients(student_logits: Tensor, penultimate: Tensor, teacher_logits: Tensor,
+                         biased_logits: Tensor, tau: float) -> tuple[list[list[Tensor]], list[Tensor]]:
+    """Closed form of ``g_t`` and ``g_b`` w.r.t. the last layer (see :func:`agre_batch_weights_last`),
+    as (T lists of one [C, D + 1] tensor, a list of one [C, D + 1]), in float64 where available."""
     _check_logits(student_logits, teacher_logits, biased_logits)
     B = student_logits.shape[0]
     if penultimate.ndim != 2 or penultimate.shape[0] != B:
@@ -195,8 +205,7 @@ def agre_batch_weights_last(student_logits: Tensor, penultimate: Tensor, teacher
     with _no_autocast(student_logits.device):
         g_t = scale * torch.einsum("btc,bd->tcd", p_s.unsqueeze(1) - _probs(teacher_logits, tau, wide), h1)
         g_b = scale * torch.einsum("bc,bd->cd", p_s - _probs(biased_logits, tau, wide), h1)
-    cos = _cosine(g_t.flatten(1), g_b.flatten().unsqueeze(0))
-    return _batch_normalised(cos).to(at_least_float32(student_logits))
+    return [[g] for g in g_t], [g_b]
 
 
 def loss_gradients(losses: Sequence[Tensor], params: Sequence[Tensor], keep_graph: bool = True) -> list[list[Tensor]]:
@@ -212,10 +221,10 @@ def loss_gradients(losses: Sequence[Tensor], params: Sequence[Tensor], keep_grap
 
 
 def agre_batch_weights_from_grads(teacher_grads: Sequence[Sequence[Tensor]],
-                                  biased_grads: Sequence[Tensor]) -> Tensor:
+                                  biased_grads: Sequence[Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
     """``w_t = max(1 - cos(g_t, g_b), 0.01)`` normalised to sum 1, from the gradients as lists of
     per-parameter tensors (the cosine of the flattened, concatenated vectors; with a zero vector
-    it is 0). Inner products are accumulated in float64. Returns [T] float32."""
+    it is 0). Inner products are accumulated in float64. Returns [T] in ``dtype``."""
     wide = _wide_dtype(biased_grads[0].device)
 
     def dot(ga, gb) -> Tensor:
@@ -230,7 +239,7 @@ def agre_batch_weights_from_grads(teacher_grads: Sequence[Sequence[Tensor]],
             nonzero = (tt.sqrt() > _ZERO_NORM) & (bb.sqrt() > _ZERO_NORM)
             c = (tb / (tt * bb).sqrt().clamp_min(_ZERO_NORM ** 2)).clamp(-1.0, 1.0)
             cos.append(torch.where(nonzero, c, torch.zeros_like(c)))
-        return _batch_normalised(torch.stack(cos)).float()
+        return _batch_normalised(torch.stack(cos)).to(dtype)
 
 
 def agre_batch_weights_autograd(teacher_losses: Sequence[Tensor], biased_loss: Tensor,
@@ -248,7 +257,7 @@ def agre_batch_weights_autograd(teacher_losses: Sequence[Tensor], biased_loss: T
         params: parameters to differentiate w.r.t. (those without ``requires_grad`` are skipped;
             a parameter the losses do not reach contributes a zero gradient).
     Returns:
-        [T] weights (float32) summing to 1, no gradient.
+        [T] weights (float32, float64 for float64 losses) summing to 1, no gradient.
     """
     losses = list(teacher_losses)
     if not losses:
@@ -259,7 +268,7 @@ def agre_batch_weights_autograd(teacher_losses: Sequence[Tensor], biased_loss: T
     if not params:
         raise ValueError("agre_batch_weights_autograd got no parameter that requires grad")
     g_b, *g_t = loss_gradients([biased_loss, *losses], params)
-    return agre_batch_weights_from_grads(g_t, g_b)
+    return agre_batch_weights_from_grads(g_t, g_b, at_least_float32(biased_loss))
 
 
 def weight_agreement(reference: Tensor, other: Tensor) -> dict[str, Tensor]:

@@ -100,11 +100,12 @@ def placement(device: torch.device, nbytes: int) -> torch.device:
     return torch.device("cpu")
 
 
-def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """Batch (start, stop) pairs; a last batch of one sample joins the previous one (BatchNorm
-    cannot normalise a single sample when layer4 is 1x1)."""
+def batch_bounds(n: int, batch_size: int, min_size: int = 2) -> list[tuple[int, int]]:
+    """Batch (start, stop) pairs; a last batch smaller than ``min_size`` joins the previous one
+    (BatchNorm cannot normalise a single sample when layer4 is 1x1; under torchrun every process
+    needs a row of each batch)."""
     bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_size:
         bounds[-2:] = [(bounds[-2][0], n)]
     return bounds
 

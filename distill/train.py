@@ -6,6 +6,7 @@ teachers, take one SGD step on ``(1 - alpha) CE + alpha L_wKD + gamma L_feat``. 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -19,8 +20,9 @@ from cache.reader import CacheReader
 from core.files import OutputLock, atomic_write_json
 from core.provenance import provenance
 from core.runtime import autocast, pick_device
-from core.weighting import (agre_batch_weights_from_grads, at_least_float32, kd_per_teacher, loss_gradients,
-                            teacher_weights, weight_agreement)
+from core.distributed import Dist, context, global_batch_norm
+from core.weighting import (agre_batch_weights_from_grads, at_least_float32, kd_per_teacher, last_layer_gradients,
+                            loss_gradients, teacher_weights, weight_agreement)
 from data.metrics import group_metrics, split_metrics
 from data.views import render
 from data.folders import SPLIT_CODES
@@ -48,23 +50,29 @@ def evaluate(model: Student, data: SplitData, image_size: int, device, train_cou
 
 
 def train_step(model, opt, data: SplitData, idx: torch.Tensor, view: torch.Tensor, cfg: DistillConfig,
-               teachers, device, epoch: int = 0) -> tuple[dict, torch.Tensor]:
+               teachers, device, epoch: int = 0, dist: Dist = Dist(), share: float = 1.0) -> tuple[dict, torch.Tensor]:
     """One SGD step on the training rows ``idx`` seen through views ``view``: the batch's images
     and teacher outputs from ``teachers`` (distill.teachers: the cache, or live teachers), then
     :func:`step`."""
     x, zt, zb, feats, cached = teachers.batch(data, idx, view, epoch)
-    return step(model, opt, x, data.y[idx].to(device), zt, zb, feats, cached, cfg, device)
+    return step(model, opt, x, data.y[idx].to(device), zt, zb, feats, cached, cfg, device, dist, share)
 
 
-def step(model, opt, x, y, zt, zb, teacher_feats: dict, cached, cfg: DistillConfig, device) -> tuple[dict, torch.Tensor]:
+def step(model, opt, x, y, zt, zb, teacher_feats: dict, cached, cfg: DistillConfig, device,
+         dist: Dist = Dist(), share: float = 1.0) -> tuple[dict, torch.Tensor]:
     """Forward, teacher weights, loss and one SGD update, from a batch's images [b, 3, S, S],
     labels, teacher logits [b, T, C], biased logits [b, C], teacher features {layer: [b, T, D]}
-    and (``cached`` weighting) cached weights [b, T]. Returns the loss parts and the weights.
+    and (``cached`` weighting) cached weights [b, T]. Returns the loss parts (means over this
+    batch) and the weights.
 
-    ``agre-batch`` over an autograd parameter set takes T + 1 gradients (one backward pass
-    each). With ``all``, the weights are constants of the step, so the KD part of the update is
-    exactly ``alpha * sum_t w_t g_t`` from those gradients: only the CE and feature terms need a
-    further backward pass, and none when there are none (DESIGN.md, "agre-batch").
+    ``agre-batch`` takes T + 1 gradients (one backward pass each; the closed form for ``last``).
+    With ``all``, the weights are constants of the step, so the KD part of the update is exactly
+    ``alpha * sum_t w_t g_t`` from those gradients: only the CE and feature terms need a further
+    backward pass, and none when there are none (DESIGN.md, "agre-batch").
+
+    Under torchrun this process holds ``share`` of the global batch: every gradient (the T + 1
+    of the weights too) is summed over the processes with that weight, so the weights and the
+    update are those of the global batch (BatchNorm too: core.distributed.GlobalBatchNorm2d).
     """
     with autocast(device):
         logits, h, projected = model(x.contiguous(memory_format=torch.channels_last))
@@ -72,29 +80,28 @@ def step(model, opt, x, y, zt, zb, teacher_feats: dict, cached, cfg: DistillConf
     gammas = {l: g for l, g in cfg.gammas.items() if g > 0}
     opt.zero_grad(set_to_none=True)
     grads = None
-    compared = {name: batch_weights(model, name, logits, h, zt, zb, cfg.tau, keep_graph=True)
+    compared = {name: batch_weights(model, name, logits, h, zt, zb, cfg.tau, True, dist, share)
                 for name in cfg.agre_compare}  # diagnostics, on this step's student before the update
-    if cfg.weighting == "agre-batch" and cfg.agre_params != "last":
-        params = model.agre_params(cfg.agre_params)
-        losses = [kd_per_teacher(logits, zb[:, None], cfg.tau).mean(), *kd_per_teacher(logits, zt, cfg.tau).mean(0)]
+    if cfg.weighting == "agre-batch":
         exact = cfg.agre_params == "all"  # every parameter the KD losses reach
-        g_b, *grads = loss_gradients(losses, params, keep_graph=not exact or cfg.alpha < 1 or bool(gammas))
-        w = agre_batch_weights_from_grads(grads, g_b).unsqueeze(0).expand(len(y), -1)
-        grads = grads if exact else None
+        g_t, g_b = batch_gradients(model, cfg.agre_params, logits, h, zt, zb, cfg.tau,
+                                   keep_graph=not exact or cfg.alpha < 1 or bool(gammas), dist=dist, share=share)
+        w = agre_batch_weights_from_grads(g_t, g_b, logits.dtype).unsqueeze(0).expand(len(y), -1)
+        grads, params = (g_t, model.agre_params("all")) if exact else (None, None)
     else:
         w = teacher_weights(cfg.weighting, student_logits=logits, teacher_logits=zt, biased_logits=zb,
                             tau=cfg.tau, cached=cached, penultimate=h, agre_params=cfg.agre_params)
     out = distillation_loss(logits, y, zt, w, cfg.tau, cfg.alpha, projected=projected, teacher_feats=teacher_feats,
                             gammas=gammas, disagree=cfg.feature_weighting == "disagree", eps=cfg.feat_eps)
-    if grads is None:
-        out["loss"].backward()
-    else:
-        if out["non_kd"].requires_grad:
-            out["non_kd"].backward()
+    loss = out["loss"] if grads is None else out["non_kd"]
+    if loss.requires_grad:
+        loss.backward()
+    _sum_gradients(model, dist, share)
+    if grads is not None:
         with torch.no_grad():
             wt = cfg.alpha * w[0].to(grads[0][0].dtype)
-            for p, *g_t in zip(params, *grads):
-                kd = torch.stack(g_t).mul_(wt.view(-1, *([1] * p.dim()))).sum(0)
+            for p, *g in zip(params, *grads):
+                kd = torch.stack(g).mul_(wt.view(-1, *([1] * p.dim()))).sum(0)
                 p.grad = kd if p.grad is None else p.grad.add_(kd)
     opt.step()
     if compared:
@@ -103,19 +110,45 @@ def step(model, opt, x, y, zt, zb, teacher_feats: dict, cached, cfg: DistillConf
     return out, w
 
 
-def batch_weights(model, params: str, logits, h, zt, zb, tau: float, keep_graph: bool) -> torch.Tensor:
-    """agre-batch weights [T] of one batch from the parameter set ``params`` (last: closed form)."""
+def _sum_gradients(model, dist: Dist, share: float) -> None:
+    """The global batch's gradient from each process's: ``sum_r share_r grad_r`` (no-op alone)."""
+    if dist.active:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        for g in grads:
+            g.mul_(share)
+        dist.all_sum(grads)
+
+
+def batch_gradients(model, params: str, logits, h, zt, zb, tau: float, keep_graph: bool,
+                    dist: Dist = Dist(), share: float = 1.0):
+    """The agre-batch gradients (``g_t`` for each teacher, ``g_b``) of the batch-mean KD losses
+    w.r.t. the parameter set ``params`` (``last``: closed form), summed over the processes."""
     if params == "last":
-        return teacher_weights("agre-batch", student_logits=logits, teacher_logits=zt, biased_logits=zb, tau=tau,
-                               penultimate=h, agre_params="last")[0]
-    losses = [kd_per_teacher(logits, zb[:, None], tau).mean(), *kd_per_teacher(logits, zt, tau).mean(0)]
-    g_b, *g_t = loss_gradients(losses, model.agre_params(params), keep_graph=keep_graph)
-    return agre_batch_weights_from_grads(g_t, g_b)
+        g_t, g_b = last_layer_gradients(logits, h, zt, zb, tau)
+    else:
+        losses = [kd_per_teacher(logits, zb[:, None], tau).mean(), *kd_per_teacher(logits, zt, tau).mean(0)]
+        g_b, *g_t = loss_gradients(losses, model.agre_params(params), keep_graph=keep_graph)
+    if dist.active:
+        flat = [g for gs in (*g_t, g_b) for g in gs]
+        for g in flat:
+            g.mul_(share)
+        dist.all_sum(flat)
+    return g_t, g_b
+
+
+def batch_weights(model, params: str, logits, h, zt, zb, tau: float, keep_graph: bool,
+                  dist: Dist = Dist(), share: float = 1.0) -> torch.Tensor:
+    """agre-batch weights [T] of one batch from the parameter set ``params``."""
+    g_t, g_b = batch_gradients(model, params, logits, h, zt, zb, tau, keep_graph, dist, share)
+    return agre_batch_weights_from_grads(g_t, g_b, logits.dtype)
 
 
 def train_one_epoch(model, opt, data: SplitData, cfg: DistillConfig, epoch: int, teachers, device,
-                    weights_out: torch.Tensor | None = None, progress: bool = True) -> dict:
-    """One pass over the training split. Returns mean loss parts and mean teacher weights."""
+                    weights_out: torch.Tensor | None = None, progress: bool = True, dist: Dist = Dist()) -> dict:
+    """One pass over the training split. Returns mean loss parts and mean teacher weights.
+
+    Under torchrun every process walks the same global batches and trains on its share of each
+    (every ``world``-th row); the sums are gathered at the end of the epoch."""
     model.train()
     n = len(data.y)
     order, view = epoch_plan(n, data.box.shape[1], cfg, epoch)
@@ -126,10 +159,11 @@ def train_one_epoch(model, opt, data: SplitData, cfg: DistillConfig, epoch: int,
     steps = 0
     wsum = torch.zeros(teachers.num_teachers, device=device)
     first_bad = torch.full((), -1, device=device)
-    for step, (s, e) in enumerate(tqdm(batch_bounds(n, cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                                       leave=False, disable=not progress)):
-        idx = order[s:e]
-        out, w = train_step(model, opt, data, idx, view[s:e], cfg, teachers, device, epoch)
+    bounds = batch_bounds(n, cfg.batch_size, min_size=max(2, dist.world))
+    for step, (s, e) in enumerate(tqdm(bounds, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                                       disable=not progress or not dist.is_main)):
+        idx, v = order[s:e][dist.rank::dist.world], view[s:e][dist.rank::dist.world]
+        out, w = train_step(model, opt, data, idx, v, cfg, teachers, device, epoch, dist, len(idx) / (e - s))
         bad = ~torch.isfinite(out["loss"].detach())
         first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
         for k in sums:
@@ -141,10 +175,12 @@ def train_one_epoch(model, opt, data: SplitData, cfg: DistillConfig, epoch: int,
                 agree[name][k] += v
         if weights_out is not None:
             weights_out[idx.to(weights_out.device)] = w.detach().float().to(weights_out.device)
-    if int(first_bad) >= 0:  # one host sync per epoch
+    bad_anywhere = (first_bad >= 0).to(wsum.dtype).reshape(1)
+    dist.all_sum([*sums.values(), wsum, bad_anywhere])  # per-step agreement is already global
+    if int(bad_anywhere) > 0:  # one host sync per epoch
         kept = f"the last good checkpoint (epoch {epoch}) is kept in {cfg.out}" if epoch else "no epoch finished"
-        raise DistillError(f"non-finite loss at epoch {epoch + 1}, step {int(first_bad) + 1}; stopped: "
-                           f"{kept}. Try a lower --lr")
+        where = f", step {int(first_bad) + 1}" if int(first_bad) >= 0 else ""
+        raise DistillError(f"non-finite loss at epoch {epoch + 1}{where}; stopped: {kept}. Try a lower --lr")
     result = {**{k: float(v) / n for k, v in sums.items()}, "teacher_weights": (wsum / n).tolist()}
     if agree:  # per-step means: how a cheaper parameter set's weights agree with this run's
         result["agre_agreement"] = {name: {k: float(v) / steps for k, v in parts.items()}
@@ -175,20 +211,22 @@ def fit(cfg: DistillConfig, resume: bool = False, overwrite: bool = False, progr
     must have been made with the same settings from the same cache, or it is refused.
     """
     out = Path(cfg.out)
-    pick_device(cfg.device)
+    d = context(pick_device(cfg.device).type)
+    existing = [f for f in RUN_FILES if (out / f).exists()]  # seen alike by every process
+    if existing and not (resume or overwrite):
+        raise DistillError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "
+                           "start it again, or choose another --out")
+    d.barrier()
     out.mkdir(parents=True, exist_ok=True)
-    with OutputLock(out, "the run folder"):
-        existing = [f for f in RUN_FILES if (out / f).exists()]
-        if existing and overwrite:
+    with OutputLock(out, "the run folder") if d.is_main else contextlib.nullcontext():
+        if existing and overwrite and d.is_main:
             for f in existing:
                 (out / f).unlink()
-        elif existing and not resume:
-            raise DistillError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "
-                               "start it again, or choose another --out")
-        return _fit(cfg, out, progress)
+        d.barrier()
+        return _fit(cfg, out, progress and d.is_main, d)
 
 
-def _fit(cfg: DistillConfig, out: Path, progress: bool) -> dict:
+def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
     last_path, best_path = out / "last.pt", out / "best.pt"
     cache, store = open_inputs(cfg)
     meta = cache.meta
@@ -217,6 +255,8 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool) -> dict:
     teachers = teacher_source(meta, cfg, image_size, device)
 
     model = Student(meta.num_classes, {l: meta.feature_dims[l] for l in gammas}, pretrained, cfg.weights_file)
+    if d.active:  # statistics of the global batch, as one process holding it would compute
+        model = global_batch_norm(model)
     model = model.to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = schedule(opt, cfg)
@@ -228,16 +268,19 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool) -> dict:
         sched.load_state_dict(ck["scheduler"])
         start, best = int(ck["epoch"]), (float(ck["best_wga"]), int(ck["best_epoch"]))
         say(f"resuming {out} after epoch {start}")
-    cfg.save(out / "config.json")
-    truncate_metrics(out / "metrics.jsonl", start)
+    if d.is_main:
+        cfg.save(out / "config.json")
+        truncate_metrics(out / "metrics.jsonl", start)
 
-    weights_out = torch.zeros(len(train.y), teachers.num_teachers, device=place)
+    weights_out = torch.zeros(len(train.y), teachers.num_teachers, device=device)
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
         lr = opt.param_groups[0]["lr"]
         tr = train_one_epoch(model, opt, train, cfg, epoch, teachers, device,
-                             weights_out if epoch == cfg.epochs - 1 else None, progress)
+                             weights_out if epoch == cfg.epochs - 1 else None, progress, d)
         sched.step()
+        if not d.is_main:  # one process evaluates and writes; the models are the same everywhere
+            continue
         vm = evaluate(model, val, image_size, device, train_counts)
         if vm["wga"] > best[0]:
             best = (vm["wga"], epoch + 1)
@@ -252,6 +295,11 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool) -> dict:
         say(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {tr['loss']:.4f}  val WGA {100 * vm['wga']:.2f}  "
             f"avg {_avg(vm)}  ({rec['time_s']:.1f}s)")
 
+    if start < cfg.epochs:
+        d.all_sum([weights_out])  # each process filled the rows it trained on
+    if not d.is_main:
+        d.barrier()
+        return d.broadcast_object(None)
     if start < cfg.epochs:  # the last epoch ran in this process (else the saved file stands)
         np.save(out / "teacher_weights.npy", weights_out.cpu().numpy())
     test_last = evaluate(model, test, image_size, device, train_counts)
@@ -268,7 +316,8 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool) -> dict:
     }
     atomic_write_json(out / "summary.json", summary)
     trim_checkpoints(out, cfg.keep_checkpoints)
-    return summary
+    d.barrier()
+    return d.broadcast_object(summary)
 
 
 def _avg(metrics: dict) -> str:

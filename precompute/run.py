@@ -99,9 +99,10 @@ def run_precompute(cfg: PrecomputeConfig) -> Path:
     if d.is_main:
         with OutputLock(out, "the cache"):
             merge(out, parts)
-        for p in parts:
-            p.unlink()
-            store_path_for(p).unlink(missing_ok=True)
+        for p in parts:  # the parts, their stores and their (released) lock files
+            for f in (p, store_path_for(p)):
+                f.unlink(missing_ok=True)
+                f.with_name(f.name + ".lock").unlink(missing_ok=True)
     d.barrier()
     return out
 

@@ -210,7 +210,7 @@ def test_batch_autograd_matches_explicit_backward_loop():
 
     g_b = grad_by_backward(biased_loss)
     cosines = [_cos(grad_by_backward(l), g_b) for l in teacher_losses]
-    expected = torch.tensor(_normalise_batch(cosines), dtype=torch.float32)
+    expected = torch.tensor(_normalise_batch(cosines), dtype=F64)  # float64 losses: float64 weights
     assert max(1.0 - cosines[1], 0.01) == 0.01
 
     model.zero_grad(set_to_none=True)
@@ -245,7 +245,7 @@ def test_teacher_weights_dispatch():
     losses, lb = _batch_losses(z_s, zt, zb, tau)
     w_all = teacher_weights("agre-batch", agre_params="all", teacher_losses=losses, biased_loss=lb,
                             params=list(head.parameters()), **common)
-    torch.testing.assert_close(w_all, w_last.float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(w_all, w_last.to(w_all.dtype), atol=1e-6, rtol=0)
 
     with pytest.raises(ValueError, match="unknown teacher weighting"):
         teacher_weights("agree", **common)
