@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.models import FeatureResNet  # noqa: E402
 from core.runtime import autocast, keep_freed_memory, pick_device  # noqa: E402
-from core.weighting import agre_batch_weights_autograd, kd_per_teacher  # noqa: E402
+from core.weighting import agre_batch_weights_from_grads, kd_per_teacher  # noqa: E402
 from data.store import store_size_for  # noqa: E402
 from data.views import eval_box, render  # noqa: E402
 from distill.config import DistillConfig  # noqa: E402
@@ -100,13 +100,14 @@ def main(argv=None):
         cached = data.cached[idx, view] if mode == "cached" else None
         return lambda: step(student, opt, x_of(), data.y[idx], zt, zb, feats, cached, cfg, device)
 
-    def report_loop():  # T + 1 autograd gradients, then the backward of the whole objective
+    def report_loop():  # the report's code: T + 1 torch.autograd.grad calls, then the whole backward
         with autocast(device):
             logits, h, proj = student(x_of().contiguous(**cl))
         logits = logits.float()
-        w = agre_batch_weights_autograd(list(kd_per_teacher(logits, zt, 4.0).mean(0)),
-                                        kd_per_teacher(logits, zb[:, None], 4.0).mean(),
-                                        student.agre_params("all")).unsqueeze(0).expand(B, T)
+        params = student.agre_params("all")
+        g_b = torch.autograd.grad(kd_per_teacher(logits, zb[:, None], 4.0).mean(), params, retain_graph=True)
+        g_t = [torch.autograd.grad(l, params, retain_graph=True) for l in kd_per_teacher(logits, zt, 4.0).mean(0)]
+        w = agre_batch_weights_from_grads(g_t, g_b).unsqueeze(0).expand(B, T)
         out = distillation_loss(logits, data.y[idx], zt, w, 4.0, 1.0, projected=proj, teacher_feats=feats,
                                 gammas={"layer4": 0.5})
         opt.zero_grad(set_to_none=True)

@@ -98,11 +98,14 @@ def step(model, opt, x, y, zt, zb, teacher_feats: dict, cached, cfg: DistillConf
         loss.backward()
     _sum_gradients(model, dist, share)
     if grads is not None:
-        with torch.no_grad():
-            wt = cfg.alpha * w[0].to(grads[0][0].dtype)
-            for p, *g in zip(params, *grads):
-                kd = torch.stack(g).mul_(wt.view(-1, *([1] * p.dim()))).sum(0)
-                p.grad = kd if p.grad is None else p.grad.add_(kd)
+        with torch.no_grad():  # p.grad += alpha sum_t w_t g_t, over all parameters at once
+            wt = (cfg.alpha * w[0]).tolist()  # one host sync per step
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            acc = [p.grad for p in params]
+            for w_t, g in zip(wt, grads):
+                torch._foreach_add_(acc, g, alpha=w_t)
     opt.step()
     if compared:
         out["agre_compare"] = {name: weight_agreement(w[0].detach().double(), wx.double())
