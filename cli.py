@@ -414,10 +414,10 @@ def report(runs_dir, out):
 
 @cli.command()
 @click.option("--epochs", default=defaults.DISTILL_EPOCHS, show_default=True, help="Student epochs per run.")
-@click.option("--seeds", default="42", show_default=True)
+@click.option("--seeds", default=",".join(map(str, defaults.DEMO_SEEDS)), show_default=True)
 @friendly
 def demo(epochs, seeds):
-    """The whole pipeline on the synthetic default: data, teachers, cache, 3 students, report."""
+    """The whole pipeline on the synthetic default: data, teachers, cache, 4 students x 3 seeds, report."""
     from experiments.pipeline import run_default
 
     run_default(epochs=epochs, seeds=[int(s) for s in words(seeds)])

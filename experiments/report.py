@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import statistics
 from pathlib import Path
 
 from core.errors import ConfigError
@@ -67,6 +68,34 @@ def format_table(table: Table | str | Path, preset: str | None = None) -> str:
     caption = (f"Baseline: {table.baseline}." if table.baseline else "No baseline row.")
     caption += f" {table.caption}"
     return f"### {table.title}\n\n{caption}\n\n{text_table(header, body)}\n"
+
+
+def verdicts(table: Table) -> list[str]:
+    """What the table shows, in words, computed from its numbers: each row against the baseline,
+    paired by seed (the mean and sample std of the per-seed differences); a difference counts only
+    when it is larger than that std."""
+    base = next((r for r in table.rows if r.is_baseline and r.runs), None)
+    if base is None:
+        return ["No finished baseline row: nothing to compare."]
+    out = []
+    for row in table.rows:
+        if row is base or not row.runs:
+            continue
+        seeds = sorted(set(row.wga_by_seed) & set(base.wga_by_seed))
+        diffs = [row.wga_by_seed[s] - base.wga_by_seed[s] for s in seeds]
+        if len(diffs) < 2:
+            out.append(f"{row.label} vs {base.label}: {len(diffs)} paired seed(s), too few to tell a "
+                       "difference from seed noise.")
+            continue
+        mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+        if abs(mean) > sd:
+            verb = "beats" if mean > 0 else "trails"
+            out.append(f"{row.label} {verb} {base.label} by {abs(mean):.1f} ± {sd:.1f} WGA points over "
+                       f"{len(diffs)} seeds (paired by seed).")
+        else:
+            out.append(f"{row.label} vs {base.label}: no difference beyond seed noise ({mean:+.1f} ± "
+                       f"{sd:.1f} WGA points over {len(diffs)} seeds).")
+    return out
 
 
 def _teacher_section(records: list[RunRecord]) -> str:
@@ -216,7 +245,10 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None) -> dic
           f"row; Min / run = wall minutes of a run's epochs (training and validation), mean over "
           f"seeds; {DASH} = no finished run (see *Missing or failed runs*).", "",
           _provenance(records), "## Results", ""]
-    md += [format_table(t) for t in tables] or ["No finished runs.\n"]
+    for t in tables:
+        md += [format_table(t), "In words: " + " ".join(verdicts(t)) + "\n"]
+    if not tables:
+        md.append("No finished runs.\n")
     md += [_pivot_section(rows), "## Teachers (test set)", "", _teacher_section(records),
            "## Missing or failed runs", "", _missing_section(missing), "## Plots", ""]
     for name, fname in PLOTS.items():

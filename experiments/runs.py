@@ -202,6 +202,17 @@ class Row:
         return statistics.fmean(vals) if vals else None
 
     @property
+    def val_spread(self) -> float | None:
+        """Max - min of the validation WGA over each run's last 5 epochs (points), mean over seeds:
+        how far the best-validation pick could swing (small when training has settled)."""
+        spreads = []
+        for r in self.runs:
+            wgas = [100 * m["val"]["wga"] for m in read_jsonl(r.path / "metrics.jsonl") if "val" in m][-5:]
+            if wgas:
+                spreads.append(max(wgas) - min(wgas))
+        return statistics.fmean(spreads) if spreads else None
+
+    @property
     def avg_acc(self) -> float | None:
         vals = [100 * r.test["avg_acc"] for r in self.runs if r.test.get("avg_acc") is not None]
         return statistics.fmean(vals) if vals else None

@@ -113,6 +113,12 @@ PRESETS: dict[str, dict] = {
     "agre-params": _preset("AGRE-KD batch weights: gradients of which student parameters", [
         (f"{name} γ={g:.2f}", _agre(g, agre_params=p)) for name, p in _PARAM_ROWS for g in (0.0, 0.5)
     ], baseline="All parameters (report) γ=0.00", agre_switch=False),
+    "demo": _preset("Does AGRE-KD (+ features) beat AVER? The embedded synthetic default", [
+        ("AVER γ=0", _core("aver", 0.0)),
+        ("AGRE-KD batch (report) γ=0", _agre(0.0)),
+        ("AGRE-KD batch (report) γ=0.5", _agre(0.5)),
+        ("AGRE-KD per-sample (paper) γ=0", _core("agre", 0.0)),
+    ], baseline="AVER γ=0", agre_switch=False),
     "cache-vs-online": _preset("Cached teachers vs the online loop (AGRE-KD, γ=0.5)", [
         ("Cached teachers (stored views)", _agre(0.5)),
         ("Online teachers (fresh crop every step)", _agre(0.5, teachers_online=TEACHERS)),

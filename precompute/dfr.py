@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
@@ -64,6 +66,7 @@ class DFRHead:
     bias: np.ndarray
     C: float
     tune_wga: dict[float, float] = field(default_factory=dict)
+    converged: bool = True  # False: the solver stopped at its iteration limit (the report's lbfgs does)
 
     @property
     def num_classes(self) -> int:
@@ -447,9 +450,12 @@ def _fit_report(emb, y, group, *, seed, num_classes, num_groups, proportions=Non
     """
     rows = balanced_subsample(group, np.random.default_rng(seed), num_groups, proportions)
     _require_all_classes(y[rows], num_classes)
-    model = _logreg("l2", REPORT_C, solver="lbfgs", class_weight="balanced").fit(emb[rows], y[rows])
+    with warnings.catch_warnings(record=True) as caught:  # the report's heads stop at max_iter too
+        warnings.simplefilter("always", ConvergenceWarning)
+        model = _logreg("l2", REPORT_C, solver="lbfgs", class_weight="balanced").fit(emb[rows], y[rows])
     weight, bias = _fold(model.coef_, model.intercept_, None)
-    return DFRHead(weight=weight, bias=bias, C=REPORT_C, tune_wga={})
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return DFRHead(weight=weight, bias=bias, C=REPORT_C, tune_wga={}, converged=converged)
 
 
 def apply_head(emb, head: DFRHead) -> np.ndarray:

@@ -289,6 +289,8 @@ def _build(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str, num_classes: 
                            train_emb=emb[meta.rows("train")].numpy() if cfg.dfr == "reference" else None,
                            seed=seed + 1000 * t, num_retrains=cfg.dfr_retrains, num_classes=num_classes,
                            proportions=dfr_proportions(meta, cfg.dfr_bias[t] if cfg.dfr_bias else 0.0))
+            if not head.converged and cfg.progress:
+                tqdm.write(f"teacher {t + 1}: lbfgs stopped at its iteration limit (as the report's dfr.py does)")
             head_path = out / f"teacher_{t + 1}_dfr_head.pt"
             save_checkpoint({"fc.weight": torch.from_numpy(head.weight), "fc.bias": torch.from_numpy(head.bias)}, head_path)
             entry = make_entry(f"teacher_{t + 1}", "teacher", erm_path, cfg.arch, num_classes,
