@@ -282,7 +282,7 @@ def cache_merge(out, shards):
 # ---------------------------------------------------------------- distill
 def distill_options(fn):
     from core.constants import AGRE_PARAMS, WEIGHTINGS
-    from distill.config import FEATURE_WEIGHTINGS, KEEP_CHECKPOINTS, DistillConfig
+    from distill.config import DATA_MODES, FEATURE_WEIGHTINGS, KEEP_CHECKPOINTS, DistillConfig
 
     d = functools.partial(default_of, DistillConfig)
     opts = [
@@ -320,6 +320,9 @@ def distill_options(fn):
         click.option("--pretrained/--no-pretrained", default=None, help="ImageNet student [default: as the teachers]."),
         click.option("--weights-file", type=click.Path(exists=True), default=None, help="Local ImageNet ResNet-18 weights."),
         click.option("--data-root", type=click.Path(), default=None, help="Check the cache against this folder."),
+        click.option("--data-mode", type=click.Choice(DATA_MODES), default=d("data_mode"), show_default=True,
+                     help="Hold the splits in memory, stream them from the store and the cache as the epoch "
+                          "goes (same results), or auto: stream when memory would not hold them comfortably."),
         click.option("--keep-checkpoints", type=click.Choice(KEEP_CHECKPOINTS), default=d("keep_checkpoints"),
                      show_default=True, help="What a finished run keeps: best weights, + last weights, + optimizer."),
         click.option("--device", default=d("device"), show_default=True),

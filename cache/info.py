@@ -6,7 +6,8 @@ import os
 import numpy as np
 
 from cache.reader import open_cache
-from cache.schema import FEATURE_DTYPE, SCHEMA_NAME, SCHEMA_VERSION
+from cache.schema import FEATURE_DTYPE, SCHEMA_NAME, SCHEMA_VERSION, store_path_for
+from data.store import ImageStore, StoreError
 from core.provenance import PROVENANCE_FIELDS
 from core.tables import format_table
 from data.metrics import split_metrics
@@ -22,6 +23,17 @@ def model_predictions(logits: np.ndarray, biased: np.ndarray, meta) -> dict[str,
     preds["ensemble"] = prob.mean(1).argmax(-1)
     preds[meta.biased_entry["name"]] = biased.argmax(-1)
     return preds
+
+
+def memory_needed(cache, store_side: int, layers) -> dict[str, int]:
+    """Bytes a distillation run holds in memory (not streaming): every image of the store
+    (train, val, test) and the training split's teacher outputs for every stored view, with the
+    features of ``layers``. ``distill --data-mode auto`` streams when this does not fit."""
+    m = cache.meta
+    train = len(cache.split_rows("train"))
+    per_view = 4 * (m.num_teachers * m.num_classes + m.num_classes + m.num_teachers + 4) + 1 + sum(
+        2 * m.num_backbones * m.feature_dims[l] for l in layers)
+    return {"images": store_side ** 2 * 3 * cache.num_rows, "teacher_outputs": train * m.views_per_row * per_view}
 
 
 def summarize(path) -> dict:
@@ -57,6 +69,15 @@ def summarize(path) -> dict:
                               for name, g in split_metrics(pred, v0["y"], v0["group"], v0["split"],
                                                            named, m.num_groups).items()}
         d["accuracy"] = acc
+        store = store_path_for(r.path)
+        if store.is_file() and not r.shard:
+            try:
+                side = ImageStore(store).side
+            except StoreError:
+                side = None
+            if side is not None:
+                d["memory"] = {"layer4": memory_needed(r, side, ["layer4"] if "layer4" in m.layers else []),
+                               "all layers": memory_needed(r, side, m.layers)}
     return d
 
 
@@ -97,6 +118,12 @@ def format_summary(d: dict) -> str:
                      [[t["name"], t["role"], t["backbone_id"], str(t["sha256"])[:16]] for t in d["teachers"]],
                      style="text", align="llll"),
     ]
+    if d.get("memory"):
+        mem = {k: sum(v.values()) / 2**30 for k, v in d["memory"].items()}
+        img = d["memory"]["layer4"]["images"] / 2**30
+        lines.append(f"memory       a run holds {mem['layer4']:.2f} GiB with layer4 features, {mem['all layers']:.2f} GiB "
+                     f"with every layer (images {img:.2f} GiB); `distill --data-mode stream` reads the splits "
+                     "as the epoch goes instead")
     if d["accuracy"]:
         splits = list(next(iter(d["accuracy"].values())))
         lines += ["", "accuracy on view 0, % (mean / worst-group)" +

@@ -5,8 +5,9 @@ read back as zeros or as another chunk's data, with no error) nor the root attri
 finished file also carries:
 
 - ``/digests/<dataset>``: [n_blocks, 32] uint8, the sha256 of every block of ``BLOCK_ROWS`` rows
-  of each dataset, over the logical array bytes (C order, stored dtype). Readers check every
-  block they read; ``cache verify`` checks all of them.
+  (one row: a reader of scattered rows, streaming a training split, checks exactly what it
+  reads) of each dataset, over the logical array bytes (C order, stored dtype). Readers check
+  every block they read; ``cache verify`` checks all of them.
 - ``digests_sha256`` (root attribute): sha256 over all digest tables, in name order.
 - ``header_sha256`` (root attribute): sha256 over the canonical JSON of every other root
   attribute (schema, teachers, views, ...). Checked on every open of a finished file.
@@ -22,7 +23,7 @@ import json
 import h5py
 import numpy as np
 
-BLOCK_ROWS = 64
+BLOCK_ROWS = 1
 HEADER_KEY = "header_sha256"
 DIGESTS_KEY = "digests_sha256"
 DIGEST_GROUP = "digests"
@@ -58,15 +59,14 @@ def block_digests(array: np.ndarray) -> np.ndarray:
     return out
 
 
-def first_bad_block(array: np.ndarray, first_block: int, digests: np.ndarray) -> int | None:
-    """The first block of ``array`` (rows from block ``first_block`` on, whole blocks but maybe the
-    file's last) whose digest differs from ``digests``, or None when all match."""
+def bad_blocks(array: np.ndarray, first_block: int, digests: np.ndarray) -> list[int]:
+    """The blocks of ``array`` (rows from block ``first_block`` on, whole blocks but maybe the
+    file's last) whose digest differs from ``digests``."""
     got = block_digests(array)
     expected = digests[first_block:first_block + len(got)]
     if got.shape != expected.shape:
-        return first_block
-    bad = np.flatnonzero((got != expected).any(axis=1))
-    return None if len(bad) == 0 else first_block + int(bad[0])
+        return [first_block]
+    return [first_block + int(b) for b in np.flatnonzero((got != expected).any(axis=1))]
 
 
 def digests_digest(tables: dict[str, np.ndarray]) -> str:

@@ -6,7 +6,7 @@ import os
 import h5py
 import numpy as np
 
-from cache.integrity import (BLOCK_ROWS, DIGESTS_KEY, HEADER_KEY, digests_digest, first_bad_block,
+from cache.integrity import (BLOCK_ROWS, DIGESTS_KEY, HEADER_KEY, digests_digest, bad_blocks,
                              header_digest, read_digest_tables)
 from cache.schema import (ROW_DATASETS, SAMPLE_FIELDS, CacheError, CacheMeta, check_schema, layout,
                           meta_from_file, row_bytes)
@@ -146,7 +146,7 @@ def gather(ds: h5py.Dataset, rows: np.ndarray, views=None, digests: np.ndarray |
             lo, hi = lo // BLOCK_ROWS * BLOCK_ROWS, min(ds.shape[0], -(-hi // BLOCK_ROWS) * BLOCK_ROWS)
         slab = ds[lo:hi]
         if digests is not None:
-            bad = first_bad_block(slab, lo // BLOCK_ROWS, digests)
+            bad = (bad_blocks(slab, lo // BLOCK_ROWS, digests) or [None])[0]
             if bad is not None:
                 raise CacheError(f"{path}: rows {bad * BLOCK_ROWS}..{min(ds.shape[0], (bad + 1) * BLOCK_ROWS)} "
                                  f"of /{ds.name.lstrip('/')} do not match their digest: the file is damaged "
@@ -272,6 +272,18 @@ class CacheReader:
         return {"rows": rows, **{k: self.sample(k)[rows] for k in SAMPLE_FIELDS},
                 **{key: self.load(name, rows, views) for key, name in ROW_DATASETS.items()},
                 "features": {l: self.load(f"features/{l}", rows, views) for l in layers}}
+
+
+    def read_views(self, rows, views, layers=None) -> dict:
+        """Like :meth:`read` for increasing ``rows`` but one view per row (``views`` [n]): the
+        view axis keeps length 1 (``"box": [n, 1, 4]``, ...). Each row is read whole (all its
+        views: the unit its digest covers) and the view picked in memory."""
+        d = self.read(rows=rows, layers=layers)
+        pick = (np.arange(len(d["rows"])), np.asarray(views, dtype=np.int64))
+        for key in ROW_DATASETS:
+            d[key] = d[key][pick][:, None]
+        d["features"] = {l: v[pick][:, None] for l, v in d["features"].items()}
+        return d
 
 
 def open_cache(path, require_complete: bool = True) -> CacheReader:

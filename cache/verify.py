@@ -4,7 +4,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
-from cache.integrity import BLOCK_ROWS, first_bad_block, read_digest_tables
+from cache.integrity import BLOCK_ROWS, bad_blocks, read_digest_tables
 from cache.reader import (H5_ERRORS, SLAB_BYTES, check_digest_tables, check_header, guarded, layout_problems,
                           open_h5)
 from cache.schema import CacheError, check_schema, layout, meta_from_file, row_bytes
@@ -30,10 +30,8 @@ def _verify_dataset(ds: h5py.Dataset, name: str, digests: np.ndarray | None) -> 
                     unreadable.append((a, min(a + BLOCK_ROWS, hi), (str(e).splitlines() or [type(e).__name__])[0]))
             continue
         if digests is not None:
-            for a in range(0, len(slab), BLOCK_ROWS):
-                bad = first_bad_block(slab[a:a + BLOCK_ROWS], (lo + a) // BLOCK_ROWS, digests)
-                if bad is not None:
-                    mismatched.append((lo + a, min(lo + a + BLOCK_ROWS, hi)))
+            mismatched += [(b * BLOCK_ROWS, min((b + 1) * BLOCK_ROWS, hi))
+                           for b in bad_blocks(slab, lo // BLOCK_ROWS, digests)]
         if slab.dtype.kind == "f":
             nonfinite += int(slab.size - np.count_nonzero(np.isfinite(slab)))
 

@@ -29,7 +29,8 @@ from data.folders import DataError, Metadata, read_image
 
 SCHEMA = "gr-kd-images"
 SCHEMA_VERSION = 2
-CHUNK_ROWS = 64
+CHUNK_ROWS = 64          # images decoded and marked done together
+CHUNK_BYTES = 256 * 1024  # HDF5 chunks of at most this size: a streamed row reads little more than itself
 RESIZE_MODES = ("keep-aspect", "squash")
 MAX_ASPECT = 2.0  # a longer side is squashed to MAX_ASPECT * S (counted in `data check`-like logs)
 
@@ -110,8 +111,8 @@ def build_store(meta: Metadata, path: str | Path, size: int, fingerprint: str, r
             f.attrs.update(schema=SCHEMA, schema_version=SCHEMA_VERSION, fingerprint=fingerprint,
                            size=size, resize=resize, side=side, num_rows=n)
             f.create_dataset("hw", data=hw, fletcher32=True)
-            f.create_dataset("images", (n, 3, side, side), np.uint8,
-                             chunks=(min(CHUNK_ROWS, n), 3, side, side), fletcher32=True)
+            f.create_dataset("images", (n, 3, side, side), np.uint8, chunks=(_chunk_rows(side, n), 3, side, side),
+                             fletcher32=True)
             f.create_dataset("done", (n,), bool, fillvalue=False)
         _check_attrs(f, path, fingerprint, size, resize)
         if "images" not in f or "done" not in f or "hw" not in f:
@@ -138,6 +139,10 @@ def build_store(meta: Metadata, path: str | Path, size: int, fingerprint: str, r
                 bar.update(stop - start)
         bar.close()
     return path
+
+
+def _chunk_rows(side: int, n: int) -> int:
+    return max(1, min(CHUNK_ROWS, n, CHUNK_BYTES // (3 * side * side)))
 
 
 def _is_complete(path: Path, fingerprint: str, size: int, resize: str, rows: range) -> bool:
@@ -167,7 +172,7 @@ def merge_stores(out: str | Path, parts: list[str | Path]) -> Path:
     with h5py.File(tmp, "w") as f:
         f.attrs.update(attrs)
         f.create_dataset("hw", data=hw, fletcher32=True)
-        images = f.create_dataset("images", (n, 3, side, side), np.uint8, chunks=(min(CHUNK_ROWS, n), 3, side, side),
+        images = f.create_dataset("images", (n, 3, side, side), np.uint8, chunks=(_chunk_rows(side, n), 3, side, side),
                                   fletcher32=True)
         done = np.zeros(n, bool)
         for p in parts:

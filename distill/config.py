@@ -20,7 +20,8 @@ from core.provenance import canon
 FEATURE_WEIGHTINGS = ("none", "disagree")
 KEEP_CHECKPOINTS = ("best", "last", "all")
 # Fields that say where or how a run executes, not what it computes: outside its identity.
-PLACEMENT_FIELDS = ("cache", "out", "device", "data_root", "keep_checkpoints", "agre_compare")
+PLACEMENT_FIELDS = ("cache", "out", "device", "data_root", "keep_checkpoints", "agre_compare", "data_mode")
+DATA_MODES = ("auto", "memory", "stream")
 
 
 @dataclass
@@ -54,6 +55,8 @@ class DistillConfig:
     image_size: int | None = None    # student input size; default: the cache's view size
     data_root: str | None = None     # when given, checked against the cache's data fingerprint
     device: str = "auto"             # auto | cpu | cuda
+    data_mode: str = "auto"          # memory | stream (splits read as the epoch goes) | auto: stream
+                                     # when memory would not hold them comfortably (same results)
     keep_checkpoints: str = "best"   # what a finished run keeps: best (weights), last (+ last
                                      # epoch's weights) or all (+ optimizer state, resumable)
     agre_compare: tuple[str, ...] = ()  # agre-batch: also compute the weights from these parameter
@@ -99,6 +102,8 @@ class DistillConfig:
             bad(f"agre_compare takes names from {', '.join(AGRE_PARAMS)}, got {','.join(self.agre_compare)}")
         if self.agre_compare and self.weighting != "agre-batch":
             bad("agre_compare compares agre-batch weights; use it with --weighting agre-batch")
+        if self.data_mode not in DATA_MODES:
+            bad(f"--data-mode must be one of {', '.join(DATA_MODES)}, got {self.data_mode!r}")
         if self.keep_checkpoints not in KEEP_CHECKPOINTS:
             bad(f"--keep-checkpoints must be one of {', '.join(KEEP_CHECKPOINTS)}, got {self.keep_checkpoints!r}")
         if not 0.0 <= self.alpha <= 1.0:

@@ -93,6 +93,27 @@ def load_split(cache: CacheReader, store: ImageStore, split: str, cfg: DistillCo
     return data
 
 
+class InMemorySplit:
+    """A split held whole in memory (on the device when it fits): the source of its batches and
+    evaluation chunks, like :class:`distill.stream.StreamedSplit` for splits that do not fit."""
+
+    def __init__(self, data: SplitData):
+        self.data, self.y, self.group = data, data.y, data.group
+        self.views_per_row = data.box.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batches(self, order: torch.Tensor, view: torch.Tensor, bounds, pick):
+        """``(data, idx, view, positions)`` per batch; ``pick`` selects this process's share."""
+        for s, e in bounds:
+            idx = pick(order[s:e])
+            yield self.data, idx, pick(view[s:e]), idx
+
+    def chunks(self):
+        yield self.data
+
+
 def placement(device: torch.device, nbytes: int) -> torch.device:
     """Keep the data on the GPU when it fits comfortably, else in host memory."""
     if device.type == "cuda" and nbytes < 0.5 * torch.cuda.mem_get_info(device)[0]:

@@ -16,37 +16,41 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cache.info import memory_needed
 from cache.reader import CacheReader
+from core.distributed import Dist, context, global_batch_norm
 from core.files import OutputLock, atomic_write_json
 from core.provenance import provenance
 from core.runtime import autocast, pick_device
-from core.distributed import Dist, context, global_batch_norm
 from core.weighting import (agre_batch_weights_from_grads, at_least_float32, kd_per_teacher, last_layer_gradients,
                             loss_gradients, teacher_weights, weight_agreement)
+from data.folders import SPLIT_CODES
 from data.metrics import group_metrics, split_metrics
 from data.views import render
-from data.folders import SPLIT_CODES
 from distill.checkpoint import (check_same_run, load_for_resume, read_json, save_best, save_last, trim_checkpoints,
                                 truncate_metrics)
 from distill.config import DistillConfig
-from distill.data import DistillError, SplitData, batch_bounds, epoch_plan, load_split, open_inputs, placement
+from distill.data import (DistillError, InMemorySplit, SplitData, batch_bounds, epoch_plan, load_split, open_inputs,
+                          placement)
 from distill.losses import distillation_loss
+from distill.stream import StreamedSplit, should_stream
 from distill.student import Student
 from distill.teachers import teacher_source
 
 
 @torch.no_grad()
-def evaluate(model: Student, data: SplitData, image_size: int, device, train_counts, batch_size: int = 512) -> dict:
-    """Group metrics of the student on view 0 of a split."""
+def evaluate(model: Student, split, image_size: int, device, train_counts, batch_size: int = 512) -> dict:
+    """Group metrics of the student on view 0 of a split (in memory or streamed)."""
     model.eval()
     preds = []
-    for s in range(0, len(data.y), batch_size):
-        x = render(data.images[s:s + batch_size].to(device), data.box[s:s + batch_size, 0],
-                   data.flip[s:s + batch_size, 0], image_size, data.hw[s:s + batch_size])
-        with autocast(device):
-            logits, _, _ = model(x.contiguous(memory_format=torch.channels_last))
-        preds.append(logits.argmax(1))
-    return group_metrics(torch.cat(preds), data.y, data.group, train_counts)
+    for data in split.chunks():
+        for s in range(0, len(data.y), batch_size):
+            x = render(data.images[s:s + batch_size].to(device), data.box[s:s + batch_size, 0],
+                       data.flip[s:s + batch_size, 0], image_size, data.hw[s:s + batch_size])
+            with autocast(device):
+                logits, _, _ = model(x.contiguous(memory_format=torch.channels_last))
+            preds.append(logits.argmax(1).cpu())
+    return group_metrics(torch.cat(preds), split.y, split.group, train_counts)
 
 
 def train_step(model, opt, data: SplitData, idx: torch.Tensor, view: torch.Tensor, cfg: DistillConfig,
@@ -146,16 +150,16 @@ def batch_weights(model, params: str, logits, h, zt, zb, tau: float, keep_graph:
     return agre_batch_weights_from_grads(g_t, g_b, logits.dtype)
 
 
-def train_one_epoch(model, opt, data: SplitData, cfg: DistillConfig, epoch: int, teachers, device,
+def train_one_epoch(model, opt, split, cfg: DistillConfig, epoch: int, teachers, device,
                     weights_out: torch.Tensor | None = None, progress: bool = True, dist: Dist = Dist()) -> dict:
     """One pass over the training split. Returns mean loss parts and mean teacher weights.
 
     Under torchrun every process walks the same global batches and trains on its share of each
     (every ``world``-th row); the sums are gathered at the end of the epoch."""
     model.train()
-    n = len(data.y)
-    order, view = epoch_plan(n, data.box.shape[1], cfg, epoch)
-    order, view = order.to(data.y.device), view.to(data.y.device)   # once per epoch, not per step
+    n = len(split)
+    order, view = epoch_plan(n, split.views_per_row, cfg, epoch)
+    order, view = order.to(split.y.device), view.to(split.y.device)   # once per epoch, not per step
     sums = {k: torch.zeros((), device=device) for k in ("loss", "ce", "kd", "feat")}
     agree = {name: {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("abs_diff", "spearman", "top")}
              for name in cfg.agre_compare}
@@ -163,9 +167,10 @@ def train_one_epoch(model, opt, data: SplitData, cfg: DistillConfig, epoch: int,
     wsum = torch.zeros(teachers.num_teachers, device=device)
     first_bad = torch.full((), -1, device=device)
     bounds = batch_bounds(n, cfg.batch_size, min_size=max(2, dist.world))
-    for step, (s, e) in enumerate(tqdm(bounds, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                                       disable=not progress or not dist.is_main)):
-        idx, v = order[s:e][dist.rank::dist.world], view[s:e][dist.rank::dist.world]
+    batches = split.batches(order, view, bounds, lambda a: a[dist.rank::dist.world])
+    for step, ((s, e), (data, idx, v, positions)) in enumerate(
+            tqdm(zip(bounds, batches), total=len(bounds), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                 disable=not progress or not dist.is_main)):
         out, w = train_step(model, opt, data, idx, v, cfg, teachers, device, epoch, dist, len(idx) / (e - s))
         bad = ~torch.isfinite(out["loss"].detach())
         first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
@@ -177,7 +182,7 @@ def train_one_epoch(model, opt, data: SplitData, cfg: DistillConfig, epoch: int,
             for k, v in parts.items():
                 agree[name][k] += v
         if weights_out is not None:
-            weights_out[idx.to(weights_out.device)] = w.detach().float().to(weights_out.device)
+            weights_out[positions.to(weights_out.device)] = w.detach().float().to(weights_out.device)
     bad_anywhere = (first_bad >= 0).to(wsum.dtype).reshape(1)
     dist.all_sum([*sums.values(), wsum, bad_anywhere])  # per-step agreement is already global
     if int(bad_anywhere) > 0:  # one host sync per epoch
@@ -193,13 +198,13 @@ def train_one_epoch(model, opt, data: SplitData, cfg: DistillConfig, epoch: int,
 
 def schedule(opt, cfg: DistillConfig):
     """Cosine decay over the epochs (the report's schedule), after ``warmup_epochs`` epochs of
-    linear warm-up (lr x 1/W, 2/W, ..., 1) when asked; stepped once per epoch."""
+    linear warm-up (lr x 1/(W+1), ..., W/(W+1)) when asked; stepped once per epoch."""
     if not cfg.warmup_epochs:
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     W, E = cfg.warmup_epochs, cfg.epochs
 
     def factor(e: int) -> float:
-        return (e + 1) / W if e < W else 0.5 * (1 + math.cos(math.pi * (e - W) / (E - W)))
+        return (e + 1) / (W + 1) if e < W else 0.5 * (1 + math.cos(math.pi * (e - W) / (E - W)))
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
@@ -248,12 +253,14 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
     pretrained = cfg.pretrained if cfg.pretrained is not None else meta.teachers_pretrained
 
     gammas = {l: g for l, g in cfg.gammas.items() if g > 0}
-    nbytes = store.side ** 2 * 3 * cache.num_rows + sum(
-        meta.views_per_row * meta.num_backbones * meta.feature_dims[l] * 2 * cache.num_rows for l in gammas)
-    place = placement(device, nbytes)
-    train = load_split(cache, store, "train", cfg, place, train=True)
-    val = load_split(cache, store, "val", cfg, place, train=False)
-    test = load_split(cache, store, "test", cfg, place, train=False)
+    nbytes = sum(memory_needed(cache, store.side, [] if cfg.teachers_online else gammas).values())
+    if should_stream(cfg, nbytes):
+        say(f"streaming the splits from {cfg.cache} ({nbytes / 2**30:.1f} GiB would not fit comfortably in memory)")
+        train, val, test = (StreamedSplit(cache, store, s, cfg, device) for s in ("train", "val", "test"))
+    else:
+        place = placement(device, nbytes)
+        train, val, test = (InMemorySplit(load_split(cache, store, s, cfg, place, train=s == "train"))
+                            for s in ("train", "val", "test"))
     train_counts = torch.bincount(train.group.cpu(), minlength=meta.num_groups).numpy()
     teachers = teacher_source(meta, cfg, image_size, device)
 

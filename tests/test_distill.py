@@ -179,3 +179,25 @@ def test_each_row_sees_distinct_views_over_epochs(K, E):
     assert (epoch_plan(n, K + 1, cfg, 0)[1] == epoch_plan(n, K + 1, cfg, 0)[1]).all()  # replayable
     order, view = epoch_plan(n, K + 1, DistillConfig(sample_views=False), 0)
     assert (view == 0).all() and sorted(order.tolist()) == list(range(n))
+
+
+@pytest.mark.parametrize("kw", [dict(gamma=0.5), dict(weighting="cached", agre_params="last")])
+def test_streaming_gives_the_in_memory_run(tiny_cache, tmp_path, monkeypatch, kw):
+    """Forcing streaming on a tiny set (one batch per read group, small evaluation chunks, so the
+    background reads really run ahead): the same run, bit for bit."""
+    import distill.stream as stream
+
+    monkeypatch.setattr(stream, "GROUP_BATCHES", 1)
+    monkeypatch.setattr(stream, "EVAL_CHUNK_ROWS", 100)
+    runs = {}
+    for mode in ("memory", "stream"):
+        runs[mode] = fit(_cfg(tiny_cache, tmp_path / mode, epochs=2, data_mode=mode, keep_checkpoints="last", **kw),
+                         progress=False)
+    lines = {m: (tmp_path / m / "metrics.jsonl").read_text().splitlines() for m in runs}
+    strip = lambda ls: [{k: v for k, v in json.loads(l).items() if k != "time_s"} for l in ls]
+    assert strip(lines["memory"]) == strip(lines["stream"])
+    assert runs["memory"]["test_best"] == runs["stream"]["test_best"]
+    np.testing.assert_array_equal(np.load(tmp_path / "memory" / "teacher_weights.npy"),
+                                  np.load(tmp_path / "stream" / "teacher_weights.npy"))
+    a, b = (torch.load(tmp_path / m / "last.pt", weights_only=True)["model"] for m in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)

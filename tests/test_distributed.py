@@ -97,10 +97,11 @@ def test_torchrun_distill_equals_one_process_with_the_global_batch(single, tmp_p
     assert len(one) == len(two) == 1  # one writer
     for k in ("loss", "kd", "feat"):
         assert two[0]["train"][k] == pytest.approx(one[0]["train"][k], rel=1e-5), k
-    np.testing.assert_allclose(two[0]["teacher_weights"], one[0]["teacher_weights"], atol=1e-5)
+    # batch weights are 1 - cos of gradients: their float noise (summation order) is larger
+    np.testing.assert_allclose(two[0]["teacher_weights"], one[0]["teacher_weights"], atol=1e-4)
     assert two[0]["val"]["group_acc"] == one[0]["val"]["group_acc"]
     np.testing.assert_allclose(np.load(tmp_path / "two" / "teacher_weights.npy"),
-                               np.load(tmp_path / "one" / "teacher_weights.npy"), atol=1e-5)
+                               np.load(tmp_path / "one" / "teacher_weights.npy"), atol=1e-4)
     a, b = (torch.load(tmp_path / r / "last.pt", weights_only=True)["model"] for r in ("one", "two"))
     for k in a:
         torch.testing.assert_close(b[k].float(), a[k].float(), rtol=1e-4, atol=1e-5, msg=k)

@@ -82,7 +82,10 @@ def rows_of(preset: str) -> dict:
 
 def test_presets_mirror_the_report():
     assert set(PRESETS) == {"main", "agre-vs-aver", "gamma", "labels", "multilayer", "disagree",
-                            "weighting", "agre-params", "cache-vs-online"}
+                            "weighting", "agre-params", "cache-vs-online", "demo"}
+    demo = PRESETS["demo"]
+    assert [r["overrides"]["weighting"] for r in demo["rows"]] == ["aver", "agre-batch", "agre-batch", "agre"]
+    assert demo["baseline"] == "AVER γ=0" and [r["overrides"]["gamma"] for r in demo["rows"]] == [0, 0, 0.5, 0]
     main = PRESETS["main"]
     assert [r["label"] for r in main["rows"]][:2] == ["AGRE-KD + Features", "Disagree-Weight"]
     assert len(main["rows"]) == 7
