@@ -361,7 +361,7 @@ def distill(out, resume, overwrite, cache_path, layers, layer_gammas, sample_vie
 @click.option("--cache", "cache_path", type=click.Path(), default=str(defaults.CACHE), show_default=True)
 @click.option("--out", type=click.Path(), required=True, help="Sweep folder (one sub-folder per run).")
 @click.option("--preset", multiple=True, help="Preset table(s): the report's main, agre-vs-aver, gamma, labels, "
-              "multilayer, disagree; and weighting, agre-params, cache-vs-online.")
+              "multilayer, disagree; and weighting, agre-params, cache-vs-online, demo.")
 @click.option("--agre-weighting", type=click.Choice(["agre-batch", "agre", "cached"]), default=None,
               help="Weighting of the presets' AGRE-KD rows (AVER rows stay AVER): agre = the paper's per-sample "
                    "formula, cached = the cache's static bias-disagreement weights. --set weighting=... sets every row.")

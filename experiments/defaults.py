@@ -18,12 +18,13 @@ CACHE = ROOT / "cache.h5"
 RUNS = ROOT / "runs"
 
 IMAGE_SIZE = 24          # synthetic view side (real Waterbirds: 224)
-DISTILL_EPOCHS = 8       # the demo's students (the report's 30 on real data)
+DISTILL_EPOCHS = 10      # the demo's students (the report's 30 on real data)
 RANDOM_VIEWS = DISTILL_EPOCHS  # a distinct stored crop per training image per epoch
 DFR_BIAS = (0.0, 0.0, 0.9, 0.95, 1.0)  # per teacher: the share of the spurious correlation kept
 TEACHERS_OVERRIDES = dict(image_size=IMAGE_SIZE, pretrained=False, shared_backbone=True, epochs=3, lr=1e-2,
                           num_teachers=len(DFR_BIAS), dfr_bias=DFR_BIAS)
-# Students from scratch on the synthetic default (no ImageNet weights offline): a larger lr with one
-# warm-up epoch and smaller batches, so that validation WGA settles instead of jumping.
-DISTILL_OVERRIDES = dict(lr=0.01, warmup_epochs=1, batch_size=64)
+# Students from scratch on the synthetic default (no ImageNet weights offline): a larger lr than the
+# report's 1e-3, after one warm-up epoch; at 0.01 and more, validation WGA still swung by 10-15
+# points over the last epochs, at 0.005 it settles (a single run of each; see the README).
+DISTILL_OVERRIDES = dict(lr=0.005, warmup_epochs=1)
 DEMO_SEEDS = (42, 43, 44)

@@ -11,6 +11,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 TINY_SIZE = 16  # view side used by the tiny pipeline
 
 
+def assert_same_h5_content(a, b) -> None:
+    """Two HDF5 files hold the same datasets with bit-identical contents."""
+    import h5py
+    import numpy as np
+
+    def datasets(path):
+        out = {}
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda n, o: out.__setitem__(n, o[...]) if isinstance(o, h5py.Dataset) else None)
+        return out
+    da, db = datasets(a), datasets(b)
+    assert sorted(da) == sorted(db)
+    for k in da:
+        assert np.array_equal(da[k], db[k]), k
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """Synthetic Waterbirds at 5% of the real counts (about 590 images of 24 px)."""

@@ -7,10 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
+
+from conftest import assert_same_h5_content
 
 ROOT = Path(__file__).resolve().parents[1]
 # One thread per process in the launches and in the single-process references: the thread count
@@ -26,18 +27,9 @@ def run(*args, procs: int = 1):
     return res.stdout
 
 
-def datasets(path) -> dict:
-    out = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda n, o: out.__setitem__(n, o[...]) if isinstance(o, h5py.Dataset) else None)
-    return out
-
-
 def assert_same_file_content(a, b):
-    da, db = datasets(a), datasets(b)
-    assert sorted(da) == sorted(db)
-    for k in da:  # bit for bit: each process runs exactly the batches of the single run
-        assert np.array_equal(da[k], db[k]), k
+    """Bit for bit: each process runs exactly the batches of the single run."""
+    assert_same_h5_content(a, b)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -19,18 +18,7 @@ from core.ensemble import Ensemble
 from precompute.run import PrecomputeConfig, run_precompute
 
 
-def _datasets(path) -> dict:
-    out = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: out.__setitem__(name, obj[...]) if isinstance(obj, h5py.Dataset) else None)
-    return out
-
-
-def _assert_same_content(a, b):
-    da, db = _datasets(a), _datasets(b)
-    assert sorted(da) == sorted(db)
-    for k in da:
-        assert np.array_equal(da[k], db[k]), k
+from conftest import assert_same_h5_content as _assert_same_content
 
 
 def test_cache_equals_model_outputs(tiny_data, tiny_teachers, tiny_cache):
