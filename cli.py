@@ -38,8 +38,22 @@ def default_of(cls, name: str):
     return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
-def floats(text: str | None):
-    return None if text is None else tuple(float(v) for v in text.split(",") if v.strip())
+def floats(text: str | None, option: str = "the option"):
+    from core.errors import ConfigError
+
+    try:
+        return None if text is None else tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{option} takes a comma list of numbers, e.g. 0.25,0.5; got {text!r}") from None
+
+
+def ints(text: str | None, option: str = "the option"):
+    from core.errors import ConfigError
+
+    try:
+        return None if text is None else [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} takes a comma list of integers, e.g. 42,43,44; got {text!r}") from None
 
 
 def words(text: str | None):
@@ -153,7 +167,7 @@ def teachers(ctx, data_root, out, dfr_bias, **opts):
     """Build ERM + DFR teachers and the biased model (or `teachers import` your own)."""
     if ctx.invoked_subcommand is not None:
         return
-    opts["dfr_bias"] = floats(dfr_bias)
+    opts["dfr_bias"] = floats(dfr_bias, "--dfr-bias")
     from experiments.pipeline import build_teachers_for
     from precompute.teachers import format_eval_table
 
@@ -173,13 +187,15 @@ def teachers(ctx, data_root, out, dfr_bias, **opts):
 @click.option("--resize", type=click.Choice(["keep-aspect", "squash"]), default="keep-aspect", show_default=True,
               help="How their images were resized: Resize(256) (aspect kept) or Resize((256, 256)).")
 @click.option("--data-root", type=click.Path(), default=None, help="Evaluate them on this folder.")
+@dataset_options
 @friendly
-def teachers_import(out, teacher_files, biased_file, arch, num_classes, image_size, pretrained, resize, data_root):
+def teachers_import(out, teacher_files, biased_file, arch, num_classes, image_size, pretrained, resize, data_root,
+                    dataset, dataset_options):
     """Write a manifest for existing checkpoints (state dicts or {"model_state_dict": ...})."""
     from precompute.teachers import format_eval_table, import_teachers
 
     man = import_teachers(out, list(teacher_files), biased_file, arch, num_classes, image_size, pretrained, data_root,
-                          resize)
+                          resize, dataset=dataset, dataset_options=dataset_options)
     if data_root:
         click.echo(format_eval_table(man))
     click.echo(f"manifest: {Path(out) / 'manifest.json'} ({len(man.teachers)} teachers + biased)")
@@ -343,7 +359,7 @@ def distill(out, resume, overwrite, cache_path, layers, layer_gammas, sample_vie
     from distill.config import DistillConfig, run_name
     from distill.train import fit
 
-    cfg = DistillConfig(cache=cache_path, out=out or "", layers=words(layers), layer_gammas=floats(layer_gammas),
+    cfg = DistillConfig(cache=cache_path, out=out or "", layers=words(layers), layer_gammas=floats(layer_gammas, "--layer-gammas"),
                         sample_views={"on": True, "off": False}.get(sample_views),
                         agre_compare=words(agre_compare) or (), **kw)
     if not out:
@@ -388,12 +404,13 @@ def sweep(cache_path, out, preset, agre_weighting, teachers_manifest, jobs, plan
         raise ConfigError("--agre-weighting and --teachers apply to --preset tables; give a --preset")
     if jobs != "auto" and not jobs.isdigit():
         raise ConfigError(f"--jobs takes a number of runs or auto, got {jobs!r}")
-    seeds = [int(s) for s in words(seeds)]
+    seeds = ints(seeds, "--seeds")
     base = {k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None}
     base.update(setting(item) for item in extra)
     runs = preset_runs(*preset, seeds=seeds, agre_weighting=agre_weighting,
                        teachers_manifest=teachers_manifest) if preset else []
-    grid = {k: list(f) for k, f in {"gamma": floats(gamma), "alpha": floats(alpha), "weighting": words(weighting)}.items() if f}
+    grid = {k: list(f) for k, f in {"gamma": floats(gamma, "--gamma"), "alpha": floats(alpha, "--alpha"),
+                                    "weighting": words(weighting)}.items() if f}
     if grid or not preset:
         runs += expand_grid(**grid, seed=seeds)
     if plan:
@@ -423,7 +440,7 @@ def demo(epochs, seeds):
     """The whole pipeline on the synthetic default: data, teachers, cache, 4 students x 3 seeds, report."""
     from experiments.pipeline import run_default
 
-    run_default(epochs=epochs, seeds=[int(s) for s in words(seeds)])
+    run_default(epochs=epochs, seeds=ints(seeds, "--seeds"))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from cache.integrity import write_digests
-from cache.reader import SLAB_BYTES, guarded, open_cache
+from cache.reader import SLAB_BYTES, open_cache
 from cache.schema import (SAMPLE_FIELDS, CacheError, layout, parse_shard, row_bytes, store_path_for)
 from cache.writer import create_file
 from core.provenance import PROVENANCE_FIELDS, settings_diff, utc_now
@@ -88,9 +88,9 @@ def merge(out_path, shard_paths) -> None:
                 for s in shards:
                     src = s._h5()[name]
                     step = max(1, SLAB_BYTES // max(row_bytes(src.shape, src.dtype.itemsize), 1))
-                    for a in range(0, s.num_rows, step):
+                    for a in range(0, s.num_rows, step):  # read through the digest checks
                         b = min(a + step, s.num_rows)
-                        out[name][s.row_start + a:s.row_start + b] = guarded(s.path, name, lambda: src[a:b])
+                        out[name][s.row_start + a:s.row_start + b] = s.load(name, np.arange(a, b))
             out.flush()
             out["progress/done"][...] = True
             write_digests(out, list(layout(meta, N)),
@@ -104,6 +104,11 @@ def merge(out_path, shard_paths) -> None:
         for s in shards:
             s.close()
     stores = [store_path_for(p) for p in paths]
-    if all(p.is_file() for p in stores):
+    missing = [str(p) for p in stores if not p.is_file()]
+    if not missing:
         merge_stores(store_path_for(out_path), stores)
+    else:  # the cache is complete; training needs the store too
+        log.warning("the image store of %s was not made: %s missing (copy the shards' stores beside them "
+                    "and merge again, or run precompute once more on this cache to build it)", out_path,
+                    ", ".join(missing))
     log.info("merged %d shards into %s (%d rows)", len(shards), out_path, N)

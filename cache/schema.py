@@ -23,7 +23,7 @@ spurious attribute)::
     /features/ <layer> [R, V, B, D_layer] float16
     /weights/  agre_cached [R, V, T] float32
     /progress/ done [R] bool
-    /digests/  <dataset> [ceil(R / 64), 32] uint8: sha256 of every 64-row block (cache.integrity)
+    /digests/  <dataset> [R, 32] uint8: sha256 of every row (cache.integrity)
 
 Every dataset is chunked by rows (a chunk holds a few whole rows, all views), checksummed
 (fletcher32) and compressed with the portable shuffle + gzip filters (or not compressed).

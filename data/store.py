@@ -32,7 +32,7 @@ SCHEMA_VERSION = 2
 CHUNK_ROWS = 64          # images decoded and marked done together
 CHUNK_BYTES = 256 * 1024  # HDF5 chunks of at most this size: a streamed row reads little more than itself
 RESIZE_MODES = ("keep-aspect", "squash")
-MAX_ASPECT = 2.0  # a longer side is squashed to MAX_ASPECT * S (counted in `data check`-like logs)
+MAX_ASPECT = 2.0  # a longer side is squashed to MAX_ASPECT * S (build_store says how many)
 
 
 class StoreError(ToolError):
@@ -108,6 +108,11 @@ def build_store(meta: Metadata, path: str | Path, size: int, fingerprint: str, r
                 hw = np.array([resized_hw(*wh, size, resize) for wh in pool.map(_image_size, paths)],
                               dtype=np.int32).reshape(-1, 2)
             side = int(hw.max())
+            capped = int(sum(1 for (h, w) in hw if max(h, w) >= round(MAX_ASPECT * size) and resize != "squash"))
+            if capped and progress:
+                tqdm.write(f"{capped} image(s) have an aspect ratio beyond {MAX_ASPECT:g}:1: their long side is "
+                           f"squashed to {round(MAX_ASPECT * size)} px (view 0 is no longer Resize({size}) + "
+                           "CenterCrop for them)")
             f.attrs.update(schema=SCHEMA, schema_version=SCHEMA_VERSION, fingerprint=fingerprint,
                            size=size, resize=resize, side=side, num_rows=n)
             f.create_dataset("hw", data=hw, fletcher32=True)

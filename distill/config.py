@@ -7,6 +7,7 @@ groups runs by the identity values in each run's ``config.json``, never by parsi
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ class DistillConfig:
         # One canonical form per value: 0 and 0.0 or a list and a tuple are the same setting.
         for f in dataclasses.fields(self):
             value, default = getattr(self, f.name), f.default
+            _check_type(f.name, value, default)
             if isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
                 setattr(self, f.name, float(value))
             elif isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float) \
@@ -159,6 +161,24 @@ class DistillConfig:
 _DEFAULTS_AGRE_PARAMS = DistillConfig.agre_params
 
 
+def _check_type(name: str, value, default) -> None:
+    """A value of the field's kind (numbers for numbers, on/off or None for switches), so that a
+    mistyped ``--set`` is a message, not a traceback or a silently wrong run."""
+    if isinstance(default, bool) or name in ("sample_views", "pretrained"):
+        ok = value is None or isinstance(value, bool)
+        want = "true/false (on/off), or null for the default"
+    elif isinstance(default, (int, float)):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        want = "a number"
+    elif name in ("image_size",):
+        ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
+        want = "an integer or null"
+    else:
+        return
+    if not ok:
+        raise ConfigError(f"{name} takes {want}, got {value!r}")
+
+
 # ----------------------------------------------------------------------------- names
 
 # Fields always spelled in a run name, in this order (the axes of the report's tables).
@@ -187,7 +207,9 @@ def _fmt(value) -> str:
     if value is None:
         return "none"
     if isinstance(value, str) and ("/" in value or "\\" in value):
-        return Path(value).stem  # a weights file: its name is enough to tell runs apart
+        # a file (weights, a teachers' manifest): its name, and a short hash of the whole path
+        # so that two files of one name do not share a run folder
+        return f"{Path(value).stem}-{hashlib.sha256(value.encode()).hexdigest()[:6]}"
     return str(value)
 
 

@@ -132,13 +132,15 @@ def batch_bounds(n: int, batch_size: int, min_size: int = 2) -> list[tuple[int, 
 
 
 def epoch_plan(n: int, views_per_row: int, cfg: DistillConfig, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The order of the training rows and the view each row is seen through in one epoch.
+    """The order of the training rows in one epoch, and the view of each row in that order.
 
-    With random views (``cfg.sample_views``, or by default when the cache holds any), each row
-    walks through its K views in its own random order, one per epoch (``1 + perm_row[epoch mod
-    K]``): with K >= epochs every row sees a distinct crop every epoch, like the online loop's
-    fresh crop (FKD stores per-epoch crops the same way). Without, view 0. The order is seeded by
-    (seed, epoch) and the walks by the seed, so a resumed run replays both exactly.
+    ``order[j]`` is the split position trained j-th, ``view[j]`` the view it is seen through (so
+    a batch ``order[s:e]`` takes ``view[s:e]``). With random views (``cfg.sample_views``, or by
+    default when the cache holds any), each row walks through its K views in its own random
+    order, one per epoch (``1 + perm_row[epoch mod K]``): with K >= epochs every row sees a
+    distinct crop every epoch, like the online loop's fresh crop (FKD stores per-epoch crops the
+    same way). Without, view 0. The order is seeded by (seed, epoch) and the walks by the seed,
+    so a resumed run replays both exactly.
     """
     order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch)))
     use_views = views_per_row > 1 if cfg.sample_views is None else cfg.sample_views
@@ -146,4 +148,4 @@ def epoch_plan(n: int, views_per_row: int, cfg: DistillConfig, epoch: int) -> tu
         return order, torch.zeros(n, dtype=torch.long)
     K = views_per_row - 1
     walks = torch.rand(n, K, generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, -1))).argsort(dim=1)
-    return order, 1 + walks[:, epoch % K]
+    return order, (1 + walks[:, epoch % K])[order]

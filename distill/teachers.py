@@ -19,6 +19,7 @@ import torch
 from cache.schema import CacheMeta
 from core.ensemble import Ensemble
 from core.manifest import read_manifest, verify_files
+from core.models import FEATURE_DIMS
 from core.runtime import autocast, epoch_seed
 from core.weighting import cached_agre_weights
 from data.views import ViewSpec, render, sample_views
@@ -32,6 +33,7 @@ class CachedTeachers:
     def __init__(self, meta: CacheMeta, cfg: DistillConfig, image_size: int, device):
         self.cfg, self.image_size, self.device = cfg, image_size, device
         self.num_teachers = meta.num_teachers
+        self.feature_dims = meta.feature_dims  # {layer: width} of the cached teacher features
         self.backbone = torch.tensor(meta.backbone_of_teacher, device=device)
         self.layers = [l for l, g in cfg.gammas.items() if g > 0]
 
@@ -56,6 +58,7 @@ class OnlineTeachers:
         self.cfg, self.image_size, self.device = cfg, image_size, device
         self.ensemble = Ensemble(man).to(device).eval().to(memory_format=torch.channels_last)
         self.num_teachers = len(man.teachers)
+        self.feature_dims = FEATURE_DIMS[man.teachers[0].arch]  # any layer: computed live
         self.backbone = torch.tensor(man.teacher_backbone, device=device)
         self.layers = [l for l, g in cfg.gammas.items() if g > 0]
         spec = meta.view_spec  # the cache's crop distribution, eval geometry and tau

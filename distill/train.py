@@ -99,8 +99,8 @@ def step(model, opt, x, y, zt, zb, teacher_feats: dict, cached, cfg: DistillConf
                             gammas=gammas, disagree=cfg.feature_weighting == "disagree", eps=cfg.feat_eps)
     loss = out["loss"] if grads is None else out["non_kd"]
     if loss.requires_grad:
-        loss.backward()
-    _sum_gradients(model, dist, share)
+        (loss * share if dist.active else loss).backward()
+    _sum_gradients(model, dist)
     if grads is not None:
         with torch.no_grad():  # p.grad += alpha sum_t w_t g_t, over all parameters at once
             wt = (cfg.alpha * w[0]).tolist()  # one host sync per step
@@ -117,29 +117,30 @@ def step(model, opt, x, y, zt, zb, teacher_feats: dict, cached, cfg: DistillConf
     return out, w
 
 
-def _sum_gradients(model, dist: Dist, share: float) -> None:
-    """The global batch's gradient from each process's: ``sum_r share_r grad_r`` (no-op alone)."""
+def _sum_gradients(model, dist: Dist) -> None:
+    """The global batch's gradient: the sum of the processes' gradients of ``share_r * loss_r``
+    (no-op alone). The share scales the loss before its backward pass, not the gradient after:
+    the global BatchNorm's backward adds every process's cotangents, which must carry their own
+    process's share."""
     if dist.active:
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        for g in grads:
-            g.mul_(share)
-        dist.all_sum(grads)
+        dist.all_sum([p.grad for p in model.parameters() if p.grad is not None])
 
 
 def batch_gradients(model, params: str, logits, h, zt, zb, tau: float, keep_graph: bool,
                     dist: Dist = Dist(), share: float = 1.0):
     """The agre-batch gradients (``g_t`` for each teacher, ``g_b``) of the batch-mean KD losses
     w.r.t. the parameter set ``params`` (``last``: closed form), summed over the processes."""
-    if params == "last":
+    if params == "last":  # closed form of this process's rows: scaled after
         g_t, g_b = last_layer_gradients(logits, h, zt, zb, tau)
-    else:
+        if dist.active:
+            for g in (*g_t, g_b):
+                g[0].mul_(share)
+    else:  # through the network (and the global BatchNorm): scaled before the backward passes
         losses = [kd_per_teacher(logits, zb[:, None], tau).mean(), *kd_per_teacher(logits, zt, tau).mean(0)]
-        g_b, *g_t = loss_gradients(losses, model.agre_params(params), keep_graph=keep_graph)
+        g_b, *g_t = loss_gradients([l * share for l in losses] if dist.active else losses,
+                                   model.agre_params(params), keep_graph=keep_graph)
     if dist.active:
-        flat = [g for gs in (*g_t, g_b) for g in gs]
-        for g in flat:
-            g.mul_(share)
-        dist.all_sum(flat)
+        dist.all_sum([g for gs in (*g_t, g_b) for g in gs])
     return g_t, g_b
 
 
@@ -264,7 +265,7 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
     train_counts = torch.bincount(train.group.cpu(), minlength=meta.num_groups).numpy()
     teachers = teacher_source(meta, cfg, image_size, device)
 
-    model = Student(meta.num_classes, {l: meta.feature_dims[l] for l in gammas}, pretrained, cfg.weights_file)
+    model = Student(meta.num_classes, {l: teachers.feature_dims[l] for l in gammas}, pretrained, cfg.weights_file)
     if d.active:  # statistics of the global batch, as one process holding it would compute
         model = global_batch_norm(model)
     model = model.to(device).to(memory_format=torch.channels_last)
@@ -288,6 +289,8 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
         lr = opt.param_groups[0]["lr"]
         tr = train_one_epoch(model, opt, train, cfg, epoch, teachers, device,
                              weights_out if epoch == cfg.epochs - 1 else None, progress, d)
+        if epoch == cfg.epochs - 1:
+            d.all_sum([weights_out])  # each process filled the rows it trained on
         sched.step()
         if not d.is_main:  # one process evaluates and writes; the models are the same everywhere
             continue
@@ -295,6 +298,8 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
         if vm["wga"] > best[0]:
             best = (vm["wga"], epoch + 1)
             save_best(best_path, model, epoch + 1, cfg)
+        if epoch == cfg.epochs - 1:  # before the checkpoint that makes a resume skip this epoch
+            np.save(out / "teacher_weights.npy", weights_out.cpu().numpy())
         save_last(last_path, model, opt, sched, epoch + 1, best, cfg, cache_id)
         rec = {"epoch": epoch + 1, "lr": lr, "time_s": round(time.time() - t0, 3),
                "train": {k: tr[k] for k in ("loss", "ce", "kd", "feat")},
@@ -305,13 +310,9 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
         say(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {tr['loss']:.4f}  val WGA {100 * vm['wga']:.2f}  "
             f"avg {_avg(vm)}  ({rec['time_s']:.1f}s)")
 
-    if start < cfg.epochs:
-        d.all_sum([weights_out])  # each process filled the rows it trained on
     if not d.is_main:
         d.barrier()
         return d.broadcast_object(None)
-    if start < cfg.epochs:  # the last epoch ran in this process (else the saved file stands)
-        np.save(out / "teacher_weights.npy", weights_out.cpu().numpy())
     test_last = evaluate(model, test, image_size, device, train_counts)
     model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
     summary = {

@@ -72,8 +72,11 @@ def format_table(table: Table | str | Path, preset: str | None = None) -> str:
 
 def verdicts(table: Table) -> list[str]:
     """What the table shows, in words, computed from its numbers: each row against the baseline,
-    paired by seed (the mean and sample std of the per-seed differences); a difference counts only
-    when it is larger than that std."""
+    paired by seed (mean and sample std of the per-seed differences). A difference is claimed only
+    when a two-sided paired t-test puts it at p < 0.05 (|mean| > t_0.975(n-1) * std / sqrt(n): with 3
+    seeds, more than 2.48 std); otherwise "no difference beyond seed noise"."""
+    from scipy.stats import t as student_t
+
     base = next((r for r in table.rows if r.is_baseline and r.runs), None)
     if base is None:
         return ["No finished baseline row: nothing to compare."]
@@ -83,18 +86,19 @@ def verdicts(table: Table) -> list[str]:
             continue
         seeds = sorted(set(row.wga_by_seed) & set(base.wga_by_seed))
         diffs = [row.wga_by_seed[s] - base.wga_by_seed[s] for s in seeds]
-        if len(diffs) < 2:
-            out.append(f"{row.label} vs {base.label}: {len(diffs)} paired seed(s), too few to tell a "
-                       "difference from seed noise.")
+        n = len(diffs)
+        if n < 2:
+            out.append(f"{row.label} vs {base.label}: {n} paired seed(s), too few to tell a difference from "
+                       "seed noise.")
             continue
         mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
-        if abs(mean) > sd:
+        if abs(mean) > student_t.ppf(0.975, n - 1) * sd / math.sqrt(n):
             verb = "beats" if mean > 0 else "trails"
-            out.append(f"{row.label} {verb} {base.label} by {abs(mean):.1f} ± {sd:.1f} WGA points over "
-                       f"{len(diffs)} seeds (paired by seed).")
+            out.append(f"{row.label} {verb} {base.label} by {abs(mean):.1f} ± {sd:.1f} WGA points over {n} seeds "
+                       "(paired by seed, p < 0.05).")
         else:
-            out.append(f"{row.label} vs {base.label}: no difference beyond seed noise ({mean:+.1f} ± "
-                       f"{sd:.1f} WGA points over {len(diffs)} seeds).")
+            out.append(f"{row.label} vs {base.label}: no difference beyond seed noise ({mean:+.1f} ± {sd:.1f} "
+                       f"WGA points over {n} seeds, paired by seed).")
     return out
 
 

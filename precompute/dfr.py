@@ -5,7 +5,8 @@ to spurious correlations", ICLR 2023 (DFR_Val^Tr). :func:`fit_dfr` fits a last l
 validation-set penultimate embeddings ``emb [N, D]`` (D = 2048 for ResNet-50) with one of
 ``DFR_VARIANTS``:
 
-- ``"tool"`` (default): this tool's protocol. ``StandardScaler`` fit on all N embeddings; C tuned
+- ``"tool"``: this tool's earlier protocol (``fit_dfr``'s default for back-compatibility; the
+  teachers stage defaults to ``"report"``). ``StandardScaler`` fit on all N embeddings; C tuned
   on two random halves (L1 liblinear on one group-balanced subsample of the fit half, worst-group
   accuracy (WGA) on the other half, ties to the smallest C); ``coef_``/``intercept_`` averaged
   over ``num_retrains`` group-balanced subsamples of the whole set.
@@ -446,7 +447,8 @@ def _fit_report(emb, y, group, *, seed, num_classes, num_groups, proportions=Non
     ``balanced_subsample(group, np.random.default_rng(seed))``. No C tuning, no averaging; more
     than 2 classes give lbfgs's multinomial model. ``C = 1.0``, ``tune_wga = {}``. scikit-learn's
     ``max_iter=100`` is kept as the report's call had it: on raw 2048-d embeddings lbfgs may stop
-    there with a ConvergenceWarning (left visible), and that early stop is part of its heads.
+    there (the warning is caught and reported as ``DFRHead.converged = False``; the teachers stage
+    prints a line), and that early stop is part of its heads.
     """
     rows = balanced_subsample(group, np.random.default_rng(seed), num_groups, proportions)
     _require_all_classes(y[rows], num_classes)

@@ -16,7 +16,9 @@ from cache.writer import CacheWriter
 from core.constants import LAYERS
 from core.distributed import context
 from core.ensemble import Ensemble
+from cache.schema import CacheError
 from core.errors import ConfigError, ToolError
+from core.provenance import settings_diff
 from core.files import OutputLock
 from core.manifest import read_manifest, verify_files
 from core.models import FEATURE_DIMS
@@ -89,10 +91,13 @@ def run_precompute(cfg: PrecomputeConfig) -> Path:
         return _compute(cfg, man, meta, out, cfg.shard)
     if cfg.shard:
         raise ConfigError("--shard splits the rows by hand; under torchrun the processes split them: use one or the other")
-    if d.broadcast_object(_finished(out)):
+    status = d.broadcast_object(_existing(cfg, man, meta, out) if d.is_main else None)
+    if status == "finished":
         if d.is_main:
             tqdm.write(f"{out} is already complete; nothing to do")
         return out
+    if status != "absent":  # made for other inputs: refused alike by every process
+        raise CacheError(status)
     parts = [out.with_name(f"{out.stem}.rank{r}of{d.world}{out.suffix}") for r in range(d.world)]
     _compute(cfg, man, meta, parts[d.rank], f"{d.rank}/{d.world}")
     d.barrier()
@@ -107,11 +112,39 @@ def run_precompute(cfg: PrecomputeConfig) -> Path:
     return out
 
 
-def _finished(path: Path) -> bool:
+def _existing(cfg: PrecomputeConfig, man, meta, out: Path) -> str:
+    """What a torchrun launch finds at ``out``: "absent" (nothing to keep: missing, unfinished,
+    or deleted by ``overwrite``), "finished" (made from these inputs), or why it is refused."""
+    if cfg.overwrite:
+        out.unlink(missing_ok=True)
     try:
-        return path.is_file() and open_cache(path).finished
-    except ToolError:
-        return False
+        reader = open_cache(out, require_complete=False) if out.is_file() else None
+    except ToolError as e:
+        return f"{e} (or pass --overwrite)"
+    if reader is None:
+        return "absent"
+    diff = settings_diff(reader.meta.identity(), _cache_meta(cfg, man, meta, fingerprint(meta)).identity(),
+                         names=("file", "now"))
+    if diff:
+        return (f"{out} already exists and was made for other inputs ({'; '.join(diff)}). Pass --overwrite to "
+                "rebuild it, or choose another --out")
+    return "finished" if reader.finished and not reader.shard else "absent"
+
+
+def _cache_meta(cfg: PrecomputeConfig, man, meta, fp: str) -> CacheMeta:
+    """What the cache of ``cfg`` is made from (its identity and layout)."""
+    image_size = cfg.image_size or man.image_size
+    spec = ViewSpec(random_views=cfg.random_views, out_size=image_size, seed=cfg.view_seed,
+                    resize=cfg.resize or man.resize)
+    return CacheMeta(
+        num_classes=meta.num_classes, class_names=list(meta.class_names), attr_names=list(meta.attr_names),
+        dataset=meta.dataset, dataset_options=meta.options, dataset_fingerprint=fp,
+        teachers=[{"name": m.name, "role": m.role, "sha256": m.sha256, "head_sha256": m.head_sha256,
+                   "backbone_id": m.backbone_id, "arch": m.arch} for m in man.teachers + [man.biased]],
+        backbone_ids=man.backbone_ids, backbone_of_teacher=man.teacher_backbone, biased_backbone=man.biased_backbone,
+        view_spec=spec.to_dict(), store_size=store_size_for(image_size), teachers_pretrained=man.pretrained,
+        layers=list(cfg.layers), feature_dims={l: FEATURE_DIMS[man.teachers[0].arch][l] for l in cfg.layers},
+        num_samples=len(meta), tau_cached=cfg.tau_cached)
 
 
 def _compute(cfg: PrecomputeConfig, man, meta, out: Path, shard: str) -> Path:
@@ -125,25 +158,17 @@ def _compute(cfg: PrecomputeConfig, man, meta, out: Path, shard: str) -> Path:
             out.unlink()
         say(f"fingerprinting {len(meta)} images in {meta.root}")
         fp = fingerprint(meta)
-        image_size = cfg.image_size or man.image_size
-        size = store_size_for(image_size)
-        spec = ViewSpec(random_views=cfg.random_views, out_size=image_size, seed=cfg.view_seed,
-                        resize=cfg.resize or man.resize)
+        cmeta = _cache_meta(cfg, man, meta, fp)
+        spec, size = ViewSpec(**cmeta.view_spec), cmeta.store_size
         rows = np.arange(row_start, row_stop)
-        cmeta = CacheMeta(
-            num_classes=meta.num_classes, class_names=list(meta.class_names), attr_names=list(meta.attr_names),
-            dataset=meta.dataset, dataset_options=meta.options, dataset_fingerprint=fp,
-            teachers=[{"name": m.name, "role": m.role, "sha256": m.sha256, "head_sha256": m.head_sha256,
-                       "backbone_id": m.backbone_id, "arch": m.arch} for m in man.teachers + [man.biased]],
-            backbone_ids=man.backbone_ids, backbone_of_teacher=man.teacher_backbone,
-            biased_backbone=man.biased_backbone,
-            view_spec=spec.to_dict(), store_size=size, teachers_pretrained=man.pretrained,
-            layers=list(cfg.layers), feature_dims={l: FEATURE_DIMS[man.teachers[0].arch][l] for l in cfg.layers},
-            num_samples=len(meta), tau_cached=cfg.tau_cached)
         samples = {"id": meta.filenames[rows], "y": meta.y[rows], "attr": meta.attr[rows],
                    "group": meta.group[rows], "split": meta.split[rows]}
         with CacheWriter.create_or_resume(str(out), cmeta, samples, row_start, row_stop, shard,
                                           compression=cfg.compression) as writer:
+            mine = range(row_start, row_stop)
+            with OutputLock(store_path_for(out), "the image store"):  # kept (or made again) beside it
+                store_file = build_store(meta, store_path_for(out), size, fp, spec.resize,
+                                         progress=cfg.progress, rows=mine)
             if writer.finished:
                 say(f"{out} is already complete ({writer.num_rows} rows); nothing to do")
                 return out
@@ -151,10 +176,6 @@ def _compute(cfg: PrecomputeConfig, man, meta, out: Path, shard: str) -> Path:
                 say(f"resuming {out}: {writer.num_done} of {writer.num_rows} rows already done")
             chunks = writer.pending_chunks(cfg.batch_size)
             if chunks:
-                mine = range(row_start, row_stop)
-                with OutputLock(store_path_for(out), "the image store"):
-                    store_file = build_store(meta, store_path_for(out), size, fp, spec.resize,
-                                             progress=cfg.progress, rows=mine)
                 store = ImageStore(store_file, fp, size, spec.resize, rows=mine)
                 device = pick_device(cfg.device)
                 ens = Ensemble(man).to(device).eval().to(memory_format=torch.channels_last)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from core.errors import ConfigError, ToolError
-from core.files import OutputLock, atomic_write_json, atomic_write_text, save_checkpoint
+from core.files import OutputLock, atomic_write_json, atomic_write_text, save_checkpoint, sha256_file
 from core.models import FEATURE_DIMS, CheckpointError, build_model, load_checkpoint
 from core.provenance import settings_diff
 from core.runtime import autocast, epoch_seed, pick_device
@@ -58,8 +58,9 @@ class TeacherConfig:
     device: str = "auto"
     progress: bool = True
 
-    # Fields that do not change what is built: outside the teachers' identity.
-    PLACEMENT = ("out", "overwrite", "device", "progress")
+    # Fields that do not change what is built: outside the teachers' identity (the data folder's
+    # content is in it through its fingerprint, wherever the folder lies).
+    PLACEMENT = ("out", "overwrite", "device", "progress", "data_root")
 
     def __post_init__(self):
         """Every argument checked before any expensive work."""
@@ -91,7 +92,10 @@ class TeacherConfig:
         pick_device(self.device)
 
     def identity(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.PLACEMENT}
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.PLACEMENT}
+        if self.weights_file:  # the weights, not where the file lies
+            d["weights_file"] = sha256_file(self.weights_file)
+        return d
 
 
 @torch.inference_mode()
@@ -193,17 +197,20 @@ def dfr_proportions(meta: Metadata, bias: float):
 
 
 def evaluate_logits(logits: torch.Tensor, meta: Metadata) -> dict:
-    """Per-split group metrics of eval-view logits for every row of ``meta``."""
-    return split_metrics(logits.argmax(1).numpy(), meta.y, meta.group, meta.split,
-                         {s: SPLIT_CODES[s] for s in ("val", "test")}, meta.num_groups)
+    """Per-split group metrics of eval-view logits for every row of ``meta`` (with group names)."""
+    out = split_metrics(logits.argmax(1).numpy(), meta.y, meta.group, meta.split,
+                        {s: SPLIT_CODES[s] for s in ("val", "test")}, meta.num_groups)
+    return {split: {**m, "group_names": list(meta.group_names)} for split, m in out.items()}
 
 
 def format_eval_table(man: Manifest) -> str:
     """Per model: val/test per-group accuracy, WGA and average accuracy, as Markdown."""
     rows = [[m.name, m.role, split, *("-" if a != a else f"{100 * a:.1f}" for a in r["group_acc"]),
-             *(f"{100 * r[k]:.1f}" for k in ("wga", "avg_acc", "mean_acc"))]
+             *("-" if r[k] is None else f"{100 * r[k]:.1f}" for k in ("wga", "avg_acc", "mean_acc"))]
             for m in man.models for split, r in m.metrics.items()]
-    return format_table(["model", "role", "split", *(f"g{g}" for g in range(4)), "WGA", "avg acc", "mean acc"], rows)
+    first = next((r for m in man.models for r in m.metrics.values()), {})
+    groups = first.get("group_names") or [f"g{g}" for g in range(len(first.get("group_acc", [])))]
+    return format_table(["model", "role", "split", *groups, "WGA", "avg acc", "mean acc"], rows)
 
 
 def _prepare_images(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,24 +317,25 @@ def _build(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str, num_classes: 
 def import_teachers(out: str | Path, teacher_files: list[str], biased_file: str, arch: str = "resnet50",
                     num_classes: int = 2, image_size: int = 224, pretrained: bool = True,
                     data_root: str | None = None, resize: str = "keep-aspect", device: str = "auto",
-                    progress: bool = True) -> Manifest:
+                    progress: bool = True, dataset: str = "waterbirds", dataset_options: dict | None = None) -> Manifest:
     """Declare existing checkpoints as the ensemble (optionally evaluating them on a data folder)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    entries = [make_entry(f"teacher_{i + 1}", "teacher", f, arch, num_classes, root=out)
-               for i, f in enumerate(teacher_files)]
-    entries.append(make_entry("biased", "biased", biased_file, arch, num_classes, root=out))
-    man = Manifest(entries, num_classes, image_size, pretrained, out, resize)
-    if data_root is not None:
-        meta = load_metadata(data_root)
-        cfg = TeacherConfig(data_root, str(out), image_size=image_size, resize=resize, progress=progress)
-        images, hw = _prepare_images(cfg, meta, out, fingerprint(meta))
-        box, flip = sample_views(np.arange(len(meta)), ViewSpec(out_size=image_size), hw.numpy())
-        for e in entries:
-            logits, _ = embed(load_model(man, e), images, hw, box[:, 0], flip[:, 0], image_size,
-                              pick_device(device), progress=progress, desc=f"evaluating {e.name}")
-            e.metrics = evaluate_logits(logits, meta)
-    man.save(out / "manifest.json")
-    if data_root is not None:
-        atomic_write_text(out / "eval.md", format_eval_table(man) + "\n")
+    with OutputLock(out, "the teachers folder"):
+        entries = [make_entry(f"teacher_{i + 1}", "teacher", f, arch, num_classes, root=out)
+                   for i, f in enumerate(teacher_files)]
+        entries.append(make_entry("biased", "biased", biased_file, arch, num_classes, root=out))
+        man = Manifest(entries, num_classes, image_size, pretrained, out, resize)
+        if data_root is not None:
+            meta = load_metadata(data_root, dataset, **(dataset_options or {}))
+            cfg = TeacherConfig(data_root, str(out), image_size=image_size, resize=resize, progress=progress)
+            images, hw = _prepare_images(cfg, meta, out, fingerprint(meta))
+            box, flip = sample_views(np.arange(len(meta)), ViewSpec(out_size=image_size), hw.numpy())
+            for e in entries:
+                logits, _ = embed(load_model(man, e), images, hw, box[:, 0], flip[:, 0], image_size,
+                                  pick_device(device), progress=progress, desc=f"evaluating {e.name}")
+                e.metrics = evaluate_logits(logits, meta)
+        man.save(out / "manifest.json")
+        if data_root is not None:
+            atomic_write_text(out / "eval.md", format_eval_table(man) + "\n")
     return man

@@ -164,15 +164,22 @@ def test_batch_bounds_never_leave_a_single_sample():
 @pytest.mark.parametrize("K, E", [(5, 5), (8, 5), (3, 7)])
 def test_each_row_sees_distinct_views_over_epochs(K, E):
     """With K >= E stored random views, every training row is given E distinct views over E
-    epochs (a fresh crop each epoch, as the online loop has); with fewer it cycles through all."""
-    from distill.data import epoch_plan
+    epochs (a fresh crop each epoch, as the online loop has); with fewer it cycles through all.
+    Checked on what the training loop gets: the rows and views of its batches."""
+    from distill.data import InMemorySplit, SplitData, batch_bounds, epoch_plan
 
     cfg = DistillConfig(seed=3)
     n = 50
-    seen = np.stack([epoch_plan(n, K + 1, cfg, e)[1].numpy() for e in range(E)], axis=1)  # [n, E]
+    data = SplitData(rows=torch.arange(n), images=torch.zeros(n, 1), hw=torch.zeros(n, 2), y=torch.zeros(n),
+                     group=torch.zeros(n), box=torch.zeros(n, K + 1, 4), flip=torch.zeros(n, K + 1))
+    split = InMemorySplit(data)
+    seen = np.zeros((n, E), dtype=int)
+    for e in range(E):
+        order, view = epoch_plan(n, K + 1, cfg, e)
+        for _, idx, v, positions in split.batches(order, view, batch_bounds(n, 16), lambda a: a):
+            seen[positions.numpy(), e] = v.numpy()
     assert seen.min() >= 1 and seen.max() <= K
-    distinct = [len(set(r)) for r in seen]
-    assert distinct == [min(K, E)] * n
+    assert [len(set(r)) for r in seen] == [min(K, E)] * n
     if E > K:  # the walk repeats with period K
         np.testing.assert_array_equal(seen[:, :E - K], seen[:, K:])
     assert len({tuple(r) for r in seen}) > 1  # rows walk in different orders

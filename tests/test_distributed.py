@@ -80,7 +80,8 @@ def test_torchrun_precompute_resumes_a_killed_process(tiny_data, tiny_teachers, 
 def test_torchrun_distill_equals_one_process_with_the_global_batch(single, tmp_path):
     """Every gradient (the T + 1 of the batch weights too) and BatchNorm's statistics are those of
     the global batch; a small lr keeps the two runs' float differences (summation order) small."""
-    args = ["distill", "--cache", single, "--epochs", 1, "--batch-size", 64, "--gamma", 0.5, "--lr", 1e-4,
+    # an odd batch: the two processes hold unequal shares (32 and 31 rows) of every batch
+    args = ["distill", "--cache", single, "--epochs", 1, "--batch-size", 63, "--gamma", 0.5, "--lr", 1e-4,
             "--device", "cpu", "--no-pretrained", "--keep-checkpoints", "last"]
     run(*args, "--out", tmp_path / "one")
     printed = run(*args, "--out", tmp_path / "two", procs=2)
@@ -97,3 +98,18 @@ def test_torchrun_distill_equals_one_process_with_the_global_batch(single, tmp_p
     a, b = (torch.load(tmp_path / r / "last.pt", weights_only=True)["model"] for r in ("one", "two"))
     for k in a:
         torch.testing.assert_close(b[k].float(), a[k].float(), rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_torchrun_precompute_refuses_a_cache_made_otherwise(tiny_data, tiny_teachers, single):
+    """What a launch finds at --out: a cache of other inputs is refused (unless --overwrite)."""
+    from core.manifest import read_manifest
+    from data.folders import load_metadata
+    from precompute.run import PrecomputeConfig, _existing
+
+    man, meta = read_manifest(tiny_teachers), load_metadata(tiny_data)
+    same = PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(single), random_views=1, layers=("layer4",),
+                            batch_size=64, device="cpu")
+    assert _existing(same, man, meta, single) == "finished"
+    other = PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(single), random_views=3, layers=("layer4",),
+                             batch_size=64, device="cpu")
+    assert "made for other inputs" in _existing(other, man, meta, single) and "--overwrite" in _existing(other, man, meta, single)

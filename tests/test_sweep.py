@@ -41,8 +41,9 @@ def test_run_name_readable_and_independent_of_order_and_spelled_defaults():
 def test_run_name_spells_non_default_fields_and_is_filesystem_safe():
     name = run_name({"gamma": 0.5, "epochs": 5, "tau": 2, "weights_file": "/w/my r18.pth",
                      "device": "cuda", "cache": "/x/cache.h5"})
-    assert name == "agre-batch_g0.5_a1_layer4_none_ep5_tau2_wfmy-r18_s42"
-    assert re.fullmatch(r"[A-Za-z0-9._+-]+", name)
+    assert re.fullmatch(r"agre-batch_g0\.5_a1_layer4_none_ep5_tau2_wfmy-r18-[0-9a-f]{6}_s42", name), name
+    # two files of one name are two runs
+    assert run_name({"weights_file": "/a/w.pth"}) != run_name({"weights_file": "/b/w.pth"})
 
 
 def test_run_name_rejects_unknown_field():
