@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.models import FeatureResNet  # noqa: E402
-from core.runtime import autocast, keep_freed_memory, pick_device  # noqa: E402
+from core.runtime import autocast, keep_freed_memory, memory_format_for, pick_device  # noqa: E402
 from core.weighting import agre_batch_weights_from_grads, kd_per_teacher  # noqa: E402
 from data.store import store_size_for  # noqa: E402
 from data.views import eval_box, render  # noqa: E402
@@ -87,7 +87,7 @@ def main(argv=None):
     B, T, C, S = args.batch_size, args.teachers, 2, args.image_size
     data = synthetic_split(4 * B, store_size_for(S), T, C, 2048, device)
     idx, view = torch.arange(B, device=device), torch.zeros(B, dtype=torch.long, device=device)
-    cl = dict(memory_format=torch.channels_last)
+    cl = dict(memory_format=memory_format_for(device))
     x_of = lambda: render(data.images[idx], data.box[idx, view], data.flip[idx, view], S, data.hw[idx])
     zt, zb = data.logits[idx, view], data.biased[idx, view]
     feats = {"layer4": data.feats["layer4"][idx, view].expand(-1, T, -1)}

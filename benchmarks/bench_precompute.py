@@ -37,7 +37,7 @@ from core.ensemble import Ensemble  # noqa: E402
 from precompute.run import PrecomputeConfig, run_precompute  # noqa: E402
 from core.manifest import read_manifest  # noqa: E402
 from precompute.teachers import import_teachers  # noqa: E402
-from core.runtime import autocast, keep_freed_memory, pick_device  # noqa: E402
+from core.runtime import autocast, keep_freed_memory, memory_format_for, pick_device  # noqa: E402
 
 
 def sync(device):
@@ -76,7 +76,7 @@ def main(argv=None):
     build_store(meta, store_path_for(cache), size, fp, progress=False)
 
     # bare forward: the same distinct backbones on the same rendered views, nothing else
-    ens = Ensemble(man).to(device).eval().to(memory_format=torch.channels_last)
+    ens = Ensemble(man).to(device).eval().to(memory_format=memory_format_for(device))
     store = ImageStore(store_path_for(cache))
     rows = np.arange(len(meta))
     box, flip = sample_views(rows, ViewSpec(random_views=args.views, out_size=args.image_size))
@@ -87,7 +87,7 @@ def main(argv=None):
         for v in range(args.views + 1):
             batches.append(render(images[s:s + args.batch_size], torch.from_numpy(box[s:s + args.batch_size, v]),
                                   torch.from_numpy(flip[s:s + args.batch_size, v]), args.image_size)
-                           .contiguous(memory_format=torch.channels_last))
+                           .contiguous(memory_format=memory_format_for(device)))
     n_img = len(rows) * (args.views + 1)
 
     def bare_forward(batches=batches) -> float:

@@ -39,6 +39,13 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def memory_format_for(device: torch.device) -> torch.memory_format:
+    """channels_last (NHWC) on CUDA, where cuDNN's tensor-core kernels want it; the default layout
+    elsewhere: on a 2-core CPU the student's agre-batch step (24 px, batch 128) measured 1.4x
+    slower in channels_last, the mkldnn backward reordering every small feature map."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
 @functools.cache
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed blocks of up to 32 MiB instead of handing them back to the OS.

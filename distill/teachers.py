@@ -20,7 +20,7 @@ from cache.schema import CacheMeta
 from core.ensemble import Ensemble
 from core.manifest import read_manifest, verify_files
 from core.models import FEATURE_DIMS
-from core.runtime import autocast, epoch_seed
+from core.runtime import autocast, epoch_seed, memory_format_for
 from core.weighting import cached_agre_weights
 from data.views import ViewSpec, render, sample_views
 from distill.config import DistillConfig
@@ -56,7 +56,7 @@ class OnlineTeachers:
             raise DistillError(f"the teachers of {cfg.teachers_online} have {man.num_classes} classes, the data of "
                                f"{cfg.cache} {meta.num_classes}")
         self.cfg, self.image_size, self.device = cfg, image_size, device
-        self.ensemble = Ensemble(man).to(device).eval().to(memory_format=torch.channels_last)
+        self.ensemble = Ensemble(man).to(device).eval().to(memory_format=memory_format_for(device))
         self.num_teachers = len(man.teachers)
         self.feature_dims = FEATURE_DIMS[man.teachers[0].arch]  # any layer: computed live
         self.backbone = torch.tensor(man.teacher_backbone, device=device)
@@ -77,7 +77,7 @@ class OnlineTeachers:
     def outputs(self, x: torch.Tensor):
         """(teacher logits [b, T, C], biased logits [b, C], {layer: [b, T, D]}) on images ``x``."""
         with autocast(self.device):
-            zt, zb, f = self.ensemble(x.contiguous(memory_format=torch.channels_last), self.layers or ("layer4",))
+            zt, zb, f = self.ensemble(x.contiguous(memory_format=memory_format_for(self.device)), self.layers or ("layer4",))
         feats = {l: f[l].float().index_select(1, self.backbone) for l in self.layers}
         return zt.float(), zb.float(), feats
 

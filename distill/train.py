@@ -21,7 +21,7 @@ from cache.reader import CacheReader
 from core.distributed import Dist, context, global_batch_norm
 from core.files import OutputLock, atomic_write_json
 from core.provenance import provenance
-from core.runtime import autocast, pick_device
+from core.runtime import autocast, memory_format_for, pick_device
 from core.weighting import (agre_batch_weights_from_grads, at_least_float32, kd_per_teacher, last_layer_gradients,
                             loss_gradients, teacher_weights, weight_agreement)
 from data.folders import SPLIT_CODES
@@ -48,7 +48,7 @@ def evaluate(model: Student, split, image_size: int, device, train_counts, batch
             x = render(data.images[s:s + batch_size].to(device), data.box[s:s + batch_size, 0],
                        data.flip[s:s + batch_size, 0], image_size, data.hw[s:s + batch_size])
             with autocast(device):
-                logits, _, _ = model(x.contiguous(memory_format=torch.channels_last))
+                logits, _, _ = model(x.contiguous(memory_format=memory_format_for(device)))
             preds.append(logits.argmax(1).cpu())
     return group_metrics(torch.cat(preds), split.y, split.group, train_counts)
 
@@ -79,7 +79,7 @@ def step(model, opt, x, y, zt, zb, teacher_feats: dict, cached, cfg: DistillConf
     update are those of the global batch (BatchNorm too: core.distributed.GlobalBatchNorm2d).
     """
     with autocast(device):
-        logits, h, projected = model(x.contiguous(memory_format=torch.channels_last))
+        logits, h, projected = model(x.contiguous(memory_format=memory_format_for(device)))
     logits, h = logits.to(at_least_float32(logits)), h.to(at_least_float32(h))  # bf16 under autocast
     gammas = {l: g for l, g in cfg.gammas.items() if g > 0}
     opt.zero_grad(set_to_none=True)
@@ -268,7 +268,7 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
     model = Student(meta.num_classes, {l: teachers.feature_dims[l] for l in gammas}, pretrained, cfg.weights_file)
     if d.active:  # statistics of the global batch, as one process holding it would compute
         model = global_batch_norm(model)
-    model = model.to(device).to(memory_format=torch.channels_last)
+    model = model.to(device).to(memory_format=memory_format_for(device))
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = schedule(opt, cfg)
     start, best = 0, (-1.0, -1)

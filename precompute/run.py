@@ -22,7 +22,7 @@ from core.provenance import settings_diff
 from core.files import OutputLock
 from core.manifest import read_manifest, verify_files
 from core.models import FEATURE_DIMS
-from core.runtime import autocast, pick_device
+from core.runtime import autocast, memory_format_for, pick_device
 from core.weighting import cached_agre_weights
 from data.folders import SPLIT_CODES, fingerprint, load_metadata
 from data.store import RESIZE_MODES, ImageStore, build_store, store_size_for
@@ -178,7 +178,7 @@ def _compute(cfg: PrecomputeConfig, man, meta, out: Path, shard: str) -> Path:
             if chunks:
                 store = ImageStore(store_file, fp, size, spec.resize, rows=mine)
                 device = pick_device(cfg.device)
-                ens = Ensemble(man).to(device).eval().to(memory_format=torch.channels_last)
+                ens = Ensemble(man).to(device).eval().to(memory_format=memory_format_for(device))
                 is_train = samples["split"] == SPLIT_CODES["train"]
                 _run_chunks(writer, chunks, ens, store, rows, is_train, spec, cfg, device)
             writer.finalize()
@@ -241,7 +241,7 @@ def _forward_chunk(ens: Ensemble, images: torch.Tensor, hw: np.ndarray, rows: np
         r, v = pair_row[s:s + cfg.batch_size], pair_view[s:s + cfg.batch_size]
         x = render(images[r.to(device)], box_t[r, v], flip_t[r, v], spec.out_size, hw_t[r])
         with autocast(device):
-            zt, zb, f = ens(x.contiguous(memory_format=torch.channels_last), cfg.layers)
+            zt, zb, f = ens(x.contiguous(memory_format=memory_format_for(device)), cfg.layers)
         outs.append((zt.float(), zb.float(), {l: f[l].half() for l in cfg.layers}))
     zt = torch.cat([o[0] for o in outs]).cpu()
     zb = torch.cat([o[1] for o in outs]).cpu()

@@ -21,7 +21,7 @@ from core.errors import ConfigError, ToolError
 from core.files import OutputLock, atomic_write_json, atomic_write_text, save_checkpoint, sha256_file
 from core.models import FEATURE_DIMS, CheckpointError, build_model, load_checkpoint
 from core.provenance import settings_diff
-from core.runtime import autocast, epoch_seed, pick_device
+from core.runtime import autocast, epoch_seed, memory_format_for, pick_device
 from core.tables import format_table
 from data.metrics import split_metrics
 from data.store import RESIZE_MODES, ImageStore, build_store, store_size_for
@@ -112,7 +112,7 @@ def embed(model, images: torch.Tensor, hw: torch.Tensor, box: np.ndarray, flip: 
         x = render(images[s:s + batch_size].to(device), torch.from_numpy(box[s:s + batch_size]),
                    torch.from_numpy(flip[s:s + batch_size]), out_size, hw[s:s + batch_size])
         with autocast(device):
-            z, f = model(x.contiguous(memory_format=torch.channels_last), layers=("layer4",))
+            z, f = model(x.contiguous(memory_format=memory_format_for(device)), layers=("layer4",))
         logits.append(z.float().cpu())
         embs.append(f["layer4"].float().cpu())
     return torch.cat(logits), torch.cat(embs)
@@ -145,7 +145,7 @@ def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, hw: torch.Ten
                               "use those settings to resume it, or delete it to start over")
     torch.manual_seed(seed)
     model = build_model(cfg.arch, num_classes, cfg.pretrained, cfg.weights_file).to(device)
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=memory_format_for(device))
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     start = 0
     if ck is not None:
@@ -168,7 +168,7 @@ def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, hw: torch.Ten
             x = render(images[r].to(device, non_blocking=True), box[idx], flip[idx], cfg.image_size, hw[r])
             target = y[r].to(device)
             with autocast(device):
-                logits, _ = model(x.contiguous(memory_format=torch.channels_last), layers=())
+                logits, _ = model(x.contiguous(memory_format=memory_format_for(device)), layers=())
                 loss = F.cross_entropy(logits.float(), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -79,7 +79,10 @@ def test_torchrun_precompute_resumes_a_killed_process(tiny_data, tiny_teachers, 
 
 def test_torchrun_distill_equals_one_process_with_the_global_batch(single, tmp_path):
     """Every gradient (the T + 1 of the batch weights too) and BatchNorm's statistics are those of
-    the global batch; a small lr keeps the two runs' float differences (summation order) small."""
+    the global batch; a small lr keeps the two runs' float differences (summation order) small.
+    Tolerances, measured on a 2-core CPU: train losses differ by up to 9e-5 relative, batch weights
+    by 2e-4 (1 - cos of float32 gradients), BatchNorm running variances by 1e-4 relative (the
+    global variance from sums of squares)."""
     # an odd batch: the two processes hold unequal shares (32 and 31 rows) of every batch
     args = ["distill", "--cache", single, "--epochs", 1, "--batch-size", 63, "--gamma", 0.5, "--lr", 1e-4,
             "--device", "cpu", "--no-pretrained", "--keep-checkpoints", "last"]
@@ -89,15 +92,15 @@ def test_torchrun_distill_equals_one_process_with_the_global_batch(single, tmp_p
     one, two = ([json.loads(l) for l in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in ("one", "two"))
     assert len(one) == len(two) == 1  # one writer
     for k in ("loss", "kd", "feat"):
-        assert two[0]["train"][k] == pytest.approx(one[0]["train"][k], rel=1e-5), k
+        assert two[0]["train"][k] == pytest.approx(one[0]["train"][k], rel=5e-4), k
     # batch weights are 1 - cos of gradients: their float noise (summation order) is larger
-    np.testing.assert_allclose(two[0]["teacher_weights"], one[0]["teacher_weights"], atol=1e-4)
+    np.testing.assert_allclose(two[0]["teacher_weights"], one[0]["teacher_weights"], atol=1e-3)
     assert two[0]["val"]["group_acc"] == one[0]["val"]["group_acc"]
     np.testing.assert_allclose(np.load(tmp_path / "two" / "teacher_weights.npy"),
-                               np.load(tmp_path / "one" / "teacher_weights.npy"), atol=1e-4)
+                               np.load(tmp_path / "one" / "teacher_weights.npy"), atol=1e-3)
     a, b = (torch.load(tmp_path / r / "last.pt", weights_only=True)["model"] for r in ("one", "two"))
     for k in a:
-        torch.testing.assert_close(b[k].float(), a[k].float(), rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(b[k].float(), a[k].float(), rtol=1e-3, atol=1e-4, msg=k)
 
 
 def test_torchrun_precompute_refuses_a_cache_made_otherwise(tiny_data, tiny_teachers, single):
