@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.store import ImageStore, build_store, store_size_for  # noqa: E402
 from data.synth import SynthSpec, generate  # noqa: E402
 from data.views import ViewSpec, render, sample_views  # noqa: E402
-from data.folders import fingerprint, load_metadata  # noqa: E402
+from data.folders import SPLIT_CODES, fingerprint, load_metadata  # noqa: E402
 from core.files import save_checkpoint
 from core.models import FeatureResNet  # noqa: E402
 from cache.schema import store_path_for
@@ -82,13 +82,14 @@ def main(argv=None):
     box, flip = sample_views(rows, ViewSpec(random_views=args.views, out_size=args.image_size))
     images = torch.from_numpy(store.load_all())
     store.close()
+    # the (row, view) pairs precompute computes: every view of a training row, the eval view of the rest
+    pairs = [(r, v) for r in rows for v in range(args.views + 1 if meta.split[r] == SPLIT_CODES["train"] else 1)]
     batches = []
-    for s in range(0, len(rows), args.batch_size):
-        for v in range(args.views + 1):
-            batches.append(render(images[s:s + args.batch_size], torch.from_numpy(box[s:s + args.batch_size, v]),
-                                  torch.from_numpy(flip[s:s + args.batch_size, v]), args.image_size)
-                           .contiguous(memory_format=memory_format_for(device)))
-    n_img = len(rows) * (args.views + 1)
+    for s in range(0, len(pairs), args.batch_size):
+        r, v = (torch.tensor(c) for c in zip(*pairs[s:s + args.batch_size]))
+        batches.append(render(images[r], torch.from_numpy(box)[r, v], torch.from_numpy(flip)[r, v], args.image_size)
+                       .contiguous(memory_format=memory_format_for(device)))
+    n_img = len(pairs)
 
     def bare_forward(batches=batches) -> float:
         with torch.inference_mode():
@@ -120,7 +121,8 @@ def main(argv=None):
     ratios = [(b0 + b1) / 2 / f for b0, b1, f in zip(bare_times, bare_times[1:], full_times)]
     bare, full = float(np.median(bare_times)), float(np.median(full_times))
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device {name}; {len(rows)} images x {args.views + 1} views at {args.image_size}px; "
+    print(f"device {name}; {len(rows)} images, {n_img} image-views ({args.views} random views of each training "
+          f"image + the eval view of every image) at {args.image_size}px; "
           f"{len(ens.backbones)} distinct backbones for 5 teachers + biased")
     print(f"  bare forward : {n_img / bare:8.1f} img/s (median of {len(bare_times)} passes)")
     print(f"  precompute   : {n_img / full:8.1f} img/s (median of {len(full_times)}; whole command: store read, "
