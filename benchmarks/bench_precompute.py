@@ -130,8 +130,10 @@ def main(argv=None):
     print(f"ratio precompute / bare forward: {np.median(ratios):.3f}   (goal >= 0.9; median over {len(ratios)} "
           f"precompute passes, each against the mean of the bare passes before and after it: "
           f"{', '.join(f'{r:.3f}' for r in ratios)})")
-    print(f"cache: {cache.stat().st_size / n_img / 1024:.1f} KiB per image per view "
-          f"({cache.stat().st_size / 2**20:.1f} MiB for {n_img} image-views; layers {', '.join(LAYERS)})")
+    slots = len(rows) * (args.views + 1)  # every row keeps K + 1 view slots (eval rows repeat view 0)
+    print(f"cache: {cache.stat().st_size / slots / 1024:.1f} KiB per stored (row, view) slot "
+          f"({cache.stat().st_size / 2**20:.1f} MiB for {len(rows)} rows x {args.views + 1} slots; "
+          f"layers {', '.join(LAYERS)})")
 
 
 if __name__ == "__main__":
