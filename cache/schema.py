@@ -41,6 +41,7 @@ import numpy as np
 from core.constants import ROLES
 from core.errors import ConfigError, ToolError
 from core.provenance import PROVENANCE_FIELDS, canon, provenance
+from data.folders import group_names
 
 SCHEMA_NAME = "gr-kd-cache"
 SCHEMA_VERSION = 2
@@ -136,11 +137,11 @@ class CacheMeta:
 
     @property
     def num_groups(self) -> int:
-        return len(self.class_names) * len(self.attr_names)
+        return len(self.group_names)
 
     @property
     def group_names(self) -> list[str]:
-        return [f"{c}/{a}" for c in self.class_names for a in self.attr_names]
+        return list(group_names(self.class_names, self.attr_names))
 
     @property
     def random_views(self) -> int:

@@ -7,6 +7,7 @@ one code path.
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 from dataclasses import dataclass
@@ -61,10 +62,19 @@ def context(device_type: str = "cpu") -> Dist:
         return Dist()
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        # Leave the group while the interpreter is alive: gloo's worker threads still holding
+        # tensors at interpreter finalization abort the process (SIGABRT, "terminate called
+        # without an active exception"; pytorch/pytorch#190489), seen once in 4 CI-like runs.
+        atexit.register(_leave)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
         torch.cuda.set_device(local)
     return Dist(torch.distributed.get_rank(), world, local)
+
+
+def _leave() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
