@@ -38,22 +38,22 @@ def default_of(cls, name: str):
     return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
-def floats(text: str | None, option: str = "the option"):
+def _comma_list(text: str | None, cast, kind: str, example: str, option: str):
     from core.errors import ConfigError
 
     try:
-        return None if text is None else tuple(float(v) for v in text.split(",") if v.strip())
+        return None if text is None else [cast(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ConfigError(f"{option} takes a comma list of numbers, e.g. 0.25,0.5; got {text!r}") from None
+        raise ConfigError(f"{option} takes a comma list of {kind}, e.g. {example}; got {text!r}") from None
+
+
+def floats(text: str | None, option: str = "the option"):
+    values = _comma_list(text, float, "numbers", "0.25,0.5", option)
+    return None if values is None else tuple(values)
 
 
 def ints(text: str | None, option: str = "the option"):
-    from core.errors import ConfigError
-
-    try:
-        return None if text is None else [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"{option} takes a comma list of integers, e.g. 42,43,44; got {text!r}") from None
+    return _comma_list(text, int, "integers", "42,43,44", option)
 
 
 def words(text: str | None):
@@ -359,7 +359,8 @@ def distill(out, resume, overwrite, cache_path, layers, layer_gammas, sample_vie
     from distill.config import DistillConfig, run_name
     from distill.train import fit
 
-    cfg = DistillConfig(cache=cache_path, out=out or "", layers=words(layers), layer_gammas=floats(layer_gammas, "--layer-gammas"),
+    cfg = DistillConfig(cache=cache_path, out=out or "", layers=words(layers),
+                        layer_gammas=floats(layer_gammas, "--layer-gammas"),
                         sample_views={"on": True, "off": False}.get(sample_views),
                         agre_compare=words(agre_compare) or (), **kw)
     if not out:

@@ -11,17 +11,16 @@ from tqdm import tqdm
 
 from cache.merge import merge
 from cache.reader import open_cache
-from cache.schema import CacheMeta, parse_shard, shard_rows, store_path_for
+from cache.schema import CacheError, CacheMeta, parse_shard, shard_rows, store_path_for
 from cache.writer import CacheWriter
 from core.constants import LAYERS
 from core.distributed import context
 from core.ensemble import Ensemble
-from cache.schema import CacheError
 from core.errors import ConfigError, ToolError
-from core.provenance import settings_diff
 from core.files import OutputLock
 from core.manifest import read_manifest, verify_files
 from core.models import FEATURE_DIMS
+from core.provenance import settings_diff
 from core.runtime import autocast, memory_format_for, pick_device
 from core.weighting import cached_agre_weights
 from data.folders import SPLIT_CODES, fingerprint, load_metadata
