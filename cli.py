@@ -331,8 +331,10 @@ def distill_options(fn):
         click.option("--agre-compare", default=None,
                      help="agre-batch: also compute the weights from these parameter sets on the same steps and "
                           "log how they agree, e.g. last,layer4 (no effect on training)."),
-        click.option("--views", "sample_views", type=click.Choice(["on", "off", "auto"]), default="auto",
-                     show_default=True, help="Train on the cached random views (auto: when the cache has them)."),
+        click.option("--sample-views", "sample_views", type=click.Choice(["on", "off", "auto"]), default="auto",
+                     show_default=True, help="Train on the cache's stored random views, one slot per epoch (off: "
+                                             "the eval view only; auto: on when the cache has them). The number of "
+                                             "stored views is precompute's --views K."),
         click.option("--pretrained/--no-pretrained", default=None, help="ImageNet student [default: as the teachers]."),
         click.option("--weights-file", type=click.Path(exists=True), default=None, help="Local ImageNet ResNet-18 weights."),
         click.option("--data-root", type=click.Path(), default=None, help="Check the cache against this folder."),

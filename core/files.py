@@ -1,27 +1,105 @@
-"""File helpers: atomic writes, sha256 of a file, tolerant JSON-lines reading.
+"""File helpers: atomic writes, sha256 of a file, JSON reading, output folders and locks.
 
-Atomic writes go to ``<name>.tmp`` beside the target and are renamed over it, so a kill mid-write
-never leaves a half-written file under the real name.
+Atomic writes go to a temporary file created exclusively (``O_EXCL``, a random name) in the
+target's folder, are fsynced and renamed over the target, and the folder is fsynced: a kill or a
+power cut mid-write never leaves a half-written file under the real name, and a symbolic link
+planted at any fixed name is never followed. Locks are opened with ``O_NOFOLLOW``. A folder that
+cannot be created or written (a read-only ``--out``) is a ToolError naming it, not a traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import stat
+import tempfile
 from pathlib import Path
 
+from core.errors import ToolError
 
-def _tmp_of(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
+
+class OutputError(ToolError):
+    """An output that cannot be written: a read-only folder, a planted symbolic link."""
+
+
+def _cannot(what: str, path, e: OSError) -> OutputError:
+    return OutputError(f"cannot write {what} {path}: {e.strerror or e}; choose a writable location "
+                       f"(--out) or fix the folder's permissions")
+
+
+def ensure_dir(path: str | Path, what: str = "output folder") -> Path:
+    """``mkdir -p`` whose failure (read-only, a file in the way) is an OutputError naming the folder."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError(f"cannot create {what} {path}: a file of that name is in the way") from None
+    except OSError as e:
+        raise _cannot(what, path, e) from None
+    return path
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync a folder, so that a rename or a new file in it survives a power cut (best effort: some
+    file systems cannot fsync a folder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | Path) -> None:
+    """fsync a file's data (before a "done" mark is written about it)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _atomic(path: str | Path, what: str = "file"):
+    """Yield a binary file object on a fresh exclusive temporary beside ``path``; on success it is
+    flushed, fsynced, renamed over ``path`` and the folder fsynced; on failure it is removed."""
+    path = Path(path)
+    ensure_dir(path.parent, "folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _cannot(what, path, e) from None
+    try:
+        try:
+            mode = stat.S_IMODE(os.stat(path, follow_symlinks=False).st_mode)
+        except OSError:
+            mode = 0o644
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # replaces a symbolic link at ``path`` itself, never its target
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    with _atomic(path) as f:
+        f.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_of(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, text.encode())
 
 
 def atomic_write_json(path: str | Path, obj) -> Path:
@@ -32,12 +110,9 @@ def save_checkpoint(obj, path: str | Path) -> Path:
     """Atomic ``torch.save``: a kill mid-write never leaves a half file under ``path``."""
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_of(path)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
+    with _atomic(path, "checkpoint") as f:
+        torch.save(obj, f)
+    return Path(path)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -65,6 +140,19 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return records
 
 
+def read_json(path: str | Path, max_bytes: int = 64 << 20):
+    """The JSON value in a file, or None when it is missing, unreadable, not JSON or over
+    ``max_bytes`` (a run folder's config, summary or plan written by a kill is simply absent)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            return None
+        return json.loads(data)
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
 class OutputLock:
     """Exclusive lock on an output (a run folder, a cache, a store, a teachers folder).
 
@@ -85,8 +173,19 @@ class OutputLock:
 
         from core.errors import LockedError
 
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        ensure_dir(self.file.parent, "output folder")
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(self.file, flags, 0o644)
+        except OSError as e:
+            if os.path.islink(self.file):
+                raise OutputError(f"the lock file {self.file} is a symbolic link (to {os.readlink(self.file)}): "
+                                  f"refusing to follow it (a received folder may plant one to overwrite "
+                                  f"another file); remove the link and run again") from None
+            raise _cannot("the lock file", self.file, e) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OutputError(f"the lock file {self.file} is not a regular file; remove it and run again")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -1,6 +1,7 @@
-"""Teacher weights for ensemble distillation: AVER, AGRE-KD, the seed's batch AGRE, cached AGRE.
+"""The maths of teacher weighting that both stages use: AVER, AGRE-KD, the report's batch AGRE, cached AGRE.
 
-Notation (DESIGN.md, "Exact maths"): student logits ``z_s`` [B, C], teacher logits ``z_t``
+Formulas only (docs/method.md#teacher-weighting); the strategies that apply them to a training
+batch are in :mod:`distill.task`. Notation: student logits ``z_s`` [B, C], teacher logits ``z_t``
 [B, T, C], biased-model logits ``z_b`` [B, C], temperature ``tau``, ``p_x = softmax(z_x / tau)``,
 student penultimate features ``h`` [B, D]. The KD loss of teacher t on sample i is
 ``l_t(i) = tau^2 KL(p_t(i) || p_s(i))`` and the bias loss is ``l_b(i) = tau^2 KL(p_b(i) || p_s(i))``.
@@ -22,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.constants import AGRE_PARAMS, WEIGHTINGS
 
 # Rounding leaves 1 - cos ~ 1e-16 for exactly parallel gradients in float64. Without snapping,
 # a row of such residues would be normalised into arbitrary weights instead of taking the
@@ -30,7 +30,7 @@ from core.constants import AGRE_PARAMS, WEIGHTINGS
 _PARALLEL_TOL = 1e-9
 # A gradient (difference) vector shorter than this counts as zero: its direction is noise.
 _ZERO_NORM = 1e-12
-# Floor of the seed's batch weights, max(1 - cos, 0.01): no teacher is ever switched off.
+# Floor of the report's batch weights, max(1 - cos, 0.01): no teacher is ever switched off.
 BATCH_FLOOR = 0.01
 
 
@@ -92,7 +92,7 @@ def _batch_normalised(cos: Tensor) -> Tensor:
 def kd_per_teacher(student_logits: Tensor, teacher_logits: Tensor, tau: float) -> Tensor:
     """Per-sample, per-teacher KD loss ``l_t(i) = tau^2 KL(p_t(i) || p_s(i))``.
 
-    The standard Hinton direction used by the seed, i.e.
+    The standard Hinton direction, as in the report's code, i.e.
     ``F.kl_div(log_softmax(z_s / tau), softmax(z_t / tau), reduction="none").sum(-1) * tau^2``.
 
     Args:
@@ -168,31 +168,13 @@ def aver_weights(teacher_logits: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def agre_batch_weights_last(student_logits: Tensor, penultimate: Tensor, teacher_logits: Tensor,
-                            biased_logits: Tensor, tau: float) -> Tensor:
-    """The seed's batch-level AGRE weights, gradients w.r.t. the student's last layer only.
-
-    The gradient of the batch mean of ``l_t`` w.r.t. the last layer (weight [C, D], bias [C]) is
-    ``g_t = (tau / B) sum_i (p_s(i) - p_t(i)) (x) [h_i; 1]``; likewise ``g_b`` for the biased
-    model. ``w_t = max(1 - cos(g_t, g_b), 0.01)`` normalised to sum 1 (cos with a zero vector = 0).
-    Unlike per-sample AGRE, ``[h_i; 1]`` differs across the summed samples and does not cancel.
-
-    Args:
-        student_logits: [B, C]; penultimate: [B, D] (the last layer's input ``h``);
-        teacher_logits: [B, T, C]; biased_logits: [B, C]; tau > 0.
-    Returns:
-        [T] weights summing to 1, no gradient.
-    """
-    g_t, g_b = last_layer_gradients(student_logits, penultimate, teacher_logits, biased_logits, tau)
-    cos = _cosine(torch.stack([g[0] for g in g_t]).flatten(1), g_b[0].flatten().unsqueeze(0))
-    return _batch_normalised(cos).to(at_least_float32(student_logits))
-
-
-@torch.no_grad()
 def last_layer_gradients(student_logits: Tensor, penultimate: Tensor, teacher_logits: Tensor,
                          biased_logits: Tensor, tau: float) -> tuple[list[list[Tensor]], list[Tensor]]:
-    """Closed form of ``g_t`` and ``g_b`` w.r.t. the last layer (see :func:`agre_batch_weights_last`),
-    as (T lists of one [C, D + 1] tensor, a list of one [C, D + 1]), in float64 where available."""
+    """Closed form of the report's batch gradients w.r.t. the student's last layer (weight [C, D],
+    bias [C]): ``g_t = (tau / B) sum_i (p_s(i) - p_t(i)) (x) [h_i; 1]`` for each teacher, likewise
+    ``g_b`` for the biased model (``penultimate`` [B, D] is ``h``). Unlike per-sample AGRE,
+    ``[h_i; 1]`` differs across the summed samples and does not cancel in the cosine.
+    Returns (T lists of one [C, D + 1] tensor, a list of one [C, D + 1]), in float64 where available."""
     _check_logits(student_logits, teacher_logits, biased_logits)
     B = student_logits.shape[0]
     if penultimate.ndim != 2 or penultimate.shape[0] != B:
@@ -206,29 +188,6 @@ def last_layer_gradients(student_logits: Tensor, penultimate: Tensor, teacher_lo
         g_t = scale * torch.einsum("btc,bd->tcd", p_s.unsqueeze(1) - _probs(teacher_logits, tau, wide), h1)
         g_b = scale * torch.einsum("bc,bd->cd", p_s - _probs(biased_logits, tau, wide), h1)
     return [[g] for g in g_t], [g_b]
-
-
-def loss_gradients(losses: Sequence[Tensor], params: Sequence[Tensor], keep_graph: bool = True) -> list[list[Tensor]]:
-    """``grad_theta loss`` for each scalar loss, one backward pass each, as lists over ``params``;
-    a parameter a loss does not reach gets zeros. The graph is kept after the last pass only with
-    ``keep_graph`` (for a further backward); ``.grad`` of the parameters is left as it was.
-
-    ``loss.backward(inputs=params)`` rather than ``torch.autograd.grad``: the same gradients, and
-    measured 1.4x faster for ResNet-18 on a 2-core CPU (6 gradients: 0.88 s vs 1.23 s).
-    """
-    params = list(params)
-    before = [p.grad for p in params]
-    out = []
-    try:
-        for i, loss in enumerate(losses):
-            for p in params:
-                p.grad = None
-            loss.backward(inputs=params, retain_graph=keep_graph or i < len(losses) - 1)
-            out.append([torch.zeros_like(p) if p.grad is None else p.grad for p in params])
-    finally:
-        for p, g in zip(params, before):
-            p.grad = g
-    return out
 
 
 def agre_batch_weights_from_grads(teacher_grads: Sequence[Sequence[Tensor]],
@@ -259,35 +218,6 @@ def agre_batch_weights_from_grads(teacher_grads: Sequence[Sequence[Tensor]],
         return _batch_normalised(cos).to(dtype)
 
 
-def agre_batch_weights_autograd(teacher_losses: Sequence[Tensor], biased_loss: Tensor,
-                                params: Sequence[Tensor]) -> Tensor:
-    """The seed's exact batch-level AGRE weights over the given parameters (``--agre-params all``).
-
-    ``g_t = grad_theta mean_i l_t(i)`` and ``g_b = grad_theta mean_i l_b(i)``, flattened and
-    concatenated over ``params``, each by one backward pass (:func:`loss_gradients`);
-    ``w_t = max(1 - cos(g_t, g_b), 0.01)`` normalised to sum 1. ``.grad`` of the parameters is
-    left untouched and the graph is kept for the training loss's own backward pass.
-
-    Args:
-        teacher_losses: T scalar batch-mean KD losses, each a function of the student's output.
-        biased_loss: the scalar batch-mean ``l_b``.
-        params: parameters to differentiate w.r.t. (those without ``requires_grad`` are skipped;
-            a parameter the losses do not reach contributes a zero gradient).
-    Returns:
-        [T] weights (float32, float64 for float64 losses) summing to 1, no gradient.
-    """
-    losses = list(teacher_losses)
-    if not losses:
-        raise ValueError("agre_batch_weights_autograd needs at least one teacher loss")
-    if any(l.ndim != 0 for l in losses) or biased_loss.ndim != 0:
-        raise ValueError("teacher_losses and biased_loss must be scalars (batch means of l_t, l_b)")
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        raise ValueError("agre_batch_weights_autograd got no parameter that requires grad")
-    g_b, *g_t = loss_gradients([biased_loss, *losses], params)
-    return agre_batch_weights_from_grads(g_t, g_b, at_least_float32(biased_loss))
-
-
 def weight_agreement(reference: Tensor, other: Tensor) -> dict[str, Tensor]:
     """How well batch weights ``other`` [T] agree with ``reference`` [T] (both sum to 1):
     ``abs_diff`` mean |w_ref - w_other|, ``spearman`` rank correlation (ties broken by index),
@@ -299,57 +229,3 @@ def weight_agreement(reference: Tensor, other: Tensor) -> dict[str, Tensor]:
     denom = (a.norm() * b.norm()).clamp_min(_ZERO_NORM)
     return {"abs_diff": (reference - other).abs().mean().to(torch.float64), "spearman": (a * b).sum() / denom,
             "top": (reference.argmax() == other.argmax()).to(torch.float64)}
-
-
-def teacher_weights(mode: str, *, student_logits: Tensor, teacher_logits: Tensor,
-                    biased_logits: Tensor | None, tau: float, cached: Tensor | None = None,
-                    penultimate: Tensor | None = None, agre_params: str = "last",
-                    teacher_losses: Sequence[Tensor] | None = None,
-                    biased_loss: Tensor | None = None,
-                    params: Sequence[Tensor] | None = None) -> Tensor:
-    """Teacher weights [B, T] for one batch, by weighting mode (``DistillConfig.weighting``).
-
-    - ``"aver"``: ``1/T`` (:func:`aver_weights`).
-    - ``"agre"``: per-sample AGRE-KD (:func:`agre_weights`); needs ``biased_logits``.
-    - ``"agre-batch"``: one weight per teacher, broadcast over the batch. ``agre_params="last"``
-      (:func:`agre_batch_weights_last`) needs ``biased_logits`` and ``penultimate``;
-      ``"layer4"`` and ``"all"`` (:func:`agre_batch_weights_autograd`) need ``teacher_losses``,
-      ``biased_loss`` and ``params`` (the parameters of that set).
-    - ``"cached"``: the precomputed [B, T] ``cached`` weights, returned as given (detached).
-
-    Raises:
-        ValueError: unknown mode or ``agre_params``, or an input the mode needs is missing.
-    """
-    if mode not in WEIGHTINGS:
-        raise ValueError(f"unknown teacher weighting {mode!r}; expected one of {', '.join(WEIGHTINGS)}")
-    if teacher_logits.ndim != 3:
-        raise ValueError(f"teacher_logits must be [B, T, C], got shape {tuple(teacher_logits.shape)}")
-    B, T, _ = teacher_logits.shape
-
-    def need(**inputs):
-        missing = [name for name, value in inputs.items() if value is None]
-        if missing:
-            extra = f" (agre_params={agre_params!r})" if mode == "agre-batch" else ""
-            raise ValueError(f"teacher weighting {mode!r}{extra} needs {', '.join(missing)}")
-
-    if mode == "aver":
-        return aver_weights(teacher_logits)
-    if mode == "cached":
-        need(cached=cached)
-        if tuple(cached.shape) != (B, T):
-            raise ValueError(f"cached weights must be [B, T] = [{B}, {T}], got {tuple(cached.shape)}")
-        return cached.detach()
-    if mode == "agre":
-        need(biased_logits=biased_logits)
-        return agre_weights(student_logits, teacher_logits, biased_logits, tau)
-    if agre_params == "last":
-        need(biased_logits=biased_logits, penultimate=penultimate)
-        w = agre_batch_weights_last(student_logits, penultimate, teacher_logits, biased_logits, tau)
-    elif agre_params in ("layer4", "all"):
-        need(teacher_losses=teacher_losses, biased_loss=biased_loss, params=params)
-        if len(teacher_losses) != T:
-            raise ValueError(f"got {len(teacher_losses)} teacher losses for {T} teachers")
-        w = agre_batch_weights_autograd(teacher_losses, biased_loss, params)
-    else:
-        raise ValueError(f"agre_params must be one of {', '.join(AGRE_PARAMS)}, got {agre_params!r}")
-    return w.unsqueeze(0).expand(B, T)

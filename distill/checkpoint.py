@@ -8,7 +8,7 @@ import torch
 
 from core.files import atomic_write_text, read_jsonl, save_checkpoint
 from core.provenance import settings_diff
-from distill.config import DistillConfig, identity_of
+from distill.config import LAST, DistillConfig, identity_of
 from distill.data import DistillError
 
 
@@ -49,7 +49,7 @@ def load_for_resume(path: Path, cfg: DistillConfig, cache_id: str, device) -> di
 def trim_checkpoints(out: Path, keep: str) -> None:
     """What a finished run keeps (``DistillConfig.keep_checkpoints``): ``best`` the best epoch's
     weights only, ``last`` also the last epoch's weights, ``all`` also the optimizer state."""
-    last = out / "last.pt"
+    last = out / LAST
     if keep == "best":
         last.unlink(missing_ok=True)
     elif keep == "last" and last.is_file():
@@ -58,10 +58,11 @@ def trim_checkpoints(out: Path, keep: str) -> None:
 
 
 def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    """The JSON object in ``path`` (core.files.read_json), None when absent, unreadable or not an object."""
+    from core.files import read_json as _read
+
+    value = _read(path)
+    return value if isinstance(value, dict) else None
 
 
 def truncate_metrics(path: Path, epochs_done: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,20 @@ KEEP_CHECKPOINTS = ("best", "last", "all")
 # Fields that say where or how a run executes, not what it computes: outside its identity.
 PLACEMENT_FIELDS = ("cache", "out", "device", "data_root", "keep_checkpoints", "agre_compare", "data_mode")
 DATA_MODES = ("auto", "memory", "stream")
+# The files of a run folder, named once (distill writes them; experiments read them).
+CONFIG, METRICS, SUMMARY = "config.json", "metrics.jsonl", "summary.json"
+LAST, BEST, WEIGHTS = "last.pt", "best.pt", "teacher_weights.npy"
+RUN_FILES = (CONFIG, METRICS, SUMMARY, LAST, BEST, WEIGHTS)
+
+
+@dataclass(frozen=True)
+class CacheNeeds:
+    """What a run reads from the cache for its training rows: the teachers' outputs (not in the
+    online loop, where the teachers run live), the features of ``layers``, the cached weights."""
+
+    teacher_outputs: bool
+    layers: tuple[str, ...]
+    cached_weights: bool
 
 
 @dataclass
@@ -94,12 +109,16 @@ class DistillConfig:
         unknown = [l for l in self.layers if l not in LAYERS]
         if unknown or not self.layers:
             bad(f"--layers takes a comma list from {', '.join(LAYERS)}, got {','.join(self.layers)!r}")
+        # counts first: a bad --epochs is named as such, not as a --warmup-epochs range error
+        _at_least("--epochs", self.epochs, 1)
+        _at_least("--batch-size", self.batch_size, 1)
+        _at_least("--seed", self.seed, 0)
+        if not 0 <= self.warmup_epochs < self.epochs:
+            bad(f"--warmup-epochs must lie in [0, epochs) = [0, {self.epochs}), got {self.warmup_epochs}")
         if self.layer_gammas is not None and len(self.layer_gammas) != len(self.layers):
             bad(f"--layer-gammas has {len(self.layer_gammas)} values for {len(self.layers)} layers")
-        if self.layer_gammas is not None and any(g < 0 for g in self.layer_gammas):
-            bad(f"--layer-gammas must be >= 0, got {','.join(f'{g:g}' for g in self.layer_gammas)}")
-        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
-            bad(f"--warmup-epochs must lie in [0, epochs), got {self.warmup_epochs}")
+        if self.layer_gammas is not None and not all(_finite(g) and g >= 0 for g in self.layer_gammas):
+            bad(f"--layer-gammas must be >= 0 (finite numbers), got {','.join(f'{g:g}' for g in self.layer_gammas)}")
         if any(p not in AGRE_PARAMS for p in self.agre_compare):
             bad(f"agre_compare takes names from {', '.join(AGRE_PARAMS)}, got {','.join(self.agre_compare)}")
         if self.agre_compare and self.weighting != "agre-batch":
@@ -108,14 +127,15 @@ class DistillConfig:
             bad(f"--data-mode must be one of {', '.join(DATA_MODES)}, got {self.data_mode!r}")
         if self.keep_checkpoints not in KEEP_CHECKPOINTS:
             bad(f"--keep-checkpoints must be one of {', '.join(KEEP_CHECKPOINTS)}, got {self.keep_checkpoints!r}")
-        if not 0.0 <= self.alpha <= 1.0:
+        _positive("--lr", self.lr)
+        _positive("--tau", self.tau)
+        _positive("feat_eps", self.feat_eps)
+        _at_least("--gamma", self.gamma, 0)
+        _at_least("--weight-decay", self.weight_decay, 0)
+        if not (_finite(self.alpha) and 0.0 <= self.alpha <= 1.0):
             bad(f"--alpha must lie in [0, 1], got {self.alpha}")
-        if self.gamma < 0 or self.tau <= 0:
-            bad("--gamma must be >= 0 and --tau > 0")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            bad("--epochs, --batch-size and --lr must be positive")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1 or self.feat_eps <= 0:
-            bad("weight decay must be >= 0, momentum in [0, 1) and feat_eps > 0")
+        if not (_finite(self.momentum) and 0.0 <= self.momentum < 1.0):
+            bad(f"--momentum must lie in [0, 1), got {self.momentum}")
         if self.image_size is not None and self.image_size < 8:
             bad(f"--image-size must be at least 8 px, got {self.image_size}")
 
@@ -126,8 +146,20 @@ class DistillConfig:
         return dict(zip(self.layers, gs))
 
     @property
+    def active_layers(self) -> tuple[str, ...]:
+        """The distilled layers: those with a feature-loss weight > 0 (the one place that says so)."""
+        return tuple(l for l, g in self.gammas.items() if g > 0)
+
+    @property
     def uses_features(self) -> bool:
-        return any(g > 0 for g in self.gammas.values())
+        return bool(self.active_layers)
+
+    @property
+    def needs(self) -> "CacheNeeds":
+        """What this run reads from the cache besides the images (the one place that says so)."""
+        cached = self.teachers_online is None
+        return CacheNeeds(teacher_outputs=cached, layers=self.active_layers if cached else (),
+                          cached_weights=cached and self.weighting == "cached")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -161,18 +193,48 @@ class DistillConfig:
 _DEFAULTS_AGRE_PARAMS = DistillConfig.agre_params
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    """True for a finite number (``x <= 0`` is False for NaN: never test a range without this)."""
+    try:
+        return math.isfinite(value)
+    except (TypeError, OverflowError):
+        return False
+
+
+def _positive(option: str, value) -> None:
+    if not (_finite(value) and value > 0):
+        raise ConfigError(f"{option} must be a finite number > 0, got {value}")
+
+
+def _at_least(option: str, value, low) -> None:
+    if not (_finite(value) and value >= low):
+        kind = "" if isinstance(value, int) else "a finite number "
+        raise ConfigError(f"{option} must be {kind}>= {low}, got {value}")
+
+
 def _check_type(name: str, value, default) -> None:
     """A value of the field's kind (numbers for numbers, on/off or None for switches), so that a
     mistyped ``--set`` is a message, not a traceback or a silently wrong run."""
     if isinstance(default, bool) or name in ("sample_views", "pretrained"):
         ok = value is None or isinstance(value, bool)
         want = "true/false (on/off), or null for the default"
-    elif isinstance(default, (int, float)):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        want = "a number"
+    elif isinstance(default, int):
+        # 1.5, NaN and inf are not a count of epochs or a seed; 30.0 (from JSON) is 30
+        ok = _number(value) and (isinstance(value, int) or (_finite(value) and float(value).is_integer()))
+        want = "an integer"
+    elif isinstance(default, float):
+        ok = _number(value) and _finite(value)
+        want = "a finite number"
     elif name in ("image_size",):
         ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
         want = "an integer or null"
+    elif name == "layer_gammas":
+        ok = value is None or (isinstance(value, (list, tuple)) and all(_number(g) and _finite(g) for g in value))
+        want = "a list of finite numbers or null"
     else:
         return
     if not ok:

@@ -37,6 +37,19 @@ class SplitData:
     feats: dict | None = None             # {layer: [N, V, B, D] float16}
 
 
+@dataclass
+class Batch:
+    """One training batch as the step sees it, on the device (docs/method.md#the-training-step)."""
+
+    x: torch.Tensor                       # [b, 3, S, S] the student's input (normalised views)
+    y: torch.Tensor                       # [b] labels
+    teacher_logits: torch.Tensor          # [b, T, C]
+    biased_logits: torch.Tensor           # [b, C]
+    teacher_feats: dict                   # {layer: [b, T, D]} of the distilled layers
+    cached_weights: torch.Tensor | None = None  # [b, T] (the ``cached`` weighting only)
+    share: float = 1.0                    # this process's share of the global batch (1 alone)
+
+
 def open_inputs(cfg: DistillConfig) -> tuple[CacheReader, ImageStore]:
     """The cache and its image store, checked against what ``cfg`` asks of them."""
     if not Path(cfg.cache).is_file():
@@ -52,15 +65,14 @@ def open_inputs(cfg: DistillConfig) -> tuple[CacheReader, ImageStore]:
     empty = [name for name in ("train", "val", "test") if len(cache.split_rows(name)) == 0]
     if empty:
         raise DistillError(f"{cfg.cache} has no {' or '.join(empty)} samples; distillation needs all three splits")
-    if cfg.uses_features and not cfg.teachers_online:
-        missing = [l for l, g in cfg.gammas.items() if g > 0 and l not in meta.layers]
-        if missing:
-            raise DistillError(f"gamma > 0 for {', '.join(missing)} but {cfg.cache} holds features of "
-                               f"{', '.join(meta.layers) or 'no layer'}; precompute with --layers "
-                               f"{','.join(sorted(set(meta.layers) | set(missing)))} or set gamma 0")
+    missing = [l for l in cfg.needs.layers if l not in meta.layers]
+    if missing:
+        raise DistillError(f"gamma > 0 for {', '.join(missing)} but {cfg.cache} holds features of "
+                           f"{', '.join(meta.layers) or 'no layer'}; precompute with --layers "
+                           f"{','.join(sorted(set(meta.layers) | set(missing)))} or set gamma 0")
     if cfg.sample_views and meta.random_views < 1:
-        raise DistillError(f"--views on, but {cfg.cache} holds only the eval view; precompute with "
-                           "--views K (K > 0) or pass --views off")
+        raise DistillError(f"--sample-views on, but {cfg.cache} holds only the eval view; precompute with "
+                           "--views K (K > 0) or pass --sample-views off")
     if cfg.data_root is not None:
         folder_fp = fingerprint(load_metadata(cfg.data_root, meta.dataset, **meta.dataset_options))
         if folder_fp != meta.dataset_fingerprint:
@@ -78,8 +90,9 @@ def load_split(cache: CacheReader, store: ImageStore, split: str, cfg: DistillCo
                train: bool) -> SplitData:
     """A split in memory on ``device``: the training split with every view and the teachers'
     outputs (none in the online loop: the teachers run live), an evaluation split with view 0."""
-    layers = [l for l, g in cfg.gammas.items() if g > 0] if train and not cfg.teachers_online else []
-    d = cache.read(split=split, views=None if train else 0, layers=layers)
+    needs = cfg.needs
+    teachers = train and needs.teacher_outputs
+    d = cache.read(split=split, views=None if train else 0, layers=needs.layers if teachers else [])
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
     box, flip = d["box"], d["flip"]
     if not train:  # one view: keep the [N, V] layout with V = 1
@@ -87,7 +100,7 @@ def load_split(cache: CacheReader, store: ImageStore, split: str, cfg: DistillCo
     rows = d["rows"] + cache.row_start
     data = SplitData(rows=t(rows), images=t(store.load(rows)), hw=t(store.hw[rows]), y=t(d["y"]),
                      group=t(d["group"]), box=t(box), flip=t(flip))
-    if train and not cfg.teachers_online:
+    if teachers:
         data.logits, data.biased, data.cached = t(d["logits"]), t(d["biased"]), t(d["weights"])
         data.feats = {l: t(v) for l, v in d["features"].items()}
     return data

@@ -1,7 +1,7 @@
 """Distillation objective: cross-entropy + weighted ensemble KD + weighted-teacher feature matching.
 
 ``L = (1 - alpha) CE(y, z_s) + alpha mean_i sum_t w_t(i) l_t(i) + sum_l gamma_l L_feat_l``
-(DESIGN.md, "Exact maths"), with ``l_t(i) = tau^2 KL(p_t(i) || p_s(i))`` and teacher weights
+(docs/method.md#the-objective), with ``l_t(i) = tau^2 KL(p_t(i) || p_s(i))`` and teacher weights
 ``w_t(i)`` from :mod:`core.weighting` (AGRE-KD: Kenfack et al., "Adaptive group robust ensemble
 knowledge distillation", 2024). Weights never carry gradient.
 
@@ -56,66 +56,83 @@ def feature_loss(projected: Tensor, teacher_feats: Tensor, weights: Tensor,
     return sq.mean()
 
 
-def distillation_loss(student_logits: Tensor, y: Tensor, teacher_logits: Tensor, weights: Tensor,
-                      tau: float, alpha: float, *, projected: dict[str, Tensor] | None = None,
-                      teacher_feats: dict[str, Tensor] | None = None,
-                      gammas: dict[str, float] | None = None, disagree: bool = False,
-                      eps: float = 1e-6) -> dict:
-    """The full objective of one batch, with its parts for logging (timm task contract).
+class Objective:
+    """The full objective of one batch, with its parts for logging (timm's task contract):
+    ``L = (1 - alpha) CE(y, z_s) + alpha mean_i sum_t w_t(i) l_t(i) + sum_l gamma_l L_feat_l``
+    (docs/method.md#the-objective).
 
-    ``L = (1 - alpha) CE(y, z_s) + alpha mean_i sum_t w_t(i) l_t(i) + sum_l gamma_l L_feat_l``.
-    CE is skipped when ``alpha == 1`` and a layer's feature loss when ``gamma_l == 0`` (reported
-    as 0). Only layers named in ``gammas`` are distilled.
+    CE is skipped when ``alpha == 1`` and a layer's feature loss when ``gamma_l == 0`` (reported as
+    0); only the layers named in ``gammas`` are distilled.
 
     Args:
-        student_logits: [B, C]; y: [B] class indices; teacher_logits: [B, T, C].
-        weights: [B, T] teacher weights (detached here).
         tau: KD temperature; alpha: KD weight in [0, 1].
-        projected: layer -> [B, D_l] adapted student features.
-        teacher_feats: layer -> [B, T, D_l] teacher features.
         gammas: layer -> feature-loss weight.
         disagree, eps: disagreement weighting of the feature loss (:func:`feature_loss`).
-    Returns:
-        ``{"loss": scalar with grad, "non_kd": the loss without its KD term, ``(1 - alpha) CE +
-        sum_l gamma_l L_feat`` (with grad when not zero), "ce", "kd", "feat": detached scalars,
-        "feat/<layer>": each layer's unweighted L_feat, "weights": [B, T] detached}``; ``"feat"``
-        is the unweighted sum of the per-layer losses.
     """
-    if student_logits.ndim != 2 or teacher_logits.ndim != 3:
-        raise ValueError(f"student_logits must be [B, C] and teacher_logits [B, T, C], got "
-                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
-    B, T, _ = teacher_logits.shape
-    if tuple(weights.shape) != (B, T) or tuple(y.shape) != (B,):
-        raise ValueError(f"weights must be [B, T] = [{B}, {T}] and y [B], got "
-                         f"{tuple(weights.shape)} and {tuple(y.shape)}")
-    weights = weights.detach()
-    dtype = at_least_float32(student_logits)
 
-    def zero() -> Tensor:
-        return torch.zeros((), dtype=dtype, device=student_logits.device)
+    def __init__(self, tau: float, alpha: float, gammas: dict[str, float] | None = None,
+                 disagree: bool = False, eps: float = 1e-6):
+        self.tau, self.alpha, self.gammas = tau, alpha, dict(gammas or {})
+        self.disagree, self.eps = disagree, eps
+        bad = {l: g for l, g in self.gammas.items() if g < 0}
+        if bad:
+            raise ValueError(f"feature-loss gammas must be >= 0, got {bad}")
 
-    kd = (weights.to(dtype) * kd_per_teacher(student_logits, teacher_logits, tau)).sum(1).mean()
-    if alpha == 1:
-        ce, rest = zero(), zero()
-    else:
-        ce = F.cross_entropy(student_logits.to(dtype), y)
-        rest = (1.0 - alpha) * ce
+    @classmethod
+    def from_config(cls, cfg) -> "Objective":
+        """The objective of a :class:`distill.config.DistillConfig` (its distilled layers only)."""
+        return cls(cfg.tau, cfg.alpha, {l: cfg.gammas[l] for l in cfg.active_layers},
+                   cfg.feature_weighting == "disagree", cfg.feat_eps)
 
-    parts = {}
-    feat = zero()
-    for layer, gamma in (gammas or {}).items():
-        if gamma < 0:
-            raise ValueError(f"gamma for {layer} must be >= 0, got {gamma}")
-        if gamma == 0:
-            parts[f"feat/{layer}"] = zero()
-            continue
-        if projected is None or teacher_feats is None or layer not in projected or layer not in teacher_feats:
-            raise ValueError(f"feature layer {layer!r} has gamma {gamma} but no projected student "
-                             "or teacher features were given for it")
-        layer_loss = feature_loss(projected[layer], teacher_feats[layer], weights, disagree, eps)
-        rest = rest + gamma * layer_loss
-        parts[f"feat/{layer}"] = layer_loss.detach()
-        feat = feat + parts[f"feat/{layer}"]
+    @property
+    def has_non_kd(self) -> bool:
+        """Whether the objective has terms besides KD (CE or a feature loss), with a gradient."""
+        return self.alpha < 1 or any(g > 0 for g in self.gammas.values())
 
-    return {"loss": alpha * kd + rest, "non_kd": rest, "ce": ce.detach(), "kd": kd.detach(), "feat": feat,
-            "weights": weights, **parts}
+    def __call__(self, student_logits: Tensor, projected: dict[str, Tensor], batch, weights: Tensor) -> dict:
+        """The objective on ``batch`` (a :class:`distill.data.Batch`: ``y`` [B], ``teacher_logits``
+        [B, T, C], ``teacher_feats`` {layer: [B, T, D_l]}) for student logits [B, C], adapted
+        student features {layer: [B, D_l]} and teacher weights [B, T] (detached here).
+
+        Returns ``{"loss": scalar with grad, "non_kd": the loss without its KD term, ``(1 - alpha) CE
+        + sum_l gamma_l L_feat`` (with grad when not zero), "ce", "kd", "feat": detached scalars,
+        "feat/<layer>": each layer's unweighted L_feat, "weights": [B, T] detached}``; ``"feat"`` is
+        the unweighted sum of the per-layer losses.
+        """
+        y, teacher_logits, teacher_feats = batch.y, batch.teacher_logits, batch.teacher_feats
+        if student_logits.ndim != 2 or teacher_logits.ndim != 3:
+            raise ValueError(f"student_logits must be [B, C] and teacher_logits [B, T, C], got "
+                             f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+        B, T, _ = teacher_logits.shape
+        if tuple(weights.shape) != (B, T) or tuple(y.shape) != (B,):
+            raise ValueError(f"weights must be [B, T] = [{B}, {T}] and y [B], got "
+                             f"{tuple(weights.shape)} and {tuple(y.shape)}")
+        weights = weights.detach()
+        dtype = at_least_float32(student_logits)
+
+        def zero() -> Tensor:
+            return torch.zeros((), dtype=dtype, device=student_logits.device)
+
+        kd = (weights.to(dtype) * kd_per_teacher(student_logits, teacher_logits, self.tau)).sum(1).mean()
+        if self.alpha == 1:
+            ce, rest = zero(), zero()
+        else:
+            ce = F.cross_entropy(student_logits.to(dtype), y)
+            rest = (1.0 - self.alpha) * ce
+
+        parts = {}
+        feat = zero()
+        for layer, gamma in self.gammas.items():
+            if gamma == 0:
+                parts[f"feat/{layer}"] = zero()
+                continue
+            if projected is None or teacher_feats is None or layer not in projected or layer not in teacher_feats:
+                raise ValueError(f"feature layer {layer!r} has gamma {gamma} but no projected student "
+                                 "or teacher features were given for it")
+            layer_loss = feature_loss(projected[layer], teacher_feats[layer], weights, self.disagree, self.eps)
+            rest = rest + gamma * layer_loss
+            parts[f"feat/{layer}"] = layer_loss.detach()
+            feat = feat + parts[f"feat/{layer}"]
+
+        return {"loss": self.alpha * kd + rest, "non_kd": rest, "ce": ce.detach(), "kd": kd.detach(), "feat": feat,
+                "weights": weights, **parts}

@@ -60,8 +60,8 @@ class StreamedSplit:
         self.y = torch.from_numpy(cache.y[self.file_rows])
         self.group = torch.from_numpy(cache.group[self.file_rows])
         self.views_per_row = cache.meta.views_per_row
-        self.layers = [l for l, g in cfg.gammas.items() if g > 0]
-        self.teachers = not cfg.teachers_online
+        self.layers = cfg.needs.layers
+        self.teachers = cfg.needs.teacher_outputs
 
     def __len__(self) -> int:
         return len(self.file_rows)

@@ -1,8 +1,8 @@
 """Where a training step gets its teacher outputs: the cache (the tool), or live teachers (the report).
 
 A teacher source gives, for the batch rows ``idx`` of the training split, the student's input
-images and the teachers' outputs on exactly those pixels: ``batch(data, idx, view, epoch) ->
-(x, zt [b, T, C], zb [b, C], feats {layer: [b, T, D]}, cached [b, T] or None)``.
+images and the teachers' outputs on exactly those pixels: ``batch(data, idx, view, epoch, share)
+-> distill.data.Batch``; ``names`` lists its models (``{"name", "role"}``) for the run's summary.
 
 - :class:`CachedTeachers` rebuilds the sampled stored view and reads its cached outputs;
 - :class:`OnlineTeachers` is the report's loop, the yardstick for what the cache changes: a fresh
@@ -24,7 +24,7 @@ from core.runtime import autocast, epoch_seed, memory_format_for
 from core.weighting import cached_agre_weights
 from data.views import ViewSpec, render, sample_views
 from distill.config import DistillConfig
-from distill.data import DistillError, SplitData
+from distill.data import Batch, DistillError, SplitData
 
 
 class CachedTeachers:
@@ -35,15 +35,17 @@ class CachedTeachers:
         self.num_teachers = meta.num_teachers
         self.feature_dims = meta.feature_dims  # {layer: width} of the cached teacher features
         self.backbone = torch.tensor(meta.backbone_of_teacher, device=device)
-        self.layers = [l for l, g in cfg.gammas.items() if g > 0]
+        self.layers = cfg.active_layers
+        self.names = [{"name": t["name"], "role": t["role"]} for t in meta.teachers]
 
-    def batch(self, data: SplitData, idx: torch.Tensor, view: torch.Tensor, epoch: int):
+    def batch(self, data: SplitData, idx: torch.Tensor, view: torch.Tensor, epoch: int, share: float = 1.0) -> Batch:
         d = self.device
         x = render(data.images[idx].to(d, non_blocking=True), data.box[idx, view].to(d), data.flip[idx, view].to(d),
                    self.image_size, data.hw[idx])
         feats = {l: data.feats[l][idx, view].to(d).index_select(1, self.backbone) for l in self.layers}
-        cached = data.cached[idx, view].to(d) if self.cfg.weighting == "cached" else None
-        return x, data.logits[idx, view].to(d), data.biased[idx, view].to(d), feats, cached
+        cached = data.cached[idx, view].to(d) if self.cfg.needs.cached_weights else None
+        return Batch(x, data.y[idx].to(d), data.logits[idx, view].to(d), data.biased[idx, view].to(d), feats, cached,
+                     share)
 
 
 class OnlineTeachers:
@@ -60,7 +62,8 @@ class OnlineTeachers:
         self.num_teachers = len(man.teachers)
         self.feature_dims = FEATURE_DIMS[man.teachers[0].arch]  # any layer: computed live
         self.backbone = torch.tensor(man.teacher_backbone, device=device)
-        self.layers = [l for l, g in cfg.gammas.items() if g > 0]
+        self.layers = cfg.active_layers
+        self.names = [{"name": m.name, "role": m.role} for m in man.models]
         spec = meta.view_spec  # the cache's crop distribution, eval geometry and tau
         self.spec = ViewSpec(random_views=1, out_size=image_size, scale=tuple(spec.get("scale", (0.7, 1.0))),
                              ratio=tuple(spec.get("ratio", (3 / 4, 4 / 3))), resize=spec.get("resize", "keep-aspect"))
@@ -81,13 +84,13 @@ class OnlineTeachers:
         feats = {l: f[l].float().index_select(1, self.backbone) for l in self.layers}
         return zt.float(), zb.float(), feats
 
-    def batch(self, data: SplitData, idx: torch.Tensor, view: torch.Tensor, epoch: int):
+    def batch(self, data: SplitData, idx: torch.Tensor, view: torch.Tensor, epoch: int, share: float = 1.0) -> Batch:
         box, flip = self.crops(data.rows[idx].cpu().numpy(), data.hw[idx].cpu().numpy(), epoch)
         d = self.device
         x = render(data.images[idx].to(d, non_blocking=True), box.to(d), flip.to(d), self.image_size, data.hw[idx])
         zt, zb, feats = self.outputs(x)
         cached = cached_agre_weights(zt, zb, self.tau_cached) if self.cfg.weighting == "cached" else None
-        return x, zt, zb, feats, cached
+        return Batch(x, data.y[idx].to(d), zt, zb, feats, cached, share)
 
 
 def teacher_source(meta: CacheMeta, cfg: DistillConfig, image_size: int, device):

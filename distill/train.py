@@ -22,19 +22,16 @@ from core.distributed import Dist, context, global_batch_norm
 from core.files import OutputLock, atomic_write_json
 from core.provenance import provenance
 from core.runtime import autocast, memory_format_for, pick_device
-from core.weighting import (agre_batch_weights_from_grads, at_least_float32, kd_per_teacher, last_layer_gradients,
-                            loss_gradients, teacher_weights, weight_agreement)
 from data.folders import SPLIT_CODES
 from data.metrics import group_metrics, split_metrics
 from data.views import render
 from distill.checkpoint import (check_same_run, load_for_resume, read_json, save_best, save_last, trim_checkpoints,
                                 truncate_metrics)
-from distill.config import DistillConfig
-from distill.data import (DistillError, InMemorySplit, SplitData, batch_bounds, epoch_plan, load_split, open_inputs,
-                          placement)
-from distill.losses import distillation_loss
+from distill.config import BEST, CONFIG, LAST, METRICS, RUN_FILES, SUMMARY, WEIGHTS, DistillConfig
+from distill.data import DistillError, InMemorySplit, batch_bounds, epoch_plan, load_split, open_inputs, placement
 from distill.stream import StreamedSplit, should_stream
 from distill.student import Student
+from distill.task import DistillTask
 from distill.teachers import teacher_source
 
 
@@ -53,110 +50,14 @@ def evaluate(model: Student, split, image_size: int, device, train_counts, batch
     return group_metrics(torch.cat(preds), split.y, split.group, train_counts)
 
 
-def train_step(model, opt, data: SplitData, idx: torch.Tensor, view: torch.Tensor, cfg: DistillConfig,
-               teachers, device, epoch: int = 0, dist: Dist = Dist(), share: float = 1.0) -> tuple[dict, torch.Tensor]:
-    """One SGD step on the training rows ``idx`` seen through views ``view``: the batch's images
-    and teacher outputs from ``teachers`` (distill.teachers: the cache, or live teachers), then
-    :func:`step`."""
-    x, zt, zb, feats, cached = teachers.batch(data, idx, view, epoch)
-    return step(model, opt, x, data.y[idx].to(device), zt, zb, feats, cached, cfg, device, dist, share)
-
-
-def step(model, opt, x, y, zt, zb, teacher_feats: dict, cached, cfg: DistillConfig, device,
-         dist: Dist = Dist(), share: float = 1.0) -> tuple[dict, torch.Tensor]:
-    """Forward, teacher weights, loss and one SGD update, from a batch's images [b, 3, S, S],
-    labels, teacher logits [b, T, C], biased logits [b, C], teacher features {layer: [b, T, D]}
-    and (``cached`` weighting) cached weights [b, T]. Returns the loss parts (means over this
-    batch) and the weights.
-
-    ``agre-batch`` takes T + 1 gradients (one backward pass each; the closed form for ``last``).
-    With ``all``, the weights are constants of the step, so the KD part of the update is exactly
-    ``alpha * sum_t w_t g_t`` from those gradients: only the CE and feature terms need a further
-    backward pass, and none when there are none (DESIGN.md, "agre-batch").
-
-    Under torchrun this process holds ``share`` of the global batch: every gradient (the T + 1
-    of the weights too) is summed over the processes with that weight, so the weights and the
-    update are those of the global batch (BatchNorm too: core.distributed.GlobalBatchNorm2d).
-    """
-    with autocast(device):
-        logits, h, projected = model(x.contiguous(memory_format=memory_format_for(device)))
-    logits, h = logits.to(at_least_float32(logits)), h.to(at_least_float32(h))  # bf16 under autocast
-    gammas = {l: g for l, g in cfg.gammas.items() if g > 0}
-    opt.zero_grad(set_to_none=True)
-    grads = None
-    compared = {name: batch_weights(model, name, logits, h, zt, zb, cfg.tau, True, dist, share)
-                for name in cfg.agre_compare}  # diagnostics, on this step's student before the update
-    if cfg.weighting == "agre-batch":
-        exact = cfg.agre_params == "all"  # every parameter the KD losses reach
-        g_t, g_b = batch_gradients(model, cfg.agre_params, logits, h, zt, zb, cfg.tau,
-                                   keep_graph=not exact or cfg.alpha < 1 or bool(gammas), dist=dist, share=share)
-        w = agre_batch_weights_from_grads(g_t, g_b, logits.dtype).unsqueeze(0).expand(len(y), -1)
-        grads, params = (g_t, model.agre_params("all")) if exact else (None, None)
-    else:
-        w = teacher_weights(cfg.weighting, student_logits=logits, teacher_logits=zt, biased_logits=zb,
-                            tau=cfg.tau, cached=cached, penultimate=h, agre_params=cfg.agre_params)
-    out = distillation_loss(logits, y, zt, w, cfg.tau, cfg.alpha, projected=projected, teacher_feats=teacher_feats,
-                            gammas=gammas, disagree=cfg.feature_weighting == "disagree", eps=cfg.feat_eps)
-    loss = out["loss"] if grads is None else out["non_kd"]
-    if loss.requires_grad:
-        (loss * share if dist.active else loss).backward()
-    _sum_gradients(model, dist)
-    if grads is not None:
-        with torch.no_grad():  # p.grad += alpha sum_t w_t g_t, over all parameters at once
-            wt = (cfg.alpha * w[0]).tolist()  # one host sync per step
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            acc = [p.grad for p in params]
-            for w_t, g in zip(wt, grads):
-                torch._foreach_add_(acc, g, alpha=w_t)
-    opt.step()
-    if compared:
-        out["agre_compare"] = {name: weight_agreement(w[0].detach().double(), wx.double())
-                               for name, wx in compared.items()}
-    return out, w
-
-
-def _sum_gradients(model, dist: Dist) -> None:
-    """The global batch's gradient: the sum of the processes' gradients of ``share_r * loss_r``
-    (no-op alone). The share scales the loss before its backward pass, not the gradient after:
-    the global BatchNorm's backward adds every process's cotangents, which must carry their own
-    process's share."""
-    if dist.active:
-        dist.all_sum([p.grad for p in model.parameters() if p.grad is not None])
-
-
-def batch_gradients(model, params: str, logits, h, zt, zb, tau: float, keep_graph: bool,
-                    dist: Dist = Dist(), share: float = 1.0):
-    """The agre-batch gradients (``g_t`` for each teacher, ``g_b``) of the batch-mean KD losses
-    w.r.t. the parameter set ``params`` (``last``: closed form), summed over the processes."""
-    if params == "last":  # closed form of this process's rows: scaled after
-        g_t, g_b = last_layer_gradients(logits, h, zt, zb, tau)
-        if dist.active:
-            for g in (*g_t, g_b):
-                g[0].mul_(share)
-    else:  # through the network (and the global BatchNorm): scaled before the backward passes
-        losses = [kd_per_teacher(logits, zb[:, None], tau).mean(), *kd_per_teacher(logits, zt, tau).mean(0)]
-        g_b, *g_t = loss_gradients([l * share for l in losses] if dist.active else losses,
-                                   model.agre_params(params), keep_graph=keep_graph)
-    if dist.active:
-        dist.all_sum([g for gs in (*g_t, g_b) for g in gs])
-    return g_t, g_b
-
-
-def batch_weights(model, params: str, logits, h, zt, zb, tau: float, keep_graph: bool,
-                  dist: Dist = Dist(), share: float = 1.0) -> torch.Tensor:
-    """agre-batch weights [T] of one batch from the parameter set ``params``."""
-    g_t, g_b = batch_gradients(model, params, logits, h, zt, zb, tau, keep_graph, dist, share)
-    return agre_batch_weights_from_grads(g_t, g_b, logits.dtype)
-
-
-def train_one_epoch(model, opt, split, cfg: DistillConfig, epoch: int, teachers, device,
-                    weights_out: torch.Tensor | None = None, progress: bool = True, dist: Dist = Dist()) -> dict:
-    """One pass over the training split. Returns mean loss parts and mean teacher weights.
+def train_one_epoch(model, opt, task: DistillTask, split, epoch: int, weights_out: torch.Tensor | None = None,
+                    progress: bool = True) -> dict:
+    """One pass over the training split: ``task.step`` on every batch. Returns the mean loss parts
+    and mean teacher weights; ``weights_out`` [N, T], when given, receives each row's weights.
 
     Under torchrun every process walks the same global batches and trains on its share of each
     (every ``world``-th row); the sums are gathered at the end of the epoch."""
+    cfg, dist, device = task.cfg, task.dist, task.device
     model.train()
     n = len(split)
     order, view = epoch_plan(n, split.views_per_row, cfg, epoch)
@@ -164,37 +65,50 @@ def train_one_epoch(model, opt, split, cfg: DistillConfig, epoch: int, teachers,
     sums = {k: torch.zeros((), device=device) for k in ("loss", "ce", "kd", "feat")}
     agree = {name: {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("abs_diff", "spearman", "top")}
              for name in cfg.agre_compare}
-    steps = 0
-    wsum = torch.zeros(teachers.num_teachers, device=device)
+    wsum = torch.zeros(task.num_teachers, device=device)
     first_bad = torch.full((), -1, device=device)
+    bad_inputs = torch.zeros((), dtype=torch.bool, device=device)
     bounds = batch_bounds(n, cfg.batch_size, min_size=max(2, dist.world))
     batches = split.batches(order, view, bounds, lambda a: a[dist.rank::dist.world])
-    for step, ((s, e), (data, idx, v, positions)) in enumerate(
+    for i, ((s, e), (data, idx, v, positions)) in enumerate(
             tqdm(zip(bounds, batches), total=len(bounds), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                  disable=not progress or not dist.is_main)):
-        out, w = train_step(model, opt, data, idx, v, cfg, teachers, device, epoch, dist, len(idx) / (e - s))
+        batch = task.batch(data, idx, v, epoch, share=len(idx) / (e - s))
+        out = task.step(model, opt, batch)
         bad = ~torch.isfinite(out["loss"].detach())
-        first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
+        first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, i), first_bad)
+        bad_inputs |= bad & ~(torch.isfinite(batch.teacher_logits).all() & torch.isfinite(batch.biased_logits).all())
         for k in sums:
             sums[k] += out[k].detach().float() * len(idx)
-        wsum += w.detach().float().sum(0)
-        steps += 1
+        w = out["weights"].float()
+        wsum += w.sum(0)
         for name, parts in out.get("agre_compare", {}).items():
-            for k, v in parts.items():
-                agree[name][k] += v
+            for k, value in parts.items():
+                agree[name][k] += value
         if weights_out is not None:
-            weights_out[positions.to(weights_out.device)] = w.detach().float().to(weights_out.device)
+            weights_out[positions.to(weights_out.device)] = w.to(weights_out.device)
     bad_anywhere = (first_bad >= 0).to(wsum.dtype).reshape(1)
     dist.all_sum([*sums.values(), wsum, bad_anywhere])  # per-step agreement is already global
     if int(bad_anywhere) > 0:  # one host sync per epoch
-        kept = f"the last good checkpoint (epoch {epoch}) is kept in {cfg.out}" if epoch else "no epoch finished"
-        where = f", step {int(first_bad) + 1}" if int(first_bad) >= 0 else ""
-        raise DistillError(f"non-finite loss at epoch {epoch + 1}{where}; stopped: {kept}. Try a lower --lr")
+        raise DistillError(_non_finite_message(cfg, epoch, int(first_bad), bool(bad_inputs)))
     result = {**{k: float(v) / n for k, v in sums.items()}, "teacher_weights": (wsum / n).tolist()}
     if agree:  # per-step means: how a cheaper parameter set's weights agree with this run's
-        result["agre_agreement"] = {name: {k: float(v) / steps for k, v in parts.items()}
+        result["agre_agreement"] = {name: {k: float(v) / len(bounds) for k, v in parts.items()}
                                     for name, parts in agree.items()}
     return result
+
+
+def _non_finite_message(cfg: DistillConfig, epoch: int, first_bad: int, bad_inputs: bool) -> str:
+    """What a user reads when a loss turned NaN or inf: where, what was kept, the likely cause."""
+    kept = f"the last good checkpoint (epoch {epoch}) is kept in {cfg.out}" if epoch else "no epoch finished"
+    where = f", step {first_bad + 1}" if first_bad >= 0 else ""
+    if bad_inputs:
+        source = f"the teachers of {cfg.teachers_online}" if cfg.teachers_online else f"the cache {cfg.cache}"
+        cause = (f"the teacher outputs of that batch are not finite: {source} produce NaN or inf "
+                 "(check the teachers' weights, or run `python cli.py cache verify` on the cache)")
+    else:
+        cause = f"the teacher outputs were finite, so the optimisation diverged: try a lower --lr (now {cfg.lr:g})"
+    return f"non-finite loss at epoch {epoch + 1}{where}; stopped: {kept}. Cause: {cause}"
 
 
 def schedule(opt, cfg: DistillConfig):
@@ -207,9 +121,6 @@ def schedule(opt, cfg: DistillConfig):
     def factor(e: int) -> float:
         return (e + 1) / (W + 1) if e < W else 0.5 * (1 + math.cos(math.pi * (e - W) / (E - W)))
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "last.pt", "best.pt", "teacher_weights.npy")
 
 
 def fit(cfg: DistillConfig, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
@@ -236,12 +147,12 @@ def fit(cfg: DistillConfig, resume: bool = False, overwrite: bool = False, progr
 
 
 def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
-    last_path, best_path = out / "last.pt", out / "best.pt"
+    last_path, best_path = out / LAST, out / BEST
     cache, store = open_inputs(cfg)
     meta = cache.meta
     cache_id = meta.identity_digest()
     say = tqdm.write if progress else (lambda *_: None)
-    done = read_json(out / "summary.json")
+    done = read_json(out / SUMMARY)
     if done and done.get("status") == "finished":
         check_same_run(out, done.get("config", {}), done.get("cache_identity"), cfg, cache_id)
         say(f"{out} is already finished; nothing to do")
@@ -253,8 +164,7 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
     image_size = cfg.image_size or meta.out_size
     pretrained = cfg.pretrained if cfg.pretrained is not None else meta.teachers_pretrained
 
-    gammas = {l: g for l, g in cfg.gammas.items() if g > 0}
-    nbytes = sum(memory_needed(cache, store.side, [] if cfg.teachers_online else gammas).values())
+    nbytes = sum(memory_needed(cache, store.side, cfg.needs.layers).values())
     if should_stream(cfg, nbytes):
         say(f"streaming the splits from {cfg.cache} ({nbytes / 2**30:.1f} GiB would not fit comfortably in memory)")
         train, val, test = (StreamedSplit(cache, store, s, cfg, device) for s in ("train", "val", "test"))
@@ -264,8 +174,10 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
                             for s in ("train", "val", "test"))
     train_counts = torch.bincount(train.group.cpu(), minlength=meta.num_groups).numpy()
     teachers = teacher_source(meta, cfg, image_size, device)
+    task = DistillTask(cfg, teachers, device, d)
 
-    model = Student(meta.num_classes, {l: teachers.feature_dims[l] for l in gammas}, pretrained, cfg.weights_file)
+    model = Student(meta.num_classes, {l: teachers.feature_dims[l] for l in cfg.active_layers}, pretrained,
+                    cfg.weights_file)
     if d.active:  # statistics of the global batch, as one process holding it would compute
         model = global_batch_norm(model)
     model = model.to(device).to(memory_format=memory_format_for(device))
@@ -280,15 +192,15 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
         start, best = int(ck["epoch"]), (float(ck["best_wga"]), int(ck["best_epoch"]))
         say(f"resuming {out} after epoch {start}")
     if d.is_main:
-        cfg.save(out / "config.json")
-        truncate_metrics(out / "metrics.jsonl", start)
+        cfg.save(out / CONFIG)
+        truncate_metrics(out / METRICS, start)
 
-    weights_out = torch.zeros(len(train.y), teachers.num_teachers, device=device)
+    weights_out = torch.zeros(len(train.y), task.num_teachers, device=device)
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
         lr = opt.param_groups[0]["lr"]
-        tr = train_one_epoch(model, opt, train, cfg, epoch, teachers, device,
-                             weights_out if epoch == cfg.epochs - 1 else None, progress, d)
+        tr = train_one_epoch(model, opt, task, train, epoch, weights_out if epoch == cfg.epochs - 1 else None,
+                             progress)
         if epoch == cfg.epochs - 1:
             d.all_sum([weights_out])  # each process filled the rows it trained on
         sched.step()
@@ -299,13 +211,13 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
             best = (vm["wga"], epoch + 1)
             save_best(best_path, model, epoch + 1, cfg)
         if epoch == cfg.epochs - 1:  # before the checkpoint that makes a resume skip this epoch
-            np.save(out / "teacher_weights.npy", weights_out.cpu().numpy())
+            np.save(out / WEIGHTS, weights_out.cpu().numpy())
         save_last(last_path, model, opt, sched, epoch + 1, best, cfg, cache_id)
         rec = {"epoch": epoch + 1, "lr": lr, "time_s": round(time.time() - t0, 3),
                "train": {k: tr[k] for k in ("loss", "ce", "kd", "feat")},
                "teacher_weights": tr["teacher_weights"], "val": vm,
                **({"agre_agreement": tr["agre_agreement"]} if "agre_agreement" in tr else {})}
-        with open(out / "metrics.jsonl", "a") as f:
+        with open(out / METRICS, "a") as f:
             f.write(json.dumps(rec) + "\n")
         say(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {tr['loss']:.4f}  val WGA {100 * vm['wga']:.2f}  "
             f"avg {_avg(vm)}  ({rec['time_s']:.1f}s)")
@@ -319,13 +231,12 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
         "status": "finished", "config": cfg.to_dict(), "cache_fingerprint": meta.dataset_fingerprint,
         "cache_identity": cache_id, "cache": str(cfg.cache), "git_commit": provenance()["git_commit"],
         "group_names": meta.group_names,
-        "teachers": ([{"name": m.name, "role": m.role} for m in teachers.manifest.models] if cfg.teachers_online
-                     else [{"name": t["name"], "role": t["role"]} for t in meta.teachers]),
+        "teachers": teachers.names,
         "best_epoch": best[1], "val_best": evaluate(model, val, image_size, device, train_counts),
         "test_best": evaluate(model, test, image_size, device, train_counts),
         "test_last": test_last, "teacher_test": teacher_test_metrics(cache),
     }
-    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / SUMMARY, summary)
     trim_checkpoints(out, cfg.keep_checkpoints)
     d.barrier()
     return d.broadcast_object(summary)

@@ -23,7 +23,7 @@ from pathlib import Path
 from core.errors import ConfigError, ToolError
 from core.files import atomic_write_json
 from core.provenance import settings_diff
-from distill.config import DistillConfig, identity_of
+from distill.config import SUMMARY, DistillConfig, identity_of
 
 GiB = 2 ** 30
 # Exit codes of a run's process (the run's status is in its summary.json; these only carry it).
@@ -54,7 +54,7 @@ _FREE_SHARE = 0.9  # of the free memory the jobs may count on (allocator fragmen
 
 def read_summary(run_dir: str | Path) -> dict | None:
     """The run's summary.json, or None when absent or unreadable (a crashed run)."""
-    path = Path(run_dir) / "summary.json"
+    path = Path(run_dir) / SUMMARY
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -68,7 +68,7 @@ def is_finished(run_dir: str | Path) -> bool:
 
 def record_failure(run_dir: Path, cfg: DistillConfig, error: str, trace: str = "") -> str:
     """Write ``{"status": "failed", "error", "traceback", "config"}`` to the run's summary.json."""
-    atomic_write_json(Path(run_dir) / "summary.json", {"status": "failed", "error": error,
+    atomic_write_json(Path(run_dir) / SUMMARY, {"status": "failed", "error": error,
                                                        "traceback": trace, "config": cfg.to_dict()})
     return error
 
@@ -98,7 +98,7 @@ def train_run(name: str, cfg: DistillConfig, fit, tag: str) -> str:
     summary.json). An exception in ``fit`` never escapes; Ctrl-C (KeyboardInterrupt) does."""
     run_dir = Path(cfg.out)
     # A failed summary from an earlier attempt would mislabel this attempt if it is killed.
-    (run_dir / "summary.json").unlink(missing_ok=True)
+    (run_dir / SUMMARY).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"{tag} {name}: training", flush=True)
     start = time.time()
@@ -131,15 +131,13 @@ def default_fit(progress: bool = True):
 def run_memory_bytes(cfg: DistillConfig) -> tuple[int, int | None]:
     """Estimated GPU bytes of one run: (compute, data). Data is None when the cache cannot be
     read here (fit will say why, per run). See the comment on ``_FIXED_BYTES``."""
+    from cache.info import memory_needed
     from distill.data import open_inputs
 
     try:
         cache, store = open_inputs(dataclasses.replace(cfg, data_root=None))
-        meta, rows = cache.meta, cache.num_rows
-        size = cfg.image_size or meta.out_size
-        layers = [] if cfg.teachers_online else [l for l, g in cfg.gammas.items() if g > 0]
-        data = store.side ** 2 * 3 * rows + sum(
-            meta.views_per_row * meta.num_backbones * meta.feature_dims[l] * 2 * rows for l in layers)
+        size = cfg.image_size or cache.meta.out_size
+        data = sum(memory_needed(cache, store.side, cfg.needs.layers).values())
     except (ToolError, OSError):
         size, data = cfg.image_size or 224, None
     compute = _FIXED_BYTES + _BYTES_PER_SAMPLE_224 * cfg.batch_size * (size / 224) ** 2
@@ -174,7 +172,7 @@ def resolve_jobs(jobs: int | str, configs: list[DistillConfig]) -> int:
         return 1
     free, _ = torch.cuda.mem_get_info(device)
     # Runs that differ only in what does not change memory share one estimate (one cache opening).
-    kinds = {(c.cache, tuple(l for l, g in c.gammas.items() if g > 0), c.batch_size, c.image_size,
+    kinds = {(c.cache, c.needs.layers, c.batch_size, c.image_size,
               bool(c.teachers_online)): c for c in configs}
     estimates = [run_memory_bytes(c) for c in kinds.values()]
     per_run = max(compute + (data or 0) for compute, data in estimates)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.config import group_key
+from distill.config import WEIGHTS, group_key
 from experiments.runs import BASELINE, Row, RunRecord, gamma_family, weighting_label, weighting_of
 
 # ----------------------------------------------------------------------------- plots
@@ -74,7 +74,7 @@ def plot_group_accuracy(rows: list[Row], path: Path, group_names: list[str]) -> 
 
 def _load_weights(rec: RunRecord) -> np.ndarray | None:
     try:
-        w = np.load(rec.path / "teacher_weights.npy", allow_pickle=False)
+        w = np.load(rec.path / WEIGHTS, allow_pickle=False)
     except (OSError, ValueError):
         return None
     return w if w.ndim == 2 and w.shape[0] > 0 else None

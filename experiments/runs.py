@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from core.files import read_jsonl
-from distill.config import DistillConfig, group_key, identity_of, non_default_settings, setting_label
+from distill.config import (CONFIG, METRICS, SUMMARY, DistillConfig, group_key, identity_of, non_default_settings,
+                            setting_label)
 from experiments.sweep import PRESETS, SWEEP_FILE, read_summary
 
-RUN_FILES = ("config.json", "summary.json", "metrics.jsonl")
+RUN_FILES = (CONFIG, SUMMARY, METRICS)  # the files that make a folder a run
 # The reference configuration of the report: its AGRE-KD (batch weights from the gradients of all
 # student parameters), logits only, pure KD, layer4.
 BASELINE = {"weighting": "agre-batch", "agre_params": "all", "gamma": 0.0, "alpha": 1.0,
@@ -105,10 +106,10 @@ def group_names_of(records: list["RunRecord"]) -> list[str]:
 
 
 def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    from core.files import read_json
+
+    value = read_json(path)
+    return value if isinstance(value, dict) else None
 
 
 def _epochs(path: Path) -> tuple[int, float | None]:
@@ -121,7 +122,7 @@ def _epochs(path: Path) -> tuple[int, float | None]:
 
 def _status(path: Path, summary: dict | None, epochs: int, planned_epochs) -> tuple[str, str]:
     if summary is None:
-        if (path / "summary.json").exists():
+        if (path / SUMMARY).exists():
             return "failed", "summary.json is unreadable"
         return "incomplete", (f"no summary.json (crashed or still running) after "
                               f"{epochs}/{planned_epochs or '?'} epochs")
@@ -140,8 +141,8 @@ def load_run(path: str | Path) -> RunRecord:
     """Read one run folder (config.json, summary.json, metrics.jsonl) into a RunRecord."""
     path = Path(path)
     summary = read_summary(path)
-    config = _read_json(path / "config.json") or (summary or {}).get("config") or {}
-    epochs, seconds = _epochs(path / "metrics.jsonl")
+    config = _read_json(path / CONFIG) or (summary or {}).get("config") or {}
+    epochs, seconds = _epochs(path / METRICS)
     status, reason = _status(path, summary, epochs, config.get("epochs"))
     return RunRecord(path.name, path, status, reason, config, summary, epochs, seconds)
 
@@ -207,7 +208,7 @@ class Row:
         how far the best-validation pick could swing (small when training has settled)."""
         spreads = []
         for r in self.runs:
-            wgas = [100 * m["val"]["wga"] for m in read_jsonl(r.path / "metrics.jsonl") if "val" in m][-5:]
+            wgas = [100 * m["val"]["wga"] for m in read_jsonl(r.path / METRICS) if "val" in m][-5:]
             if wgas:
                 spreads.append(max(wgas) - min(wgas))
         return statistics.fmean(spreads) if spreads else None

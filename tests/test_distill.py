@@ -100,8 +100,8 @@ def test_clear_errors(logits_only_cache, tiny_cache, tmp_path):
     runner = CliRunner()
     base = ["distill", "--cache", str(logits_only_cache), "--epochs", "1", "--no-pretrained", "--device", "cpu"]
     cases = [
-        (["--gamma", "0.5", "--layers", "layer3", "--views", "off"], "holds features of layer4"),
-        (["--views", "on"], "only the eval view"),
+        (["--gamma", "0.5", "--layers", "layer3", "--sample-views", "off"], "holds features of layer4"),
+        (["--sample-views", "on"], "only the eval view"),
         (["--alpha", "2"], "--alpha must lie in [0, 1]"),
         (["--cache", str(tmp_path / "none.h5")], "no cache at"),
     ]
@@ -109,25 +109,25 @@ def test_clear_errors(logits_only_cache, tiny_cache, tmp_path):
         res = runner.invoke(cli, base + extra + ["--out", str(tmp_path / f"r{i}")])
         assert res.exit_code != 0 and msg in res.output and "Traceback" not in res.output, res.output
     other = generate(tmp_path / "other", SynthSpec(scale=0.05, size=24, seed=3))
-    res = runner.invoke(cli, base + ["--views", "off", "--data-root", str(other), "--out", str(tmp_path / "r9")])
+    res = runner.invoke(cli, base + ["--sample-views", "off", "--data-root", str(other), "--out", str(tmp_path / "r9")])
     assert res.exit_code != 0 and "another data set" in res.output
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cache, tmp_path, monkeypatch):
     import distill.train as train_mod
 
-    real = train_mod.distillation_loss
+    real = train_mod.DistillTask.step
     calls = {"n": 0}
 
-    def poisoned(*a, **kw):
-        out = real(*a, **kw)
+    def poisoned(self, model, opt, batch):
+        out = real(self, model, opt, batch)
         calls["n"] += 1
         if calls["n"] == 6:  # epoch 2, step 2 (4 steps per epoch)
             out["loss"] = out["loss"] * float("nan")
         return out
 
-    monkeypatch.setattr(train_mod, "distillation_loss", poisoned)
-    with pytest.raises(DistillError, match=r"epoch 2, step 2.*epoch 1"):
+    monkeypatch.setattr(train_mod.DistillTask, "step", poisoned)
+    with pytest.raises(DistillError, match=r"epoch 2, step 2.*epoch 1.*lower --lr"):
         fit(_cfg(tiny_cache, tmp_path / "run", epochs=3), progress=False)
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())

@@ -11,7 +11,8 @@ from distill.config import DistillConfig
 from distill.data import load_split, open_inputs
 from distill.student import Student
 from distill.teachers import CachedTeachers, OnlineTeachers
-from distill.train import fit, step
+from distill.task import DistillTask
+from distill.train import fit
 
 CPU = torch.device("cpu")
 
@@ -29,18 +30,17 @@ def test_online_step_equals_the_cached_step_on_the_same_crop(tiny_cache, tiny_te
     idx, view = torch.arange(16), torch.ones(16, dtype=torch.long)  # a stored random view of training rows
     monkeypatch.setattr(online, "crops", lambda rows, hw, epoch: (data.box[idx, 1], data.flip[idx, 1]))
     a, b = cached.batch(data, idx, view, 0), online.batch(data, idx, view, 0)
-    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)                    # the same pixels
-    torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-4)              # teacher logits
-    torch.testing.assert_close(a[2], b[2], rtol=1e-4, atol=1e-4)              # biased logits
-    torch.testing.assert_close(a[3]["layer4"].float(), b[3]["layer4"], rtol=2e-3, atol=2e-3)  # float16 cached
+    torch.testing.assert_close(a.x, b.x, rtol=0, atol=0)                                      # the same pixels
+    torch.testing.assert_close(a.teacher_logits, b.teacher_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a.biased_logits, b.biased_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a.teacher_feats["layer4"].float(), b.teacher_feats["layer4"], rtol=2e-3, atol=2e-3)  # float16 cached
     torch.manual_seed(0)
     model = Student(cache.meta.num_classes, {"layer4": cache.meta.feature_dims["layer4"]})
     twin = copy.deepcopy(model)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, twin)]
-    y = data.y[idx]
-    out_a, w_a = step(model, opts[0], a[0], y, a[1], a[2], a[3], None, cached_cfg, CPU)
-    out_b, w_b = step(twin, opts[1], b[0], y, b[1], b[2], b[3], None, online_cfg, CPU)
-    torch.testing.assert_close(w_a, w_b, rtol=1e-3, atol=1e-4)
+    out_a = DistillTask(cached_cfg, cached, CPU).step(model, opts[0], a)
+    out_b = DistillTask(online_cfg, online, CPU).step(twin, opts[1], b)
+    torch.testing.assert_close(out_a["weights"], out_b["weights"], rtol=1e-3, atol=1e-4)
     for k in ("loss", "kd", "feat"):
         torch.testing.assert_close(out_a[k].detach(), out_b[k].detach(), rtol=2e-3, atol=1e-5, msg=k)
 
