@@ -106,6 +106,15 @@ def atomic_write_json(path: str | Path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def atomic_save_npy(path: str | Path, array) -> Path:
+    """Atomic ``np.save`` (a kill mid-write never leaves a half ``.npy`` under ``path``)."""
+    import numpy as np
+
+    with _atomic(path, "array") as f:
+        np.save(f, array)
+    return Path(path)
+
+
 def save_checkpoint(obj, path: str | Path) -> Path:
     """Atomic ``torch.save``: a kill mid-write never leaves a half file under ``path``."""
     import torch

@@ -129,14 +129,31 @@ def verify_files(man: Manifest) -> None:
                                     f"manifest says {digest[:12]}...); rebuild or re-import the teachers")
 
 
+def check_finite(state: dict, source) -> None:
+    """Refuse a checkpoint holding NaN or inf in any floating tensor: such a teacher gives
+    non-finite (or constant) outputs that would otherwise surface far later, as a bad table or a
+    non-finite loss. CheckpointError naming the file, the parameter and how many values."""
+    import torch
+
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            bad = int(t.numel() - torch.isfinite(t).sum())
+            if bad:
+                raise CheckpointError(f"{source}: parameter {name} holds {bad} non-finite value(s) (NaN or inf) "
+                                      f"of {t.numel()}: a diverged or damaged checkpoint; use another one")
+
+
 def load_model(man: Manifest, entry: ModelEntry, load=load_checkpoint) -> FeatureResNet:
     """The model of one manifest entry (backbone file + optional head file), in eval mode.
 
     ``load(path) -> state dict``: how files are read (a memo lets several entries share one read).
     """
-    model = model_from_state(entry.arch, entry.num_classes, load(man.path(entry.file)), str(man.path(entry.file)))
+    state = load(man.path(entry.file))
+    check_finite(state, man.path(entry.file))
+    model = model_from_state(entry.arch, entry.num_classes, state, str(man.path(entry.file)))
     if entry.head_file:
         head = load(man.path(entry.head_file))
+        check_finite(head, man.path(entry.head_file))
         try:
             model.fc.load_state_dict({"weight": head["fc.weight"], "bias": head["fc.bias"]})
         except (KeyError, RuntimeError) as e:
@@ -151,7 +168,10 @@ def make_entry(name: str, role: str, file: str | Path, arch: str, num_classes: i
     """Validate a checkpoint (and head) and describe it; raises CheckpointError naming the file."""
     file = Path(file)
     state = state if state is not None else load_checkpoint(file)
+    check_finite(state, file)
     model_from_state(arch, num_classes, state, str(file))  # raises CheckpointError if it does not fit
+    if head_file:
+        check_finite(load_checkpoint(head_file), head_file)
 
     def rel(p):
         p = Path(p).resolve()

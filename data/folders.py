@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,9 +95,73 @@ def load_metadata(root: str | Path, dataset: str = "waterbirds", **options) -> M
     src = _source(dataset)
     folder = src.resolve_root(root, **options)
     meta, _, problems = src.parse(folder, **options)
+    if not problems:
+        problems = check_rows(meta, getattr(src, "row_offset", lambda f, **o: 2)(folder, **options))
     if problems:
         raise DataError(folder, problems)
     return meta
+
+
+def _split_of(code) -> str:
+    return SPLIT_NAMES.get(int(code), str(code))
+
+
+def duplicate_problems(keys, split, names=None, offset: int = 2) -> list[str]:
+    """Rows naming one image twice (``keys``: one comparable key per row, e.g. its normalised path).
+
+    The same image in two splits is leakage (a test image trained on, a validation image both fit
+    and selected on); twice in one split it is counted twice in the cache and in WGA. Both are
+    refused, for every layout (CelebA's parser and the csv parser catch exact repeats of a name
+    first; this also catches ``./a.png`` against ``a.png``).
+    """
+    names = keys if names is None else names
+    first: dict = {}
+    problems = []
+    for i, k in enumerate(keys):
+        j = first.setdefault(k, i)
+        if j == i:
+            continue
+        where = f"row {i + offset}: {names[i]}"
+        if split[i] != split[j]:
+            problems.append(f"{where}: the same image as row {j + offset} ({names[j]}) in two splits "
+                            f"({_split_of(split[j])} and {_split_of(split[i])}): cross-split leakage "
+                            f"(trained or selected on what is evaluated); list each image once, in one split")
+        else:
+            problems.append(f"{where}: image listed again (first at row {j + offset}, same split "
+                            f"{_split_of(split[i])}): it would count twice in the cache and in WGA; "
+                            f"list each image once")
+    return problems
+
+
+_EMPTY_MEANS = {
+    "train": "training (ERM, the student) never sees it, and its accuracy is left to chance",
+    "val": "validation WGA (model selection, DFR's balanced subsample) would be the minimum over the other "
+           "groups only, hiding this one",
+    "test": "test WGA would be the minimum over the other groups only, so the reported WGA leaves this group out",
+}
+
+
+def empty_group_problems(meta: "Metadata") -> list[str]:
+    """One problem per (split, group) without rows: WGA over a split is then over fewer groups."""
+    problems = []
+    names = meta.group_names
+    for split in SPLIT_CODES:
+        counts = meta.group_counts(split)
+        empty = [names[g] for g in range(meta.num_groups) if counts[g] == 0]
+        if empty:
+            problems.append(f"split {split}: no row in group(s) {', '.join(empty)} "
+                            f"({int(counts.sum())} rows in the split): {_EMPTY_MEANS[split]}; "
+                            f"add rows of that group to {split} (or choose other attributes)")
+    return problems
+
+
+def check_rows(meta: "Metadata | None", offset: int = 2) -> list[str]:
+    """The checks every layout shares, on parsed metadata: duplicate images and cross-split leakage
+    (by normalised path), and groups without rows in a split."""
+    if meta is None:
+        return []
+    keys = [os.path.normcase(os.path.normpath(str(f))) for f in meta.filenames]
+    return duplicate_problems(keys, meta.split, list(meta.filenames), offset) + empty_group_problems(meta)
 
 
 def read_image(path: Path, size: int | None = None, hw: tuple[int, int] | None = None) -> np.ndarray:
@@ -109,7 +175,7 @@ def read_image(path: Path, size: int | None = None, hw: tuple[int, int] | None =
         hw = (size, size)
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = to_rgb(im, path)
             if hw is not None and im.size != (hw[1], hw[0]):
                 im = im.resize((int(hw[1]), int(hw[0])), Image.BILINEAR)
             return np.asarray(im)
@@ -118,23 +184,70 @@ def read_image(path: Path, size: int | None = None, hw: tuple[int, int] | None =
         raise DataError(Path(path).parent, [f"{path}: {what}; run `python cli.py data check` on the folder"]) from None
 
 
-def _check_image(path: Path) -> str | None:
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+def to_rgb(im: Image.Image, path=None) -> Image.Image:
+    """An opened image as 8-bit RGB, every mode decoded by its meaning.
+
+    PIL's ``convert("RGB")`` clips 16-bit grayscale (``I;16``, or ``I`` on older Pillow) at 255, so
+    such a PNG would become all white: it is scaled to 8 bits instead (``v * 255 / 65535``,
+    rounded). Palette images (``P``, ``PA``) go through their palette. Modes with no 8-bit meaning
+    (32-bit integers beyond 16 bits, floats) are a DataError naming the file.
+    """
+    if im.mode in _SIXTEEN_BIT:
+        a = np.asarray(im).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise DataError(Path(path).parent if path else ".",
+                            [f"{path}: {im.mode} image with values {a.min()}..{a.max()} beyond 16 bits; "
+                             f"save it as 8-bit (or 16-bit) RGB or grayscale"])
+        a8 = ((a * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(a8, "L").convert("RGB")
+    if im.mode == "F":
+        raise DataError(Path(path).parent if path else ".",
+                        [f"{path}: floating-point (mode F) image: no defined 8-bit range; save it as 8-bit RGB"])
+    if im.mode in ("P", "PA") and ("transparency" in im.info or im.mode == "PA"):
+        return im.convert("RGBA").convert("RGB")
+    return im.convert("RGB")
+
+
+def _check_image(path: Path) -> tuple[str | None, str | None, str | None]:
+    """(problem, warning, sha256 of the bytes) of one image file."""
     if not path.is_file():
-        return "missing image file"
+        return "missing image file", None, None
     try:
         with Image.open(path) as im:
             im.load()  # decodes fully: truncated files fail here, not at training time
+            mode, (w, h) = im.mode, im.size
+            to_rgb(im, path)
+    except DataError as e:
+        return e.problems[0].split(": ", 1)[-1], None, None
     except Exception as e:  # PIL raises many types for bad files
-        return f"unreadable image ({type(e).__name__}: {e})"
-    return None
+        return f"unreadable image ({type(e).__name__}: {e})", None, None
+    warning = None
+    if min(w, h) <= 1:
+        warning = (f"{w}x{h} pixel image ({mode}): resized to the views it is a flat colour; "
+                   f"check that it is the image meant")
+    try:
+        digest = sha256_file(path)
+    except OSError:
+        digest = None
+    return None, warning, digest
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def check_folder(root: str | Path, dataset: str = "waterbirds", workers: int = 8, progress: bool = True,
-                 **options) -> tuple[Metadata | None, list[str]]:
-    """Validate a data folder: metadata columns and values, every image file, unlisted images.
+                 warn=_warn, **options) -> tuple[Metadata | None, list[str]]:
+    """Validate a data folder: metadata columns and values, duplicate rows, cross-split leakage,
+    empty groups, every image file (mode, decoding), unlisted images.
 
     Returns (metadata, or None when the metadata itself has problems; every problem found). The
     images are checked even when some metadata values are bad, so one run lists everything.
+    Warnings (1-pixel images, the same bytes under two names) go to ``warn`` (stderr by default)
+    as they do not make the folder unusable.
     """
     src = _source(dataset)
     try:
@@ -145,8 +258,10 @@ def check_folder(root: str | Path, dataset: str = "waterbirds", workers: int = 8
 
 
     meta, files, problems = src.parse(folder, **options)
-    image_root = meta.root if meta is not None else getattr(src, "image_root", lambda f, **o: f)(folder, **options)
     offset = getattr(src, "row_offset", lambda f, **o: 2)(folder, **options)  # file line of row 0
+    if meta is not None:
+        problems += check_rows(meta, offset)  # the table stays: it shows an empty group
+    image_root = meta.root if meta is not None else getattr(src, "image_root", lambda f, **o: f)(folder, **options)
     named = [(i, f) for i, f in enumerate(files) if f]  # an empty name is already a problem
     paths = [image_root / f for _, f in named]
     if paths and not any(p.is_file() for p in paths[:1000]) and not image_root.is_dir():
@@ -154,8 +269,22 @@ def check_folder(root: str | Path, dataset: str = "waterbirds", workers: int = 8
     with ThreadPoolExecutor(workers) as pool:
         results = list(tqdm(pool.map(_check_image, paths), total=len(paths), desc="checking images",
                             unit="img", disable=not progress, leave=False))
-    problems += [f"row {i + offset}: {f}: {r}" for (i, f), r in zip(named, results) if r]
+    problems += [f"row {i + offset}: {f}: {r}" for (i, f), (r, _, _) in zip(named, results) if r]
     problems.sort(key=_row_of)
+    warnings = [f"row {i + offset}: {f}: {w}" for (i, f), (_, w, _) in zip(named, results) if w]
+    by_digest: dict[str, int] = {}
+    for k, ((i, f), (_, _, d)) in enumerate(zip(named, results)):
+        j = by_digest.setdefault(d, k) if d else k
+        if j != k:
+            (i0, f0), s0 = named[j], (meta.split[named[j][0]] if meta is not None else None)
+            s1 = meta.split[i] if meta is not None else None
+            leak = (f" in two splits ({_split_of(s0)} and {_split_of(s1)}): a copy of one image on both sides "
+                    f"leaks it" if s0 is not None and s0 != s1 else "")
+            warnings.append(f"row {i + offset}: {f}: the same bytes as row {i0 + offset} ({f0}){leak}")
+    for w in warnings[:50]:
+        warn(w)
+    if len(warnings) > 50:
+        warn(f"... {len(warnings) - 50} more warning(s)")
     listed = {p.resolve() for p in paths}
     extra = sorted(p for p in image_root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.resolve() not in listed)
     if extra and files:

@@ -48,6 +48,10 @@ def folder(root: Path, rows: list[tuple], columns=METADATA_COLUMNS, images: bool
 
 
 GOOD = [("a/0.png", 0, 0, 0), ("a/1.png", 1, 1, 1), ("b/2.jpg", 1, 2, 0), ("b/3.jpg", 0, 0, 1)]
+# the rows that give every group a row in every split (an empty group is a problem of its own)
+FILL = [("d/4.png", 1, 0, 0), ("d/5.png", 1, 0, 1), ("d/6.png", 0, 1, 0), ("d/7.png", 0, 1, 1),
+        ("d/8.png", 1, 1, 0), ("d/9.png", 0, 2, 0), ("d/10.png", 0, 2, 1), ("d/11.png", 1, 2, 1)]
+FULL = GOOD + FILL
 
 
 def test_synth_then_check(tmp_path):
@@ -90,10 +94,10 @@ def test_synth_out_is_a_file(tmp_path):
 
 
 def test_check_real_layout(tmp_path):
-    folder(tmp_path / "waterbird_complete95_forest2water2", GOOD)
+    folder(tmp_path / "waterbird_complete95_forest2water2", FULL)
     r = invoke("data", "check", "--root", str(tmp_path))
     assert r.exit_code == 0, r.output
-    assert "4 rows" in r.output and "no problems found" in r.output
+    assert "12 rows" in r.output and "no problems found" in r.output
 
 
 def _truncate(path: Path) -> None:
@@ -102,23 +106,24 @@ def _truncate(path: Path) -> None:
 
 
 BROKEN = {
-    "missing column": (lambda root: folder(root, GOOD, columns=[c for c in METADATA_COLUMNS if c != "place"]),
+    "missing column": (lambda root: folder(root, FULL, columns=[c for c in METADATA_COLUMNS if c != "place"]),
                        ["missing column(s) place"]),
-    "extra column": (lambda root: folder(root, GOOD, columns=METADATA_COLUMNS + ["extra"]),
+    "extra column": (lambda root: folder(root, FULL, columns=METADATA_COLUMNS + ["extra"]),
                      ["unexpected column(s) extra"]),
     "unknown split": (lambda root: folder(root, GOOD[:2] + [("b/2.jpg", 1, 7, 0)]),
                       ["row 4: b/2.jpg: split='7' is not one of [0, 1, 2]"]),
     "label outside {0,1}": (lambda root: folder(root, [("a/0.png", 2, 0, 0), ("a/1.png", 0, 1, 5)]),
                             ["row 2: a/0.png: y='2' is not one of [0, 1]",
                              "row 3: a/1.png: place='5' is not one of [0, 1]"]),
-    "missing image": (lambda root: folder(root, GOOD, images=False) and image(root / "a/1.png"),
+    "missing image": (lambda root: [(r / f).unlink() for r in [folder(root, FULL)]
+                                    for f in ("a/0.png", "b/2.jpg", "b/3.jpg")],
                       ["row 2: a/0.png: missing image file", "row 4: b/2.jpg: missing image file",
                        "row 5: b/3.jpg: missing image file"]),
-    "truncated image": (lambda root: folder(root, GOOD) and _truncate(root / "b/3.jpg"),
+    "truncated image": (lambda root: folder(root, FULL) and _truncate(root / "b/3.jpg"),
                         ["row 5: b/3.jpg: unreadable image"]),
-    "not an image": (lambda root: folder(root, GOOD) and (root / "a/1.png").write_bytes(b"<html>"),
+    "not an image": (lambda root: folder(root, FULL) and (root / "a/1.png").write_bytes(b"<html>"),
                      ["row 3: a/1.png: unreadable image"]),
-    "extra image": (lambda root: folder(root, GOOD) and image(root / "c/stray.jpg"),
+    "extra image": (lambda root: folder(root, FULL) and image(root / "c/stray.jpg"),
                     ["1 image file(s) not listed in the metadata, e.g. c/stray.jpg"]),
     "garbage metadata": (lambda root: root.mkdir() or (root / "metadata.csv").write_bytes(b"\x00\xff\xfe"),
                          ["metadata.csv: not a readable"]),
