@@ -1,7 +1,7 @@
 """Benchmark: precompute throughput against a bare forward pass of the same backbones.
 
 Builds a synthetic data folder and a manifest of randomly initialised ResNet-50 teachers (by
-default the report's layout: 5 teachers with distinct backbones, the biased model sharing the
+default the study's layout: 5 teachers with distinct backbones, the biased model sharing the
 first one's), then measures side by side in one run:
   - the full ``run_precompute`` (reading the image store, rendering views, forward of every
     distinct backbone, heads, static weights, writing the cache), images x views per second;
@@ -80,7 +80,7 @@ def main(argv=None):
     store = ImageStore(store_path_for(cache))
     rows = np.arange(len(meta))
     box, flip = sample_views(rows, ViewSpec(random_views=args.views, out_size=args.image_size))
-    images = torch.from_numpy(store.load_all())
+    images = store.load_all()  # Pixels
     store.close()
     # the (row, view) pairs precompute computes: every view of a training row, the eval view of the rest
     pairs = [(r, v) for r in rows for v in range(args.views + 1 if meta.split[r] == SPLIT_CODES["train"] else 1)]

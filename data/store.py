@@ -4,35 +4,52 @@ Rows are dataset rows (metadata order). The file carries the fingerprint of the 
 built from, so training never decodes an image file per epoch and never reads a stale store.
 Each image is resized as the view's first transform would: ``keep-aspect`` (torchvision's
 ``Resize(S)``: the short side to S, the long side to ``int(S * long / short)``, capped at
-``MAX_ASPECT * S``; the report's evaluation) or ``squash`` (``Resize((S, S))``; DFR's), with PIL's
-antialiased bilinear filter, and stored in the top-left corner of an L x L canvas (L = S for
-``squash``, else the longest resized side of the data set):
+``MAX_ASPECT * S``; the study's evaluation) or ``squash`` (``Resize((S, S))``; DFR's), with PIL's
+antialiased bilinear filter, and stored at its own size: its bytes, pixel-interleaved (HWC, as
+decoded), back to back with the others' in one flat buffer (no canvas, no padding), so the store
+takes the images' own bytes:
 
 ```
-/images [N, 3, L, L] uint8   (row-chunked, fletcher32; zeros outside each image)
-/hw     [N, 2] int32         (each image's height and width in the canvas)
-/done   [N] bool             (resume; a finished store has all True)
-attrs: schema "gr-kd-images", schema_version 2, fingerprint, size (S), resize, side (L), num_rows
+/pixels [P] uint8      image r's HWC bytes at offset[r] - pixel_start, 3 * h * w of them
+                       (contiguous storage: reading one image reads exactly its bytes)
+/offset [N] int64      each image's first byte in the whole data set's buffer
+/hw     [N, 2] int32   each image's (height, width)
+/digest [N, 32] uint8  sha256 of each image's bytes (checked on load and by ``verify``)
+/done   [N] bool       resume; a finished store has all its rows True
+attrs: schema "gr-kd-images", schema_version 3, fingerprint, size (S), resize, side (longest
+       side), num_rows, total_bytes, row_start, row_stop, pixel_start (the rows it holds: all of
+       them, or one torchrun part's range, put together by ``merge_stores``)
 ```
+
+In memory the images are :class:`Pixels` (the same flat layout), rendered by
+``data.views.render`` (HWC, not CHW: one gather fetches a pixel's three channels and its right
+neighbour's, 6x fewer gathers; ``benchmarks/bench_store.py`` measures it).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 from PIL import Image
 
 from core.errors import ConfigError, ToolError
+from core.h5safe import check_structure as check_h5
 from data.folders import DataError, Metadata, read_image
+from data.pixels import Pixels
 
 SCHEMA = "gr-kd-images"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 CHUNK_ROWS = 64          # images decoded and marked done together
-CHUNK_BYTES = 256 * 1024  # HDF5 chunks of at most this size: a streamed row reads little more than itself
+COPY_BYTES = 64 << 20    # merge_stores and verify read at most this much at a time
 RESIZE_MODES = ("keep-aspect", "squash")
 MAX_ASPECT = 2.0  # a longer side is squashed to MAX_ASPECT * S (build_store says how many)
+DATASETS = ("pixels", "offset", "hw", "digest", "done")
 
 
 class StoreError(ToolError):
@@ -64,12 +81,18 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise DataError(path.parent, [f"{path}: {what}; run `python cli.py data check` on the folder"]) from None
 
 
+def _offsets(hw: np.ndarray) -> np.ndarray:
+    sizes = 3 * hw[:, 0].astype(np.int64) * hw[:, 1]
+    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # [N + 1]
+
+
 def _check_attrs(f: h5py.File, path, fingerprint: str | None, size: int | None, resize: str | None) -> None:
     if f.attrs.get("schema") != SCHEMA:
         raise StoreError(f"{path} is not an image store (schema {f.attrs.get('schema')!r})")
     if int(f.attrs["schema_version"]) != SCHEMA_VERSION:
-        raise StoreError(f"{path}: image store version {f.attrs['schema_version']} is not supported "
-                         f"(this tool reads version {SCHEMA_VERSION}); delete it to rebuild it")
+        raise StoreError(f"{path}: image store version {f.attrs['schema_version']} is not supported (this tool "
+                         f"reads version {SCHEMA_VERSION}, images at their own size); delete it and "
+                         "`python cli.py precompute` rebuilds it")
     if fingerprint is not None and f.attrs["fingerprint"] != fingerprint:
         raise StoreError(f"{path} was built from another data folder (fingerprint "
                          f"{f.attrs['fingerprint'][:12]}, folder {fingerprint[:12]}); delete it to rebuild")
@@ -79,13 +102,27 @@ def _check_attrs(f: h5py.File, path, fingerprint: str | None, size: int | None, 
         raise StoreError(f"{path} holds {f.attrs['resize']} images, {resize} asked; use another path")
 
 
+def _create(f: h5py.File, attrs: dict, hw: np.ndarray, lo: int, hi: int) -> None:
+    """The datasets of a new store holding rows [lo, hi) of a data set of images ``hw``."""
+    ends = _offsets(hw)
+    f.attrs.update(attrs, schema=SCHEMA, schema_version=SCHEMA_VERSION, num_rows=len(hw),
+                   side=int(hw.max()) if len(hw) else 0, total_bytes=int(ends[-1]),
+                   row_start=lo, row_stop=hi, pixel_start=int(ends[lo]))
+    f.create_dataset("hw", data=hw.astype(np.int32), fletcher32=True)
+    f.create_dataset("offset", data=ends[:-1], fletcher32=True)
+    # contiguous: a read of any image reads just its bytes (allocated on the first write)
+    f.create_dataset("pixels", (max(1, int(ends[hi] - ends[lo])),), np.uint8)
+    f.create_dataset("digest", (len(hw), 32), np.uint8, fletcher32=True, chunks=(max(1, min(len(hw), 4096)), 32))
+    f.create_dataset("done", (len(hw),), bool, fillvalue=False)
+
+
 def build_store(meta: Metadata, path: str | Path, size: int, fingerprint: str, resize: str = "keep-aspect",
                 workers: int = 4, progress: bool = True, rows: range | None = None) -> Path:
     """Build (or finish building) the store; a complete matching store is reused as it is.
 
-    ``rows``: decode only these dataset rows (one process's part under torchrun; the parts are
-    put together by :func:`merge_stores`). The canvas side comes from every image's header, so
-    all parts agree on it.
+    ``rows``: decode only these dataset rows (one process's part under torchrun; the file then
+    holds only their pixels, and the parts are put together by :func:`merge_stores`). Every
+    image's size comes from its header, so all parts agree on the offsets.
     """
     from tqdm import tqdm
 
@@ -106,48 +143,42 @@ def build_store(meta: Metadata, path: str | Path, size: int, fingerprint: str, r
             paths = [meta.root / name for name in meta.filenames]
             with ThreadPoolExecutor(8) as pool:  # headers only: sizes without decoding
                 hw = np.array([resized_hw(*wh, size, resize) for wh in pool.map(_image_size, paths)],
-                              dtype=np.int32).reshape(-1, 2)
-            side = int(hw.max())
+                              dtype=np.int64).reshape(-1, 2)
             capped = int(sum(1 for (h, w) in hw if max(h, w) >= round(MAX_ASPECT * size) and resize != "squash"))
             if capped and progress:
                 tqdm.write(f"{capped} image(s) have an aspect ratio beyond {MAX_ASPECT:g}:1: their long side is "
                            f"squashed to {round(MAX_ASPECT * size)} px (view 0 is no longer Resize({size}) + "
                            "CenterCrop for them)")
-            f.attrs.update(schema=SCHEMA, schema_version=SCHEMA_VERSION, fingerprint=fingerprint,
-                           size=size, resize=resize, side=side, num_rows=n)
-            f.create_dataset("hw", data=hw, fletcher32=True)
-            f.create_dataset("images", (n, 3, side, side), np.uint8, chunks=(_chunk_rows(side, n), 3, side, side),
-                             fletcher32=True)
-            f.create_dataset("done", (n,), bool, fillvalue=False)
+            _create(f, dict(fingerprint=fingerprint, size=size, resize=resize), hw, wanted.start, wanted.stop)
         _check_attrs(f, path, fingerprint, size, resize)
-        if "images" not in f or "done" not in f or "hw" not in f:
+        if any(name not in f for name in DATASETS):
             raise StoreError(f"{path} is a damaged image store (killed while being created?); delete it to rebuild")
-        done, hw, side = f["done"][:], f["hw"][:], int(f.attrs["side"])
+        a0, b0 = int(f.attrs["row_start"]), int(f.attrs["row_stop"])
         lo, hi = wanted.start, wanted.stop
+        if lo < a0 or hi > b0:
+            raise StoreError(f"{path} holds rows {a0}..{b0 - 1}, rows {lo}..{hi - 1} asked (another torchrun "
+                             "layout?); delete it to rebuild")
+        done, hw = f["done"][:], f["hw"][:].astype(np.int64)
+        ends, base = _offsets(hw), int(f.attrs["pixel_start"])
         todo = [(a, min(a + CHUNK_ROWS, hi)) for a in range(lo, hi, CHUNK_ROWS) if not done[a:min(a + CHUNK_ROWS, hi)].all()]
         bar = tqdm(total=hi - lo, initial=hi - lo - sum(b - a for a, b in todo), desc="image store",
                    unit="img", disable=not progress or not todo)
 
-        def canvas(r):
-            img = read_image(meta.root / meta.filenames[r], hw=tuple(hw[r]))
-            out = np.zeros((side, side, 3), np.uint8)
-            out[:img.shape[0], :img.shape[1]] = img
-            return out
+        def decode(r):
+            img = np.ascontiguousarray(read_image(meta.root / meta.filenames[r], hw=tuple(hw[r])))  # [h, w, 3]
+            return img, np.frombuffer(hashlib.sha256(img).digest(), np.uint8)
 
         with ThreadPoolExecutor(workers) as pool:
             for start, stop in todo:
-                imgs = list(pool.map(canvas, range(start, stop)))
-                f["images"][start:stop] = np.stack(imgs).transpose(0, 3, 1, 2)
+                imgs, digests = zip(*pool.map(decode, range(start, stop)))
+                f["pixels"][ends[start] - base:ends[stop] - base] = np.concatenate([im.reshape(-1) for im in imgs])
                 f.flush()  # pixels on disk before the rows are marked done
+                f["digest"][start:stop] = np.stack(digests)
                 f["done"][start:stop] = True
                 f.flush()
                 bar.update(stop - start)
         bar.close()
     return path
-
-
-def _chunk_rows(side: int, n: int) -> int:
-    return max(1, min(CHUNK_ROWS, n, CHUNK_BYTES // (3 * side * side)))
 
 
 def _is_complete(path: Path, fingerprint: str, size: int, resize: str, rows: range) -> bool:
@@ -167,38 +198,81 @@ def _is_complete(path: Path, fingerprint: str, size: int, resize: str, rows: ran
 
 def merge_stores(out: str | Path, parts: list[str | Path]) -> Path:
     """One store from parts that each hold some rows of the same data set (written with
-    ``build_store(..., rows=...)``): every row must be done in one of them. Written to
-    ``out.tmp`` and renamed."""
+    ``build_store(..., rows=...)``): every row must be done in one of them. Written under
+    :class:`core.files.OutputLock` on ``out`` to an exclusive temporary beside it, fsynced and
+    renamed (``out`` never holds a half-written store)."""
+    from core.files import OutputLock
+
     out, parts = Path(out), [Path(p) for p in parts]
+    with OutputLock(out, "the image store"):
+        return _merge_stores(out, parts)
+
+
+def _merge_stores(out: Path, parts: list[Path]) -> Path:
+    import contextlib
+    import os
+    import tempfile
+
+    from core.files import ensure_dir, fsync_dir, fsync_file
+
     with h5py.File(parts[0], "r") as ref:
-        attrs, hw, n, side = dict(ref.attrs), ref["hw"][:], int(ref.attrs["num_rows"]), int(ref.attrs["side"])
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.unlink(missing_ok=True)
+        keep = ("fingerprint", "size", "resize")
+        attrs, hw = {k: ref.attrs[k] for k in keep}, ref["hw"][:].astype(np.int64)
+        _check_attrs(ref, parts[0], None, None, None)
+    n, ends = len(hw), _offsets(hw)
+    ensure_dir(out.parent, "output folder")
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.fchmod(fd, 0o644)
+    os.close(fd)
+    try:
+        _copy_parts(tmp, parts, attrs, hw, n, ends)
+        fsync_file(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(out.parent)
+    return out
+
+
+def _copy_parts(tmp, parts: list[Path], attrs: dict, hw: np.ndarray, n: int, ends: np.ndarray) -> None:
     with h5py.File(tmp, "w") as f:
-        f.attrs.update(attrs)
-        f.create_dataset("hw", data=hw, fletcher32=True)
-        images = f.create_dataset("images", (n, 3, side, side), np.uint8, chunks=(_chunk_rows(side, n), 3, side, side),
-                                  fletcher32=True)
+        _create(f, attrs, hw, 0, n)
         done = np.zeros(n, bool)
         for p in parts:
             with h5py.File(p, "r") as src:
                 _check_attrs(src, p, attrs["fingerprint"], int(attrs["size"]), str(attrs["resize"]))
+                if not np.array_equal(src["hw"][:], hw):
+                    raise StoreError(f"the store parts {parts[0]} and {p} disagree on the image sizes")
+                base = int(src.attrs["pixel_start"])
                 mine = src["done"][:] & ~done
-                for a in range(0, n, CHUNK_ROWS):
-                    sel = np.flatnonzero(mine[a:a + CHUNK_ROWS])
-                    if len(sel):
-                        block = src["images"][a:a + CHUNK_ROWS]
-                        images[a + sel] = block[sel] if len(sel) < len(block) else block
+                for a, b in _runs(np.flatnonzero(mine), ends):
+                    f["pixels"][ends[a]:ends[b]] = src["pixels"][ends[a] - base:ends[b] - base]
+                    f["digest"][a:b] = src["digest"][a:b]
                 done |= mine
         if not done.all():
             raise StoreError(f"the store parts {', '.join(map(str, parts))} miss {int((~done).sum())} rows")
-        f.create_dataset("done", data=done)
-    tmp.replace(out)
-    return out
+        f["done"][:] = True
+
+
+def _runs(rows: np.ndarray, ends: np.ndarray):
+    """Increasing ``rows`` as (a, b) ranges of consecutive rows, each of at most COPY_BYTES
+    (or one image)."""
+    if not len(rows):
+        return
+    cut = np.flatnonzero(np.diff(rows) != 1) + 1
+    for run in np.split(rows, cut):
+        a, stop = int(run[0]), int(run[-1]) + 1
+        while a < stop:
+            b = max(a + 1, min(stop, int(np.searchsorted(ends, ends[a] + COPY_BYTES, "right")) - 1))
+            yield a, b
+            a = b
 
 
 class ImageStore:
-    """Read side of the store. Opens the file lazily, so it can be sent to DataLoader workers."""
+    """Read side of the store. Opens the file lazily (read-only), so it can be sent to DataLoader
+    workers."""
 
     def __init__(self, path: str | Path, fingerprint: str | None = None, size: int | None = None,
                  resize: str | None = None, rows: range | None = None):
@@ -208,42 +282,161 @@ class ImageStore:
         try:
             with h5py.File(self.path, "r") as f:
                 _check_attrs(f, self.path, fingerprint, size, resize)
+                absent = [name for name in DATASETS if name not in f]
+                if absent:
+                    raise KeyError(f"no {', '.join(absent)}: killed while being created?")
+                check_h5(f, self.path, StoreError)  # a received store: no links out, plausible sizes
                 done = f["done"][:]
                 self.hw = f["hw"][:].astype(np.int64)  # [N, 2] (height, width) of each image
+                self._ends = _offsets(self.hw)
+                if not np.array_equal(f["offset"][:], self._ends[:-1]):
+                    raise StoreError(f"{self.path}: its offsets do not follow its image sizes; delete it to rebuild")
                 self.size, self.num_rows = int(f.attrs["size"]), int(f.attrs["num_rows"])
                 self.side, self.resize = int(f.attrs["side"]), str(f.attrs["resize"])
                 self.fingerprint = str(f.attrs["fingerprint"])
+                self.row_start, self.row_stop = int(f.attrs["row_start"]), int(f.attrs["row_stop"])
+                self._base = int(f.attrs["pixel_start"])
         except (OSError, KeyError) as e:
             raise StoreError(f"{self.path} is not a readable image store ({e}); delete it to rebuild") from None
-        needed = done if rows is None else done[rows.start:rows.stop]
-        if not needed.all():
-            raise StoreError(f"{self.path} is incomplete ({int(done.sum())} of {len(done)} rows); "
+        lo, hi = (self.row_start, self.row_stop) if rows is None else (rows.start, rows.stop)
+        if lo < self.row_start or hi > self.row_stop or not done[lo:hi].all():
+            have = int(done[self.row_start:self.row_stop].sum())
+            raise StoreError(f"{self.path} is incomplete ({have} of {len(done)} rows); "
                              "rerun the command that builds it to finish")
-        self._file = None
+        self._file, self._pixels, self._digests, self._raw, self._pool = None, None, None, None, None
 
     def __getstate__(self):
-        return {**self.__dict__, "_file": None}
+        return {**self.__dict__, "_file": None, "_pixels": None, "_raw": None, "_pool": None}
 
-    @property
-    def images(self) -> h5py.Dataset:
+    def _open(self) -> h5py.File:
         if self._file is None:
             self._file = h5py.File(self.path, "r")
-        return self._file["images"]
+            self._pixels = self._file["pixels"]  # kept: h5py's lookup by name costs ~0.3 ms a call
+            self._raw = self._raw_range(self._pixels)
+        return self._file
 
-    def load(self, rows) -> np.ndarray:
-        """uint8 [len(rows), 3, L, L] canvases in the order of ``rows`` (repeats allowed); image r
-        fills the top-left ``hw[r]`` pixels."""
-        rows = np.asarray(rows, dtype=np.int64)
+    def _raw_range(self, pixels: h5py.Dataset):
+        """(fd, file offset) of the pixel bytes when they lie contiguous and unfiltered in the file,
+        else None. Reading them with ``os.pread`` reads exactly the bytes asked: HDF5's own reads
+        of scattered small slices pull a 64 KiB sieve window each (18x the bytes of random
+        240-byte images, benchmarks/bench_stream.py)."""
+        offset = pixels.id.get_offset()
+        nbytes = pixels.shape[0] * pixels.dtype.itemsize
+        if offset is None or pixels.chunks is not None or pixels.compression or \
+                offset + nbytes > os.path.getsize(self.path):
+            return None
+        return os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), int(offset)
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        """Pixel bytes [start, stop) of this file's buffer."""
+        if self._raw is None:
+            return self._pixels[start:stop]
+        fd, base = self._raw
+        out = np.empty(stop - start, np.uint8)
+        if os.preadv(fd, [memoryview(out)], base + start) != stop - start:
+            raise StoreError(f"{self.path}: truncated (pixel bytes {start}..{stop} cut short); copy it again "
+                             "or delete it to rebuild")
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the pixels this file holds."""
+        return int(self._ends[self.row_stop] - self._ends[self.row_start])
+
+    def nbytes_of(self, rows) -> int:
+        """Bytes the images ``rows`` take (3 * h * w each), repeats counted."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        return int((self._ends[rows + 1] - self._ends[rows]).sum())
+
+    def load(self, rows, check: bool = True) -> Pixels:
+        """The images ``rows`` (any order, repeats allowed) as :class:`Pixels` in that order.
+        ``check``: each image read must match its sha256 digest (a StoreError if not)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if not len(rows):
-            return np.empty((0, 3, self.side, self.side), np.uint8)
-        # h5py reads only strictly increasing indices: read each row once, then scatter
+            return Pixels._pack(torch.empty(0, dtype=torch.uint8), np.zeros((0, 2), np.int64))
         unique, inverse = np.unique(rows, return_inverse=True)
-        return self.images[unique][inverse.reshape(-1)]
+        if unique[0] < self.row_start or unique[-1] >= self.row_stop:
+            raise StoreError(f"{self.path} holds rows {self.row_start}..{self.row_stop - 1}; "
+                             f"rows {unique[0]}..{unique[-1]} asked")
+        self._open()
+        cut = np.flatnonzero(np.diff(unique) != 1) + 1  # consecutive rows are one read
+        first, last = np.concatenate([[0], cut]), np.concatenate([cut - 1, [len(unique) - 1]])
+        pieces = [self._read(a, b) for a, b in zip((self._ends[unique[first]] - self._base).tolist(),
+                                                    (self._ends[unique[last] + 1] - self._base).tolist())]
+        buf = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        at = np.concatenate([[0], np.cumsum(self._ends[unique + 1] - self._ends[unique])])
+        if check:
+            self._check(buf, at, unique)
+        out = Pixels._pack(torch.from_numpy(buf), self.hw[unique])
+        if len(unique) == len(rows) and (unique == rows).all():
+            return out
+        return out[inverse.reshape(-1)]
+
+    def load_all(self, check: bool = True) -> Pixels:
+        """Every image this file holds (all rows, or its part's), in row order."""
+        return self.load(np.arange(self.row_start, self.row_stop), check=check)
+
+    def _check(self, buf: np.ndarray, at: np.ndarray, rows: np.ndarray) -> None:
+        if self._digests is None:
+            self._digests = self._open()["digest"][:]
+        views = [buf[at[i]:at[i + 1]] for i in range(len(rows))]
+        if len(rows) > 8 and len(buf) > 64 * 1024 * len(rows) // 8:  # large images: hashlib lets go of the GIL
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(4)
+            got = list(self._pool.map(lambda v: hashlib.sha256(v).digest(), views))
+        else:  # small ones: a thread hand-off costs more than the hash
+            got = [hashlib.sha256(v).digest() for v in views]
+        bad = [int(r) for r, g in zip(rows, got) if g != self._digests[r].tobytes()]
+        if bad:
+            raise StoreError(f"{self.path}: {len(bad)} image(s) do not match their sha256 digest (rows "
+                             f"{', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''}): the file is "
+                             "damaged; delete it to rebuild")
+
+    def store_digest(self) -> str:
+        """One sha256 (hex) over the store's attributes and its tables (offsets, sizes, done
+        flags and every image's digest): equal digests, equal stores."""
+        f = self._open()
+        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+        h = hashlib.sha256(json.dumps(attrs, sort_keys=True, default=str).encode())
+        for name in ("offset", "hw", "done", "digest"):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(f[name][:]).tobytes())
+        return h.hexdigest()
+
+    def verify(self) -> list[str]:
+        """Problems found reading every image of the store against its digest (empty: sound)."""
+        problems = []
+        try:
+            f = self._open()
+            extra = sorted(set(f) - set(DATASETS))
+            if extra:
+                problems.append(f"{self.path}: objects that are no part of an image store: {', '.join(extra)}")
+            want = int(self._ends[self.row_stop] - self._ends[self.row_start])
+            if f["pixels"].shape[0] != max(1, want):
+                problems.append(f"{self.path}: {f['pixels'].shape[0]} pixel bytes, its images take {want}")
+                return problems
+            digests = f["digest"][:]
+            rows = np.arange(self.row_start, self.row_stop)
+            bad = []
+            for a, b in _runs(rows, self._ends):
+                buf = f["pixels"][self._ends[a] - self._base:self._ends[b] - self._base]
+                at = self._ends[a:b + 1] - self._ends[a]
+                bad += [r for r in range(a, b)
+                        if hashlib.sha256(buf[at[r - a]:at[r - a + 1]]).digest() != digests[r].tobytes()]
+            if bad:
+                problems.append(f"{self.path}: {len(bad)} image(s) do not match their sha256 digest (rows "
+                                f"{', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''})")
+        except (OSError, KeyError) as e:
+            problems.append(f"{self.path}: unreadable ({type(e).__name__}: {e})")
+        return problems
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
-            self._file = None
-
-    def load_all(self) -> np.ndarray:
-        return self.images[:]
+            self._file, self._pixels = None, None
+        if self._raw is not None:
+            os.close(self._raw[0])
+            self._raw = None
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None

@@ -3,7 +3,7 @@
 A view is a box ``(top, left, height, width)`` relative to an image as the store holds it
 (:mod:`data.store`: resized so that its short side is S = 256 for 224 px views, keeping its
 aspect ratio, or squashed to S x S), plus a horizontal-flip flag. View 0 is the eval view: the
-central ``CenterCrop(224)`` of it, i.e. ``Resize(256)`` + ``CenterCrop(224)`` (the report's
+central ``CenterCrop(224)`` of it, i.e. ``Resize(256)`` + ``CenterCrop(224)`` (the study's
 evaluation) or ``Resize((256, 256))`` + ``CenterCrop(224)`` (DFR's). Views 1..K are
 ``RandomResizedCrop(scale=(0.7, 1), ratio=(3/4, 4/3))`` + flip of the whole stored image (area
 and aspect ratio in its pixels, as torchvision draws them), from a generator seeded per (seed,
@@ -126,46 +126,105 @@ def pixel_boxes(box: torch.Tensor, hw) -> torch.Tensor:
     return torch.cat([tl, size], dim=1)
 
 
-def _axis_coords(start, length, out_size: int, size: int) -> torch.Tensor:
-    # Bilinear resize without antialias samples source pixel (j + 0.5) * length / out - 0.5 inside
-    # the crop, clamped to the crop (F.interpolate sees only the cropped pixels). Returned in
-    # grid_sample's normalised coordinates (align_corners=False).
+def _axis_taps(start, length, out_size: int):
+    """Bilinear taps along one axis of ``F.interpolate(crop, out_size, bilinear,
+    align_corners=False)`` on crops [start, start + length) of a [B] batch, as PyTorch computes
+    them (``area_pixel_compute_source_index`` and ``guard_index_and_lambda``, in float32): source
+    ``(j + 0.5) * (length / out) - 0.5`` (rounded once, as the kernel's fused multiply-add does),
+    clamped at 0, taps i0 = floor (at most length - 1) and
+    i1 = min(i0 + 1, length - 1), weight of i1 ``lam``. Returned as absolute int64 indices
+    ``start + i`` and float32 weights (1 - lam, lam), each [B, out]."""
     j = torch.arange(out_size, device=start.device, dtype=torch.float32) + 0.5
-    src = j[None, :] * (length[:, None] / out_size) - 0.5
-    src = torch.minimum(src.clamp(min=0), length[:, None] - 1) + start[:, None]
-    return (2 * src + 1) / size - 1
+    scale = (length / out_size).double()  # float32 scale; product and shift rounded once (an FMA)
+    src = (scale[:, None] * j.double()[None, :] - 0.5).float().clamp(min=0)
+    last = (length - 1)[:, None]
+    i0 = torch.minimum(src.floor(), last)
+    lam = (src - i0).clamp(0, 1)
+    i1 = torch.minimum(i0 + 1, last)
+    s = start[:, None]
+    return (i0 + s).long(), (i1 + s).long(), 1 - lam, lam
 
 
-def render(images: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, out_size: int,
+PIXEL_BLOCK = 1 << 20  # output pixels rendered at a time: bounds the index and blend tensors (~100 MB)
+
+
+def _as_flat(images, hw):
+    """(flat HWC buffer, first pixel [B], pixels per row [B], (h, w) [B, 2] float, host pixels per
+    row) of Pixels, or of [B, 3, H, W] canvases holding images of ``hw`` [B, 2] in their top-left
+    corner (``hw`` None: the whole canvas; the canvases are made pixel-interleaved, a copy)."""
+    if hasattr(images, "flat"):  # data.store.Pixels
+        hwl = images.hw.to(images.flat.device)
+        return images.flat, images.offset.to(hwl.device) // 3, hwl[:, 1], hwl.float(), images._hw[:, 1]
+    b, _, H, W = images.shape
+    dev = images.device
+    flat = images.permute(0, 2, 3, 1).contiguous().reshape(-1)
+    hw = torch.tensor([[H, W]], device=dev, dtype=torch.float32).expand(b, 2) if hw is None else \
+        hw.to(dev, torch.float32)
+    return flat, torch.arange(b, device=dev) * (H * W), torch.full((b,), W, device=dev), hw, np.full(b, W)
+
+
+def render(images, box: torch.Tensor, flip: torch.Tensor, out_size: int,
            hw: torch.Tensor | None = None, normalize: bool = True) -> torch.Tensor:
-    """Rebuild views from stored images in one batched op (CPU or GPU).
+    """Rebuild views from stored images in one batched gather (CPU or GPU).
 
     Equals ``F.resized_crop(img, *pixel_box(box, (h, w)), [out, out], antialias=False)`` (+ hflip)
-    for each sample, then ImageNet normalisation.
+    for each sample, then ImageNet normalisation. The images are pixel-interleaved (HWC); each
+    output pixel gathers its two source rows as two 6-byte windows (pixels x0 and x0 + 1, all
+    three channels) and blends them in float32 in the order PyTorch's kernel does, so the two
+    differ by float32 rounding only. Rendered in blocks of images of ``PIXEL_BLOCK`` output pixels.
 
     Args:
-        images: [B, 3, L, L] uint8 (or float in [0, 255]) stored images, each in the top-left
-            (h, w) pixels of its L x L canvas.
+        images: :class:`data.store.Pixels` of B images (each its own h x w), or [B, 3, L, L'] uint8
+            (or float in [0, 255]) canvases, each image in its top-left ``hw`` pixels.
         box: [B, 4] relative boxes (of the h x w image); flip: [B] bool.
-        hw: [B, 2] (h, w) of each image; None: the whole canvas.
+        hw: [B, 2] (h, w) of each canvas's image (None: the whole canvas); Pixels carry their own.
     Returns:
         [B, 3, out_size, out_size] float32.
     """
-    b, _, size, size_w = images.shape
-    if size != size_w:
-        raise ValueError(f"stored canvases must be square, got {size}x{size_w}")
-    hw = size if hw is None else hw.to(images.device, torch.float32)
-    px = pixel_boxes(box.to(images.device, torch.float32), hw)
-    gy = _axis_coords(px[:, 0], px[:, 2], out_size, size)           # [B, out]
-    gx = _axis_coords(px[:, 1], px[:, 3], out_size, size)
-    gx = torch.where(flip.to(images.device)[:, None], gx.flip(1), gx)
-    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
-    x = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border",
-                      align_corners=False)
+    flat, first, row, hwf, host_row = _as_flat(images, hw)
+    dev, b = flat.device, first.shape[0]
+    if len(host_row) and (host_row < 2).any():  # a 1-pixel-wide image: its window may end past the buffer
+        flat = torch.cat([flat, flat.new_zeros(3)])
+    npix = flat.numel() // 3
+    # window k: pixels k and k + 1 (6 bytes), a view (no copy)
+    windows = flat.as_strided((max(npix - 1, 0), 6), (3, 1), flat.storage_offset())
+    px = pixel_boxes(box.to(dev, torch.float32), hwf)
+    y0, y1, wy0, wy1 = _axis_taps(px[:, 0], px[:, 2], out_size)       # [B, out]
+    x0, x1, wx0, wx1 = _axis_taps(px[:, 1], px[:, 3], out_size)
+    # x taps as one window each: at a crop's edge (x1 == x0) the window ends at x0 (or starts
+    # there, in column 0) and the pixel's whole weight moves onto it
+    edge = x1 == x0
+    left = edge & (x0 > 0)
+    xs = x0 - left.long()
+    ws = wx0 + wx1
+    wa = torch.where(edge, torch.where(left, torch.zeros_like(ws), ws), wx0)
+    wb = torch.where(edge, torch.where(left, ws, torch.zeros_like(ws)), wx1)
+    f = flip.to(dev)[:, None]
+    xs, wa, wb = (torch.where(f, t.flip(1), t) for t in (xs, wa, wb))
+    rows = torch.stack([first[:, None] + y * row[:, None] for y in (y0, y1)], 1)  # [B, 2, out] tap rows
+    wa, wb = wa[:, None, None, None, :], wb[:, None, None, None, :]                 # [B, 1, 1, 1, out]
+    wy0, wy1 = wy0[:, None, :, None], wy1[:, None, :, None]                         # [B, 1, out, 1]
+    out = torch.empty(b, 3, out_size, out_size, device=dev, dtype=torch.float32)
+    step = max(1, PIXEL_BLOCK // (2 * out_size * out_size))
+    for s in range(0, b, step):
+        e = min(b, s + step)
+        t = _taps(windows, rows[s:e], xs[s:e], wa[s:e], wb[s:e])         # [n, 2, 3, out, out]
+        torch.add(t[:, 0].mul_(wy0[s:e]), t[:, 1].mul_(wy1[s:e]), out=out[s:e])
     if normalize:
-        mean, std = _mean_std(x.device)
-        x = (x - mean) / std
-    return x
+        mean, std = _mean_std(dev)
+        out.sub_(mean).div_(std)
+    return out
+
+
+def _taps(windows, rows, xs, wa, wb) -> torch.Tensor:
+    # both tap rows of every output pixel, each blended along x: p(x0) * (1 - lam) + p(x1) * lam;
+    # the gathered [n, 2, out, out, 6] bytes are made planar ([n, 2, 6, out, out] float32, one
+    # pass) so that the blend runs along contiguous rows
+    n, _, out = rows.shape
+    idx = (rows[:, :, :, None] + xs[:, None, None, :]).reshape(-1)
+    p = windows.index_select(0, idx).view(n, 2, out, out, 6).permute(0, 1, 4, 2, 3)
+    q = torch.empty(n, 2, 6, out, out, device=p.device, dtype=torch.float32).copy_(p)
+    return q[:, :, :3].mul_(wa).add_(q[:, :, 3:].mul_(wb))
 
 
 @functools.lru_cache(maxsize=None)
