@@ -1,8 +1,9 @@
 """Fault injection: single-bit flips in a cache file, and how many of them go unnoticed.
 
-A flip is *silent* when reading the whole file back (header, samples, every dataset, through the
-normal reader with its digest checks, as ``distill`` reads it) succeeds and gives something other
-than the original, or when ``cache verify`` passes a file whose contents changed. Goal: 0 silent
+A flip is *silent* when reading the whole file back (header, samples, the eval view and every
+random slot, through the normal reader with its digest checks, as ``distill`` reads it) succeeds
+and gives something other than the original, or when ``cache verify`` passes a file whose
+contents changed. Goal: 0 silent
 flips. A flip that changes nothing read back (unused bytes, padding) is harmless, whatever
 verify says.
 
@@ -31,10 +32,13 @@ from core.errors import ToolError  # noqa: E402
 def read_back(path) -> dict:
     """Everything a user of the file gets from it, through the checked reader."""
     with open_cache(path) as r:
-        d = r.read()
-        return {"identity": r.meta.identity(), "rows": (r.row_start, r.row_stop, r.shard),
-                **{k: v for k, v in d.items() if k != "features"},
-                **{f"features/{k}": v for k, v in d["features"].items()}}
+        out = {"identity": r.meta.identity(), "rows": (r.row_start, r.row_stop, r.shard), "root": r.root_digest}
+        views = [("eval", r.read_eval(layers=r.meta.layers))]
+        views += [(f"slot{k}", r.read_slot(k, layers=r.meta.layers)) for k in range(1, r.meta.random_views + 1)]
+        for name, d in views:
+            out.update({f"{name}/{k}": v for k, v in d.items() if k != "features"})
+            out.update({f"{name}/features/{k}": v for k, v in d["features"].items()})
+        return out
 
 
 def same(a: dict, b: dict) -> bool:

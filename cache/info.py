@@ -25,15 +25,113 @@ def model_predictions(logits: np.ndarray, biased: np.ndarray, meta) -> dict[str,
     return preds
 
 
-def memory_needed(cache, store_side: int, layers) -> dict[str, int]:
-    """Bytes a distillation run holds in memory (not streaming): every image of the store
-    (train, val, test) and the training split's teacher outputs for every stored view, with the
-    features of ``layers``. ``distill --data-mode auto`` streams when this does not fit."""
-    m = cache.meta
-    train = len(cache.split_rows("train"))
-    per_view = 4 * (m.num_teachers * m.num_classes + m.num_classes + m.num_teachers + 4) + 1 + sum(
-        2 * m.num_backbones * m.feature_dims[l] for l in layers)
-    return {"images": store_side ** 2 * 3 * cache.num_rows, "teacher_outputs": train * m.views_per_row * per_view}
+# ----------------------------------------------------------------------------- footprint: ONE home
+
+def view_bytes(T: int, C: int, B: int, dims) -> int:
+    """Bytes of one stored view of one row: box, flip, teacher and biased logits, cached weights
+    and the pooled features (float16) of the layers whose dims are ``dims``."""
+    return 4 * 4 + 1 + 4 * T * C + 4 * C + 4 * T + sum(2 * B * int(d) for d in dims)
+
+
+def slot_bytes(meta, layers) -> int:
+    """Bytes of one view slot of one row of ``meta``'s cache with the features of ``layers``."""
+    return view_bytes(meta.num_teachers, meta.num_classes, meta.num_backbones, [meta.feature_dims[l] for l in layers])
+
+
+def _footprint(per_view: int, K: int, split_sizes: dict, store_bytes: dict, online: bool, version: int = 3) -> dict:
+    train = int(split_sizes.get("train", 0))
+    images = sum(int(store_bytes.get(s, 0)) for s in ("train", "val", "test"))
+    # v3: the slot this epoch trains on and the next (prefetched); v2 held and read all K + 1
+    slots_held, slots_read = (2, 1) if version >= 3 else (K + 1, K + 1)
+    teacher_held = 0 if online else min(slots_held, K + 1) * train * per_view
+    teacher_read = 0 if online else slots_read * train * per_view
+    held = {"images": images, "teacher_outputs": teacher_held, "total": images + teacher_held}
+    read = {"images_train": int(store_bytes.get("train", 0)), "teacher_outputs": teacher_read,
+            "images_val": int(store_bytes.get("val", 0))}
+    read["total"] = sum(read.values())
+    return {"held": held, "epoch_read": read}
+
+
+def run_footprint(meta, split_sizes: dict, store_bytes: dict, layers, teachers_online: bool) -> dict:
+    """What a distillation run holds in memory and what a streamed epoch reads, in bytes.
+
+    Args:
+        split_sizes: rows per split, ``{"train", "val", "test"}``.
+        store_bytes: image-store bytes of each split's images.
+        layers: the feature layers the run distils (its non-zero gammas).
+        teachers_online: the teachers run on fresh crops (nothing read from the cache).
+    Returns:
+        ``{"held": {"images", "teacher_outputs", "total"}, "epoch_read": {"images_train",
+        "teacher_outputs", "images_val", "total"}}``: a run holds the images of the three splits
+        and at most two slots of the training rows' teacher outputs (this epoch's and the next);
+        a streamed epoch reads its training images once, one slot, and the validation images once.
+    """
+    return _footprint(slot_bytes(meta, layers), meta.random_views, split_sizes, store_bytes, teachers_online)
+
+
+def file_data_bytes(per_view: int, rows: int, train_rows: int, K: int, version: int = 3) -> int:
+    """Data bytes of a cache file (digests, index and samples aside): v3 keeps view 0 of every
+    row and K random views of the training rows; v2 kept K + 1 views of every row."""
+    return rows * (K + 1) * per_view if version < 3 else (rows + K * train_rows) * per_view
+
+
+# The study's settings, for before/after figures. Image bytes per stored image at short side 256:
+# Waterbirds (CUB photos, mostly 500 x 375) 256 x 341; CelebA (aligned 178 x 218) 256 x 313. The v2
+# image store padded every image to a square canvas of the data set's longest resized side (512
+# for the real Waterbirds mix, 313 for CelebA); since store v3 each image takes its own bytes.
+REFERENCE = {
+    "Waterbirds": {"splits": {"train": 4795, "val": 1199, "test": 5794}, "image": 256 * 341 * 3, "canvas": 512 * 512 * 3},
+    "CelebA": {"splits": {"train": 162770, "val": 19867, "test": 19962}, "image": 256 * 313 * 3, "canvas": 313 * 313 * 3},
+}
+FEATURE_DIMS = {"layer2": 512, "layer3": 1024, "layer4": 2048}  # ResNet-50 (core.models.FEATURE_DIMS)
+
+
+def reference_settings(K: int = 30, T: int = 5, C: int = 2) -> list[dict]:
+    """File bytes, bytes a run holds and bytes a streamed epoch reads, under cache v2 (and its
+    canvas image store) and v3, for the study's settings: Waterbirds and CelebA, K = 30,
+    layer4 or layer2-4, one or five backbones."""
+    out = []
+    for name, ref in REFERENCE.items():
+        splits, rows = ref["splits"], sum(ref["splits"].values())
+        for layers in (["layer4"], ["layer2", "layer3", "layer4"]):
+            for B in (1, 5):
+                per = view_bytes(T, C, B, [FEATURE_DIMS[l] for l in layers])
+                row = {"setting": f"{name}, {'layer4' if len(layers) == 1 else 'layer2-4'}, "
+                                  f"{B} backbone{'s' if B > 1 else ''}", "slot_bytes": per}
+                for version, img in ((2, ref["canvas"]), (3, ref["image"])):
+                    fp = _footprint(per, K, splits, {s: n * img for s, n in splits.items()}, False, version)
+                    row[f"v{version}"] = {"file": file_data_bytes(per, rows, splits["train"], K, version),
+                                          "held": fp["held"]["total"], "held_teachers": fp["held"]["teacher_outputs"],
+                                          "epoch_read": fp["epoch_read"]["total"],
+                                          "epoch_read_teachers": fp["epoch_read"]["teacher_outputs"]}
+                out.append(row)
+    return out
+
+
+def format_reference(rows: list[dict] | None = None) -> str:
+    """The before/after table of :func:`reference_settings` (GiB)."""
+    rows = reference_settings() if rows is None else rows
+
+    def g(n):
+        return f"{n / 2**30:.2f}"
+    body = [[r["setting"], f"{r['slot_bytes'] / 1024:.1f}",
+             f"{g(r['v2']['file'])} -> {g(r['v3']['file'])}",
+             f"{g(r['v2']['held'])} -> {g(r['v3']['held'])}",
+             f"{g(r['v2']['epoch_read'])} -> {g(r['v3']['epoch_read'])}"] for r in rows]
+    return format_table(["setting (K = 30, T = 5)", "KiB/slot", "cache file GiB v2 -> v3",
+                         "run holds GiB", "streamed epoch reads GiB"], body, style="text")
+
+
+def _store_bytes(store, rows: np.ndarray) -> int:
+    nbytes_of = getattr(store, "nbytes_of", None)
+    return int(nbytes_of(rows)) if nbytes_of is not None else int(store.side) ** 2 * 3 * len(rows)
+
+
+def memory_needed(cache, store, layers, teachers_online: bool = False) -> dict:
+    """:func:`run_footprint` of a cache and its image store (dataset rows = file rows + row_start)."""
+    sizes = {s: len(cache.split_rows(s)) for s in ("train", "val", "test")}
+    store_bytes = {s: _store_bytes(store, cache.split_rows(s) + cache.row_start) for s in sizes}
+    return run_footprint(cache.meta, sizes, store_bytes, layers, teachers_online)
 
 
 def summarize(path) -> dict:
@@ -56,28 +154,34 @@ def summarize(path) -> dict:
             "feature_dtype": FEATURE_DTYPE, "tau_cached": m.tau_cached,
             "dataset_fingerprint": m.dataset_fingerprint, "view_spec": m.view_spec,
             "store_size": m.store_size, "teachers": m.teachers, "backbone_ids": m.backbone_ids,
-            "provenance": {k: getattr(m, k) for k in PROVENANCE_FIELDS},
+            "provenance": {k: getattr(m, k) for k in PROVENANCE_FIELDS}, "history": m.history,
         }
         codes, counts = np.unique(r.split, return_counts=True)
         d["splits"] = {SPLIT_NAMES.get(int(c), str(int(c))): int(n) for c, n in zip(codes, counts)}
         acc = {}
         if len(done_rows):
-            v0 = r.read(rows=done_rows, views=0, layers=[])
+            v0 = r.read_eval(rows=done_rows, fields=("logits", "biased"))
             named = {SPLIT_NAMES.get(int(c), str(int(c))): int(c) for c in np.unique(v0["split"])}
             for model, pred in model_predictions(v0["logits"], v0["biased"], m).items():
                 acc[model] = {name: {k: g[k] for k in ("mean_acc", "wga", "group_acc")}
                               for name, g in split_metrics(pred, v0["y"], v0["group"], v0["split"],
                                                            named, m.num_groups).items()}
         d["accuracy"] = acc
+        train = len(r.train_rows)
+        d["train_rows"] = train
+        d["slot_bytes"] = {"layer4": slot_bytes(m, [l for l in m.layers if l == "layer4"]),
+                           "all layers": slot_bytes(m, m.layers)}
+        d["data_bytes"] = file_data_bytes(d["slot_bytes"]["all layers"], r.num_rows, train, m.random_views)
+        d["root_digest"] = r.root_digest
         store = store_path_for(r.path)
         if store.is_file() and not r.shard:
             try:
-                side = ImageStore(store).side
+                images = ImageStore(store)
             except StoreError:
-                side = None
-            if side is not None:
-                d["memory"] = {"layer4": memory_needed(r, side, ["layer4"] if "layer4" in m.layers else []),
-                               "all layers": memory_needed(r, side, m.layers)}
+                images = None
+            if images is not None:
+                d["memory"] = {k: memory_needed(r, images, ls) for k, ls in
+                               (("layer4", [l for l in m.layers if l == "layer4"]), ("all layers", m.layers))}
     return d
 
 
@@ -92,7 +196,13 @@ def _resize_words(d: dict) -> str:
     S = d["store_size"]
     if d["view_spec"].get("resize") == "squash":
         return f"Resize(({S}, {S})) (squashed; DFR's)"
-    return f"Resize({S}) (short side {S}, aspect kept; the report's)"
+    return f"Resize({S}) (short side {S}, aspect kept; the study's)"
+
+
+def _history_lines(history: list) -> list[str]:
+    from cache.tools import format_history  # what slim / extend did to the file (cache.tools)
+
+    return format_history(history)
 
 
 def format_summary(d: dict) -> str:
@@ -104,7 +214,7 @@ def format_summary(d: dict) -> str:
         f"cache        {d['path']}  ({_size(d['file_bytes'])}, {d['schema']})",
         f"rows         {rows}; done {d['rows_done']}/{d['rows']}"
         + ("" if d["finished"] else " (not finished: rerun precompute to complete it)"),
-        f"views        {d['random_views'] + 1} per row (view 0 eval + {d['random_views']} random) at "
+        f"views        view 0 (eval) of every row + {d['random_views']} random views of each training row at "
         f"{d['view_spec']['out_size']} px, from images resized with {_resize_words(d)}   classes "
         f"{d['num_classes']}   tau_cached {d['tau_cached']:g}",
         f"features     " + (", ".join(f"{l} {D}" for l, D in d["layers"].items()) or "none")
@@ -113,17 +223,26 @@ def format_summary(d: dict) -> str:
         f"splits       " + ", ".join(f"{k} {v}" for k, v in d["splits"].items()),
         f"made         {p['created']} by tool {p['tool_version']} (git {p['git_commit']}, "
         f"torch {p['torch_version']})",
+        *(f"history      {h}" for h in _history_lines(d.get("history", []))),
         "",
         format_table(["model", "role", "backbone", "sha256"],
                      [[t["name"], t["role"], t["backbone_id"], str(t["sha256"])[:16]] for t in d["teachers"]],
                      style="text", align="llll"),
     ]
+    lines.append(f"footprint    {_size(d['slot_bytes']['all layers'])} per stored view of a row "
+                 f"({_size(d['slot_bytes']['layer4'])} with layer4 only); view 0 of {d['rows']} rows + "
+                 f"{d['random_views']} random views of {d['train_rows']} training rows = "
+                 f"{_size(d['data_bytes'])} of data in a {_size(d['file_bytes'])} file")
     if d.get("memory"):
-        mem = {k: sum(v.values()) / 2**30 for k, v in d["memory"].items()}
-        img = d["memory"]["layer4"]["images"] / 2**30
-        lines.append(f"memory       a run holds {mem['layer4']:.2f} GiB with layer4 features, {mem['all layers']:.2f} GiB "
-                     f"with every layer (images {img:.2f} GiB); `distill --data-mode stream` reads the splits "
-                     "as the epoch goes instead")
+        for k, fp in d["memory"].items():
+            h, e = fp["held"], fp["epoch_read"]
+            lines.append(f"  run, {k:<10} holds {_size(h['total'])} (images {_size(h['images'])}, two slots of "
+                         f"teacher outputs {_size(h['teacher_outputs'])}); a streamed epoch reads "
+                         f"{_size(e['total'])} (training images {_size(e['images_train'])}, one slot "
+                         f"{_size(e['teacher_outputs'])}, validation images {_size(e['images_val'])})")
+    if d.get("root_digest"):
+        lines.append(f"root digest  {d['root_digest']}  (publish it; receivers run "
+                     "`cache verify --expect DIGEST`)")
     if d["accuracy"]:
         splits = list(next(iter(d["accuracy"].values())))
         lines += ["", "accuracy on view 0, % (mean / worst-group)" +
@@ -131,4 +250,6 @@ def format_summary(d: dict) -> str:
         body = [[model] + [f"{100 * per[s]['mean_acc']:.1f} / {100 * per[s]['wga']:.1f}" if s in per else "-"
                            for s in splits] for model, per in d["accuracy"].items()]
         lines.append(format_table(["model", *splits], body, style="text"))
+    if d.get("reference", True):
+        lines += ["", "the study's settings, cache v2 (and its square-canvas image store) -> v3:", format_reference()]
     return "\n".join(lines)

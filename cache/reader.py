@@ -1,20 +1,22 @@
-"""Reading a cache file: checked on open, read lazily by rows (whole splits or row chunks)."""
+"""Reading a cache file: checked on open, read lazily by view (eval view of any rows, one slot)."""
 from __future__ import annotations
 
+import hashlib
 import os
 
 import h5py
 import numpy as np
 
-from cache.integrity import (BLOCK_ROWS, DIGESTS_KEY, HEADER_KEY, digests_digest, bad_blocks,
-                             header_digest, read_digest_tables)
-from cache.schema import (ROW_DATASETS, SAMPLE_FIELDS, CacheError, CacheMeta, check_schema, layout,
-                          meta_from_file, row_bytes)
+from cache.integrity import DIGESTS_KEY, HEADER_KEY, digest_name, bad_blocks, digests_digest, header_digest
+from cache.schema import (EVAL, RANDOM, SAMPLE_FIELDS, VIEW_FIELDS, CacheError, CacheMeta, check_schema,
+                          is_slotted, layout, meta_from_file, row_bytes, train_positions)
+from core.h5safe import check_structure as check_h5
 from data.folders import SPLIT_CODES
 
 # Bulk reads go through slabs of at most this size, so peak memory stays bounded.
 SLAB_BYTES = 64 * 1024 * 1024
 READ_CACHE_BYTES = 16 * 1024 * 1024
+FIELDS = tuple(VIEW_FIELDS)  # box, flip, logits, biased, weights
 
 
 def open_h5(path, mode: str = "r") -> h5py.File:
@@ -36,10 +38,16 @@ def open_h5(path, mode: str = "r") -> h5py.File:
                          "precompute") from None
 
 
-def layout_problems(f: h5py.File, meta: CacheMeta, R: int) -> list[str]:
+def check_structure(f: h5py.File, path, resuming: bool = False) -> None:
+    """An untrusted file holds only datasets stored inside it, of sizes the file can hold
+    (core.h5safe); ``resuming``: a partly written file, whose unwritten chunks may be sparse."""
+    check_h5(f, path, CacheError, allow_sparse=resuming)
+
+
+def layout_problems(f: h5py.File, meta: CacheMeta, R: int, Rt: int) -> list[str]:
     problems = []
-    for name, (shape, dtype) in layout(meta, R).items():
-        if name not in f:
+    for name, (shape, dtype) in layout(meta, R, Rt).items():
+        if name not in f or not isinstance(f[name], h5py.Dataset):
             problems.append(f"dataset /{name} is missing")
             continue
         ds = f[name]
@@ -67,50 +75,70 @@ def guarded(path, name: str, read):
                          "corrupt. Run `cache verify` on it, then copy it again or rebuild it with precompute") from None
 
 
-def check_header(f: h5py.File, path) -> bool:
-    """True for a finished file whose attributes match their digest; False for an unfinished one.
-
-    Checked before the attributes are parsed, so that damage is named as damage. A finished file
-    whose header or digest tables do not match is damaged: CacheError.
-    """
+def check_header(f: h5py.File, path) -> str | None:
+    """The root digest of a finished file whose attributes match their digest; None for an
+    unfinished one. Checked before the attributes are parsed, so that damage is named as damage."""
     if HEADER_KEY not in f.attrs:
-        return False
-    if str(f.attrs[HEADER_KEY]) != header_digest(f.attrs):
+        return None
+    root = header_digest(f.attrs)
+    if str(f.attrs[HEADER_KEY]) != root:
         raise CacheError(f"{path}: the header (root attributes) does not match its digest: it was edited "
                          "or damaged after precompute wrote it. Copy the file again or rebuild it with precompute")
-    return True
+    return root
 
 
-def check_digest_tables(f: h5py.File, path, names: list[str]) -> None:
-    """The digest tables of a finished file match the digest its (checked) header holds."""
+def _sha(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def check_digest_tables(f: h5py.File, path, names: list[str]) -> dict:
+    """The digest tables of a finished file match the digest its (checked) header holds.
+    Returns the sha256 of each table, per slot for a slotted dataset: ``{(name, slot): hex}``
+    (slot None for per-row datasets), so that a reader can load one slot's table later, alone."""
     try:
-        tables = read_digest_tables(f, names)
+        tables = {name: f[digest_name(name)][...] for name in names}
     except H5_ERRORS as e:
         raise CacheError(f"{path}: the digest tables are missing or unreadable ({e}); the file is damaged. "
                          "Copy it again or rebuild it with precompute") from None
     if digests_digest(tables) != str(f.attrs.get(DIGESTS_KEY)):
         raise CacheError(f"{path}: the digest tables do not match the header; the file is damaged. "
                          "Copy it again or rebuild it with precompute")
+    out = {}
+    for name, t in tables.items():
+        if is_slotted(name):
+            out.update({(name, k): _sha(t[k]) for k in range(len(t))})
+        else:
+            out[(name, None)] = _sha(t)
+    return out
 
 
-def read_checked(f: h5py.File, path, require_complete: bool):
-    """Schema, header, digests and layout checks of an open file
-    -> (meta, row_start, row_stop, shard, done, finished)."""
+def read_checked(f: h5py.File, path, require_complete: bool, resuming: bool = False) -> dict:
+    """Structure, schema, header, digests and layout checks of an open file -> the keyword
+    arguments of :class:`CacheReader` but its path (``resuming``: the writer's check of a partly
+    written file before it reopens it for writing)."""
+    check_structure(f, path, resuming)
     check_schema(f.attrs, path)
-    finished = check_header(f, path)
+    root = check_header(f, path)
     meta, row_start, row_stop, shard = meta_from_file(f, path)
-    problems = layout_problems(f, meta, row_stop - row_start)
+    R = row_stop - row_start
+    if "samples/split" not in f:
+        raise CacheError(f"{path}: dataset /samples/split is missing; delete it and rerun precompute")
+    Rt = len(train_positions(guarded(path, "samples/split", lambda: f["samples/split"][...])))
+    problems = layout_problems(f, meta, R, Rt)
+    block = int(f.attrs.get("block_rows", 0))
+    if not 1 <= block <= 1 << 20:
+        problems.append(f"block_rows {block} is not a block size")
     if problems:
         raise CacheError(f"{path}: " + "; ".join(problems) + ". The file is damaged or was not "
                          "written by this tool; delete it and rerun precompute")
-    if finished:
-        check_digest_tables(f, path, list(layout(meta, row_stop - row_start)))
+    tables = check_digest_tables(f, path, list(layout(meta, R, Rt))) if root else None
     done = guarded(path, "progress/done", lambda: f["progress/done"][...])
-    if require_complete and not (done.all() and finished):
+    if require_complete and not (done.all() and root):
         raise CacheError(f"{path}: incomplete: {int(done.sum())} of {len(done)} rows done"
                          + ("" if not done.all() else ", digests not written yet")
                          + "; rerun precompute with the same arguments to finish it")
-    return meta, row_start, row_stop, shard, done, finished
+    return dict(meta=meta, row_start=row_start, row_stop=row_stop, shard=shard, done=done,
+                root_digest=root, block_rows=block, table_sha=tables)
 
 
 def _spans(rows: np.ndarray, gap: int, max_rows: int) -> list[tuple[int, int]]:
@@ -124,7 +152,6 @@ def _spans(rows: np.ndarray, gap: int, max_rows: int) -> list[tuple[int, int]]:
     for a, b in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(rows)]])):
         a, b = int(a), int(b)
         while a < b:
-            # furthest index whose row still fits in max_rows from rows[a]
             e = int(np.searchsorted(rows[a:b], rows[a] + max_rows, side="left")) + a
             e = max(e, a + 1)
             out.append((a, e))
@@ -132,47 +159,35 @@ def _spans(rows: np.ndarray, gap: int, max_rows: int) -> list[tuple[int, int]]:
     return out
 
 
-def gather(ds: h5py.Dataset, rows: np.ndarray, views=None, digests: np.ndarray | None = None,
-           path="") -> np.ndarray:
-    """``ds[rows]`` (then the view axis selected: None all, an int, or an index array) for sorted
-    ``rows``, read as contiguous slabs. With ``digests`` (the dataset's block digest table) every
-    block read is checked against it first; a mismatch is a CacheError."""
-    max_rows = max(BLOCK_ROWS, SLAB_BYTES // max(row_bytes(ds.shape, ds.dtype.itemsize), 1))
-    gap = max(ds.chunks[0] if ds.chunks else 1, BLOCK_ROWS if digests is not None else 1)
-    pieces = []
-    for a, b in _spans(rows, gap, max_rows):
-        lo, hi = int(rows[a]), int(rows[b - 1]) + 1
-        if digests is not None:  # whole blocks, so that each one can be checked
-            lo, hi = lo // BLOCK_ROWS * BLOCK_ROWS, min(ds.shape[0], -(-hi // BLOCK_ROWS) * BLOCK_ROWS)
-        slab = ds[lo:hi]
-        if digests is not None:
-            bad = (bad_blocks(slab, lo // BLOCK_ROWS, digests) or [None])[0]
-            if bad is not None:
-                raise CacheError(f"{path}: rows {bad * BLOCK_ROWS}..{min(ds.shape[0], (bad + 1) * BLOCK_ROWS)} "
-                                 f"of /{ds.name.lstrip('/')} do not match their digest: the file is damaged "
-                                 "(its chunk index?). Run `cache verify` on it, then copy it again or rebuild "
-                                 "it with precompute")
-        block = slab[rows[a:b] - lo]
-        pieces.append(block if views is None else block[:, views])
-    if pieces:
-        return np.concatenate(pieces)
-    empty = ds[0:0]
-    return empty if views is None else empty[:, views]
+def _increasing(rows, n: int, what: str) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if len(rows) and (np.any(np.diff(rows) <= 0) or rows[0] < 0 or rows[-1] >= n):
+        raise ValueError(f"{what} must be increasing and in 0..{n - 1}")
+    return rows
 
 
 class CacheReader:
     """Read side of a cache. The HDF5 file is opened on first access, once per process, so a
     reader can be handed to other processes (pickled or forked).
 
-    Row arguments are file rows (dataset rows for a full file).
+    Row arguments are file rows (dataset rows for a full file); ``positions`` index
+    :attr:`train_rows`. Every block a read touches is checked against its digest first.
+    ``bytes_read`` counts the bytes read from datasets (slabs and digest tables).
     """
 
     def __init__(self, path, meta: CacheMeta, row_start: int, row_stop: int, shard: str,
-                 done: np.ndarray, finished: bool):
+                 done: np.ndarray, root_digest: str | None, block_rows: int, table_sha: dict | None):
         self.path, self.meta, self.shard = str(path), meta, shard
         self.row_start, self.row_stop = row_start, row_stop
-        self.done, self.finished = done, finished
-        self._file, self._pid, self._samples, self._digests = None, None, None, None
+        self.done, self.root_digest, self.block_rows = done, root_digest, block_rows
+        self._table_sha = table_sha
+        self.bytes_read = 0
+        self._file, self._pid, self._samples, self._tables = None, None, None, {}
+
+    @property
+    def finished(self) -> bool:
+        """Every row done and the digests written."""
+        return self.root_digest is not None
 
     def _h5(self) -> h5py.File:
         # A handle inherited through fork must not be used by the child: reopen per process.
@@ -181,7 +196,7 @@ class CacheReader:
         return self._file
 
     def __getstate__(self):
-        return {**self.__dict__, "_file": None, "_pid": None}
+        return {**self.__dict__, "_file": None, "_pid": None, "_tables": {}}
 
     def close(self) -> None:
         if self._file is not None and self._pid == os.getpid():
@@ -198,27 +213,63 @@ class CacheReader:
         return self.num_rows
 
     def __repr__(self) -> str:
-        return (f"CacheReader({self.path!r}, rows={self.num_rows}, views={self.meta.views_per_row}, "
-                f"teachers={self.meta.num_teachers}, layers={self.meta.layers})")
+        return (f"CacheReader({self.path!r}, rows={self.num_rows}, train rows={len(self.train_rows)}, "
+                f"random views={self.meta.random_views}, teachers={self.meta.num_teachers}, layers={self.meta.layers})")
 
     @property
     def num_rows(self) -> int:
         return self.row_stop - self.row_start
 
-    def digests(self, name: str) -> np.ndarray | None:
-        """The block digest table of dataset ``name`` (None for an unfinished file)."""
-        if not self.finished:
+    def digests(self, name: str, slot: int | None = None) -> np.ndarray | None:
+        """The block digest table of dataset ``name`` (of random slot ``slot`` for a /random
+        one): [n_blocks, 32]; None for an unfinished file. Checked against the table digests
+        taken on open; read once."""
+        if self._table_sha is None:
             return None
-        if self._digests is None:
+        key = (name, slot)
+        if key not in self._tables:
             f = self._h5()
-            names = list(layout(self.meta, self.num_rows))
-            self._digests = guarded(self.path, "digests", lambda: read_digest_tables(f, names))
-        return self._digests[name]
+            t = guarded(self.path, digest_name(name),
+                        lambda: f[digest_name(name)][slot] if slot is not None else f[digest_name(name)][...])
+            if _sha(t) != self._table_sha.get(key):
+                raise CacheError(f"{self.path}: the digest table of /{name} changed since the file was opened "
+                                 "or is damaged; run `cache verify` on it, then copy it again or rebuild it")
+            self.bytes_read += t.nbytes
+            self._tables[key] = t
+        return self._tables[key]
 
-    def load(self, name: str, rows: np.ndarray, views=None) -> np.ndarray:
-        """Rows of one dataset, every block read checked against its digest."""
+    def load(self, name: str, rows: np.ndarray, slot: int | None = None) -> np.ndarray:
+        """``ds[rows]`` (``ds[slot, rows]`` for a /random dataset) for increasing ``rows``, read as
+        contiguous slabs of whole digest blocks, every block checked against its digest."""
         f = self._h5()
-        return guarded(self.path, name, lambda: gather(f[name], rows, views, self.digests(name), self.path))
+        return guarded(self.path, name, lambda: self._gather(f[name], name, np.asarray(rows, np.int64), slot))
+
+    def _gather(self, ds: h5py.Dataset, name: str, rows: np.ndarray, slot) -> np.ndarray:
+        slotted = slot is not None
+        n_rows = ds.shape[1] if slotted else ds.shape[0]
+        digests, block = self.digests(name, slot), self.block_rows
+        max_rows = max(block, SLAB_BYTES // max(row_bytes(ds.shape, ds.dtype.itemsize, slotted), 1))
+        chunk = ds.chunks[1 if slotted else 0] if ds.chunks else 1
+        gap = max(chunk, block if digests is not None else 1)
+        pieces = []
+        for a, b in _spans(rows, gap, max_rows):
+            lo, hi = int(rows[a]), int(rows[b - 1]) + 1
+            if digests is not None:  # whole blocks, so that each one can be checked
+                lo, hi = lo // block * block, min(n_rows, -(-hi // block) * block)
+            slab = ds[slot, lo:hi] if slotted else ds[lo:hi]
+            self.bytes_read += slab.nbytes
+            if digests is not None:
+                bad = (bad_blocks(slab, lo // block, digests, block) or [None])[0]
+                if bad is not None:
+                    where = f"slot {slot} (view {slot + 1}) of " if slotted else ""
+                    raise CacheError(f"{self.path}: rows {bad * block}..{min(n_rows, (bad + 1) * block)} of {where}"
+                                     f"/{name} do not match their digest: the file is damaged "
+                                     "(its chunk index?). Run `cache verify` on it, then copy it again or rebuild "
+                                     "it with precompute")
+            pieces.append(slab[rows[a:b] - lo])
+        if pieces:
+            return np.concatenate(pieces)
+        return ds[slot, 0:0] if slotted else ds[0:0]
 
     def sample(self, key: str) -> np.ndarray:
         """``samples/<key>`` of every file row ("id" as an object array of str)."""
@@ -245,55 +296,80 @@ class CacheReader:
         code = SPLIT_CODES[split] if isinstance(split, str) else int(split)
         return np.flatnonzero(self.split == code)
 
-    def read(self, rows=None, split=None, views=None, layers=None) -> dict:
-        """Everything for some rows, in memory, read slab by slab.
+    @property
+    def train_rows(self) -> np.ndarray:
+        """File rows that hold random view slots (the training rows), increasing."""
+        return train_positions(self.split)
 
-        Args:
-            rows: sorted file rows; or ``split``: a split code or name; neither: all rows.
-            views: None (all V views), an int (view axis dropped) or a list of views.
-            layers: feature layers to load; None for all, [] for none.
-        Returns:
-            ``{"rows": [n] file rows, "id", "y", "attr", "group", "split": [n],
-            "box": [n, v, 4], "flip": [n, v], "logits": [n, v, T, C], "biased": [n, v, C],
-            "weights": [n, v, T], "features": {layer: [n, v, B, D]}}`` (no v axis for an int view).
-        """
-        if rows is None:
-            rows = np.arange(self.num_rows) if split is None else self.split_rows(split)
-        rows = np.asarray(rows, dtype=np.int64)
-        if len(rows) and (np.any(np.diff(rows) <= 0) or rows[0] < 0 or rows[-1] >= self.num_rows):
-            raise ValueError(f"rows must be increasing file rows in 0..{self.num_rows - 1}")
-        if views is not None and not np.isscalar(views):
-            views = np.asarray(views, dtype=np.int64)
-        layers = self.meta.layers if layers is None else list(layers)
+    def _check(self, fields, layers) -> tuple[tuple, list]:
+        fields, layers = tuple(fields), list(layers)
+        bad = [k for k in fields if k not in VIEW_FIELDS]
+        if bad:
+            raise ValueError(f"unknown fields {bad}; a view holds {list(VIEW_FIELDS)}")
         unknown = [l for l in layers if l not in self.meta.layers]
         if unknown:
             raise CacheError(f"{self.path} holds features of {self.meta.layers}, not {unknown}; "
                              f"rerun precompute with --layers including {','.join(unknown)}")
+        return fields, layers
+
+    def _view(self, part: str, index: np.ndarray, slot, rows: np.ndarray, fields, layers) -> dict:
+        def get(sub):
+            return self.load(f"{part}/{sub}", index, slot)
         return {"rows": rows, **{k: self.sample(k)[rows] for k in SAMPLE_FIELDS},
-                **{key: self.load(name, rows, views) for key, name in ROW_DATASETS.items()},
-                "features": {l: self.load(f"features/{l}", rows, views) for l in layers}}
+                **{k: get(VIEW_FIELDS[k]) for k in fields},
+                "features": {l: get(f"features/{l}") for l in layers}}
 
+    def read_eval(self, rows=None, split=None, fields=FIELDS, layers=()) -> dict:
+        """View 0 (the eval view) of some rows; only the asked fields and layers are read.
 
-    def read_views(self, rows, views, layers=None) -> dict:
-        """Like :meth:`read` for increasing ``rows`` but one view per row (``views`` [n]): the
-        view axis keeps length 1 (``"box": [n, 1, 4]``, ...). Each row is read whole (all its
-        views: the unit its digest covers) and the view picked in memory."""
-        d = self.read(rows=rows, layers=layers)
-        pick = (np.arange(len(d["rows"])), np.asarray(views, dtype=np.int64))
-        for key in ROW_DATASETS:
-            d[key] = d[key][pick][:, None]
-        d["features"] = {l: v[pick][:, None] for l, v in d["features"].items()}
+        Args:
+            rows: increasing file rows; or ``split``: a split code or name; neither: all rows.
+        Returns:
+            ``{"rows": [n] file rows, "id", "y", "attr", "group", "split": [n], and of the asked
+            fields "box": [n, 4], "flip": [n], "logits": [n, T, C], "biased": [n, C],
+            "weights": [n, T], "features": {layer: [n, B, D]}}``.
+        """
+        fields, layers = self._check(fields, layers)
+        if rows is None:
+            rows = np.arange(self.num_rows) if split is None else self.split_rows(split)
+        rows = _increasing(rows, self.num_rows, "rows")
+        return self._view(EVAL, rows, None, rows, fields, layers)
+
+    def read_slot(self, slot: int, layers=(), fields=FIELDS, positions=None) -> dict:
+        """View ``slot`` of the training rows: slot 0 their eval view, 1..K random slot k - 1.
+
+        Args:
+            positions: increasing indices into :attr:`train_rows` (None: all of them).
+        Returns:
+            the keys of :meth:`read_eval` (``rows`` = ``train_rows[positions]``) and
+            ``"positions"``, each [n, ...]. One slot of /random is one contiguous read.
+        """
+        fields, layers = self._check(fields, layers)
+        K = self.meta.random_views
+        if not 0 <= int(slot) <= K:
+            raise ValueError(f"slot must be in 0..{K} (0 the eval view, 1..{K} the random views), got {slot}")
+        slot, train = int(slot), self.train_rows
+        positions = np.arange(len(train)) if positions is None else _increasing(positions, len(train), "positions")
+        rows = train[positions]
+        if slot == 0:
+            d = self._view(EVAL, rows, None, rows, fields, layers)
+        else:  # slot >= 1 exists only with K >= 1; no training row at all: empty arrays
+            d = self._view(RANDOM, positions, slot - 1, rows, fields, layers) if len(train) else \
+                self._view(EVAL, rows, None, rows, fields, layers)
+        d["positions"] = positions
         return d
 
 
 def open_cache(path, require_complete: bool = True) -> CacheReader:
     """Check a cache file and return a lazy :class:`CacheReader` on it.
 
-    Checks: readable HDF5, schema name and version, header (and its digest), every dataset
-    present with the shape the header implies, and (``require_complete``) every row done and the
-    digests written. Every later read is checked against the block digests. Any failure is a CacheError
-    that names the file and says what to do; the file is not kept open.
+    Checks: readable HDF5 holding only its own datasets, schema name and version (an older
+    version is refused with the command that rebuilds it), header (and its digest), the digest
+    tables against the header, every dataset present with the shape the header implies, and
+    (``require_complete``) every row done and the digests written. Every later read is checked
+    against the block digests. Any failure is a CacheError that names the file and says what to
+    do; the file is not kept open.
     """
     with open_h5(path, "r") as f:
         checked = guarded(path, "", lambda: read_checked(f, path, require_complete))
-    return CacheReader(path, *checked)
+    return CacheReader(path, **checked)

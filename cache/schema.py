@@ -1,52 +1,61 @@
 """The cache schema: what a teacher cache holds, declared once (layout, header, shards).
 
 The cache is the contract between ``precompute`` (writes it) and ``distill`` (reads it). One
-self-describing HDF5 file; no pickle. Schema ``gr-kd-cache`` version 2 (R = row_stop - row_start
-rows in this file; file row r is dataset row row_start + r; V = K + 1 views per row, view 0 the
-eval view and views 1..K random; T teachers; B distinct backbones; C classes; A values of the
-spurious attribute)::
+self-describing HDF5 file; no pickle. Schema ``gr-kd-cache`` version 3, laid out by epoch (R =
+row_stop - row_start rows in this file, file row r is dataset row row_start + r; Rt of them are
+training rows, ``train_rows`` = the file rows whose split is train, increasing; K random views
+per training row; T teachers; B distinct backbones; C classes; A spurious-attribute values)::
 
-    / attrs  schema, schema_version, created (UTC ISO), tool_version, git_commit, torch_version,
-             dataset (name), dataset_options (JSON, e.g. CelebA's target and spurious attribute),
-             class_names (JSON [C]), attr_names (JSON [A]),
-             num_classes, dataset_fingerprint, teachers (JSON [{name, role, sha256, backbone_id}],
-             role "teacher" | "biased"; logits follow the order of the "teacher" entries),
-             backbone_ids (JSON [B]), backbone_of_teacher (JSON [T], index into B),
-             biased_backbone (index into B), view_spec (JSON of data.views.ViewSpec: random_views
-             K, out_size, scale, ratio, seed), store_size (pixel side of the image store),
-             teachers_pretrained, layers (JSON), tau_cached, feature_dtype "float16",
-             num_samples (N of the whole data set), row_start, row_stop, shard ("i/n" or ""),
-             digests_sha256, header_sha256 (cache.integrity; present once the file is finished)
+    / attrs    schema, schema_version, feature_dtype, block_rows, row_start, row_stop, shard
+               ("i/n" or ""), and one attribute per CacheMeta field under its own name (lists and
+               dicts as JSON; see header_attrs), digests_sha256 and header_sha256 once finished
     /samples/  id [R] utf-8 str (image path), y, attr, group (y * A + attr), split [R] int64
-    /views/    box [R, V, 4] float32 (top, left, height, width, relative), flip [R, V] bool
-    /logits/   teachers [R, V, T, C] float32, biased [R, V, C] float32
-    /features/ <layer> [R, V, B, D_layer] float16
-    /weights/  agre_cached [R, V, T] float32
+    /eval/     view 0 (the eval view) of every row:
+               box [R, 4] float32 (top, left, height, width, relative), flip [R] bool,
+               logits/teachers [R, T, C] float32, logits/biased [R, C] float32,
+               features/<layer> [R, B, D_layer] float16, weights/agre_cached [R, T] float32
+    /random/   the K random views of the training rows only, slot-major (view v = slot v - 1):
+               box [K, Rt, 4], flip [K, Rt], logits/teachers [K, Rt, T, C], logits/biased [K, Rt, C],
+               features/<layer> [K, Rt, B, D], weights/agre_cached [K, Rt, T]
+               (absent when K = 0 or the file holds no training row)
     /progress/ done [R] bool
-    /digests/  <dataset> [R, 32] uint8: sha256 of every row (cache.integrity)
+    /digests/  <dataset with '/' -> '.'>: [n_blocks, 32] uint8, or [K, n_blocks, 32] for /random
+               (one table per slot): sha256 of every block of block_rows rows (cache.integrity)
 
-Every dataset is chunked by rows (a chunk holds a few whole rows, all views), checksummed
-(fletcher32) and compressed with the portable shuffle + gzip filters (or not compressed).
+Why slot-major: epoch e of a run uses one random view of every training row (slot e mod K), so
+that slot is one [Rt, ...] slab of each dataset; chunks are (1, rows, ...) and, in an uncompressed
+file, allocated when the file is made, in slot order, so one slot of one dataset is one contiguous
+byte range and an epoch's read of it is sequential. Evaluation rows keep view 0 only.
+Every dataset is chunked by rows, checksummed (fletcher32) and optionally compressed with the
+portable shuffle + gzip filters (a gzip file allocates its chunks as they are written: the slots
+are then interleaved on disk, still read alone).
+
+The root digest of a file (:attr:`cache.reader.CacheReader.root_digest`) is its header digest:
+it covers every root attribute, among them ``digests_sha256``, which covers every digest table,
+which covers every block of every dataset; a sender publishes it, a receiver checks it with
+``verify(path, expect=DIGEST)``.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from core.constants import ROLES
 from core.errors import ConfigError, ToolError
-from core.provenance import PROVENANCE_FIELDS, canon, provenance
-from data.folders import group_names
+from core.provenance import PROVENANCE_FIELDS, provenance
+from data.folders import SPLIT_CODES, group_names
 
 SCHEMA_NAME = "gr-kd-cache"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 FEATURE_DTYPE = "float16"
 SAMPLE_FIELDS = ("id", "y", "attr", "group", "split")
+TRAIN = SPLIT_CODES["train"]
 
 # A chunk is the unit of decompression: a random row read decodes its whole chunk, so chunks stay
 # small, but a few rows long so that small per-row datasets do not turn into millions of chunks.
@@ -54,9 +63,18 @@ CHUNK_BYTES = 256 * 1024
 MAX_CHUNK_ROWS = 64
 DEFAULT_GZIP_LEVEL = 1  # float data compresses about as well at level 1 as at 9, and far faster
 
+EVAL, RANDOM = "eval", "random"
+# What a view holds, by the names the reader returns -> dataset name under /eval or /random.
+VIEW_FIELDS = {"box": "box", "flip": "flip", "logits": "logits/teachers", "biased": "logits/biased",
+               "weights": "weights/agre_cached"}
+
 
 class CacheError(ToolError):
     """A cache file that cannot be used as asked; the message names the file and what to do."""
+
+
+def _items(kind):
+    return field(metadata={"item": kind})
 
 
 @dataclass
@@ -66,52 +84,48 @@ class CacheMeta:
     ``teachers`` lists every model with ``{"name", "role", "sha256", "backbone_id"}``; exactly one
     has role ``"biased"``, the others (role ``"teacher"``, T of them, in logit order) are the
     ensemble. ``backbone_ids[backbone_of_teacher[t]]`` is teacher t's backbone (its row in
-    ``/features``), ``backbone_ids[biased_backbone]`` the biased model's. ``view_spec`` is a
-    :class:`data.views.ViewSpec` as a dict. Provenance fields left empty are filled from
+    the features' B axis), ``backbone_ids[biased_backbone]`` the biased model's. ``view_spec`` is
+    a :class:`data.views.ViewSpec` as a dict. Provenance fields left empty are filled from
     :func:`core.provenance.provenance` on construction.
+
+    ``store_digest`` binds the image store beside the cache (:func:`store_path_for`) to it: the
+    teacher outputs were computed from those pixels, so it is part of the identity.
+
+    Every field is one root attribute of the file, under its name (lists and dicts as JSON):
+    :func:`header_attrs` and :func:`meta_from_file` loop over the fields, and the identity (what a
+    resumed or merged file must share with its inputs) is every field but the provenance ones.
     """
 
     num_classes: int
-    class_names: list
-    attr_names: list
+    class_names: list = _items(str)
+    attr_names: list = _items(str)
     dataset: str
     dataset_options: dict
     dataset_fingerprint: str
     teachers: list
-    backbone_ids: list
-    backbone_of_teacher: list
+    backbone_ids: list = _items(str)
+    backbone_of_teacher: list = _items(int)
     biased_backbone: int
     view_spec: dict
     store_size: int
     teachers_pretrained: bool
-    layers: list
+    layers: list = _items(str)
     feature_dims: dict
     num_samples: int
     tau_cached: float
+    store_digest: str = ""           # ImageStore.store_digest() of the image store the outputs were
+                                      # computed from ("" for a file made without one)
+    # What was done to the file after precompute, oldest first: {"op": "slim" | "extend", "from":
+    # the input's root digest, ...} (cache.tools, precompute.extend); [] for a precomputed file.
+    history: list = field(default_factory=list)
     created: str = ""
     tool_version: str = ""
     git_commit: str = ""
     torch_version: str = ""
 
-    # The fields a resumed or merged file must share with the inputs; provenance may differ.
-    IDENTITY = ("num_classes", "class_names", "attr_names", "dataset", "dataset_options", "dataset_fingerprint", "teachers", "backbone_ids",
-                "backbone_of_teacher", "biased_backbone", "view_spec", "store_size",
-                "teachers_pretrained", "layers", "feature_dims", "num_samples", "tau_cached")
-
     def __post_init__(self):
-        self.teachers = canon(list(self.teachers))
-        self.class_names, self.attr_names = [str(c) for c in self.class_names], [str(a) for a in self.attr_names]
-        self.backbone_ids = [str(b) for b in self.backbone_ids]
-        self.backbone_of_teacher = [int(b) for b in self.backbone_of_teacher]
-        self.layers = [str(l) for l in self.layers]
-        self.feature_dims = {str(k): int(v) for k, v in self.feature_dims.items()}
-        self.view_spec = canon(dict(self.view_spec))
-        self.dataset_options = canon(dict(self.dataset_options))
-        self.num_classes, self.store_size = int(self.num_classes), int(self.store_size)
-        self.num_samples, self.biased_backbone = int(self.num_samples), int(self.biased_backbone)
-        self.teachers_pretrained = bool(self.teachers_pretrained)
-        self.tau_cached = float(self.tau_cached)
-        self.dataset_fingerprint = str(self.dataset_fingerprint)
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _normalise(f, getattr(self, f.name)))
         missing = [k for k in PROVENANCE_FIELDS if not getattr(self, k)]
         if missing:
             prov = provenance()
@@ -145,12 +159,12 @@ class CacheMeta:
 
     @property
     def random_views(self) -> int:
-        """K: the random views stored per row besides the eval view."""
+        """K: the random views stored per training row besides the eval view."""
         return int(self.view_spec.get("random_views", 0))
 
     @property
     def views_per_row(self) -> int:
-        """V = K + 1: the length of every dataset's view axis (view 0 is the eval view)."""
+        """K + 1: the view slots of a training row (slot 0 the eval view, 1..K random)."""
         return self.random_views + 1
 
     @property
@@ -159,12 +173,17 @@ class CacheMeta:
         return int(self.view_spec["out_size"])
 
     def identity(self) -> dict:
-        return canon({k: getattr(self, k) for k in self.IDENTITY})
+        return {k: getattr(self, k) for k in IDENTITY}
 
     def identity_digest(self) -> str:
         """sha256 of :meth:`identity`: equal for caches with the same contents (a merged file
         and its single-process twin), different when data, teachers, views or layers differ."""
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
+
+    def backbone_users(self, b: int) -> list[str]:
+        """Names of the models (teachers, biased model) whose features are backbone ``b``'s."""
+        names = [t["name"] for t, bb in zip(self.teacher_entries, self.backbone_of_teacher) if bb == b]
+        return names + ([self.biased_entry["name"]] if self.biased_backbone == b else [])
 
     def validate(self) -> None:
         """Raise CacheError on a meta that could not describe a consistent file."""
@@ -198,8 +217,8 @@ class CacheMeta:
             problems.append(f"feature_dims keys {sorted(self.feature_dims)} must be the layers {self.layers}")
         if any("/" in l or not l for l in self.layers):
             problems.append(f"layer names must be non-empty and contain no '/': {self.layers}")
-        if any(d < 1 for d in self.feature_dims.values()):
-            problems.append(f"feature dims must be positive: {self.feature_dims}")
+        if any(not isinstance(d, int) or d < 1 for d in self.feature_dims.values()):
+            problems.append(f"feature dims must be positive integers: {self.feature_dims}")
         if self.num_classes < 2 or self.num_samples < 1 or self.random_views < 0:
             problems.append("num_classes >= 2, num_samples >= 1 and random_views >= 0 are required")
         if len(self.class_names) != self.num_classes or not self.attr_names:
@@ -211,38 +230,88 @@ class CacheMeta:
             raise CacheError("invalid cache meta: " + "; ".join(problems))
 
 
+_SCALARS = {"int": int, "float": float, "bool": bool, "str": str}
+IDENTITY = tuple(f.name for f in dataclasses.fields(CacheMeta) if f.name not in PROVENANCE_FIELDS)
+
+
+def _plain(x):
+    """numpy scalars and arrays as Python values (for JSON)."""
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+def _is_json(f) -> bool:
+    return f.type in ("list", "dict")
+
+
+def _normalise(f, value):
+    """One field's value in its canonical form: JSON round trip for lists and dicts (tuples
+    become lists, keys strings, numpy values Python ones), items cast where the field says."""
+    if _is_json(f):
+        value = json.loads(json.dumps(value, sort_keys=True, default=_plain))
+        item = f.metadata.get("item")
+        return [item(v) for v in value] if item is not None else value
+    return _SCALARS[f.type](value.item() if isinstance(value, np.generic) else value)
+
+
 # ----------------------------------------------------------------------------- layout
 
 
-def layout(meta: CacheMeta, R: int) -> dict[str, tuple[tuple, np.dtype | None]]:
-    """Dataset path -> (shape, dtype) of a file with R rows; dtype None is the utf-8 ``samples/id``."""
-    V, T, C, B = meta.views_per_row, meta.num_teachers, meta.num_classes, meta.num_backbones
+def train_positions(split) -> np.ndarray:
+    """File rows whose split is train (increasing): the rows that hold random view slots."""
+    return np.flatnonzero(np.asarray(split) == TRAIN)
+
+
+def has_random(meta: CacheMeta, Rt: int) -> bool:
+    return meta.random_views > 0 and Rt > 0
+
+
+def view_datasets(meta: CacheMeta, part: str) -> dict[str, str]:
+    """Reader key -> dataset path of one part ("eval" or "random"); features as ``features/<l>``."""
+    out = {k: f"{part}/{v}" for k, v in VIEW_FIELDS.items()}
+    out.update({f"features/{l}": f"{part}/features/{l}" for l in meta.layers})
+    return out
+
+
+def layout(meta: CacheMeta, R: int, Rt: int) -> dict[str, tuple[tuple, np.dtype | None]]:
+    """Dataset path -> (shape, dtype) of a file with R rows, Rt of them training rows; dtype None
+    is the utf-8 ``samples/id``. /random datasets have a leading slot axis of length K."""
+    T, C, B, K = meta.num_teachers, meta.num_classes, meta.num_backbones, meta.random_views
+    per_view = {"box": ((4,), np.float32), "flip": ((), bool), "logits": ((T, C), np.float32),
+                "biased": ((C,), np.float32), "weights": ((T,), np.float32),
+                **{f"features/{l}": ((B, meta.feature_dims[l]), FEATURE_DTYPE) for l in meta.layers}}
     out = {"samples/id": ((R,), None)}
     out.update({f"samples/{k}": ((R,), np.dtype(np.int64)) for k in SAMPLE_FIELDS[1:]})
-    out.update({
-        "views/box": ((R, V, 4), np.dtype(np.float32)),
-        "views/flip": ((R, V), np.dtype(bool)),
-        "logits/teachers": ((R, V, T, C), np.dtype(np.float32)),
-        "logits/biased": ((R, V, C), np.dtype(np.float32)),
-    })
-    out.update({f"features/{l}": ((R, V, B, meta.feature_dims[l]), np.dtype(FEATURE_DTYPE))
-                for l in meta.layers})
-    out["weights/agre_cached"] = ((R, V, T), np.dtype(np.float32))
+    parts = [(EVAL, (R,))] + ([(RANDOM, (K, Rt))] if has_random(meta, Rt) else [])
+    for part, lead in parts:
+        names = view_datasets(meta, part)
+        out.update({names[k]: ((*lead, *shape), np.dtype(dtype)) for k, (shape, dtype) in per_view.items()})
     out["progress/done"] = ((R,), np.dtype(bool))
     return out
 
 
-# What a training step reads, by the names the reader returns (see CacheReader.read).
-ROW_DATASETS = {"box": "views/box", "flip": "views/flip", "logits": "logits/teachers",
-                "biased": "logits/biased", "weights": "weights/agre_cached"}
+def is_slotted(name: str) -> bool:
+    """A /random dataset: axis 0 is the slot, axis 1 the training row."""
+    return name.startswith(RANDOM + "/")
 
 
-def row_bytes(shape: tuple, itemsize: int) -> int:
-    return int(np.prod(shape[1:], dtype=np.int64)) * itemsize
+def row_bytes(shape: tuple, itemsize: int, slotted: bool = False) -> int:
+    """Bytes of one row of a dataset (of one slot's row for a slotted one)."""
+    return int(np.prod(shape[2 if slotted else 1:], dtype=np.int64)) * itemsize
 
 
 def chunk_rows(row_nbytes: int, R: int) -> int:
     return max(1, min(MAX_CHUNK_ROWS, CHUNK_BYTES // max(row_nbytes, 1), R))
+
+
+def chunks_of(name: str, shape: tuple, itemsize: int) -> tuple:
+    """HDF5 chunk shape: a few whole rows; for a slotted dataset, of one slot."""
+    slotted = is_slotted(name)
+    rows = chunk_rows(row_bytes(shape, itemsize, slotted), shape[1 if slotted else 0])
+    return (1, rows, *shape[2:]) if slotted else (rows, *shape[1:])
 
 
 def encode_ids(ids) -> np.ndarray:
@@ -258,23 +327,30 @@ def encode_ids(ids) -> np.ndarray:
 # ----------------------------------------------------------------------------- header
 
 
-def meta_attrs(meta: CacheMeta, row_start: int, row_stop: int, shard: str) -> dict:
-    """The file's root attributes for ``meta`` and its row range."""
-    return {
-        "schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "created": meta.created,
-        "tool_version": meta.tool_version, "git_commit": meta.git_commit,
-        "torch_version": meta.torch_version, "num_classes": meta.num_classes,
-        "class_names": json.dumps(meta.class_names), "attr_names": json.dumps(meta.attr_names),
-        "dataset": meta.dataset, "dataset_options": json.dumps(meta.dataset_options, sort_keys=True),
-        "dataset_fingerprint": meta.dataset_fingerprint, "teachers": json.dumps(meta.teachers),
-        "backbone_ids": json.dumps(meta.backbone_ids),
-        "backbone_of_teacher": json.dumps(meta.backbone_of_teacher),
-        "biased_backbone": meta.biased_backbone,
-        "view_spec": json.dumps(meta.view_spec, sort_keys=True), "store_size": meta.store_size,
-        "teachers_pretrained": meta.teachers_pretrained, "layers": json.dumps(meta.layers),
-        "tau_cached": meta.tau_cached, "feature_dtype": FEATURE_DTYPE,
-        "num_samples": meta.num_samples, "row_start": row_start, "row_stop": row_stop, "shard": shard,
-    }
+def header_attrs(meta: CacheMeta, row_start: int, row_stop: int, shard: str, block_rows: int) -> dict:
+    """The file's root attributes for ``meta`` and its row range: one per CacheMeta field."""
+    out = {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "feature_dtype": FEATURE_DTYPE,
+           "block_rows": int(block_rows), "row_start": int(row_start), "row_stop": int(row_stop),
+           "shard": shard}
+    for f in dataclasses.fields(CacheMeta):
+        value = getattr(meta, f.name)
+        out[f.name] = json.dumps(value, sort_keys=True) if _is_json(f) else value
+    return out
+
+
+def rebuild_hint(attrs, path) -> str:
+    """The precompute command that rebuilds the file at ``path`` (what its header says of it)."""
+    def get(key, default):
+        try:
+            return json.loads(attrs[key]) if key in ("view_spec", "layers") else str(attrs[key])
+        except Exception:  # an old or damaged header: leave the placeholder
+            return default
+    views = get("view_spec", {}).get("random_views", "K") if isinstance(get("view_spec", {}), dict) else "K"
+    layers = get("layers", None)
+    dataset = get("dataset", None)
+    return ("python cli.py precompute --data-root DATA_DIR --teachers TEACHERS/manifest.json "
+            f"--out {path} --views {views}" + (f" --layers {','.join(layers)}" if layers else "")
+            + (f" --dataset {dataset}" if dataset else "") + " --overwrite")
 
 
 def check_schema(attrs, path) -> None:
@@ -283,37 +359,34 @@ def check_schema(attrs, path) -> None:
         raise CacheError(f"{path}: not a teacher cache (schema attribute {schema!r}, expected "
                          f"{SCHEMA_NAME!r}); pass the cache.h5 written by precompute")
     version = attrs.get("schema_version")
-    if version is None or int(version) != SCHEMA_VERSION:
-        raise CacheError(f"{path}: cache schema version {version} found, this tool supports version "
-                         f"{SCHEMA_VERSION}; use the tool version that wrote it or rebuild the "
-                         "cache with precompute")
+    try:
+        version = int(version)
+    except (TypeError, ValueError):
+        version = None
+    if version != SCHEMA_VERSION:
+        why = (" (row-major: every row kept K + 1 views; version 3 keeps the random views of the "
+               "training rows only, one slot per epoch)" if version is not None and version < SCHEMA_VERSION else "")
+        raise CacheError(f"{path}: cache schema version {version} found{why}; this tool reads version "
+                         f"{SCHEMA_VERSION} only. Rebuild it with the arguments that made it (the same "
+                         f"data folder, teachers and options) plus --overwrite: {rebuild_hint(attrs, path)}")
 
 
 def meta_from_file(f, path) -> tuple[CacheMeta, int, int, str]:
     """Meta and (row_start, row_stop, shard) of an open h5py file whose schema was checked."""
     a = f.attrs
     try:
-        layers = json.loads(a["layers"])
-        missing = [f"/features/{l}" for l in layers if f"features/{l}" not in f]
-        if missing:
-            raise KeyError(", ".join(missing))
-        meta = CacheMeta(
-            num_classes=int(a["num_classes"]), class_names=json.loads(a["class_names"]),
-            attr_names=json.loads(a["attr_names"]), dataset=str(a["dataset"]),
-            dataset_options=json.loads(a["dataset_options"]),
-            dataset_fingerprint=str(a["dataset_fingerprint"]),
-            teachers=json.loads(a["teachers"]), backbone_ids=json.loads(a["backbone_ids"]),
-            backbone_of_teacher=json.loads(a["backbone_of_teacher"]),
-            biased_backbone=int(a["biased_backbone"]), view_spec=json.loads(a["view_spec"]),
-            store_size=int(a["store_size"]), teachers_pretrained=bool(a["teachers_pretrained"]),
-            layers=layers, feature_dims={l: int(f[f"features/{l}"].shape[-1]) for l in layers},
-            num_samples=int(a["num_samples"]), tau_cached=float(a["tau_cached"]),
-            created=str(a["created"]), tool_version=str(a["tool_version"]),
-            git_commit=str(a["git_commit"]), torch_version=str(a["torch_version"]))
+        kw = {}
+        for fl in dataclasses.fields(CacheMeta):
+            if fl.name == "history" and fl.name not in a:  # a file written before the field
+                continue
+            raw = a[fl.name]
+            raw = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+            kw[fl.name] = json.loads(raw) if _is_json(fl) else raw
+        meta = CacheMeta(**kw)
         row_start, row_stop, shard = int(a["row_start"]), int(a["row_stop"]), str(a["shard"])
     except KeyError as e:
-        raise CacheError(f"{path}: attribute or dataset {e} is missing: the file is damaged, or was not "
-                         "written completely. Delete it and rerun precompute") from None
+        raise CacheError(f"{path}: attribute {e} is missing: the file is damaged, or was not written "
+                         "completely. Delete it and rerun precompute") from None
     except (ValueError, TypeError, IndexError, CacheError) as e:
         raise CacheError(f"{path}: inconsistent header ({e}); delete it and rerun precompute") from None
     if not 0 <= row_start < row_stop <= meta.num_samples:

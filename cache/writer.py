@@ -8,10 +8,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache.integrity import HEADER_KEY, write_digests
+from cache.integrity import BLOCK_ROWS, HEADER_KEY, write_digests
 from cache.reader import READ_CACHE_BYTES, SLAB_BYTES, open_h5, read_checked
-from cache.schema import (DEFAULT_GZIP_LEVEL, SAMPLE_FIELDS, CacheError, CacheMeta, chunk_rows,
-                          encode_ids, layout, meta_attrs, parse_shard, row_bytes)
+from cache.schema import (DEFAULT_GZIP_LEVEL, EVAL, RANDOM, SAMPLE_FIELDS, CacheError, CacheMeta, chunks_of,
+                          encode_ids, has_random, header_attrs, is_slotted, layout, parse_shard, row_bytes,
+                          train_positions, view_datasets)
 from core.errors import ConfigError
 from core.provenance import settings_diff
 from data.metrics import as_numpy
@@ -19,21 +20,38 @@ from data.metrics import as_numpy
 log = logging.getLogger(__name__)
 
 
+def slab_rows(ds: h5py.Dataset) -> int:
+    """Rows of ``ds`` (of one slot for a /random dataset) in one bulk read or write of SLAB_BYTES."""
+    return max(1, SLAB_BYTES // max(row_bytes(ds.shape, ds.dtype.itemsize, is_slotted(ds.name.lstrip("/"))), 1))
+
+
 def create_file(path: str, meta: CacheMeta, samples: dict, row_start: int, row_stop: int,
                 shard: str, compression: int | None) -> h5py.File:
-    """A new file with attrs, samples and empty (not done) row datasets, open for writing."""
+    """A new file with attrs, samples and empty (not done) view datasets, open for writing.
+
+    Uncompressed, every chunk is allocated (and zero-filled, checksummed) now, dataset by
+    dataset and slot by slot, so that one slot of a /random dataset is one contiguous byte range
+    whatever order the rows are written in. A gzip chunk's size is only known when it is written,
+    so a compressed file allocates as it goes.
+    """
     R = row_stop - row_start
+    Rt = len(train_positions(samples["split"]))
     ids = encode_ids(samples["id"])
     f = h5py.File(path, "w-", rdcc_nbytes=READ_CACHE_BYTES)
     try:
-        f.attrs.update(meta_attrs(meta, row_start, row_stop, shard))
+        f.attrs.update(header_attrs(meta, row_start, row_stop, shard, BLOCK_ROWS))
         filters = {"fletcher32": True, "shuffle": compression is not None,
                    "compression": "gzip" if compression is not None else None,
                    "compression_opts": compression}
-        for name, (shape, dtype) in layout(meta, R).items():
+        for name, (shape, dtype) in layout(meta, R, Rt).items():
             dtype = ids.dtype if dtype is None else dtype
-            chunks = (chunk_rows(row_bytes(shape, dtype.itemsize), R), *shape[1:])
-            ds = f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, **filters)
+            early = {}
+            if compression is None:
+                dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+                early = {"dcpl": dcpl, "fill_time": "alloc"}
+            ds = f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks_of(name, shape, dtype.itemsize),
+                                  **filters, **early)
             if name.startswith("samples/"):
                 key = name.split("/")[1]
                 ds[...] = ids if key == "id" else np.asarray(samples[key], dtype=np.int64)
@@ -45,6 +63,20 @@ def create_file(path: str, meta: CacheMeta, samples: dict, row_start: int, row_s
         os.remove(path)  # a half-made file would only be refused on the next run
         raise
     return f
+
+
+def _nonfinite_source(meta: CacheMeta, key: str, a: np.ndarray) -> str:
+    """Which model produced the first non-finite value of view array ``a`` (key as the reader's)."""
+    bad = np.argwhere(~np.isfinite(a))[0]
+    if key in ("logits", "weights"):
+        t = int(bad[-2] if key == "logits" else bad[-1])
+        return f"teacher {meta.teacher_entries[t]['name']!r}"
+    if key == "biased":
+        return f"the biased model {meta.biased_entry['name']!r}"
+    if key.startswith("features/"):
+        b = int(bad[-2])
+        return f"backbone {meta.backbone_ids[b]!r} (of {', '.join(meta.backbone_users(b))})"
+    return "the view sampler"
 
 
 class CacheWriter:
@@ -60,6 +92,10 @@ class CacheWriter:
         self.row_start, self.row_stop = row_start, row_stop
         self.resumed = resumed
         self._done = f["progress/done"][...]
+        train = np.zeros(row_stop - row_start, dtype=bool)
+        train[train_positions(f["samples/split"][...])] = True
+        self._is_train = train
+        self._position = np.concatenate([[0], np.cumsum(train)])  # file row -> index into train_rows
 
     @classmethod
     def create_or_resume(cls, path, meta: CacheMeta, samples: dict, row_start: int = 0,
@@ -104,7 +140,9 @@ class CacheWriter:
         # modification time changes); anything else is reopened for writing.
         f = open_h5(path, "r")
         try:
-            old, old_start, old_stop, old_shard, done, finished = read_checked(f, path, require_complete=False)
+            c = read_checked(f, path, require_complete=False, resuming=True)  # checked read-only first
+            old, old_start, old_stop, old_shard = c["meta"], c["row_start"], c["row_stop"], c["shard"]
+            done, finished = c["done"], c["root_digest"] is not None
             diff = settings_diff(old.identity(), meta.identity(), names=("file", "now"))
             if (old_start, old_stop, old_shard) != (row_start, row_stop, shard):
                 diff.append(f"rows/shard: file {old_start}..{old_stop} {old_shard!r}, now "
@@ -144,9 +182,11 @@ class CacheWriter:
             raise ValueError(f"{self.path}: {self.num_rows - self.num_done} rows are not done yet")
         if HEADER_KEY in self._f.attrs:
             del self._f.attrs[HEADER_KEY]  # unfinished until the new digests are all written
-        names = list(layout(self.meta, self.num_rows))
-        write_digests(self._f, names, lambda ds: max(1, SLAB_BYTES // max(row_bytes(ds.shape, ds.dtype.itemsize), 1)))
+        write_digests(self._f, list(self._layout()), slab_rows, is_slotted, BLOCK_ROWS)
         self._f.flush()
+
+    def _layout(self, R: int | None = None, Rt: int | None = None) -> dict:
+        return layout(self.meta, self.num_rows if R is None else R, int(self._is_train.sum()) if Rt is None else Rt)
 
     @property
     def num_done(self) -> int:
@@ -173,41 +213,54 @@ class CacheWriter:
             out += [(lo + int(a), lo + int(b)) for a, b in zip(edges[::2], edges[1::2])]
         return out
 
-    def write_rows(self, start: int, stop: int, box, flip, teacher_logits, biased_logits,
-                   features: dict, agre_cached) -> None:
+    def write_rows(self, start: int, stop: int, eval: dict, random: dict | None = None) -> None:
         """Write file rows ``[start, stop)`` (n = stop - start), flush, then mark them done.
 
         Args:
-            box: [n, V, 4] relative (top, left, height, width); flip: [n, V] bool.
-            teacher_logits: [n, V, T, C]; biased_logits: [n, V, C].
-            features: ``{layer: [n, V, B, D_layer]}`` for every layer (stored as float16).
-            agre_cached: [n, V, T] per-sample cached AGRE weights.
-        Numpy arrays or CPU/GPU tensors. Non-finite values are refused (CacheError).
+            eval: view 0 of every row: ``{"box": [n, 4] relative (top, left, height, width),
+                "flip": [n] bool, "logits": [n, T, C], "biased": [n, C], "weights": [n, T]
+                (cached AGRE weights), "features": {layer: [n, B, D_layer]}}`` (features stored
+                as float16).
+            random: the K random views of the training rows among them (nt of them, in row
+                order), the same keys with a leading [K, nt] (slot, row); None when K = 0 or nt = 0.
+        Numpy arrays or CPU/GPU tensors. Non-finite values are refused (CacheError naming the
+        dataset and the model that produced them).
         """
         if not 0 <= start < stop <= self.num_rows:
             raise ValueError(f"rows {start}..{stop} outside this file's 0..{self.num_rows}")
-        unknown = set(features) - set(self.meta.layers)
-        missing = set(self.meta.layers) - set(features)
-        if unknown or missing:
-            raise ValueError(f"features must hold exactly the layers {self.meta.layers}; "
-                             f"missing {sorted(missing)}, unknown {sorted(unknown)}")
-        given = {"views/box": box, "views/flip": flip, "logits/teachers": teacher_logits,
-                 "logits/biased": biased_logits, "weights/agre_cached": agre_cached,
-                 **{f"features/{l}": v for l, v in features.items()}}
-        shapes = layout(self.meta, stop - start)
+        p0, p1 = int(self._position[start]), int(self._position[stop])
+        parts = [(EVAL, eval, stop - start, p1 - p0)]
+        if has_random(self.meta, p1 - p0):
+            if random is None:
+                raise ValueError(f"rows {start}..{stop} hold {p1 - p0} training rows: their random views are needed")
+            parts.append((RANDOM, random, stop - start, p1 - p0))
         arrays = {}
-        for name, value in given.items():
-            shape, dtype = shapes[name]
-            a = as_numpy(value).astype(dtype, copy=False)
-            if a.shape != shape:
-                raise ValueError(f"{name}: shape {a.shape}, expected {shape}")
-            if dtype.kind == "f" and not np.isfinite(a).all():
-                hint = " (float16 overflow: |x| > 65504?)" if dtype == np.float16 else ""
-                raise CacheError(f"{self.path}: {name}: non-finite values in rows {start}..{stop}{hint}; "
-                                 "the teachers produce NaN or inf on these images")
-            arrays[name] = a
+        for part, given, n, nt in parts:
+            unknown, missing = set(given.get("features", {})) - set(self.meta.layers), set(self.meta.layers) - set(given.get("features", {}))
+            if unknown or missing:
+                raise ValueError(f"{part}: features must hold exactly the layers {self.meta.layers}; "
+                                 f"missing {sorted(missing)}, unknown {sorted(unknown)}")
+            flat = {**{k: given.get(k) for k in ("box", "flip", "logits", "biased", "weights")},
+                    **{f"features/{l}": v for l, v in given["features"].items()}}
+            shapes = self._layout(n, nt)
+            for key, name in view_datasets(self.meta, part).items():
+                shape, dtype = shapes[name]
+                if flat[key] is None:
+                    raise ValueError(f"{part}: {key!r} is missing")
+                with np.errstate(over="ignore"):  # float16 overflow becomes inf: refused below
+                    a = as_numpy(flat[key]).astype(dtype, copy=False)
+                if a.shape != shape:
+                    raise ValueError(f"{name}: shape {a.shape}, expected {shape}")
+                if dtype.kind == "f" and not np.isfinite(a).all():
+                    hint = " (float16 overflow: |x| > 65504?)" if dtype == np.float16 else ""
+                    raise CacheError(f"{self.path}: /{name}: non-finite values from {_nonfinite_source(self.meta, key, a)} "
+                                     f"in file rows {start}..{stop}{hint}; the teachers produce NaN or inf on these images")
+                arrays[name] = a
         for name, a in arrays.items():
-            self._f[name][start:stop] = a
+            if is_slotted(name):
+                self._f[name][:, p0:p1] = a
+            else:
+                self._f[name][start:stop] = a
         self._f.flush()  # data on disk before the rows are claimed done
         self._f["progress/done"][start:stop] = True
         self._f.flush()

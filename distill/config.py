@@ -1,7 +1,7 @@
 """Typed configuration of one distillation run, and the run's identity (its name and settings).
 
 A run's identity is its configuration minus the placement fields (where and how it executes:
-``PLACEMENT_FIELDS``). :func:`run_name` spells the identity as a readable folder name; the report
+``PLACEMENT_FIELDS``). :func:`run_name` spells the identity as a readable folder name; the study
 groups runs by the identity values in each run's ``config.json``, never by parsing names.
 """
 from __future__ import annotations
@@ -20,9 +20,11 @@ from core.files import atomic_write_json
 from core.provenance import canon
 
 FEATURE_WEIGHTINGS = ("none", "disagree")
+FEATURE_TARGETS = ("raw", "erased")  # erased: LEACE of the spurious attribute (distill/erasure.py)
 KEEP_CHECKPOINTS = ("best", "last", "all")
 # Fields that say where or how a run executes, not what it computes: outside its identity.
-PLACEMENT_FIELDS = ("cache", "out", "device", "data_root", "keep_checkpoints", "agre_compare", "data_mode")
+PLACEMENT_FIELDS = ("cache", "out", "device", "data_root", "keep_checkpoints", "agre_compare", "data_mode",
+                    "expect_cache")
 DATA_MODES = ("auto", "memory", "stream")
 # The files of a run folder, named once (distill writes them; experiments read them).
 CONFIG, METRICS, SUMMARY = "config.json", "metrics.jsonl", "summary.json"
@@ -50,20 +52,21 @@ class DistillConfig:
     gamma: float = 0.0               # weight of the feature loss
     alpha: float = 1.0               # weight of KD against cross-entropy: (1-alpha) CE + alpha KD
     tau: float = 4.0                 # KD temperature
-    weighting: str = "agre-batch"    # aver | agre (per sample, the paper) | agre-batch (the report) | cached
-    agre_params: str = "all"         # for agre-batch: all parameters (the report), layer4, last (closed form)
+    weighting: str = "agre-batch"    # aver | agre (per sample, the paper) | agre-batch (the study) | cached
+    agre_params: str = "all"         # for agre-batch: all parameters (the study), layer4, last (closed form)
     layers: tuple[str, ...] = ("layer4",)
     layer_gammas: tuple[float, ...] | None = None  # per-layer gammas; default gamma for each
     feature_weighting: str = "none"  # none | disagree
+    feature_target: str = "raw"      # raw teacher features, or erased: the spurious attribute removed (LEACE)
     epochs: int = 30
     batch_size: int = 128
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 1e-4
     seed: int = 42
-    warmup_epochs: int = 0           # linear lr warm-up before the cosine schedule (the report: none)
+    warmup_epochs: int = 0           # linear lr warm-up before the cosine schedule (the study: none)
     teachers_online: str | None = None  # a teacher manifest: run the teachers live on a fresh crop
-                                        # every step (the report's loop) instead of reading the cache
+                                        # every step (the study's loop) instead of reading the cache
     sample_views: bool | None = None  # train on one cached random view per sample per epoch;
                                       # None: on when the cache holds random views
     pretrained: bool | None = None   # ImageNet-pretrained student; None: as the teachers were
@@ -78,6 +81,7 @@ class DistillConfig:
     agre_compare: tuple[str, ...] = ()  # agre-batch: also compute the weights from these parameter
                                         # sets on the same steps and log how they agree (no effect)
     feat_eps: float = 1e-6           # eps of the disagreement confidence 1 / (Var_t f + eps)
+    expect_cache: str | None = None  # the cache's published root digest (`cache info`): refuse any other
 
     def __post_init__(self):
         # One canonical form per value: 0 and 0.0 or a list and a tuple are the same setting.
@@ -104,6 +108,8 @@ class DistillConfig:
             bad(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         if self.agre_params not in AGRE_PARAMS:
             bad(f"--agre-params must be one of {', '.join(AGRE_PARAMS)}, got {self.agre_params!r}")
+        if self.feature_target not in FEATURE_TARGETS:
+            bad(f"--feature-target must be one of {', '.join(FEATURE_TARGETS)}, got {self.feature_target!r}")
         if self.feature_weighting not in FEATURE_WEIGHTINGS:
             bad(f"--feature-weighting must be one of {', '.join(FEATURE_WEIGHTINGS)}")
         unknown = [l for l in self.layers if l not in LAYERS]
@@ -171,6 +177,8 @@ class DistillConfig:
         d = {k: v for k, v in self.to_dict().items() if k not in PLACEMENT_FIELDS}
         if self.weighting != "agre-batch":
             d["agre_params"] = _DEFAULTS_AGRE_PARAMS
+        if not self.active_layers:  # no feature loss: the feature target changes nothing
+            d["feature_target"] = _DEFAULTS_FEATURE_TARGET
         return canon(d)
 
     @classmethod
@@ -191,6 +199,7 @@ class DistillConfig:
 
 
 _DEFAULTS_AGRE_PARAMS = DistillConfig.agre_params
+_DEFAULTS_FEATURE_TARGET = DistillConfig.feature_target
 
 
 def _number(value) -> bool:
@@ -243,12 +252,13 @@ def _check_type(name: str, value, default) -> None:
 
 # ----------------------------------------------------------------------------- names
 
-# Fields always spelled in a run name, in this order (the axes of the report's tables).
+# Fields always spelled in a run name, in this order (the axes of the study's tables).
 _CORE_FIELDS = ("weighting", "gamma", "alpha", "layers", "feature_weighting")
 _ABBREV = {"gamma": "g", "alpha": "a", "seed": "s", "epochs": "ep", "batch_size": "bs",
            "weight_decay": "wd", "momentum": "mom", "layer_gammas": "lg", "agre_params": "ap",
            "pretrained": "pre", "image_size": "img", "weights_file": "wf", "feat_eps": "eps",
-           "teachers_online": "online", "warmup_epochs": "wu", "sample_views": "sv"}
+           "teachers_online": "online", "warmup_epochs": "wu", "sample_views": "sv",
+           "feature_target": "ft"}
 _DEFAULTS = canon({f.name: f.default for f in dataclasses.fields(DistillConfig)})
 
 

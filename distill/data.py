@@ -1,6 +1,8 @@
 """What a distillation run reads: the cache and its image store, checked, as tensors per split."""
 from __future__ import annotations
 
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from cache.reader import CacheReader, open_cache
 from cache.schema import CacheError, store_path_for
 from core.errors import ToolError
 from core.runtime import epoch_seed
-from data.store import ImageStore, StoreError
+from data.store import ImageStore, Pixels, StoreError
 from data.folders import fingerprint, load_metadata
 from distill.config import DistillConfig
 
@@ -22,19 +24,24 @@ class DistillError(ToolError):
 
 @dataclass
 class SplitData:
-    """Everything one split needs, as tensors on one device (rows in cache order)."""
+    """Rows of one split as tensors, in cache order: their images and labels, and the one view
+    they are seen through (the eval view, or this epoch's slot) with its teacher outputs."""
 
     rows: torch.Tensor        # [N] dataset rows (they seed the online loop's crops)
-    images: torch.Tensor      # [N, 3, L, L] uint8 canvases
-    hw: torch.Tensor          # [N, 2] (height, width) of the image in each canvas
+    images: Pixels            # the N images, each at its own stored size
     y: torch.Tensor           # [N]
     group: torch.Tensor       # [N]
-    box: torch.Tensor         # [N, V, 4]
-    flip: torch.Tensor        # [N, V]
-    logits: torch.Tensor | None = None    # [N, V, T, C]
-    biased: torch.Tensor | None = None    # [N, V, C]
-    cached: torch.Tensor | None = None    # [N, V, T]
-    feats: dict | None = None             # {layer: [N, V, B, D] float16}
+    box: torch.Tensor | None = None       # [N, 4] relative crop box of the view
+    flip: torch.Tensor | None = None      # [N] horizontal flip of the view
+    logits: torch.Tensor | None = None    # [N, T, C]
+    biased: torch.Tensor | None = None    # [N, C]
+    cached: torch.Tensor | None = None    # [N, T]
+    feats: dict | None = None             # {layer: [N, B, D] float16}
+
+    def seen_through(self, view: "SplitData") -> "SplitData":
+        """These rows with the view (and teacher outputs) of ``view``, a SplitData of the same rows."""
+        return dataclasses.replace(self, box=view.box, flip=view.flip, logits=view.logits, biased=view.biased,
+                                   cached=view.cached, feats=view.feats)
 
 
 @dataclass
@@ -59,6 +66,11 @@ def open_inputs(cfg: DistillConfig) -> tuple[CacheReader, ImageStore]:
     except CacheError as e:
         raise DistillError(str(e)) from None
     meta = cache.meta
+    if cfg.expect_cache is not None and (cache.root_digest or "") != cfg.expect_cache.strip().lower():
+        cache.close()
+        raise DistillError(f"{cfg.cache} has root digest {cache.root_digest}, not the expected {cfg.expect_cache.strip()} "
+                           "(--expect-cache): this is not the cache that was published (altered, re-digested or "
+                           "another build); do not train on it, ask its sender for the file or the digest again")
     if cache.shard:
         raise DistillError(f"{cfg.cache} is shard {cache.shard} of a cache; merge the shards first with "
                            "`python cli.py cache merge CACHE.h5 SHARD...`")
@@ -83,27 +95,80 @@ def open_inputs(cfg: DistillConfig) -> tuple[CacheReader, ImageStore]:
                            meta.view_spec.get("resize"))
     except StoreError as e:
         raise DistillError(f"the image store of {cfg.cache} does not match it: {e}") from None
+    if meta.store_digest:  # reads the store's tables only, not its pixels
+        got = store.store_digest()
+        store.close()  # opened lazily again where it is read (a handle must not cross a fork)
+        if got != meta.store_digest:
+            raise DistillError(f"{store.path} is not the image store {cfg.cache} was computed from (store digest "
+                               f"{got[:16]}, the cache's header records {meta.store_digest[:16]}); copy the "
+                               f"cache's own {store.path.name} beside it, or rebuild both with precompute")
     return cache, store
 
 
-def load_split(cache: CacheReader, store: ImageStore, split: str, cfg: DistillConfig, device,
-               train: bool) -> SplitData:
-    """A split in memory on ``device``: the training split with every view and the teachers'
-    outputs (none in the online loop: the teachers run live), an evaluation split with view 0."""
-    needs = cfg.needs
-    teachers = train and needs.teacher_outputs
-    d = cache.read(split=split, views=None if train else 0, layers=needs.layers if teachers else [])
+def _tensors(d: dict, device) -> dict:
+    """Arrays of a cache read as tensors on ``device`` (``features`` a dict of them)."""
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
-    box, flip = d["box"], d["flip"]
-    if not train:  # one view: keep the [N, V] layout with V = 1
-        box, flip = box.reshape(len(box), 1, 4), flip.reshape(len(flip), 1)
+    return {k: ({l: t(a) for l, a in v.items()} if k == "features" else t(v)) for k, v in d.items()
+            if k not in ("id",)}
+
+
+def view_data(d: dict, device) -> SplitData:
+    """The view part of a SplitData (images, rows and labels left empty) from a cache read."""
+    t = _tensors(d, device)
+    return SplitData(rows=t["rows"], images=None, y=t["y"], group=t["group"], box=t.get("box"), flip=t.get("flip"),
+                     logits=t.get("logits"), biased=t.get("biased"), cached=t.get("weights"), feats=t["features"])
+
+
+def load_split(cache: CacheReader, store: ImageStore, split: str, device) -> SplitData:
+    """A split's images and labels in memory on ``device``, with the eval view of its rows."""
+    d = cache.read_eval(split=split, fields=("box", "flip"))
     rows = d["rows"] + cache.row_start
-    data = SplitData(rows=t(rows), images=t(store.load(rows)), hw=t(store.hw[rows]), y=t(d["y"]),
-                     group=t(d["group"]), box=t(box), flip=t(flip))
-    if teachers:
-        data.logits, data.biased, data.cached = t(d["logits"]), t(d["biased"]), t(d["weights"])
-        data.feats = {l: t(v) for l, v in d["features"].items()}
-    return data
+    view = view_data(d, device)
+    return dataclasses.replace(view, rows=torch.from_numpy(rows).to(device), images=store.load(rows).to(device))
+
+
+def slot_of(cfg: DistillConfig, random_views: int, epoch: int) -> int:
+    """The slot every training row is seen through in ``epoch``: ``1 + epoch mod K`` with random
+    views (``cfg.sample_views``, or by default when the cache holds any), else 0, the eval view.
+
+    The K stored crops of a row are independent draws, so their order is free: epoch e takes slot
+    e mod K of every row, one contiguous read (docs/method.md#slots); with K >= epochs every row
+    sees a distinct crop every epoch, like the online loop's fresh crop."""
+    use = random_views > 0 if cfg.sample_views is None else cfg.sample_views
+    return 1 + epoch % random_views if use else 0
+
+
+class Slots:
+    """The training rows' view of each epoch with its teacher outputs, one slot at a time: the
+    epoch's slot is held, the next epoch's read in the background while this one trains, so a
+    run holds at most two slots (and reads each once per epoch it is used)."""
+
+    def __init__(self, cache: CacheReader, cfg: DistillConfig, device):
+        self.cache, self.cfg, self.device = cache, cfg, device
+        needs = cfg.needs
+        self.fields = ("box", "flip") + (("logits", "biased") if needs.teacher_outputs else ()) + \
+            (("weights",) if needs.cached_weights else ())
+        self.layers = needs.layers
+        self._reader = ThreadPoolExecutor(1)
+        self._held: dict[int, object] = {}  # slot -> future of its SplitData
+
+    def _read(self, slot: int) -> SplitData:
+        return view_data(self.cache.read_slot(slot, layers=self.layers, fields=self.fields), self.device)
+
+    def get(self, epoch: int) -> SplitData:
+        """The view of ``epoch`` (read now unless prefetched), and the next epoch's started."""
+        K, slot = self.cache.meta.random_views, slot_of(self.cfg, self.cache.meta.random_views, epoch)
+        nxt = slot_of(self.cfg, K, epoch + 1) if epoch + 1 < self.cfg.epochs else None
+        if slot not in self._held:
+            self._held[slot] = self._reader.submit(self._read, slot)
+        self._held = {s: f for s, f in self._held.items() if s in (slot, nxt)}
+        if nxt is not None and nxt not in self._held:
+            self._held[nxt] = self._reader.submit(self._read, nxt)
+        return self._held[slot].result()
+
+    def close(self) -> None:
+        self._reader.shutdown(wait=True)
+        self._held = {}
 
 
 class InMemorySplit:
@@ -112,16 +177,17 @@ class InMemorySplit:
 
     def __init__(self, data: SplitData):
         self.data, self.y, self.group = data, data.y, data.group
-        self.views_per_row = data.box.shape[1]
 
     def __len__(self) -> int:
         return len(self.y)
 
-    def batches(self, order: torch.Tensor, view: torch.Tensor, bounds, pick):
-        """``(data, idx, view, positions)`` per batch; ``pick`` selects this process's share."""
+    def batches(self, order: torch.Tensor, view: SplitData, bounds, pick):
+        """``(data, idx, positions)`` per batch, the rows seen through ``view`` (this epoch's slot);
+        ``pick`` selects this process's share of a global batch."""
+        data = self.data.seen_through(view)
         for s, e in bounds:
             idx = pick(order[s:e])
-            yield self.data, idx, pick(view[s:e]), idx
+            yield data, idx, idx
 
     def chunks(self):
         yield self.data
@@ -144,21 +210,7 @@ def batch_bounds(n: int, batch_size: int, min_size: int = 2) -> list[tuple[int, 
     return bounds
 
 
-def epoch_plan(n: int, views_per_row: int, cfg: DistillConfig, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The order of the training rows in one epoch, and the view of each row in that order.
-
-    ``order[j]`` is the split position trained j-th, ``view[j]`` the view it is seen through (so
-    a batch ``order[s:e]`` takes ``view[s:e]``). With random views (``cfg.sample_views``, or by
-    default when the cache holds any), each row walks through its K views in its own random
-    order, one per epoch (``1 + perm_row[epoch mod K]``): with K >= epochs every row sees a
-    distinct crop every epoch, like the online loop's fresh crop (FKD stores per-epoch crops the
-    same way). Without, view 0. The order is seeded by (seed, epoch) and the walks by the seed,
-    so a resumed run replays both exactly.
-    """
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch)))
-    use_views = views_per_row > 1 if cfg.sample_views is None else cfg.sample_views
-    if not use_views:
-        return order, torch.zeros(n, dtype=torch.long)
-    K = views_per_row - 1
-    walks = torch.rand(n, K, generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, -1))).argsort(dim=1)
-    return order, (1 + walks[:, epoch % K])[order]
+def epoch_order(n: int, cfg: DistillConfig, epoch: int) -> torch.Tensor:
+    """The order of the training rows in one epoch, seeded by (seed, epoch) so that a resumed run
+    replays it exactly (the view of the epoch is :func:`slot_of`)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch)))

@@ -1,10 +1,11 @@
 """Splits larger than memory: read from the image store and the cache as the epoch goes.
 
 A training epoch walks its global batches in the same order as the in-memory path
-(:func:`distill.data.epoch_plan`); groups of consecutive batches are read together (each row once,
-with the one view it is seen through this epoch) by a background thread while the previous group
-trains, so the batches, and the results, are those of the in-memory path. Evaluation splits are
-read in consecutive chunks the same way. ``DistillConfig.data_mode`` chooses: ``memory``,
+(:func:`distill.data.epoch_order`); the images of groups of consecutive batches are read together
+(each row once) by a background thread while the previous group trains, and the teacher outputs
+come from the epoch's slot, which the run holds whole either way (:class:`distill.data.Slots`),
+so the batches, and the results, are those of the in-memory path. Evaluation splits are read in
+consecutive chunks the same way. ``DistillConfig.data_mode`` chooses: ``memory``,
 ``stream``, or ``auto`` (stream when the in-memory path would take more than half of the free
 host memory).
 """
@@ -20,7 +21,7 @@ import torch
 from cache.reader import CacheReader
 from data.store import ImageStore
 from distill.config import DistillConfig
-from distill.data import SplitData
+from distill.data import SplitData, view_data
 
 GROUP_BATCHES = 16      # training batches read together
 EVAL_CHUNK_ROWS = 4096  # evaluation rows read together
@@ -36,56 +37,44 @@ def should_stream(cfg: DistillConfig, nbytes: int) -> bool:
     return nbytes > 0.5 * free
 
 
-def load_rows(cache: CacheReader, store: ImageStore, rows: np.ndarray, views, layers, device,
-              teachers: bool) -> SplitData:
-    """The increasing file ``rows`` as a SplitData with one view per row (``views`` [n]) on
-    ``device``; with ``teachers``, their cached outputs too."""
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
-    d = cache.read_views(rows, views, layers=layers if teachers else [])
-    data_rows = rows + cache.row_start
-    data = SplitData(rows=t(data_rows), images=t(store.load(data_rows)), hw=t(store.hw[data_rows]), y=t(d["y"]),
-                     group=t(d["group"]), box=t(d["box"]), flip=t(d["flip"]))
-    if teachers:
-        data.logits, data.biased, data.cached = t(d["logits"]), t(d["biased"]), t(d["weights"])
-        data.feats = {l: t(v) for l, v in d["features"].items()}
-    return data
-
-
 class StreamedSplit:
-    """A split read from the cache and the image store on demand (see the module docstring)."""
+    """A split whose images are read from the image store as the epoch goes (see the module
+    docstring); the training rows' teacher outputs come from the epoch's slot, held whole."""
 
-    def __init__(self, cache: CacheReader, store: ImageStore, split: str, cfg: DistillConfig, device):
-        self.cache, self.store, self.cfg, self.device = cache, store, cfg, device
-        self.file_rows = cache.split_rows(split)
-        self.y = torch.from_numpy(cache.y[self.file_rows])
-        self.group = torch.from_numpy(cache.group[self.file_rows])
-        self.views_per_row = cache.meta.views_per_row
-        self.layers = cfg.needs.layers
-        self.teachers = cfg.needs.teacher_outputs
+    def __init__(self, cache: CacheReader, store: ImageStore, split: str, device):
+        self.store, self.device = store, device
+        d = cache.read_eval(split=split, fields=("box", "flip"))  # the eval view: 20 bytes a row
+        self.eval_view = view_data(d, "cpu")
+        self.dataset_rows = d["rows"] + cache.row_start
+        self.y, self.group = self.eval_view.y, self.eval_view.group
 
     def __len__(self) -> int:
-        return len(self.file_rows)
+        return len(self.y)
 
-    def _load(self, positions: np.ndarray, views: np.ndarray, teachers: bool) -> tuple[SplitData, np.ndarray]:
-        """Rows at split ``positions`` (any order) -> (their SplitData in increasing row order,
-        where each position landed in it)."""
+    def _load(self, positions: np.ndarray, view: SplitData) -> tuple[SplitData, np.ndarray]:
+        """Rows at split ``positions`` (any order) -> (their SplitData in increasing row order, seen
+        through ``view``, and where each position landed in it)."""
         order = np.argsort(positions, kind="stable")
-        data = load_rows(self.cache, self.store, self.file_rows[positions[order]], views[order], self.layers,
-                         self.device, teachers)
+        at = torch.from_numpy(positions[order])
+        rows = self.dataset_rows[positions[order]]
+        pick = lambda a: None if a is None else a[at].to(self.device)
+        data = SplitData(rows=torch.from_numpy(rows).to(self.device), images=self.store.load(rows).to(self.device),
+                         y=pick(self.y), group=pick(self.group), box=pick(view.box), flip=pick(view.flip),
+                         logits=pick(view.logits), biased=pick(view.biased), cached=pick(view.cached),
+                         feats={l: pick(v) for l, v in (view.feats or {}).items()})
         where = np.empty(len(positions), dtype=np.int64)
         where[order] = np.arange(len(positions))
         return data, where
 
-    def batches(self, order: torch.Tensor, view: torch.Tensor, bounds, pick) -> Iterator:
-        """``(data, idx, view, positions)`` per batch, as the in-memory path gives them; ``pick``
+    def batches(self, order: torch.Tensor, view: SplitData, bounds, pick) -> Iterator:
+        """``(data, idx, positions)`` per batch, as the in-memory path gives them; ``pick``
         selects this process's share of a global batch."""
         groups = [bounds[i:i + GROUP_BATCHES] for i in range(0, len(bounds), GROUP_BATCHES)]
-        order, view = order.cpu().numpy(), view.cpu().numpy()
+        order = order.cpu().numpy()
 
         def read(group):
             parts = [pick(np.arange(s, e)) for s, e in group]
-            flat = np.concatenate(parts)
-            data, where = self._load(order[flat], view[flat], self.teachers)
+            data, where = self._load(order[np.concatenate(parts)], view)
             return data, parts, where
 
         with ThreadPoolExecutor(1) as reader:
@@ -96,15 +85,14 @@ class StreamedSplit:
                     ahead = reader.submit(read, groups[i + 1])
                 offset = 0
                 for part in parts:
-                    local = torch.from_numpy(where[offset:offset + len(part)]).to(data.y.device)
+                    local = torch.from_numpy(where[offset:offset + len(part)])
                     offset += len(part)
-                    yield data, local, torch.zeros_like(local), torch.from_numpy(order[part])
+                    yield data, local, torch.from_numpy(order[part])
 
     def chunks(self) -> Iterator[SplitData]:
-        """The split in consecutive chunks of view 0 (evaluation), the next read while this one runs."""
+        """The split in consecutive chunks of its eval view, the next read while this one runs."""
         starts = range(0, len(self), EVAL_CHUNK_ROWS)
-        read = lambda s: self._load(np.arange(s, min(s + EVAL_CHUNK_ROWS, len(self))),
-                                    np.zeros(min(EVAL_CHUNK_ROWS, len(self) - s), np.int64), False)[0]
+        read = lambda s: self._load(np.arange(s, min(s + EVAL_CHUNK_ROWS, len(self))), self.eval_view)[0]
         with ThreadPoolExecutor(1) as reader:
             ahead = [reader.submit(read, s) for s in starts[:1]]
             for i, _ in enumerate(starts):

@@ -10,7 +10,7 @@
    (:class:`distill.losses.Objective`) and its backward pass;
 4. one optimiser step.
 
-For the report's batch AGRE-KD over all parameters the T + 1 gradients that give the weights also
+For the study's batch AGRE-KD over all parameters the T + 1 gradients that give the weights also
 give the KD part of the update exactly (``sum_t w_t g_t``, the weights being constants), so only
 the CE and feature terms take a further backward pass, and none when there are none. Under
 torchrun the batch is this process's share of a global batch: every gradient, those of the
@@ -86,7 +86,7 @@ class CachedAgre:
 
 
 class BatchAgre:
-    """``agre-batch``: the report's AGRE-KD, one weight per teacher per batch from the cosine of the
+    """``agre-batch``: the study's AGRE-KD, one weight per teacher per batch from the cosine of the
     gradients ``g_t``, ``g_b`` of the batch-mean ``l_t`` and ``l_b`` w.r.t. the parameter set
     ``params`` (``all``, ``layer4``: one backward pass each; ``last``: closed form):
     ``w_t = max(1 - cos(g_t, g_b), 0.01)``, normalised.
@@ -138,11 +138,12 @@ def weighting_for(cfg: DistillConfig, dist: Dist, keep_graph: bool):
 class DistillTask:
     """Teachers, weighting and objective of one run (see the module docstring).
 
-    ``teachers``: a teacher source of :mod:`distill.teachers` (the cache, or live teachers).
+    ``teachers``: a teacher source of :mod:`distill.teachers` (the cache, or live teachers);
+    ``progress``: whether the loop shows progress bars.
     """
 
-    def __init__(self, cfg: DistillConfig, teachers, device, dist: Dist = Dist()):
-        self.cfg, self.teachers, self.device, self.dist = cfg, teachers, device, dist
+    def __init__(self, cfg: DistillConfig, teachers, device, dist: Dist = Dist(), progress: bool = False):
+        self.cfg, self.teachers, self.device, self.dist, self.progress = cfg, teachers, device, dist, progress
         self.objective = Objective.from_config(cfg)
         self.weighting = weighting_for(cfg, dist, keep_graph=self.objective.has_non_kd)
         # diagnostics: other parameter sets' batch weights on the same steps (no effect on training)
@@ -152,9 +153,9 @@ class DistillTask:
     def num_teachers(self) -> int:
         return self.teachers.num_teachers
 
-    def batch(self, data, idx: Tensor, view: Tensor, epoch: int, share: float = 1.0) -> Batch:
-        """The training rows ``idx`` of ``data`` seen through views ``view``, with their teachers' outputs."""
-        return self.teachers.batch(data, idx, view, epoch, share)
+    def batch(self, data, idx: Tensor, epoch: int, share: float = 1.0) -> Batch:
+        """The training rows ``idx`` of ``data`` (seen through the epoch's view) with their teachers' outputs."""
+        return self.teachers.batch(data, idx, epoch, share)
 
     def step(self, model, opt, batch: Batch) -> dict:
         """One SGD update on ``batch``. Returns the objective's parts (detached means over this

@@ -1,11 +1,11 @@
-"""Where a training step gets its teacher outputs: the cache (the tool), or live teachers (the report).
+"""Where a training step gets its teacher outputs: the cache (the tool), or live teachers (the study).
 
 A teacher source gives, for the batch rows ``idx`` of the training split, the student's input
-images and the teachers' outputs on exactly those pixels: ``batch(data, idx, view, epoch, share)
--> distill.data.Batch``; ``names`` lists its models (``{"name", "role"}``) for the run's summary.
+images and the teachers' outputs on exactly those pixels: ``batch(data, idx, epoch, share) ->
+distill.data.Batch``; ``names`` lists its models (``{"name", "role"}``) for the run's summary.
 
-- :class:`CachedTeachers` rebuilds the sampled stored view and reads its cached outputs;
-- :class:`OnlineTeachers` is the report's loop, the yardstick for what the cache changes: a fresh
+- :class:`CachedTeachers` rebuilds the epoch's stored view (its slot) and reads its cached outputs;
+- :class:`OnlineTeachers` is the study's loop, the yardstick for what the cache changes: a fresh
   ``RandomResizedCrop`` + flip of every image at every step (per (seed, epoch, row), so a resumed
   run replays it), the teachers and the biased model run on it, nothing read from the cache.
 """
@@ -25,6 +25,7 @@ from core.weighting import cached_agre_weights
 from data.views import ViewSpec, render, sample_views
 from distill.config import DistillConfig
 from distill.data import Batch, DistillError, SplitData
+from distill.erasure import eraser_for
 
 
 class CachedTeachers:
@@ -37,19 +38,20 @@ class CachedTeachers:
         self.backbone = torch.tensor(meta.backbone_of_teacher, device=device)
         self.layers = cfg.active_layers
         self.names = [{"name": t["name"], "role": t["role"]} for t in meta.teachers]
+        self.erase = eraser_for(cfg, meta, device)  # None: raw features (feature_target raw)
 
-    def batch(self, data: SplitData, idx: torch.Tensor, view: torch.Tensor, epoch: int, share: float = 1.0) -> Batch:
+    def batch(self, data: SplitData, idx: torch.Tensor, epoch: int, share: float = 1.0) -> Batch:
         d = self.device
-        x = render(data.images[idx].to(d, non_blocking=True), data.box[idx, view].to(d), data.flip[idx, view].to(d),
-                   self.image_size, data.hw[idx])
-        feats = {l: data.feats[l][idx, view].to(d).index_select(1, self.backbone) for l in self.layers}
-        cached = data.cached[idx, view].to(d) if self.cfg.needs.cached_weights else None
-        return Batch(x, data.y[idx].to(d), data.logits[idx, view].to(d), data.biased[idx, view].to(d), feats, cached,
-                     share)
+        x = render(data.images[idx].to(d, non_blocking=True), data.box[idx].to(d), data.flip[idx].to(d), self.image_size)
+        feats = {l: data.feats[l][idx].to(d).index_select(1, self.backbone) for l in self.layers}
+        if self.erase is not None:  # the spurious attribute erased from each teacher's features
+            feats = {l: self.erase(l, f) for l, f in feats.items()}
+        cached = data.cached[idx].to(d) if self.cfg.needs.cached_weights else None
+        return Batch(x, data.y[idx].to(d), data.logits[idx].to(d), data.biased[idx].to(d), feats, cached, share)
 
 
 class OnlineTeachers:
-    """The report's loop: teachers run live on a fresh crop of every image at every step."""
+    """The study's loop: teachers run live on a fresh crop of every image at every step."""
 
     def __init__(self, meta: CacheMeta, cfg: DistillConfig, image_size: int, device):
         man = read_manifest(cfg.teachers_online)
@@ -69,6 +71,7 @@ class OnlineTeachers:
                              ratio=tuple(spec.get("ratio", (3 / 4, 4 / 3))), resize=spec.get("resize", "keep-aspect"))
         self.tau_cached = meta.tau_cached
         self.manifest = man
+        self.erase = eraser_for(cfg, meta, device, self.num_teachers)  # None: raw features
 
     def crops(self, rows: np.ndarray, hw: np.ndarray, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This epoch's crop (box [b, 4], flip [b]) of each dataset row."""
@@ -82,12 +85,15 @@ class OnlineTeachers:
         with autocast(self.device):
             zt, zb, f = self.ensemble(x.contiguous(memory_format=memory_format_for(self.device)), self.layers or ("layer4",))
         feats = {l: f[l].float().index_select(1, self.backbone) for l in self.layers}
+        if self.erase is not None:
+            feats = {l: self.erase(l, f) for l, f in feats.items()}
         return zt.float(), zb.float(), feats
 
-    def batch(self, data: SplitData, idx: torch.Tensor, view: torch.Tensor, epoch: int, share: float = 1.0) -> Batch:
-        box, flip = self.crops(data.rows[idx].cpu().numpy(), data.hw[idx].cpu().numpy(), epoch)
+    def batch(self, data: SplitData, idx: torch.Tensor, epoch: int, share: float = 1.0) -> Batch:
+        images = data.images[idx]
+        box, flip = self.crops(data.rows[idx].cpu().numpy(), images.hw.cpu().numpy(), epoch)
         d = self.device
-        x = render(data.images[idx].to(d, non_blocking=True), box.to(d), flip.to(d), self.image_size, data.hw[idx])
+        x = render(images.to(d, non_blocking=True), box.to(d), flip.to(d), self.image_size)
         zt, zb, feats = self.outputs(x)
         cached = cached_agre_weights(zt, zb, self.tau_cached) if self.cfg.weighting == "cached" else None
         return Batch(x, data.y[idx].to(d), zt, zb, feats, cached, share)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from cache.info import memory_needed
 from cache.reader import CacheReader
 from core.distributed import Dist, context, global_batch_norm
-from core.files import OutputLock, atomic_write_json
+from core.files import OutputLock, atomic_save_npy, atomic_write_json, ensure_dir
 from core.provenance import provenance
 from core.runtime import autocast, memory_format_for, pick_device
 from data.folders import SPLIT_CODES
@@ -28,7 +28,8 @@ from data.views import render
 from distill.checkpoint import (check_same_run, load_for_resume, read_json, save_best, save_last, trim_checkpoints,
                                 truncate_metrics)
 from distill.config import BEST, CONFIG, LAST, METRICS, RUN_FILES, SUMMARY, WEIGHTS, DistillConfig
-from distill.data import DistillError, InMemorySplit, batch_bounds, epoch_plan, load_split, open_inputs, placement
+from distill.data import (DistillError, InMemorySplit, Slots, batch_bounds, epoch_order, load_split, open_inputs,
+                          placement)
 from distill.stream import StreamedSplit, should_stream
 from distill.student import Student
 from distill.task import DistillTask
@@ -42,26 +43,26 @@ def evaluate(model: Student, split, image_size: int, device, train_counts, batch
     preds = []
     for data in split.chunks():
         for s in range(0, len(data.y), batch_size):
-            x = render(data.images[s:s + batch_size].to(device), data.box[s:s + batch_size, 0],
-                       data.flip[s:s + batch_size, 0], image_size, data.hw[s:s + batch_size])
+            x = render(data.images[s:s + batch_size].to(device), data.box[s:s + batch_size],
+                       data.flip[s:s + batch_size], image_size)
             with autocast(device):
                 logits, _, _ = model(x.contiguous(memory_format=memory_format_for(device)))
             preds.append(logits.argmax(1).cpu())
     return group_metrics(torch.cat(preds), split.y, split.group, train_counts)
 
 
-def train_one_epoch(model, opt, task: DistillTask, split, epoch: int, weights_out: torch.Tensor | None = None,
-                    progress: bool = True) -> dict:
-    """One pass over the training split: ``task.step`` on every batch. Returns the mean loss parts
-    and mean teacher weights; ``weights_out`` [N, T], when given, receives each row's weights.
+def train_one_epoch(model, opt, task: DistillTask, split, view, epoch: int,
+                    weights_out: torch.Tensor | None = None) -> dict:
+    """One pass over the training split seen through ``view`` (the epoch's slot: a SplitData of
+    its boxes, flips and teacher outputs), ``task.step`` on every batch. Returns the mean loss
+    parts and mean teacher weights; ``weights_out`` [N, T], when given, receives each row's weights.
 
     Under torchrun every process walks the same global batches and trains on its share of each
     (every ``world``-th row); the sums are gathered at the end of the epoch."""
     cfg, dist, device = task.cfg, task.dist, task.device
     model.train()
     n = len(split)
-    order, view = epoch_plan(n, split.views_per_row, cfg, epoch)
-    order, view = order.to(split.y.device), view.to(split.y.device)   # once per epoch, not per step
+    order = epoch_order(n, cfg, epoch)
     sums = {k: torch.zeros((), device=device) for k in ("loss", "ce", "kd", "feat")}
     agree = {name: {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("abs_diff", "spearman", "top")}
              for name in cfg.agre_compare}
@@ -70,10 +71,10 @@ def train_one_epoch(model, opt, task: DistillTask, split, epoch: int, weights_ou
     bad_inputs = torch.zeros((), dtype=torch.bool, device=device)
     bounds = batch_bounds(n, cfg.batch_size, min_size=max(2, dist.world))
     batches = split.batches(order, view, bounds, lambda a: a[dist.rank::dist.world])
-    for i, ((s, e), (data, idx, v, positions)) in enumerate(
+    for i, ((s, e), (data, idx, positions)) in enumerate(
             tqdm(zip(bounds, batches), total=len(bounds), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                 disable=not progress or not dist.is_main)):
-        batch = task.batch(data, idx, v, epoch, share=len(idx) / (e - s))
+                 disable=not task.progress or not dist.is_main)):
+        batch = task.batch(data, idx, epoch, share=len(idx) / (e - s))
         out = task.step(model, opt, batch)
         bad = ~torch.isfinite(out["loss"].detach())
         first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, i), first_bad)
@@ -112,7 +113,7 @@ def _non_finite_message(cfg: DistillConfig, epoch: int, first_bad: int, bad_inpu
 
 
 def schedule(opt, cfg: DistillConfig):
-    """Cosine decay over the epochs (the report's schedule), after ``warmup_epochs`` epochs of
+    """Cosine decay over the epochs (the study's schedule), after ``warmup_epochs`` epochs of
     linear warm-up (lr x 1/(W+1), ..., W/(W+1)) when asked; stepped once per epoch."""
     if not cfg.warmup_epochs:
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
@@ -137,7 +138,7 @@ def fit(cfg: DistillConfig, resume: bool = False, overwrite: bool = False, progr
         raise DistillError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "
                            "start it again, or choose another --out")
     d.barrier()
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out, "run folder")
     with OutputLock(out, "the run folder") if d.is_main else contextlib.nullcontext():
         if existing and overwrite and d.is_main:
             for f in existing:
@@ -164,17 +165,19 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
     image_size = cfg.image_size or meta.out_size
     pretrained = cfg.pretrained if cfg.pretrained is not None else meta.teachers_pretrained
 
-    nbytes = sum(memory_needed(cache, store.side, cfg.needs.layers).values())
+    footprint = memory_needed(cache, store, cfg.needs.layers, cfg.teachers_online is not None)
+    nbytes = footprint["held"]["total"]
     if should_stream(cfg, nbytes):
-        say(f"streaming the splits from {cfg.cache} ({nbytes / 2**30:.1f} GiB would not fit comfortably in memory)")
-        train, val, test = (StreamedSplit(cache, store, s, cfg, device) for s in ("train", "val", "test"))
+        say(f"streaming the images from {store.path} ({nbytes / 2**30:.1f} GiB would not fit comfortably in memory)")
+        place = placement(device, footprint["held"]["teacher_outputs"])
+        train, val, test = (StreamedSplit(cache, store, s, device) for s in ("train", "val", "test"))
     else:
         place = placement(device, nbytes)
-        train, val, test = (InMemorySplit(load_split(cache, store, s, cfg, place, train=s == "train"))
-                            for s in ("train", "val", "test"))
+        train, val, test = (InMemorySplit(load_split(cache, store, s, place)) for s in ("train", "val", "test"))
+    slots = Slots(cache, cfg, place)
     train_counts = torch.bincount(train.group.cpu(), minlength=meta.num_groups).numpy()
     teachers = teacher_source(meta, cfg, image_size, device)
-    task = DistillTask(cfg, teachers, device, d)
+    task = DistillTask(cfg, teachers, device, d, progress)
 
     model = Student(meta.num_classes, {l: teachers.feature_dims[l] for l in cfg.active_layers}, pretrained,
                     cfg.weights_file)
@@ -199,8 +202,8 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
         lr = opt.param_groups[0]["lr"]
-        tr = train_one_epoch(model, opt, task, train, epoch, weights_out if epoch == cfg.epochs - 1 else None,
-                             progress)
+        tr = train_one_epoch(model, opt, task, train, slots.get(epoch), epoch,
+                             weights_out if epoch == cfg.epochs - 1 else None)
         if epoch == cfg.epochs - 1:
             d.all_sum([weights_out])  # each process filled the rows it trained on
         sched.step()
@@ -211,7 +214,7 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
             best = (vm["wga"], epoch + 1)
             save_best(best_path, model, epoch + 1, cfg)
         if epoch == cfg.epochs - 1:  # before the checkpoint that makes a resume skip this epoch
-            np.save(out / WEIGHTS, weights_out.cpu().numpy())
+            atomic_save_npy(out / WEIGHTS, weights_out.cpu().numpy())
         save_last(last_path, model, opt, sched, epoch + 1, best, cfg, cache_id)
         rec = {"epoch": epoch + 1, "lr": lr, "time_s": round(time.time() - t0, 3),
                "train": {k: tr[k] for k in ("loss", "ce", "kd", "feat")},
@@ -222,6 +225,7 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
         say(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {tr['loss']:.4f}  val WGA {100 * vm['wga']:.2f}  "
             f"avg {_avg(vm)}  ({rec['time_s']:.1f}s)")
 
+    slots.close()
     if not d.is_main:
         d.barrier()
         return d.broadcast_object(None)
@@ -235,7 +239,11 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
         "best_epoch": best[1], "val_best": evaluate(model, val, image_size, device, train_counts),
         "test_best": evaluate(model, test, image_size, device, train_counts),
         "test_last": test_last, "teacher_test": teacher_test_metrics(cache),
+        "teacher_val": teacher_val_metrics(cache),
     }
+    if cfg.feature_target == "erased" and cfg.active_layers:  # how much of the attribute is left
+        from distill.erasure import probe_attribute
+        summary["attribute_probe"] = probe_attribute(cache, cfg.active_layers)
     atomic_write_json(out / SUMMARY, summary)
     trim_checkpoints(out, cfg.keep_checkpoints)
     d.barrier()
@@ -246,11 +254,16 @@ def _avg(metrics: dict) -> str:
     return "n/a" if metrics["avg_acc"] is None else f"{100 * metrics['avg_acc']:.2f}"
 
 
-def teacher_test_metrics(cache: CacheReader) -> dict:
-    """Each teacher's (and the biased model's) own test metrics, from cached view-0 logits."""
-    d = cache.read(views=0, layers=[])  # every row: avg acc weights by the training split's groups
+def teacher_test_metrics(cache: CacheReader, split: str = "test") -> dict:
+    """Each teacher's (and the biased model's) own metrics on ``split``, from cached view-0 logits."""
+    d = cache.read_eval(fields=("logits", "biased"))  # every row: avg acc weights by the training split's groups
     names = [t["name"] for t in cache.meta.teacher_entries] + [cache.meta.biased_entry["name"]]
     preds = list(d["logits"].argmax(-1).T) + [d["biased"].argmax(-1)]
-    test = {"test": SPLIT_CODES["test"]}
-    return {n: split_metrics(p, d["y"], d["group"], d["split"], test, cache.meta.num_groups)["test"]
+    wanted = {split: SPLIT_CODES[split]}
+    return {n: split_metrics(p, d["y"], d["group"], d["split"], wanted, cache.meta.num_groups)[split]
             for n, p in zip(names, preds)}
+
+
+def teacher_val_metrics(cache: CacheReader) -> dict:
+    """Each teacher's (and the biased model's) own validation metrics (``teacher_val`` in the summary)."""
+    return teacher_test_metrics(cache, "val")

@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 
 from core.errors import ConfigError, ToolError
-from core.files import atomic_write_json
+from core.files import atomic_write_json, ensure_dir
 from core.provenance import settings_diff
 from distill.config import SUMMARY, DistillConfig, identity_of
 
@@ -99,7 +99,7 @@ def train_run(name: str, cfg: DistillConfig, fit, tag: str) -> str:
     run_dir = Path(cfg.out)
     # A failed summary from an earlier attempt would mislabel this attempt if it is killed.
     (run_dir / SUMMARY).unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(run_dir, "run folder")
     print(f"{tag} {name}: training", flush=True)
     start = time.time()
     try:
@@ -137,7 +137,7 @@ def run_memory_bytes(cfg: DistillConfig) -> tuple[int, int | None]:
     try:
         cache, store = open_inputs(dataclasses.replace(cfg, data_root=None))
         size = cfg.image_size or cache.meta.out_size
-        data = sum(memory_needed(cache, store.side, cfg.needs.layers).values())
+        data = memory_needed(cache, store, cfg.needs.layers, cfg.teachers_online is not None)["held"]["total"]
     except (ToolError, OSError):
         size, data = cfg.image_size or 224, None
     compute = _FIXED_BYTES + _BYTES_PER_SAMPLE_224 * cfg.batch_size * (size / 224) ** 2

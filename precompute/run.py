@@ -17,7 +17,7 @@ from core.constants import LAYERS
 from core.distributed import context
 from core.ensemble import Ensemble
 from core.errors import ConfigError, ToolError
-from core.files import OutputLock
+from core.files import OutputLock, ensure_dir
 from core.manifest import read_manifest, verify_files
 from core.models import FEATURE_DIMS
 from core.provenance import settings_diff
@@ -34,7 +34,7 @@ class PrecomputeConfig:
     teachers: str                       # manifest.json (or its folder)
     out: str                            # cache file
     random_views: int = 30              # K random views of each training image besides the eval view:
-                                        # the report's 30 epochs each see a distinct crop
+                                        # the study's 30 epochs each see a distinct crop
     layers: tuple[str, ...] = LAYERS
     batch_size: int = 128
     shard: str = ""                     # "i/n" (0-based) or "" for the whole data set
@@ -56,8 +56,23 @@ class PrecomputeConfig:
         bad = [l for l in self.layers if l not in LAYERS]
         if bad or not self.layers or len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"--layers takes distinct names from {', '.join(LAYERS)}, got {','.join(self.layers)!r}")
-        if self.random_views < 0 or self.batch_size < 1 or self.tau_cached <= 0:
-            raise ConfigError("--views must be >= 0, --batch-size >= 1 and tau_cached > 0")
+        import math
+
+        def whole(option, value, low):  # an integer (1.5, NaN and inf are not counts) >= low
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ConfigError(f"{option} must be >= {low} (an integer), got {value!r}")
+
+        whole("--views", self.random_views, 0)
+        whole("--batch-size", self.batch_size, 1)
+        whole("view_seed", self.view_seed, 0)
+        whole("prefetch", self.prefetch, 0)
+        if self.image_size is not None:
+            whole("--image-size", self.image_size, 8)
+        if self.compression is not None:
+            whole("compression", self.compression, 1)
+        if isinstance(self.tau_cached, bool) or not isinstance(self.tau_cached, (int, float)) \
+                or not math.isfinite(self.tau_cached) or self.tau_cached <= 0:
+            raise ConfigError(f"tau_cached must be a finite number > 0, got {self.tau_cached!r}")
         if self.image_size is not None and self.image_size < 8:
             raise ConfigError(f"--image-size must be at least 8 px, got {self.image_size}")
         if self.compression is not None and not 1 <= self.compression <= 9:
@@ -101,8 +116,7 @@ def run_precompute(cfg: PrecomputeConfig) -> Path:
     _compute(cfg, man, meta, parts[d.rank], f"{d.rank}/{d.world}")
     d.barrier()
     if d.is_main:
-        with OutputLock(out, "the cache"):
-            merge(out, parts)
+        merge(out, parts)  # under a lock on the cache
         for p in parts:  # the parts, their stores and their (released) lock files
             for f in (p, store_path_for(p)):
                 f.unlink(missing_ok=True)
@@ -122,7 +136,7 @@ def _existing(cfg: PrecomputeConfig, man, meta, out: Path) -> str:
         return f"{e} (or pass --overwrite)"
     if reader is None:
         return "absent"
-    diff = settings_diff(reader.meta.identity(), _cache_meta(cfg, man, meta, fingerprint(meta)).identity(),
+    diff = settings_diff(_unbound(reader.meta.identity()), _unbound(_cache_meta(cfg, man, meta, fingerprint(meta)).identity()),
                          names=("file", "now"))
     if diff:
         return (f"{out} already exists and was made for other inputs ({'; '.join(diff)}). Pass --overwrite to "
@@ -130,8 +144,14 @@ def _existing(cfg: PrecomputeConfig, man, meta, out: Path) -> str:
     return "finished" if reader.finished and not reader.shard else "absent"
 
 
-def _cache_meta(cfg: PrecomputeConfig, man, meta, fp: str) -> CacheMeta:
-    """What the cache of ``cfg`` is made from (its identity and layout)."""
+def _unbound(identity: dict) -> dict:
+    """A cache identity without its image store's digest (compared before the store is built)."""
+    return {k: v for k, v in identity.items() if k != "store_digest"}
+
+
+def _cache_meta(cfg: PrecomputeConfig, man, meta, fp: str, store_digest: str = "") -> CacheMeta:
+    """What the cache of ``cfg`` is made from (its identity and layout); ``store_digest``: that of
+    the image store its teacher outputs are computed from."""
     image_size = cfg.image_size or man.image_size
     spec = ViewSpec(random_views=cfg.random_views, out_size=image_size, seed=cfg.view_seed,
                     resize=cfg.resize or man.resize)
@@ -143,14 +163,14 @@ def _cache_meta(cfg: PrecomputeConfig, man, meta, fp: str) -> CacheMeta:
         backbone_ids=man.backbone_ids, backbone_of_teacher=man.teacher_backbone, biased_backbone=man.biased_backbone,
         view_spec=spec.to_dict(), store_size=store_size_for(image_size), teachers_pretrained=man.pretrained,
         layers=list(cfg.layers), feature_dims={l: FEATURE_DIMS[man.teachers[0].arch][l] for l in cfg.layers},
-        num_samples=len(meta), tau_cached=cfg.tau_cached)
+        num_samples=len(meta), tau_cached=cfg.tau_cached, store_digest=store_digest)
 
 
 def _compute(cfg: PrecomputeConfig, man, meta, out: Path, shard: str) -> Path:
     """The cache (or shard ``shard``) of ``cfg`` at ``out``, with the image store of its rows."""
     say = tqdm.write if cfg.progress else (lambda *_: None)
     row_start, row_stop = shard_rows(shard, len(meta), cfg.batch_size) if shard else (0, len(meta))
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out.parent, "output folder")
     with OutputLock(out, "the cache"):
         verify_files(man)
         if cfg.overwrite and out.exists():
@@ -158,16 +178,23 @@ def _compute(cfg: PrecomputeConfig, man, meta, out: Path, shard: str) -> Path:
         say(f"fingerprinting {len(meta)} images in {meta.root}")
         fp = fingerprint(meta)
         cmeta = _cache_meta(cfg, man, meta, fp)
+        _refuse_other_inputs(out, cmeta, cfg.overwrite)  # before the (long) image store build
         spec, size = ViewSpec(**cmeta.view_spec), cmeta.store_size
         rows = np.arange(row_start, row_stop)
         samples = {"id": meta.filenames[rows], "y": meta.y[rows], "attr": meta.attr[rows],
                    "group": meta.group[rows], "split": meta.split[rows]}
+        mine = range(row_start, row_stop)
+        with OutputLock(store_path_for(out), "the image store"):  # kept (or made again) beside it
+            store_file = build_store(meta, store_path_for(out), size, fp, spec.resize,
+                                     progress=cfg.progress, rows=mine)
+        store = ImageStore(store_file, fp, size, spec.resize, rows=mine)
+        # the cache is bound to the pixels its teacher outputs are computed from (a resumed file
+        # must have been computed from the same store: decoding is deterministic, so a rebuilt
+        # store has the same digest)
+        cmeta = _cache_meta(cfg, man, meta, fp, store.store_digest())
+        store.close()
         with CacheWriter.create_or_resume(str(out), cmeta, samples, row_start, row_stop, shard,
                                           compression=cfg.compression) as writer:
-            mine = range(row_start, row_stop)
-            with OutputLock(store_path_for(out), "the image store"):  # kept (or made again) beside it
-                store_file = build_store(meta, store_path_for(out), size, fp, spec.resize,
-                                         progress=cfg.progress, rows=mine)
             if writer.finished:
                 say(f"{out} is already complete ({writer.num_rows} rows); nothing to do")
                 return out
@@ -184,6 +211,22 @@ def _compute(cfg: PrecomputeConfig, man, meta, out: Path, shard: str) -> Path:
     return out
 
 
+def _refuse_other_inputs(out: Path, cmeta: CacheMeta, overwrite: bool) -> None:
+    """The writer's refusal of a cache made for other inputs, ahead of the image store build
+    (the store's digest aside: it is compared by the writer once the store is built)."""
+    if overwrite or not out.is_file():
+        return
+    try:
+        with open_cache(out, require_complete=False) as reader:
+            old = reader.meta
+    except ToolError:
+        return  # the writer says what is wrong with the file
+    diff = settings_diff(_unbound(old.identity()), _unbound(cmeta.identity()), names=("file", "now"))
+    if diff:
+        raise CacheError(f"{out} already exists and was made for other inputs ({'; '.join(diff)}). Pass "
+                         "--overwrite to rebuild it, or choose another --out")
+
+
 def _run_chunks(writer: CacheWriter, chunks, ens, store, rows, is_train, spec, cfg, device) -> None:
     """Compute and write every chunk, overlapped: a reader thread loads the next chunks from the
     image store (into pinned memory on a GPU) while the device computes this one, and a writer
@@ -193,7 +236,7 @@ def _run_chunks(writer: CacheWriter, chunks, ens, store, rows, is_train, spec, c
 
     def load(chunk):
         a, b = chunk
-        images = torch.from_numpy(store.load(rows[a:b]))
+        images = store.load(rows[a:b])  # Pixels: each image at its own size
         return chunk, images.pin_memory() if device.type == "cuda" else images
 
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer_pool:
@@ -221,36 +264,44 @@ def _run_chunks(writer: CacheWriter, chunks, ens, store, rows, is_train, spec, c
 @torch.inference_mode()
 def _forward_chunk(ens: Ensemble, images: torch.Tensor, hw: np.ndarray, rows: np.ndarray, is_train: np.ndarray,
                    spec: ViewSpec, cfg: PrecomputeConfig, device: torch.device) -> dict:
-    """Teacher outputs of one chunk of rows: view 0 of every row, views 1..K of its training rows
-    (the other rows' views 1..K repeat their eval view: evaluation never uses random views).
+    """Teacher outputs of one chunk of rows, as :meth:`cache.writer.CacheWriter.write_rows` takes
+    them: ``{"eval": view 0 of every row, "random": views 1..K of its training rows, [K, nt, ...]}``
+    (evaluation rows have no random views).
 
     The (row, view) pairs are rendered and run in batches of ``cfg.batch_size``, so a forward
     pass sees a full batch whatever mix of rows and views it holds.
     """
     n, V = len(rows), spec.random_views + 1
     box, flip = sample_views(rows, spec, hw)
-    box[~is_train, 1:], flip[~is_train, 1:] = box[~is_train, :1], False
-    pairs = [(i, 0) for i in range(n)] + [(i, v) for v in range(1, V) for i in np.flatnonzero(is_train)]
+    train = np.flatnonzero(is_train)
+    # every row's view 0, then slot by slot the training rows' random views: the cache's order
+    pairs = [(i, 0) for i in range(n)] + [(i, v) for v in range(1, V) for i in train]
     pair_row = torch.tensor([i for i, _ in pairs], dtype=torch.long)
     pair_view = torch.tensor([v for _, v in pairs], dtype=torch.long)
     images = images.to(device, non_blocking=True)
-    hw_t, box_t, flip_t = torch.from_numpy(hw), torch.from_numpy(box), torch.from_numpy(flip)
+    box_t, flip_t = torch.from_numpy(box), torch.from_numpy(flip)
     outs = []
     for s in range(0, len(pairs), cfg.batch_size):
         r, v = pair_row[s:s + cfg.batch_size], pair_view[s:s + cfg.batch_size]
-        x = render(images[r.to(device)], box_t[r, v], flip_t[r, v], spec.out_size, hw_t[r])
+        x = render(images[r], box_t[r, v], flip_t[r, v], spec.out_size)  # images carry their sizes
         with autocast(device):
             zt, zb, f = ens(x.contiguous(memory_format=memory_format_for(device)), cfg.layers)
         outs.append((zt.float(), zb.float(), {l: f[l].half() for l in cfg.layers}))
-    zt = torch.cat([o[0] for o in outs]).cpu()
-    zb = torch.cat([o[1] for o in outs]).cpu()
-    feats = {l: torch.cat([o[2][l] for o in outs]).cpu() for l in cfg.layers}
-    # [n, V] position of each (row, view) among the pairs; other rows' views 1..K -> their view 0
-    train = np.flatnonzero(is_train)
-    index = np.repeat(np.arange(n)[:, None], V, axis=1)
-    index[train, 1:] = n + np.arange(len(train) * (V - 1)).reshape(V - 1, len(train)).T
-    index = torch.from_numpy(index)
-    t_log, b_log = zt[index], zb[index]                                   # [n, V, T, C], [n, V, C]
-    weights = cached_agre_weights(t_log, b_log, cfg.tau_cached)          # [n, V, T]
-    return {"box": box, "flip": flip, "teacher_logits": t_log.numpy(), "biased_logits": b_log.numpy(),
-            "agre_cached": weights.numpy(), "features": {l: v[index].numpy() for l, v in feats.items()}}
+    zt = torch.cat([o[0] for o in outs]).cpu()                          # [P, T, C]
+    zb = torch.cat([o[1] for o in outs]).cpu()                          # [P, C]
+    feats = {l: torch.cat([o[2][l] for o in outs]).cpu().numpy() for l in cfg.layers}
+    weights = cached_agre_weights(zt, zb, cfg.tau_cached).numpy()       # [P, T]
+    zt, zb = zt.numpy(), zb.numpy()
+    K, nt = V - 1, len(train)
+
+    def view0(a):
+        return a[:n]
+
+    def slots(a):  # pairs n.. are slot-major: [K * nt, ...] -> [K, nt, ...]
+        return a[n:].reshape(K, nt, *a.shape[1:])
+    out = {"eval": {"box": box[:, 0], "flip": flip[:, 0], "logits": view0(zt), "biased": view0(zb),
+                    "weights": view0(weights), "features": {l: view0(v) for l, v in feats.items()}}}
+    out["random"] = None if K == 0 or nt == 0 else {
+        "box": box[train, 1:].transpose(1, 0, 2), "flip": flip[train, 1:].T, "logits": slots(zt), "biased": slots(zb),
+        "weights": slots(weights), "features": {l: slots(v) for l, v in feats.items()}}
+    return out

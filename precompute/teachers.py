@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +21,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from core.errors import ConfigError, ToolError
-from core.files import OutputLock, atomic_write_json, atomic_write_text, save_checkpoint, sha256_file
+from core.files import OutputLock, atomic_write_json, atomic_write_text, ensure_dir, save_checkpoint, sha256_file
 from core.models import FEATURE_DIMS, CheckpointError, build_model, load_checkpoint
 from core.provenance import settings_diff
 from core.runtime import autocast, epoch_seed, memory_format_for, pick_device
 from core.tables import format_table
 from data.metrics import split_metrics
-from data.store import RESIZE_MODES, ImageStore, build_store, store_size_for
+from data.store import RESIZE_MODES, ImageStore, Pixels, build_store, store_size_for
 from data.views import ViewSpec, render, sample_views
 from data.folders import SPLIT_CODES, Metadata, fingerprint, load_metadata
 from precompute.dfr import DFR_VARIANTS, fit_dfr
@@ -70,6 +73,9 @@ class TeacherConfig:
         if self.epochs == 0 and not (self.pretrained or self.weights_file):
             raise ConfigError("--epochs 0 with --no-pretrained would make teachers from an untrained, random "
                               "backbone; train at least one epoch (--epochs 0 means DFR on ImageNet features)")
+        for option, value in (("--lr", self.lr), ("weight decay", self.weight_decay), ("momentum", self.momentum)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{option} must be a finite number, got {value!r}")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ConfigError(f"--lr must be > 0, weight decay >= 0 and momentum in [0, 1) (got {self.lr}, "
                               f"{self.weight_decay}, {self.momentum})")
@@ -101,7 +107,7 @@ class TeacherConfig:
 @torch.inference_mode()
 def embed(model, images: torch.Tensor, hw: torch.Tensor, box: np.ndarray, flip: np.ndarray, out_size: int,
           device: torch.device, batch_size: int = 256, progress: bool = False, desc: str = "embed"):
-    """Eval-mode forward of ``model`` on one view per image (stored canvases ``images`` [N, 3,
+    """Eval-mode forward of ``model`` on one view per image (stored ``images``, data.store.Pixels,
     L, L] holding images of ``hw`` [N, 2] pixels).
 
     Returns (logits [N, C] float32, penultimate [N, D] float32) on the CPU.
@@ -213,12 +219,12 @@ def format_eval_table(man: Manifest) -> str:
     return format_table(["model", "role", "split", *groups, "WGA", "avg acc", "mean acc"], rows)
 
 
-def _prepare_images(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The data set through its image store: canvases [N, 3, L, L] uint8 and sizes [N, 2]."""
+def _prepare_images(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str) -> tuple[Pixels, torch.Tensor]:
+    """The data set through its image store: every image at its stored size, and the sizes [N, 2]."""
     size = store_size_for(cfg.image_size)
     path = build_store(meta, out / f"images_{size}px_{cfg.resize}.h5", size, fp, cfg.resize, progress=cfg.progress)
     store = ImageStore(path, fp, size, cfg.resize)
-    return torch.from_numpy(store.load_all()), torch.from_numpy(store.hw)
+    return store.load_all(), torch.from_numpy(store.hw)
 
 
 BUILT = ("erm_seed*.pt", "erm_seed*.pt.ckpt", "teacher_*_dfr_head.pt", "manifest.json", "eval.md",
@@ -258,7 +264,7 @@ def build_teachers(cfg: TeacherConfig) -> Manifest:
     out = Path(cfg.out)
     meta = load_metadata(cfg.data_root, cfg.dataset, **cfg.dataset_options)
     num_classes = meta.num_classes
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out, "teachers folder")
     with OutputLock(out, "the teachers folder"):
         fp = fingerprint(meta)
         _claim_folder(cfg, out, fp)
@@ -297,7 +303,7 @@ def _build(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str, num_classes: 
                            seed=seed + 1000 * t, num_retrains=cfg.dfr_retrains, num_classes=num_classes,
                            proportions=dfr_proportions(meta, cfg.dfr_bias[t] if cfg.dfr_bias else 0.0))
             if not head.converged and cfg.progress:
-                tqdm.write(f"teacher {t + 1}: lbfgs stopped at its iteration limit (as the report's dfr.py does)")
+                tqdm.write(f"teacher {t + 1}: lbfgs stopped at its iteration limit (as the study's dfr.py does)")
             head_path = out / f"teacher_{t + 1}_dfr_head.pt"
             save_checkpoint({"fc.weight": torch.from_numpy(head.weight), "fc.bias": torch.from_numpy(head.bias)}, head_path)
             entry = make_entry(f"teacher_{t + 1}", "teacher", erm_path, cfg.arch, num_classes,
@@ -314,20 +320,46 @@ def _build(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str, num_classes: 
     return man
 
 
+def _bring_in(out: Path, file: str | Path) -> Path:
+    """``file`` inside the teachers folder: as it is when it lies there, else hard-linked (or, across
+    file systems, copied) to ``out/checkpoints/<sha256 prefix>-<name>``, so that the manifest names
+    files in its own folder only (core.manifest refuses others: a received manifest could name any
+    file on the machine) and the folder can be sent as it is."""
+    file = Path(file)
+    if not file.is_file():
+        raise ConfigError(f"{file}: no such checkpoint file")
+    if file.resolve().is_relative_to(out.resolve()):
+        return file
+    dest = ensure_dir(out / "checkpoints", "teachers folder") / f"{sha256_file(file)[:12]}-{file.name}"
+    if not dest.is_file():
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(file, tmp)
+        except OSError:  # another file system, or no hard links: a copy
+            shutil.copyfile(file, tmp)
+        tmp.replace(dest)
+    return dest
+
+
 def import_teachers(out: str | Path, teacher_files: list[str], biased_file: str, arch: str = "resnet50",
                     num_classes: int = 2, image_size: int = 224, pretrained: bool = True,
                     data_root: str | None = None, resize: str = "keep-aspect", device: str = "auto",
                     progress: bool = True, dataset: str = "waterbirds", dataset_options: dict | None = None) -> Manifest:
     """Declare existing checkpoints as the ensemble (optionally evaluating them on a data folder)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(out, "teachers folder")
     with OutputLock(out, "the teachers folder"):
-        entries = [make_entry(f"teacher_{i + 1}", "teacher", f, arch, num_classes, root=out)
+        meta = load_metadata(data_root, dataset, **(dataset_options or {})) if data_root is not None else None
+        if meta is not None and meta.num_classes != num_classes:
+            raise ConfigError(f"--num-classes {num_classes} but the data set {meta.root} has {meta.num_classes} "
+                              f"classes ({', '.join(meta.class_names)}): a teacher's head needs one output per "
+                              f"class of the data it is evaluated and distilled on; import heads with "
+                              f"{meta.num_classes} outputs (nothing was written)")
+        entries = [make_entry(f"teacher_{i + 1}", "teacher", _bring_in(out, f), arch, num_classes, root=out)
                    for i, f in enumerate(teacher_files)]
-        entries.append(make_entry("biased", "biased", biased_file, arch, num_classes, root=out))
+        entries.append(make_entry("biased", "biased", _bring_in(out, biased_file), arch, num_classes, root=out))
         man = Manifest(entries, num_classes, image_size, pretrained, out, resize)
         if data_root is not None:
-            meta = load_metadata(data_root, dataset, **(dataset_options or {}))
             cfg = TeacherConfig(data_root, str(out), image_size=image_size, resize=resize, progress=progress)
             images, hw = _prepare_images(cfg, meta, out, fingerprint(meta))
             box, flip = sample_views(np.arange(len(meta)), ViewSpec(out_size=image_size), hw.numpy())

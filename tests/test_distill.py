@@ -64,7 +64,7 @@ def test_resume_gives_the_same_run(tiny_cache, tmp_path, monkeypatch):
     real = train_mod.train_one_epoch
 
     def dying(*a, **kw):
-        if a[4] == 2:  # epoch index 2: killed after two finished epochs
+        if a[5] == 2:  # epoch index 2: killed after two finished epochs
             raise KeyboardInterrupt("simulated kill")
         return real(*a, **kw)
 
@@ -162,30 +162,47 @@ def test_batch_bounds_never_leave_a_single_sample():
 
 
 @pytest.mark.parametrize("K, E", [(5, 5), (8, 5), (3, 7)])
-def test_each_row_sees_distinct_views_over_epochs(K, E):
-    """With K >= E stored random views, every training row is given E distinct views over E
-    epochs (a fresh crop each epoch, as the online loop has); with fewer it cycles through all.
-    Checked on what the training loop gets: the rows and views of its batches."""
-    from distill.data import InMemorySplit, SplitData, batch_bounds, epoch_plan
+def test_each_epoch_trains_on_one_slot(K, E):
+    """Epoch e takes slot 1 + e mod K of every training row: with K >= E stored random views every
+    row is seen through E distinct views over E epochs (a fresh crop each epoch, as the online
+    loop has); with fewer it cycles through all K. Without random views, the eval view (slot 0)."""
+    from distill.data import epoch_order, slot_of
 
-    cfg = DistillConfig(seed=3)
-    n = 50
-    data = SplitData(rows=torch.arange(n), images=torch.zeros(n, 1), hw=torch.zeros(n, 2), y=torch.zeros(n),
-                     group=torch.zeros(n), box=torch.zeros(n, K + 1, 4), flip=torch.zeros(n, K + 1))
-    split = InMemorySplit(data)
-    seen = np.zeros((n, E), dtype=int)
-    for e in range(E):
-        order, view = epoch_plan(n, K + 1, cfg, e)
-        for _, idx, v, positions in split.batches(order, view, batch_bounds(n, 16), lambda a: a):
-            seen[positions.numpy(), e] = v.numpy()
-    assert seen.min() >= 1 and seen.max() <= K
-    assert [len(set(r)) for r in seen] == [min(K, E)] * n
-    if E > K:  # the walk repeats with period K
-        np.testing.assert_array_equal(seen[:, :E - K], seen[:, K:])
-    assert len({tuple(r) for r in seen}) > 1  # rows walk in different orders
-    assert (epoch_plan(n, K + 1, cfg, 0)[1] == epoch_plan(n, K + 1, cfg, 0)[1]).all()  # replayable
-    order, view = epoch_plan(n, K + 1, DistillConfig(sample_views=False), 0)
-    assert (view == 0).all() and sorted(order.tolist()) == list(range(n))
+    cfg = DistillConfig(seed=3, epochs=max(E, 2))
+    slots = [slot_of(cfg, K, e) for e in range(E)]
+    assert slots == [1 + e % K for e in range(E)] and len(set(slots)) == min(K, E)
+    assert all(slot_of(DistillConfig(sample_views=False), K, e) == 0 for e in range(E))
+    assert slot_of(DistillConfig(), 0, 3) == 0
+    order = epoch_order(50, cfg, 1)
+    assert sorted(order.tolist()) == list(range(50)) and torch.equal(order, epoch_order(50, cfg, 1))  # replayable
+    assert not torch.equal(order, epoch_order(50, cfg, 2))
+
+
+def test_slots_hold_at_most_two_and_give_the_cached_views(tiny_cache):
+    """What the loop trains on in epoch e is the cache's slot of that epoch (boxes and teacher
+    outputs), read once; the next epoch's slot is read ahead, never more than two held."""
+    from cache.reader import open_cache
+    from distill.data import Slots, slot_of
+
+    cfg = DistillConfig(cache=str(tiny_cache), epochs=4, gamma=0.5)
+    cache = open_cache(tiny_cache)
+    K = cache.meta.random_views
+    assert K >= 2
+    slots = Slots(cache, cfg, torch.device("cpu"))
+    try:
+        seen = []
+        for e in range(cfg.epochs):
+            view = slots.get(e)
+            assert len(slots._held) <= 2
+            want = cache.read_slot(slot_of(cfg, K, e), layers=["layer4"])
+            np.testing.assert_array_equal(view.box.numpy(), want["box"])
+            np.testing.assert_array_equal(view.logits.numpy(), want["logits"])
+            np.testing.assert_array_equal(view.feats["layer4"].numpy(), want["features"]["layer4"])
+            assert view.cached is None  # what agre-batch does not need is not read
+            seen.append(view.box.numpy())
+        assert not np.array_equal(seen[0], seen[1])  # a new crop each epoch
+    finally:
+        slots.close()
 
 
 @pytest.mark.parametrize("kw", [dict(gamma=0.5), dict(weighting="cached", agre_params="last")])

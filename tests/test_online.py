@@ -1,4 +1,4 @@
-"""The report's online loop (teachers run live every step) against the cache, on the same pixels."""
+"""The study's online loop (teachers run live every step) against the cache, on the same pixels."""
 from __future__ import annotations
 
 import copy
@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from distill.config import DistillConfig
-from distill.data import load_split, open_inputs
+from distill.data import load_split, open_inputs, view_data
 from distill.student import Student
 from distill.teachers import CachedTeachers, OnlineTeachers
 from distill.task import DistillTask
@@ -24,12 +24,13 @@ def test_online_step_equals_the_cached_step_on_the_same_crop(tiny_cache, tiny_te
                 pretrained=False, batch_size=16)
     cached_cfg, online_cfg = DistillConfig(**base), DistillConfig(**base, teachers_online=str(tiny_teachers))
     cache, store = open_inputs(cached_cfg)
-    data = load_split(cache, store, "train", cached_cfg, CPU, train=True)
+    slot = view_data(cache.read_slot(1, layers=["layer4"]), CPU)  # a stored random view of the training rows
+    data = load_split(cache, store, "train", CPU).seen_through(slot)
     size = cache.meta.out_size
     cached, online = CachedTeachers(cache.meta, cached_cfg, size, CPU), OnlineTeachers(cache.meta, online_cfg, size, CPU)
-    idx, view = torch.arange(16), torch.ones(16, dtype=torch.long)  # a stored random view of training rows
-    monkeypatch.setattr(online, "crops", lambda rows, hw, epoch: (data.box[idx, 1], data.flip[idx, 1]))
-    a, b = cached.batch(data, idx, view, 0), online.batch(data, idx, view, 0)
+    idx = torch.arange(16)
+    monkeypatch.setattr(online, "crops", lambda rows, hw, epoch: (data.box[idx], data.flip[idx]))
+    a, b = cached.batch(data, idx, 0), online.batch(data, idx, 0)
     torch.testing.assert_close(a.x, b.x, rtol=0, atol=0)                                      # the same pixels
     torch.testing.assert_close(a.teacher_logits, b.teacher_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(a.biased_logits, b.biased_logits, rtol=1e-4, atol=1e-4)

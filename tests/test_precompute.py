@@ -31,25 +31,36 @@ def test_cache_equals_model_outputs(tiny_data, tiny_teachers, tiny_cache):
     assert train.tolist() == [True, True, True, False, False]
     store = ImageStore(store_path_for(tiny_cache))
     box, flip = sample_views(rows, spec, store.hw[rows])
-    box[~train, 1:], flip[~train, 1:] = box[~train, :1], False  # random views: training rows only
-    hw = torch.from_numpy(store.hw[rows])
+
+    def view(v):  # the store's images (flat Pixels, or canvases with their sizes) rendered as view v
+        images = store.load(rows)
+        hw = {}
+        if isinstance(images, np.ndarray):
+            images, hw = torch.from_numpy(images), {"hw": torch.from_numpy(store.hw[rows])}
+        return render(images, torch.from_numpy(box[:, v]), torch.from_numpy(flip[:, v]), spec.out_size, **hw)
+    positions = np.searchsorted(cache.train_rows, rows[train])
+    assert np.array_equal(cache.train_rows[positions], rows[train])
     for v in range(cache.meta.views_per_row):
-        x = render(torch.from_numpy(store.load(rows)), torch.from_numpy(box[:, v]), torch.from_numpy(flip[:, v]),
-                   spec.out_size, hw)
+        x = view(v)
         with torch.no_grad():
             zt, zb, feats = ens(x)
-        d = cache.read(rows=rows, views=v)
-        np.testing.assert_allclose(d["box"], box[:, v])
-        np.testing.assert_allclose(d["logits"], zt.numpy(), rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(d["biased"], zb.numpy(), rtol=1e-4, atol=1e-4)
+        # view 0 of every row; views 1..K of the training rows only (evaluation rows have none)
+        d = cache.read_eval(rows=rows, layers=cache.meta.layers) if v == 0 else \
+            cache.read_slot(v, layers=cache.meta.layers, positions=positions)
+        sel = slice(None) if v == 0 else train
+        np.testing.assert_allclose(d["box"], box[sel, v])
+        np.testing.assert_array_equal(d["flip"], flip[sel, v])
+        np.testing.assert_allclose(d["logits"], zt.numpy()[sel], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(d["biased"], zb.numpy()[sel], rtol=1e-4, atol=1e-4)
         for layer in cache.meta.layers:
             np.testing.assert_allclose(d["features"][layer].astype(np.float32),
-                                       feats[layer].half().float().numpy(), rtol=2e-3, atol=2e-3)
+                                       feats[layer].half().float().numpy()[sel], rtol=2e-3, atol=2e-3)
+    slot0 = cache.read_slot(0, positions=positions)
+    np.testing.assert_array_equal(slot0["logits"], cache.read_eval(rows=rows[train])["logits"])
     # ... and equal to each model loaded on its own: teacher t's head on its backbone, the biased
     # model's own head (not a teacher's) on the backbone it shares
-    x = render(torch.from_numpy(store.load(rows)), torch.from_numpy(box[:, 0]), torch.from_numpy(flip[:, 0]),
-               spec.out_size, hw)
-    v0 = cache.read(rows=rows, views=0)
+    x = view(0)
+    v0 = cache.read_eval(rows=rows)
     with torch.no_grad():
         for t, m in enumerate(man.teachers):
             np.testing.assert_allclose(v0["logits"][:, t], load_model(man, m).eval()(x)[0], rtol=1e-4, atol=1e-4)
@@ -60,26 +71,25 @@ def test_cache_equals_model_outputs(tiny_data, tiny_teachers, tiny_cache):
 
 def test_cached_weights_follow_the_formula(tiny_cache):
     cache = open_cache(tiny_cache)
-    d = cache.read(split="val")
     tau = cache.meta.tau_cached
 
     def softmax(z):
         e = np.exp(z / tau - (z / tau).max(-1, keepdims=True))
         return e / e.sum(-1, keepdims=True)
 
-    n, V, T, C = d["logits"].shape
-    for i in range(0, n, 7):
-        for v in range(V):
-            pb, u = softmax(d["biased"][i, v].astype(np.float64)), np.full(C, 1.0 / C)
+    for d in (cache.read_eval(split="val"), cache.read_slot(2)):
+        n, T, C = d["logits"].shape
+        for i in range(0, n, 7):
+            pb, u = softmax(d["biased"][i].astype(np.float64)), np.full(C, 1.0 / C)
             W = []
             for t in range(T):
-                a, b = u - softmax(d["logits"][i, v, t].astype(np.float64)), u - pb
+                a, b = u - softmax(d["logits"][i, t].astype(np.float64)), u - pb
                 na, nb = np.linalg.norm(a), np.linalg.norm(b)
                 cos = 0.0 if na < 1e-12 or nb < 1e-12 else a @ b / (na * nb)
                 W.append(max(1.0 - cos, 0.0) if 1.0 - cos > 1e-9 else 0.0)
             W = np.array(W)
             expect = W / W.sum() if W.sum() > 0 else np.full(T, 1.0 / T)
-            np.testing.assert_allclose(d["weights"][i, v], expect, atol=1e-5)
+            np.testing.assert_allclose(d["weights"][i], expect, atol=1e-5)
 
 
 def test_shared_backbone_runs_once_per_view(tiny_data, tiny_teachers, tmp_path, monkeypatch):
@@ -160,6 +170,8 @@ def test_shards_merge_to_the_single_run(tiny_data, tiny_teachers, tiny_cache, tm
     # bit for bit: shard boundaries are aligned to the batch size, so every batch is the same
     _assert_same_content(tiny_cache, merged)
     assert store_path_for(merged).is_file()
+    # the merged header is bound to the merged store, which equals the single run's
+    assert open_cache(merged).meta.store_digest == open_cache(tiny_cache).meta.store_digest != ""
 
 
 def test_altered_checkpoint_is_refused(tiny_data, tiny_teachers, tmp_path):

@@ -29,27 +29,31 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def small_cache(tmp_path_factory) -> Path:
-    """A finished cache of random contents: 150 rows (3 digest blocks), 2 views, 2 teachers."""
+    """A finished cache of random contents: 150 rows (3 digest blocks), 50 training rows with 2
+    random views each, 2 teachers."""
     rng = np.random.default_rng(0)
-    N, V, T, C = 150, 2, 2, 2
+    N, K, T, C = 150, 2, 2, 2
     meta = CacheMeta(num_classes=C, class_names=["a", "b"], attr_names=["x", "y"], dataset="csv",
                      dataset_options={}, dataset_fingerprint="fp",
                      teachers=[{"name": "t0", "role": "teacher", "sha256": "0", "backbone_id": "b0"},
                                {"name": "t1", "role": "teacher", "sha256": "1", "backbone_id": "b0"},
                                {"name": "bias", "role": "biased", "sha256": "2", "backbone_id": "b0"}],
                      backbone_ids=["b0"], backbone_of_teacher=[0, 0], biased_backbone=0,
-                     view_spec={"random_views": V - 1, "out_size": 8}, store_size=9, teachers_pretrained=False,
+                     view_spec={"random_views": K, "out_size": 8}, store_size=9, teachers_pretrained=False,
                      layers=["layer4"], feature_dims={"layer4": 6}, num_samples=N, tau_cached=4.0)
     y, attr = rng.integers(0, 2, N), rng.integers(0, 2, N)
     samples = {"id": [f"img/{i}.png" for i in range(N)], "y": y, "attr": attr, "group": 2 * y + attr,
                "split": np.arange(N) % 3}
+
+    def views(*lead):
+        return {"box": rng.random((*lead, 4)), "flip": rng.random(lead) > 0.5, "logits": rng.normal(size=(*lead, T, C)),
+                "biased": rng.normal(size=(*lead, C)), "features": {"layer4": rng.normal(size=(*lead, 1, 6))},
+                "weights": rng.random((*lead, T))}
     path = tmp_path_factory.mktemp("small") / "cache.h5"
     with CacheWriter.create_or_resume(path, meta, samples) as w:
         for a, b in w.pending_chunks(40):
-            n = b - a
-            w.write_rows(a, b, box=rng.random((n, V, 4)), flip=rng.random((n, V)) > 0.5,
-                         teacher_logits=rng.normal(size=(n, V, T, C)), biased_logits=rng.normal(size=(n, V, C)),
-                         features={"layer4": rng.normal(size=(n, V, 1, 6))}, agre_cached=rng.random((n, V, T)))
+            nt = int(np.sum(samples["split"][a:b] == 0))
+            w.write_rows(a, b, views(b - a), views(K, nt))
         w.finalize()
     return path
 
