@@ -10,11 +10,15 @@
         {"name": "biased", "role": "biased", "file": "erm_seed0.pt", ...}]}
 
 ``file`` is a full ResNet state dict; ``head_file`` (optional) replaces its ``fc`` (a DFR head).
-Paths are relative to the manifest's folder unless absolute.
+Paths are relative to the manifest's folder unless absolute. A manifest is read as untrusted: every
+path must lie inside its folder (after ``..`` and symbolic links are resolved), unless the user
+allows others explicitly with the environment variable ``GRKD_ALLOW_OUTSIDE_PATHS=1`` (or
+``read_manifest(..., allow_outside_paths=True)``): a received manifest could name any file.
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +29,7 @@ from core.models import CheckpointError, FeatureResNet, backbone_id, load_checkp
 
 SCHEMA = "gr-kd-teachers"
 VERSION = 1
+ALLOW_OUTSIDE_ENV = "GRKD_ALLOW_OUTSIDE_PATHS"  # "1": a manifest may name files outside its folder
 
 
 class ManifestError(ToolError):
@@ -88,7 +93,22 @@ class Manifest:
         return atomic_write_json(path, d)
 
 
-def read_manifest(path: str | Path) -> Manifest:
+def outside_paths(man: Manifest) -> list[str]:
+    """The model files of ``man`` that do not lie inside its folder (``..``, absolute paths and
+    symbolic links resolved)."""
+    root = Path(man.root).resolve()
+    out = []
+    for m in man.models:
+        for rel in (m.file, m.head_file):
+            if rel is not None and not man.path(rel).resolve().is_relative_to(root):
+                out.append(str(rel))
+    return out
+
+
+def read_manifest(path: str | Path, allow_outside_paths: bool | None = None) -> Manifest:
+    """The manifest at ``path`` (or in that folder), checked; its model files must lie inside its
+    folder unless ``allow_outside_paths`` (default: the environment variable
+    ``GRKD_ALLOW_OUTSIDE_PATHS`` is ``1``)."""
     path = Path(path)
     if path.is_dir():
         path = path / "manifest.json"
@@ -109,6 +129,16 @@ def read_manifest(path: str | Path) -> Manifest:
         raise ManifestError(f"{path}: needs at least one 'teacher' and exactly one 'biased' model, has roles {roles}")
     if len({m.name for m in models}) != len(models):
         raise ManifestError(f"{path}: model names are not unique")
+    if allow_outside_paths is None:
+        allow_outside_paths = os.environ.get(ALLOW_OUTSIDE_ENV, "") == "1"
+    outside = [] if allow_outside_paths else outside_paths(man)
+    if outside:
+        raise ManifestError(f"{path}: {len(outside)} model file(s) lie outside the manifest's folder "
+                            f"{path.parent} ({', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}); a "
+                            f"received manifest could name any file on this machine, so this is refused. If "
+                            f"you wrote it (e.g. `teachers import` of checkpoints kept elsewhere) and trust "
+                            f"those paths, set {ALLOW_OUTSIDE_ENV}=1; or move the checkpoints into "
+                            f"{path.parent} and import them again")
     return man
 
 

@@ -1,7 +1,7 @@
 """Sweeps of distillation runs: the user's report as presets, their plan, one run folder per configuration.
 
 A sweep folder holds one sub-folder per run, named by :func:`run_name`, and ``sweep.json``, the
-plan (every run asked for, with its table and row), so that the report can list what is missing::
+plan (every run asked for, with its table and row), so that `report` can list what is missing::
 
     out_dir/
       sweep.json                      {"version", "cache", "base", "runs": [{"name", "overrides",
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from core.errors import ConfigError
-from core.files import atomic_write_text
+from core.files import OutputLock, atomic_write_text, ensure_dir
 from distill.config import PLACEMENT_FIELDS, DistillConfig, run_name
 from experiments.jobs import (check_run, default_fit, is_finished, read_summary, record_failure,  # noqa: F401
                               resolve_jobs, train_in_processes, train_run)
@@ -33,10 +33,10 @@ SEEDS = (42, 43, 44)
 SWEEP_FILE = "sweep.json"
 SWEEP_VERSION = 2  # 2: plan entries name their "table" and hold the resolved overrides
 
-# The report's AGRE-KD: one weight per teacher per batch, from the gradients of all student
-# parameters (the seed's code; behind every AGRE-KD number of the report).
+# The study's AGRE-KD: one weight per teacher per batch, from the gradients of all student
+# parameters (the original code; behind every AGRE-KD number of the study).
 REPORT_AGRE = {"weighting": "agre-batch", "agre_params": "all"}
-# The report splits a total gamma of 0.5 across layers (its notebook 03).
+# The study splits a total gamma of 0.5 across layers (its notebook 03).
 SPLIT_L34 = (0.15, 0.35)
 SPLIT_L234 = (0.10, 0.15, 0.25)
 TEACHERS = "<teachers manifest>"  # stands in a row for the manifest given to preset_runs
@@ -50,7 +50,7 @@ def _core(weighting: str, gamma: float, alpha: float = 1.0, layers=("layer4",),
 
 
 def _agre(gamma: float, **kw) -> dict:
-    """A row of the report's AGRE-KD (agre-batch over all parameters, unless ``agre_params``)."""
+    """A row of the study's AGRE-KD (agre-batch over all parameters, unless ``agre_params``)."""
     return _core(REPORT_AGRE["weighting"], gamma, **{"agre_params": REPORT_AGRE["agre_params"], **kw})
 
 
@@ -73,8 +73,8 @@ _PARAM_ROWS = (("All parameters (report)", "all"), ("layer4 + classifier", "laye
                ("Classifier only (closed form)", "last"))
 
 # The user's report, table by table, then the checks of what produced it. "baseline" names the
-# row of the "Δ vs Baseline" column: AGRE-KD gamma 0 where the report compares against it,
-# otherwise the row the report's own finding is measured against (feature-only for labels,
+# row of the "Δ vs Baseline" column: AGRE-KD gamma 0 where the study compares against it,
+# otherwise the row the study's own finding is measured against (feature-only for labels,
 # layer4 for multi-layer, no weighting for disagreement, the cache for the online loop).
 PRESETS: dict[str, dict] = {
     "main": _preset("Main Results", [
@@ -106,7 +106,7 @@ PRESETS: dict[str, dict] = {
         ("Standard AGRE-KD + Features", _agre(0.5)),
         ("Disagree-Weight Features", _agre(0.5, feature_weighting="disagree")),
     ], baseline="Standard AGRE-KD + Features"),
-    "weighting": _preset("Teacher weighting: the report's, the paper's and the cached weights", [
+    "weighting": _preset("Teacher weighting: the study's, the paper's and the cached weights", [
         (f"{name} γ={g:.2f}", _core(ov["weighting"], g, **{k: v for k, v in ov.items() if k != "weighting"}))
         for name, ov in _WEIGHTING_ROWS for g in (0.0, 0.5)
     ], baseline="AGRE-KD batch, all parameters (report) γ=0.00", agre_switch=False),
@@ -194,7 +194,7 @@ def resolve(overrides: dict, base: dict) -> dict:
     """A row's overrides with the sweep-wide ``base`` on top: every value of ``base`` wins.
 
     A row's ``layer_gammas`` is a split of its gamma over its layers; it follows what ``base``
-    changes: a sweep-wide gamma G rescales the split to sum to G (the report's L3+L4 split
+    changes: a sweep-wide gamma G rescales the split to sum to G (the study's L3+L4 split
     0.15/0.35 of 0.5 becomes 0.3/0.7 for G = 1), sweep-wide layers other than the row's drop it
     (each layer then gets gamma). A ``layer_gammas`` in ``base`` wins as given.
     """
@@ -262,8 +262,14 @@ def _plan(runs: list[dict], base: dict, cache: str, out_dir: Path):
 
 
 def _write_plan(out_dir: Path, cache: str, base: dict, specs: list[dict]) -> None:
-    """Add this call's runs to sweep.json (earlier calls into the same folder are kept)."""
+    """Add this call's runs to sweep.json (earlier calls into the same folder are kept), under a
+    lock (two sweeps into one folder add their runs one after the other) and atomically."""
     path = out_dir / SWEEP_FILE
+    with OutputLock(path, "the sweep plan"):
+        _update_plan(path, cache, base, specs)
+
+
+def _update_plan(path: Path, cache: str, base: dict, specs: list[dict]) -> None:
     plan = {"runs": []}
     if path.exists():
         plan = json.loads(path.read_text())
@@ -347,7 +353,7 @@ def run_sweep(cache: str, out_dir: str, runs: list[dict], base: dict | None = No
     """
     base, out = dict(base or {}), Path(out_dir)
     specs, configs = _plan(runs, base, cache, out)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out, "sweep folder")
     _write_plan(out, cache, base, specs)
     counts = {"finished": 0, "skipped": 0, "failed": 0}
     cache_id = _cache_identity(cache)

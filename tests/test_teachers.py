@@ -261,12 +261,13 @@ def test_import_torchvision_formats_resnet50(tmp_path, r50):
     out = tmp_path / "teachers"
     man = import_teachers(out, [src / "teacher_1_debiased.pt", src / "teacher_2_debiased.pt"],
                           src / "erm_seed0.pt", arch="resnet50", num_classes=2, progress=False)
-    back = read_manifest(out)
+    back = read_manifest(out)  # the checkpoints were brought into the teachers folder
     assert [(m.name, m.role) for m in back.models] == [("teacher_1", "teacher"), ("teacher_2", "teacher"),
                                                         ("biased", "biased")]
     t1, t2, biased = back.models
     assert all(m.arch == "resnet50" and m.num_classes == 2 and m.head_file is None for m in back.models)
-    assert t1.file == str((src / "teacher_1_debiased.pt").resolve())
+    assert t1.file.startswith("checkpoints/") and t1.file.endswith("-teacher_1_debiased.pt")
+    assert (out / t1.file).read_bytes() == (src / "teacher_1_debiased.pt").read_bytes()
     for m in back.models:
         assert m.sha256 == file_sha256(back.path(m.file))
     assert t1.backbone_id == biased.backbone_id == backbone_id(r50)  # same backbone, other fc
@@ -388,7 +389,7 @@ def test_cli_import_evaluates_on_data_folder(tmp_path, data_root, r18):
                "--data-root", data_root)
     assert r.exit_code == 0, r.output
     assert "WGA" in r.output and "1 teachers + biased" in r.output
-    man = read_manifest(out)
+    man = read_manifest(out)  # its checkpoints were linked into --out: the folder is self-contained
     assert man.image_size == SIZE and man.pretrained is False
     for m in man.models:
         assert set(m.metrics) == {"val", "test"}

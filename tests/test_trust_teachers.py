@@ -45,3 +45,36 @@ def test_head_class_count_must_match_the_data_set(tmp_path):
     assert r.exit_code == 1, r.output
     assert "--num-classes 3 but the data set" in r.output and "has 2 classes (landbird, waterbird)" in r.output
     assert not (out / "manifest.json").exists()
+
+
+def test_manifest_paths_stay_in_its_folder(tmp_path, monkeypatch):
+    import json
+
+    import pytest
+
+    from core.manifest import ALLOW_OUTSIDE_ENV, ManifestError, read_manifest
+
+    folder = tmp_path / "received"
+    folder.mkdir()
+    (folder / "inside.pt").write_bytes(b"x")
+    (tmp_path / "secret.pt").write_bytes(b"y")
+    (folder / "link.pt").symlink_to(tmp_path / "secret.pt")
+
+    def manifest(teacher_file):
+        entry = dict(arch="resnet18", num_classes=2, sha256="0" * 64, backbone_id="b")
+        d = {"schema": "gr-kd-teachers", "version": 1, "num_classes": 2, "image_size": 16, "pretrained": False,
+             "models": [dict(entry, name="t1", role="teacher", file=teacher_file),
+                        dict(entry, name="biased", role="biased", file="inside.pt")]}
+        (folder / "manifest.json").write_text(json.dumps(d))
+
+    monkeypatch.delenv(ALLOW_OUTSIDE_ENV, raising=False)
+    manifest("inside.pt")
+    assert read_manifest(folder).path("inside.pt") == folder / "inside.pt"
+    for bad in ("../secret.pt", str(tmp_path / "secret.pt"), "link.pt", "sub/../../secret.pt"):
+        manifest(bad)
+        with pytest.raises(ManifestError, match="lie outside the manifest's folder") as e:
+            read_manifest(folder)
+        assert f"set {ALLOW_OUTSIDE_ENV}=1" in str(e.value) and bad in str(e.value)
+        assert read_manifest(folder, allow_outside_paths=True).models[0].file == bad
+    monkeypatch.setenv(ALLOW_OUTSIDE_ENV, "1")
+    assert read_manifest(folder).models[0].file == "sub/../../secret.pt"
