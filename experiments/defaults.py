@@ -18,7 +18,7 @@ CACHE = ROOT / "cache.h5"
 RUNS = ROOT / "runs"
 
 IMAGE_SIZE = 24          # synthetic view side (real Waterbirds: 224)
-DISTILL_EPOCHS = 10      # the demo's students (the report's 30 on real data)
+DISTILL_EPOCHS = 10      # the demo's students (the study's 30 on real data)
 RANDOM_VIEWS = DISTILL_EPOCHS  # a distinct stored crop per training image per epoch
 DFR_BIAS = (0.0, 0.0, 0.9, 0.95, 1.0)  # per teacher: the share of the spurious correlation kept
 TEACHERS_OVERRIDES = dict(image_size=IMAGE_SIZE, pretrained=False, shared_backbone=True, epochs=3, lr=1e-2,
@@ -28,3 +28,24 @@ TEACHERS_OVERRIDES = dict(image_size=IMAGE_SIZE, pretrained=False, shared_backbo
 # points over the last epochs, at 0.005 it settles (a single run of each; see the README).
 DISTILL_OVERRIDES = dict(lr=0.005, warmup_epochs=1)
 DEMO_SEEDS = (42, 43, 44)
+
+
+def student_defaults_for(cache, given: dict) -> tuple[dict, str]:
+    """The embedded default's student settings for a run on ``cache``: ``(overrides, message)``.
+
+    On the embedded default's cache (``CACHE``), the settings of ``DISTILL_OVERRIDES`` and
+    ``epochs`` (``DISTILL_EPOCHS``) that the user did not set (``given``: the options set on the
+    command line, by DistillConfig field name) are the demo's from-scratch students', not the
+    report's real-data ones; the message says so in one line. Any other cache: ``({}, "")``.
+    """
+    if Path(cache).resolve() != CACHE.resolve():
+        return {}, ""
+    wanted = {**DISTILL_OVERRIDES, "epochs": DISTILL_EPOCHS}
+    overrides = {k: v for k, v in wanted.items() if k not in given}
+    if "epochs" in given and overrides.get("warmup_epochs", 0) >= int(given["epochs"]):
+        overrides.pop("warmup_epochs")  # no room for the warm-up in the user's epochs
+    if not overrides:
+        return {}, ""
+    said = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in overrides.items())
+    return overrides, (f"on the embedded default's cache {CACHE}: its student settings {said} "
+                       "(set them to change them)")

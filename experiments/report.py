@@ -1,4 +1,4 @@
-"""Sweep folder -> the report: Markdown tables, CSV and plots.
+"""Sweep folder -> the report (this tool's `report` command): Markdown tables, CSV and plots.
 
 Every number is the test metric of the best-validation-WGA checkpoint, in percent; "Mean ± Std" is
 over the seeds that finished (sample std). A run that was planned (``sweep.json``) but has no
@@ -7,12 +7,13 @@ finished summary is listed with its reason, never dropped.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import statistics
 from pathlib import Path
 
 from core.errors import ConfigError
-from core.files import atomic_write_text
+from core.files import atomic_write_text, ensure_dir
 from core.tables import format_table as text_table
 from experiments.plots import PLOTS, make_plots
 from experiments.runs import (DASH, NA, WEIGHTING_CAPTIONS, Row, RunRecord, Table, aggregate, build_tables,
@@ -176,23 +177,23 @@ def write_csv(tables: list[Table], path: str | Path, group_names: list[str]) -> 
     def num(v):
         return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for t in tables:
-            for row in t.rows:
-                by_seed = row.wga_by_seed
-                weighting = WEIGHTING_CAPTIONS.get(weighting_of(row.runs[0].config), "") if row.runs else ""
-                writer.writerow([t.name, row.label, weighting, int(row.is_baseline), row.n]
-                                + [num(by_seed.get(s)) for s in seeds]
-                                + [num(row.mean), num(row.std), num(row.delta), num(row.avg_acc),
-                                   num(row.minutes)]
-                                + [num(a) if row.runs else "" for a in row.group_acc])
-    return Path(path)
+    f = io.StringIO(newline="")
+    writer = csv.writer(f)
+    writer.writerow(header)
+    for t in tables:
+        for row in t.rows:
+            by_seed = row.wga_by_seed
+            weighting = WEIGHTING_CAPTIONS.get(weighting_of(row.runs[0].config), "") if row.runs else ""
+            writer.writerow([t.name, row.label, weighting, int(row.is_baseline), row.n]
+                            + [num(by_seed.get(s)) for s in seeds]
+                            + [num(row.mean), num(row.std), num(row.delta), num(row.avg_acc),
+                               num(row.minutes)]
+                            + [num(a) if row.runs else "" for a in row.group_acc])
+    return atomic_write_text(path, f.getvalue())  # whole, atomically
 
 
 def _pivot_section(rows: list[Row]) -> str:
-    """The report's AGRE-KD vs AVER at each γ both have (layout of the report's ablation A2)."""
+    """The study's AGRE-KD vs AVER at each γ both have (layout of the study's ablation A2)."""
     family = gamma_family(rows)
     common = sorted(set(family.get("agre-batch/all", {})) & set(family.get("aver", {})))
     if not common:
@@ -204,6 +205,33 @@ def _pivot_section(rows: list[Row]) -> str:
     return ("### AGRE-KD vs AVER, paired by γ\n\nΔ = AGRE-KD − AVER (mean test WGA, points). "
             f"{WEIGHTING_CAPTIONS['agre-batch/all']}.\n\n"
             + text_table(["γ", "AGRE-KD", "AVER", "Δ"], body) + "\n")
+
+
+def favour_section(rows: list[Row]) -> str:
+    """Does the weighting favour the better teachers? Per configuration: the Spearman rank
+    correlation between each teacher's mean weight (last epoch) and its validation WGA, per seed
+    and mean ± std over seeds; n/a where it is undefined (uniform AVER weights, equal WGAs, or a
+    run that did not record its teachers' validation metrics)."""
+    rows = [r for r in rows if r.runs]
+    if not rows:
+        return ""
+    seeds = sorted({s for r in rows for s in r.spearman_by_seed})
+
+    def rho(v):
+        return NA if v is None else f"{v:+.2f}"
+
+    body = []
+    for row in rows:
+        by_seed = row.spearman_by_seed
+        mean, std, n = row.spearman
+        summary = NA if mean is None else f"{mean:+.2f} ± {NA if std is None else f'{std:.2f}'}"
+        body.append([row.label, WEIGHTING_CAPTIONS.get(weighting_of(row.runs[0].config), "")]
+                    + [rho(by_seed[s]) if s in by_seed else DASH for s in seeds] + [summary, str(n)])
+    header = ["Method", "Weighting"] + [f"Seed {s}" for s in seeds] + ["Spearman ρ (mean ± std)", "n"]
+    return ("### Does the weighting favour the better teachers?\n\nSpearman rank correlation between each "
+            "teacher's mean weight in the last epoch and its validation WGA (+1: the better the teacher on "
+            "validation, the larger its weight); n/a where it is undefined (uniform weights).\n\n"
+            + text_table(header, body) + "\n")
 
 
 # ----------------------------------------------------------------------------- the report
@@ -235,7 +263,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None) -> dic
     """
     runs_dir = Path(runs_dir)
     out = Path(out_dir) if out_dir is not None else runs_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out, "report folder")
     records = load_runs(runs_dir)
     tables = build_tables(runs_dir, records)
     rows = _labelled_rows(tables, records)
@@ -253,7 +281,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None) -> dic
         md += [format_table(t), "In words: " + " ".join(verdicts(t)) + "\n"]
     if not tables:
         md.append("No finished runs.\n")
-    md += [_pivot_section(rows), "## Teachers (test set)", "", _teacher_section(records),
+    md += [_pivot_section(rows), favour_section(rows), "## Teachers (test set)", "", _teacher_section(records),
            "## Missing or failed runs", "", _missing_section(missing), "## Plots", ""]
     for name, fname in PLOTS.items():
         md.append(f"![{name}]({fname})" if name in plots

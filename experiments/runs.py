@@ -21,7 +21,7 @@ from distill.config import (CONFIG, METRICS, SUMMARY, DistillConfig, group_key, 
 from experiments.sweep import PRESETS, SWEEP_FILE, read_summary
 
 RUN_FILES = (CONFIG, SUMMARY, METRICS)  # the files that make a folder a run
-# The reference configuration of the report: its AGRE-KD (batch weights from the gradients of all
+# The reference configuration of the study: its AGRE-KD (batch weights from the gradients of all
 # student parameters), logits only, pure KD, layer4.
 BASELINE = {"weighting": "agre-batch", "agre_params": "all", "gamma": 0.0, "alpha": 1.0,
             "layers": ("layer4",), "layer_gammas": None, "feature_weighting": "none"}
@@ -31,7 +31,7 @@ BASELINE = {"weighting": "agre-batch", "agre_params": "all", "gamma": 0.0, "alph
 WEIGHTING_LABELS = {"agre-batch": "AGRE-KD", "agre": "AGRE-KD per-sample (paper)", "aver": "AVER",
                     "cached": "Cached bias-disagreement weights (static)"}
 WEIGHTING_CAPTIONS = {
-    "agre-batch/all": "AGRE-KD: batch weights from the gradients of all student parameters (the report's method)",
+    "agre-batch/all": "AGRE-KD: batch weights from the gradients of all student parameters (the study's method)",
     "agre-batch/layer4": "AGRE-KD: batch weights from the gradients of layer4 and the classifier",
     "agre-batch/last": "AGRE-KD: batch weights from the gradients of the classifier (closed form)",
     "agre": "per-sample AGRE-KD (the paper's formula)",
@@ -49,7 +49,7 @@ def weighting_of(config: dict) -> str:
 
 
 def weighting_label(config: dict) -> str:
-    """Short name for labels: "AGRE-KD" (the report's), "AGRE-KD (layer4)", "AVER", ..."""
+    """Short name for labels: "AGRE-KD" (the study's), "AGRE-KD (layer4)", "AVER", ..."""
     key = weighting_of(config)
     if key.startswith("agre-batch/") and key != "agre-batch/all":
         return f"AGRE-KD ({key.split('/')[1]})"
@@ -91,6 +91,13 @@ class RunRecord:
         """Test metrics of the best-validation-WGA checkpoint (finished runs only)."""
         return self.summary["test_best"]
 
+    @property
+    def weight_wga_spearman(self) -> float | None:
+        """Spearman rank correlation between each teacher's mean weight in the last epoch
+        (metrics.jsonl) and its validation WGA (summary ``teacher_val``): does the weighting favour
+        the better teachers? None when undefined (uniform weights, equal WGAs, or not recorded)."""
+        return weight_wga_spearman(self)
+
 
 # Summaries written before they recorded group names are Waterbirds runs.
 WATERBIRDS_GROUPS = ("landbird/land", "landbird/water", "waterbird/land", "waterbird/water")
@@ -103,6 +110,27 @@ def group_names_of(records: list["RunRecord"]) -> list[str]:
             return list(r.summary["group_names"])
     width = max((len(r.test.get("group_acc") or []) for r in records if r.finished), default=4)
     return list(WATERBIRDS_GROUPS) if width == 4 else [f"g{g}" for g in range(width)]
+
+
+def weight_wga_spearman(rec: "RunRecord") -> float | None:
+    """See :attr:`RunRecord.weight_wga_spearman`."""
+    if not rec.finished or not rec.summary.get("teacher_val"):
+        return None
+    last = [m for m in read_jsonl(rec.path / METRICS) if m.get("teacher_weights")][-1:]
+    if not last:
+        return None
+    weights = [float(w) for w in last[0]["teacher_weights"]]
+    names = [t["name"] for t in rec.summary.get("teachers", []) if t.get("role", "teacher") == "teacher"]
+    val = rec.summary["teacher_val"]
+    wgas = [(val.get(n) or {}).get("wga") for n in names]
+    if len(names) != len(weights) or any(w is None for w in wgas) or len(weights) < 2:
+        return None
+    if np.ptp(weights) <= 1e-6 * max(abs(max(weights)), 1e-12) or np.ptp(wgas) == 0:
+        return None  # a constant ranks nothing: uniform weights (AVER) or teachers of equal WGA
+    from scipy.stats import spearmanr
+
+    rho = float(spearmanr(weights, wgas).statistic)
+    return rho if math.isfinite(rho) else None
 
 
 def _read_json(path: Path) -> dict | None:
@@ -214,6 +242,18 @@ class Row:
         return statistics.fmean(spreads) if spreads else None
 
     @property
+    def spearman_by_seed(self) -> dict[int, float | None]:
+        """Each run's rank correlation of teacher weights with teacher validation WGA."""
+        return {r.seed: r.weight_wga_spearman for r in self.runs}
+
+    @property
+    def spearman(self) -> tuple[float | None, float | None, int]:
+        """(mean, sample std or None, n) of the defined per-seed correlations."""
+        vals = [v for v in self.spearman_by_seed.values() if v is not None]
+        return (statistics.fmean(vals) if vals else None,
+                statistics.stdev(vals) if len(vals) >= 2 else None, len(vals))
+
+    @property
     def avg_acc(self) -> float | None:
         vals = [100 * r.test["avg_acc"] for r in self.runs if r.test.get("avg_acc") is not None]
         return statistics.fmean(vals) if vals else None
@@ -269,7 +309,7 @@ def describe(config: dict) -> str:
 
 
 def baseline_key(config: dict) -> str:
-    """Group key of the paired baseline: the same settings with the report's AGRE-KD, γ=0, α=1,
+    """Group key of the paired baseline: the same settings with the study's AGRE-KD, γ=0, α=1,
     layer4."""
     return group_key({**config, **BASELINE})
 
@@ -278,7 +318,7 @@ def aggregate(records: list[RunRecord]) -> list[Row]:
     """Finished runs grouped by configuration minus seed, with Δ against the paired baseline.
 
     Returns one Row per group (label from :func:`describe`), ordered by label. A group whose
-    configuration is the baseline (the report's AGRE-KD, γ=0, α=1, layer4, no feature weighting) is marked
+    configuration is the baseline (the study's AGRE-KD, γ=0, α=1, layer4, no feature weighting) is marked
     ``is_baseline``; the others get ``delta`` = their mean minus the baseline's mean when that
     baseline group has finished runs.
     """
@@ -359,7 +399,7 @@ def _preset_of(table: str, plan: list[dict]) -> str:
 
 def gamma_family(rows: list[Row]) -> dict[str, dict[float, Row]]:
     """``{weighting: {gamma: Row}}`` at α=1, layer4, no feature weighting, keyed by
-    :func:`weighting_of` ("agre-batch/all" is the report's AGRE-KD, "aver" AVER, ...).
+    :func:`weighting_of` ("agre-batch/all" is the study's AGRE-KD, "aver" AVER, ...).
 
     When runs differ in other settings (e.g. epochs), the most common setting is used so that
     one γ never has two points.

@@ -221,7 +221,7 @@ def test_captions_name_the_weightings_and_tables_show_minutes_per_run(tmp_path):
     run_sweep("c.h5", tmp_path, preset_runs("main", agre_weighting="cached", seeds=[42]), fit=fit)
     tables = {t.name: t for t in build_tables(tmp_path)}
     assert list(tables) == ["main", "main [agre_weighting=cached]", "weighting"]
-    report_agre = "AGRE-KD: batch weights from the gradients of all student parameters (the report's method)"
+    report_agre = "AGRE-KD: batch weights from the gradients of all student parameters (the study's method)"
     assert tables["weighting"].caption == (
         f"Teacher weighting: AVER; {report_agre}; per-sample AGRE-KD (the paper's formula); "
         "cached static bias-disagreement weights.")
