@@ -1,92 +1,15 @@
 """Command line: each command parses options, builds a config and calls one library function."""
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import sys
 from pathlib import Path
 
 import click
 
+from cli_cache import cache
+from cli_options import dataset_options, default_of, floats, friendly, ints, main_process, setting, words
 from experiments import defaults
-
-
-def friendly(fn):
-    """Turn the tool's own errors (bad data, cache, checkpoint, option) into a one-line message;
-    anything else is a bug and keeps its traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from core.errors import ToolError
-
-        try:
-            return fn(*args, **kwargs)
-        except ToolError as e:
-            raise click.ClickException(str(e)) from None
-    return wrapper
-
-
-def main_process() -> bool:
-    """False in the processes of a torchrun launch but rank 0: only one prints results."""
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
-
-
-def default_of(cls, name: str):
-    """A dataclass field's default: the CLI never restates a config default."""
-    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
-
-
-def _comma_list(text: str | None, cast, kind: str, example: str, option: str):
-    from core.errors import ConfigError
-
-    try:
-        return None if text is None else [cast(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"{option} takes a comma list of {kind}, e.g. {example}; got {text!r}") from None
-
-
-def floats(text: str | None, option: str = "the option"):
-    values = _comma_list(text, float, "numbers", "0.25,0.5", option)
-    return None if values is None else tuple(values)
-
-
-def ints(text: str | None, option: str = "the option"):
-    return _comma_list(text, int, "integers", "42,43,44", option)
-
-
-def words(text: str | None):
-    return None if text is None else tuple(v.strip() for v in text.split(",") if v.strip())
-
-
-def setting(item: str) -> tuple[str, object]:
-    """``key=value`` of ``--set``: JSON when it parses (numbers, true/false, null, lists), on/off
-    as booleans, anything else a string (``agre_params=all``)."""
-    from core.errors import ConfigError
-
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set takes key=value (e.g. --set weighting=agre), got {item!r}")
-    if text in ("on", "off"):
-        return key.strip(), text == "on"
-    try:
-        return key.strip(), json.loads(text)
-    except ValueError:
-        return key.strip(), text
-
-
-def dataset_options(fn):
-    """``--dataset`` and the CelebA attribute choice, passed on as ``dataset`` and ``dataset_options``."""
-    @click.option("--dataset", type=click.Choice(["waterbirds", "celeba", "csv"]), default="waterbirds",
-                  show_default=True, help="Layout of the data folder (csv: metadata.csv with image,label,attribute,split).")
-    @click.option("--target", default=None, help="CelebA: the attribute to predict [default: Blond_Hair].")
-    @click.option("--spurious", default=None, help="CelebA: the spurious attribute [default: Male].")
-    @functools.wraps(fn)
-    def wrapper(*args, dataset, target, spurious, **kwargs):
-        options = {k: v for k, v in {"target": target, "spurious": spurious}.items() if v is not None}
-        return fn(*args, dataset=dataset, dataset_options=options, **kwargs)
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -149,11 +72,11 @@ def data_check(root, dataset, dataset_options):
 @click.option("--pretrained/--no-pretrained", default=None, help="ImageNet init [default: on; synthetic off].")
 @click.option("--weights-file", type=click.Path(exists=True), default=None, help="Local ImageNet ResNet-50 weights.")
 @click.option("--resize", type=click.Choice(["keep-aspect", "squash"]), default=None,
-              help="First transform: Resize(256) keeping the aspect ratio (the report's) or Resize((256, 256)) "
+              help="First transform: Resize(256) keeping the aspect ratio (the study's) or Resize((256, 256)) "
                    "(DFR's) [default: keep-aspect].")
 @click.option("--shared-backbone", is_flag=True, default=None, help="One ERM backbone, T DFR heads.")
 @click.option("--dfr", type=click.Choice(["report", "reference", "tool"]), default=None,
-              help="DFR protocol: the report's dfr.py (lbfgs, L2, C=1, one balanced subsample), the DFR "
+              help="DFR protocol: the study's dfr.py (lbfgs, L2, C=1, one balanced subsample), the DFR "
                    "authors' reference (L1, C tuned, 20 subsamples, scaler fit on train), or the tool's "
                    "earlier variant [default: report].")
 @click.option("--dfr-bias", default=None, help="Per teacher, how much of the training split's spurious "
@@ -198,6 +121,7 @@ def teachers_import(out, teacher_files, biased_file, arch, num_classes, image_si
                           resize, dataset=dataset, dataset_options=dataset_options)
     if data_root:
         click.echo(format_eval_table(man))
+
     click.echo(f"manifest: {Path(out) / 'manifest.json'} ({len(man.teachers)} teachers + biased)")
 
 
@@ -208,7 +132,7 @@ def teachers_import(out, teacher_files, biased_file, arch, num_classes, image_si
 @click.option("--out", type=click.Path(), default=None, help=f"Cache file [default: {defaults.CACHE}].")
 @click.option("--views", "random_views", default=None, type=int,
               help=f"Random crops K stored per training image besides the eval view: with K >= the student's "
-                   f"epochs it sees a distinct crop every epoch [default: 30, the report's epochs; synthetic "
+                   f"epochs it sees a distinct crop every epoch [default: 30, the study's epochs; synthetic "
                    f"{defaults.RANDOM_VIEWS}].")
 @click.option("--layers", default="layer2,layer3,layer4", show_default=True)
 @click.option("--resize", type=click.Choice(["keep-aspect", "squash"]), default=None,
@@ -242,61 +166,12 @@ def precompute(data_root, manifest, out, random_views, layers, resize, batch_siz
         click.echo(format_summary(summarize(path)))
 
 
-@cli.group()
-def cache():
-    """Inspect, verify or merge caches."""
-
-
-@cache.command("info")
-@click.argument("path", type=click.Path())
-@friendly
-def cache_info(path):
-    """Sizes, splits, views, layers, teachers and their accuracy, provenance."""
-    from cache.info import format_summary, summarize
-
-    click.echo(format_summary(summarize(path)))
-
-
-@cache.command("verify")
-@click.argument("path", type=click.Path())
-@click.option("--data-root", type=click.Path(), default=None, help="Check the fingerprint against this folder.")
-@friendly
-def cache_verify(path, data_root):
-    """Checksums, schema, completeness and data fingerprint; non-zero exit on any problem."""
-    from cache.reader import open_cache
-    from cache.verify import verify
-    from data.folders import fingerprint, load_metadata
-
-    from core.errors import ToolError
-
-    fp = None
-    if data_root:
-        try:
-            meta = open_cache(path, require_complete=False).meta
-        except ToolError:  # a damaged file: verify lists what is wrong with it
-            meta = None
-        if meta is not None:
-            fp = fingerprint(load_metadata(data_root, meta.dataset, **meta.dataset_options))
-    problems = verify(path, fp)
-    if problems:
-        raise click.ClickException(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
-    click.echo(f"{path}: OK" + (" (matches the data folder)" if fp else ""))
-
-
-@cache.command("merge")
-@click.argument("out", type=click.Path())
-@click.argument("shards", nargs=-1, required=True, type=click.Path())
-@friendly
-def cache_merge(out, shards):
-    """Combine shards written with --shard i/n into one cache (and its image store)."""
-    from cache.merge import merge
-
-    merge(out, list(shards))
-    click.echo(f"merged {len(shards)} shards into {out}")
+cli.add_command(cache)
 
 
 # ---------------------------------------------------------------- distill
 def distill_options(fn):
+    from distill.config import FEATURE_TARGETS
     from core.constants import AGRE_PARAMS, WEIGHTINGS
     from distill.config import DATA_MODES, FEATURE_WEIGHTINGS, KEEP_CHECKPOINTS, DistillConfig
 
@@ -307,17 +182,20 @@ def distill_options(fn):
         click.option("--alpha", default=d("alpha"), show_default=True, help="KD weight against CE."),
         click.option("--tau", default=d("tau"), show_default=True),
         click.option("--weighting", type=click.Choice(WEIGHTINGS), default=d("weighting"), show_default=True,
-                     help="Teacher weights: agre-batch = the report's AGRE-KD (one weight per teacher per batch, "
+                     help="Teacher weights: agre-batch = the study's AGRE-KD (one weight per teacher per batch, "
                           "from gradient cosines); agre = the paper's per-sample AGRE-KD; cached = static weights "
                           "written by precompute (for two classes: 'the teacher's argmax differs from the biased "
                           "model's', against a uniform student: not the student's gradients); aver = uniform."),
         click.option("--agre-params", type=click.Choice(AGRE_PARAMS), default=d("agre_params"), show_default=True,
-                     help="agre-batch: gradients of all student parameters (the report), layer4 + classifier, "
+                     help="agre-batch: gradients of all student parameters (the study), layer4 + classifier, "
                           "or the classifier only (closed form)."),
         click.option("--layers", default=",".join(d("layers")), show_default=True, help="e.g. layer3,layer4"),
         click.option("--layer-gammas", default=None, help="Per-layer gammas, e.g. 0.25,0.5"),
         click.option("--feature-weighting", type=click.Choice(FEATURE_WEIGHTINGS), default=d("feature_weighting"),
                      show_default=True),
+        click.option("--feature-target", type=click.Choice(FEATURE_TARGETS), default=d("feature_target"),
+                     show_default=True, help="The teachers' features as cached (raw), or with the spurious attribute "
+                                             "erased (LEACE fit on the validation split)."),
         click.option("--epochs", default=d("epochs"), show_default=True),
         click.option("--batch-size", default=d("batch_size"), show_default=True),
         click.option("--lr", default=d("lr"), show_default=True),
@@ -326,7 +204,7 @@ def distill_options(fn):
         click.option("--warmup-epochs", default=d("warmup_epochs"), show_default=True,
                      help="Linear lr warm-up epochs before the cosine decay."),
         click.option("--teachers-online", type=click.Path(), default=None,
-                     help="A teacher manifest: the report's online loop (teachers run on a fresh crop every "
+                     help="A teacher manifest: the study's online loop (teachers run on a fresh crop every "
                           "step; the cache only gives the images), the yardstick for what caching changes."),
         click.option("--agre-compare", default=None,
                      help="agre-batch: also compute the weights from these parameter sets on the same steps and "
@@ -338,6 +216,8 @@ def distill_options(fn):
         click.option("--pretrained/--no-pretrained", default=None, help="ImageNet student [default: as the teachers]."),
         click.option("--weights-file", type=click.Path(exists=True), default=None, help="Local ImageNet ResNet-18 weights."),
         click.option("--data-root", type=click.Path(), default=None, help="Check the cache against this folder."),
+        click.option("--expect-cache", default=None, help="The cache's root digest its sender published "
+                     "(`cache info` prints it): refuse any other cache."),
         click.option("--data-mode", type=click.Choice(DATA_MODES), default=d("data_mode"), show_default=True,
                      help="Hold the splits in memory, stream them from the store and the cache as the epoch "
                           "goes (same results), or auto: stream when memory would not hold them comfortably."),
@@ -355,16 +235,24 @@ def distill_options(fn):
 @click.option("--out", default=None, type=click.Path(), help="Run folder [default: artifacts/default/runs/<name>].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 @click.option("--overwrite", is_flag=True, help="Delete the run in --out and start it again.")
+@click.pass_context
 @friendly
-def distill(out, resume, overwrite, cache_path, layers, layer_gammas, sample_views, agre_compare, **kw):
+def distill(ctx, out, resume, overwrite, cache_path, layers, layer_gammas, sample_views, agre_compare, **kw):
     """Train the ResNet-18 student from the cache (no teacher runs at training time)."""
+    from click.core import ParameterSource
+
     from distill.config import DistillConfig, run_name
     from distill.train import fit
 
-    cfg = DistillConfig(cache=cache_path, out=out or "", layers=words(layers),
-                        layer_gammas=floats(layer_gammas, "--layer-gammas"),
-                        sample_views={"on": True, "off": False}.get(sample_views),
-                        agre_compare=words(agre_compare) or (), **kw)
+    given = {k: v for k, v in ctx.params.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+    student, message = defaults.student_defaults_for(cache_path, given)
+    if message and main_process():
+        click.echo(message)
+    settings = dict(cache=cache_path, out=out or "", layers=words(layers),
+                    layer_gammas=floats(layer_gammas, "--layer-gammas"),
+                    sample_views={"on": True, "off": False}.get(sample_views),
+                    agre_compare=words(agre_compare) or (), **kw)
+    cfg = DistillConfig(**{**settings, **student})
     if not out:
         cfg.out = str(defaults.RUNS / run_name(cfg))
     s = fit(cfg, resume=resume, overwrite=overwrite)
@@ -379,7 +267,7 @@ def distill(out, resume, overwrite, cache_path, layers, layer_gammas, sample_vie
 @cli.command()
 @click.option("--cache", "cache_path", type=click.Path(), default=str(defaults.CACHE), show_default=True)
 @click.option("--out", type=click.Path(), required=True, help="Sweep folder (one sub-folder per run).")
-@click.option("--preset", multiple=True, help="Preset table(s): the report's main, agre-vs-aver, gamma, labels, "
+@click.option("--preset", multiple=True, help="Preset table(s): the study's main, agre-vs-aver, gamma, labels, "
               "multilayer, disagree; and weighting, agre-params, cache-vs-online, demo.")
 @click.option("--agre-weighting", type=click.Choice(["agre-batch", "agre", "cached"]), default=None,
               help="Weighting of the presets' AGRE-KD rows (AVER rows stay AVER): agre = the paper's per-sample "
@@ -410,6 +298,10 @@ def sweep(cache_path, out, preset, agre_weighting, teachers_manifest, jobs, plan
     seeds = ints(seeds, "--seeds")
     base = {k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None}
     base.update(setting(item) for item in extra)
+    student, message = defaults.student_defaults_for(cache_path, base)
+    base = {**student, **base}
+    if message:
+        click.echo(message, err=True)  # stderr: --plan prints JSON on stdout
     runs = preset_runs(*preset, seeds=seeds, agre_weighting=agre_weighting,
                        teachers_manifest=teachers_manifest) if preset else []
     grid = {k: list(f) for k, f in {"gamma": floats(gamma, "--gamma"), "alpha": floats(alpha, "--alpha"),

@@ -17,7 +17,7 @@ MAX_LINES = 500
 
 
 def _sources() -> list[Path]:
-    files = [ROOT / "cli.py"]
+    files = [ROOT / "cli.py", *sorted(ROOT.glob("cli_*.py"))]
     for package in LAYER:
         if (ROOT / package).is_dir():
             files += sorted((ROOT / package).glob("*.py"))
@@ -25,7 +25,7 @@ def _sources() -> list[Path]:
 
 
 def _package(path: Path) -> str:
-    return "cli" if path.name == "cli.py" and path.parent == ROOT else path.parent.name
+    return "cli" if path.parent == ROOT and (path.name == "cli.py" or path.name.startswith("cli_")) else path.parent.name
 
 
 def _imports(path: Path) -> set[str]:
@@ -38,7 +38,8 @@ def _imports(path: Path) -> set[str]:
             names = [node.module]
         else:
             continue
-        found |= {n.split(".")[0] for n in names if n.split(".")[0] in LAYER}
+        found |= {"cli" if n.startswith("cli_") else n.split(".")[0] for n in names
+                  if n.split(".")[0] in LAYER or n.startswith("cli_")}
     return found
 
 
