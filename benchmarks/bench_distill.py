@@ -3,9 +3,9 @@
 Prints, measured side by side in one run (interleaved passes, best of each), the step time of:
   - plain: cross-entropy ResNet-18 step on the same batch (the floor);
   - cached steps (gamma 0.5 on layer4) with each weighting: aver, agre (per sample), cached,
-    agre-batch with last / layer4 / all parameters (all = the report's method), and the report's
+    agre-batch with last / layer4 / all parameters (all = the study's method), and the study's
     straightforward agre-batch-all loop (T + 1 gradients, then a backward of the whole loss);
-  - online: the report's loop (T ResNet-50 teachers + the biased model on every batch,
+  - online: the study's loop (T ResNet-50 teachers + the biased model on every batch,
     agre-batch over all parameters), unless --skip-online.
 Ratios are to the plain step. Goals: cached agre <= 1.10x; agre-batch all <= 3.5x on an H100
 (4.79x before the fast path); online / cached agre-batch all >= 2x. Each step includes rendering
@@ -100,7 +100,7 @@ def main(argv=None):
         cached = data.cached[idx, view] if mode == "cached" else None
         return lambda: step(student, opt, x_of(), data.y[idx], zt, zb, feats, cached, cfg, device)
 
-    def report_loop():  # the report's code: T + 1 torch.autograd.grad calls, then the whole backward
+    def report_loop():  # the study's code: T + 1 torch.autograd.grad calls, then the whole backward
         with autocast(device):
             logits, h, proj = student(x_of().contiguous(**cl))
         logits = logits.float()
@@ -149,7 +149,7 @@ def main(argv=None):
     for k, v in best.items():
         print(f"  {k:<13} step {1000 * v:8.1f} ms  ({B / v:8.1f} img/s)  {v / best['plain']:5.2f}x plain")
     print(f"cached agre / plain: {best['agre'] / best['plain']:.3f}x (goal <= 1.10x); agre-batch all / plain: "
-          f"{best['batch-all'] / best['plain']:.2f}x (goal <= 3.5x on an H100); the report's loop / fast path: "
+          f"{best['batch-all'] / best['plain']:.2f}x (goal <= 3.5x on an H100); the study's loop / fast path: "
           f"{best['report-loop'] / best['batch-all']:.2f}x")
     if "online" in best:
         print(f"online (report) / cached agre-batch all: {best['online'] / best['batch-all']:.2f}x; "

@@ -2,7 +2,7 @@
 
 Builds, once, a Waterbirds-sized synthetic data set (scale 1: 4,795 training images), a
 manifest of randomly initialised ResNet-50 teachers (5 distinct backbones, the biased model
-sharing the first), and their cache with K random views; then times ``fit`` with the report's
+sharing the first), and their cache with K random views; then times ``fit`` with the study's
 defaults (AGRE-KD, gamma 0.5 on layer4, 30 epochs, batch 128, validation every epoch) and
 prints the wall time (goal: under 60 s on one H100). Teacher quality does not matter for the
 timing, so no teacher is trained.

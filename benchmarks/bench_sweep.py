@@ -2,7 +2,7 @@
 
 Builds, once, a synthetic data set, randomly initialised ResNet-50 teachers (5 backbones, the
 biased model sharing the first) and their cache, as ``bench_full_run.py`` does; then trains the
-same ``--runs`` runs (the report's method at gamma 0.5, one seed each) twice into fresh folders:
+same ``--runs`` runs (the study's method at gamma 0.5, one seed each) twice into fresh folders:
 with ``jobs=N`` (N processes at once, ``--jobs auto`` picks N from the free GPU memory) and with
 ``jobs=1`` (one after the other, in this process), and prints runs per hour for both with the
 device next to every figure. On a GPU it also prints the peak memory of one run (from the

@@ -91,7 +91,7 @@ def score_variants(splits: dict, seeds: int, retrains: int) -> list[dict]:
     """Fit every variant with seeds 0..seeds-1; one dict per variant.
 
     Keys: "wga"/"acc" (test, one per seed), "C", "sec" (per fit), "unconverged" (fits that raised
-    scikit-learn's ConvergenceWarning, e.g. the report's lbfgs stopping at max_iter=100).
+    scikit-learn's ConvergenceWarning, e.g. the study's lbfgs stopping at max_iter=100).
     """
     (train_emb, _, _), val, (test_emb, test_y, test_g) = splits["train"], splits["val"], splits["test"]
     results = []

@@ -4,7 +4,7 @@
 is the penultimate embedding). ``WEIGHTINGS``: the teacher weighting modes
 (:mod:`core.weighting`); ``AGRE_PARAMS``: the student parameters whose gradients give the
 ``agre-batch`` weights: ``last`` (the classifier, closed form), ``layer4`` (layer4 + the
-classifier, by autograd) or ``all`` (every parameter, as the report did).
+classifier, by autograd) or ``all`` (every parameter, as the study did).
 """
 LAYERS = ("layer2", "layer3", "layer4")
 ROLES = ("teacher", "biased")  # a model of the ensemble, or the biased reference model

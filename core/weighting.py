@@ -1,4 +1,4 @@
-"""The maths of teacher weighting that both stages use: AVER, AGRE-KD, the report's batch AGRE, cached AGRE.
+"""The maths of teacher weighting that both stages use: AVER, AGRE-KD, the study's batch AGRE, cached AGRE.
 
 Formulas only (docs/method.md#teacher-weighting); the strategies that apply them to a training
 batch are in :mod:`distill.task`. Notation: student logits ``z_s`` [B, C], teacher logits ``z_t``
@@ -30,7 +30,7 @@ from torch import Tensor
 _PARALLEL_TOL = 1e-9
 # A gradient (difference) vector shorter than this counts as zero: its direction is noise.
 _ZERO_NORM = 1e-12
-# Floor of the report's batch weights, max(1 - cos, 0.01): no teacher is ever switched off.
+# Floor of the study's batch weights, max(1 - cos, 0.01): no teacher is ever switched off.
 BATCH_FLOOR = 0.01
 
 
@@ -92,7 +92,7 @@ def _batch_normalised(cos: Tensor) -> Tensor:
 def kd_per_teacher(student_logits: Tensor, teacher_logits: Tensor, tau: float) -> Tensor:
     """Per-sample, per-teacher KD loss ``l_t(i) = tau^2 KL(p_t(i) || p_s(i))``.
 
-    The standard Hinton direction, as in the report's code, i.e.
+    The standard Hinton direction, as in the study's code, i.e.
     ``F.kl_div(log_softmax(z_s / tau), softmax(z_t / tau), reduction="none").sum(-1) * tau^2``.
 
     Args:
@@ -170,7 +170,7 @@ def aver_weights(teacher_logits: Tensor) -> Tensor:
 @torch.no_grad()
 def last_layer_gradients(student_logits: Tensor, penultimate: Tensor, teacher_logits: Tensor,
                          biased_logits: Tensor, tau: float) -> tuple[list[list[Tensor]], list[Tensor]]:
-    """Closed form of the report's batch gradients w.r.t. the student's last layer (weight [C, D],
+    """Closed form of the study's batch gradients w.r.t. the student's last layer (weight [C, D],
     bias [C]): ``g_t = (tau / B) sum_i (p_s(i) - p_t(i)) (x) [h_i; 1]`` for each teacher, likewise
     ``g_b`` for the biased model (``penultimate`` [B, D] is ``h``). Unlike per-sample AGRE,
     ``[h_i; 1]`` differs across the summed samples and does not cancel in the cosine.

@@ -19,13 +19,13 @@ class Student(nn.Module):
         super().__init__()
         self.backbone = build_model(arch, num_classes, pretrained, weights_file)
         self.layers = tuple(teacher_dims)
-        # Bias-free, like the report's projector (a 1x1 convolution without bias on its maps).
+        # Bias-free, like the study's projector (a 1x1 convolution without bias on its maps).
         self.adapters = nn.ModuleDict({l: nn.Linear(FEATURE_DIMS[arch][l], d, bias=False)
                                        for l, d in teacher_dims.items()})
 
     def agre_params(self, name: str) -> list[nn.Parameter]:
         """The parameters whose gradients give the ``agre-batch`` weights (``--agre-params``):
-        ``all`` every backbone parameter (the report's choice), ``layer4`` layer4 and the
+        ``all`` every backbone parameter (the study's choice), ``layer4`` layer4 and the
         classifier. (The adapters are not reached by the KD losses.)"""
         net = self.backbone.net
         if name == "all":

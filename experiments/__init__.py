@@ -1,1 +1,1 @@
-"""Experiments: the report's sweeps and presets, run aggregation, tables, plots and the demo."""
+"""Experiments: the study's sweeps and presets, run aggregation, tables, plots and the demo."""

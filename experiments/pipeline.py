@@ -47,7 +47,7 @@ def ensure_cache() -> Path:
 
 
 def run_default(epochs: int = defaults.DISTILL_EPOCHS, seeds=defaults.DEMO_SEEDS) -> dict:
-    """Data -> teachers -> cache -> the demo table's students (AVER, the report's AGRE-KD with and
+    """Data -> teachers -> cache -> the demo table's students (AVER, the study's AGRE-KD with and
     without features, the paper's per-sample AGRE-KD; each seed) -> report. Prints the table, how
     settled each row's validation WGA was, what the table shows in words, and the wall time."""
     import time

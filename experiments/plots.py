@@ -1,4 +1,4 @@
-"""The report's plots: WGA against gamma, per-group accuracy, teacher-weight histograms."""
+"""The report's plots (this tool's `report` command): WGA against gamma, per-group accuracy, teacher-weight histograms."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -88,7 +88,7 @@ def _teacher_names(rec: RunRecord, count: int) -> list[str]:
 def plot_teacher_weights(records: list[RunRecord], path: Path) -> str | None:
     """Histogram of per-sample teacher weights (last epoch), per teacher, one panel per weighting.
 
-    Per weighting (:func:`weighting_of`: the report's AGRE-KD and AVER first), one finished run
+    Per weighting (:func:`weighting_of`: the study's AGRE-KD and AVER first), one finished run
     that saved teacher_weights.npy, preferring the logits-only baseline settings (γ=0, α=1,
     layer4), then the lowest seed.
     """

@@ -67,7 +67,7 @@ class DFRHead:
     bias: np.ndarray
     C: float
     tune_wga: dict[float, float] = field(default_factory=dict)
-    converged: bool = True  # False: the solver stopped at its iteration limit (the report's lbfgs does)
+    converged: bool = True  # False: the solver stopped at its iteration limit (the study's lbfgs does)
 
     @property
     def num_classes(self) -> int:
@@ -436,7 +436,7 @@ def _fit_reference(emb, y, group, train_emb, *, seed, Cs, num_retrains, num_clas
     return DFRHead(weight=weight, bias=bias, C=best_c, tune_wga=tune_wga)
 
 
-REPORT_C = 1.0  # the report's dfr.py; its other settings are scikit-learn's defaults
+REPORT_C = 1.0  # the study's dfr.py; its other settings are scikit-learn's defaults
 
 
 def _fit_report(emb, y, group, *, seed, num_classes, num_groups, proportions=None) -> DFRHead:
@@ -446,13 +446,13 @@ def _fit_report(emb, y, group, *, seed, num_classes, num_groups, proportions=Non
     (no scaler) of ONE group-balanced subsample of the validation set:
     ``balanced_subsample(group, np.random.default_rng(seed))``. No C tuning, no averaging; more
     than 2 classes give lbfgs's multinomial model. ``C = 1.0``, ``tune_wga = {}``. scikit-learn's
-    ``max_iter=100`` is kept as the report's call had it: on raw 2048-d embeddings lbfgs may stop
+    ``max_iter=100`` is kept as the study's call had it: on raw 2048-d embeddings lbfgs may stop
     there (the warning is caught and reported as ``DFRHead.converged = False``; the teachers stage
     prints a line), and that early stop is part of its heads.
     """
     rows = balanced_subsample(group, np.random.default_rng(seed), num_groups, proportions)
     _require_all_classes(y[rows], num_classes)
-    with warnings.catch_warnings(record=True) as caught:  # the report's heads stop at max_iter too
+    with warnings.catch_warnings(record=True) as caught:  # the study's heads stop at max_iter too
         warnings.simplefilter("always", ConvergenceWarning)
         model = _logreg("l2", REPORT_C, solver="lbfgs", class_weight="balanced").fit(emb[rows], y[rows])
     weight, bias = _fold(model.coef_, model.intercept_, None)

@@ -44,7 +44,7 @@ def sk_l1(C, random_state):
 
 
 def sk_report():
-    """The report's fit: lbfgs, L2, C = 1, balanced class weights (sklearn's other defaults)."""
+    """The study's fit: lbfgs, L2, C = 1, balanced class weights (sklearn's other defaults)."""
     if NEW_PENALTY_API:
         return LogisticRegression(l1_ratio=0.0, C=1.0, solver="lbfgs", class_weight="balanced")
     return LogisticRegression(penalty="l2", C=1.0, solver="lbfgs", class_weight="balanced")

@@ -17,12 +17,12 @@ CPU = torch.device("cpu")
 
 
 def _kd(z_s, z_t, tau):
-    """Batch mean of tau^2 KL(p_t || p_s), as the report's code writes it (F.kl_div)."""
+    """Batch mean of tau^2 KL(p_t || p_s), as the study's code writes it (F.kl_div)."""
     return tau**2 * F.kl_div(F.log_softmax(z_s / tau, -1), F.softmax(z_t / tau, -1), reduction="batchmean")
 
 
 def reference_weights(model, logits, h, zt, zb, cfg):
-    """The report's batch weights spelled out: autograd.grad of each batch-mean KD loss w.r.t.
+    """The study's batch weights spelled out: autograd.grad of each batch-mean KD loss w.r.t.
     the parameter set, flattened, cosine with the biased model's, floor 0.01, normalised."""
     if cfg.agre_params == "last":
         params = list(model.backbone.net.fc.parameters())
@@ -44,7 +44,7 @@ def reference_weights(model, logits, h, zt, zb, cfg):
 
 
 def reference_step(model, opt, x, y, zt, zb, feats, cfg):
-    """The report's loop: T + 1 autograd gradients for the weights, then one backward of the whole
+    """The study's loop: T + 1 autograd gradients for the weights, then one backward of the whole
     objective with the weights as constants."""
     logits, h, projected = model(x)
     w = reference_weights(model, logits, h, zt, zb, cfg)

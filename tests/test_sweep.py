@@ -71,7 +71,7 @@ def test_names_unique_within_each_preset_and_one_per_config(tmp_path):
         cfg = DistillConfig.from_settings(spec["overrides"]).identity()
         assert by_name.setdefault(run_name(spec["overrides"]), cfg) == cfg
     configs = {json.dumps(c, sort_keys=True, default=list) for c in by_name.values()}
-    # 14 configurations of the report's tables; "weighting" adds per-sample AGRE-KD and cached at
+    # 14 configurations of the study's tables; "weighting" adds per-sample AGRE-KD and cached at
     # gamma 0 and 0.5 (4), "agre-params" layer4 and last at gamma 0 and 0.5 (4), "cache-vs-online"
     # the online run (1).
     assert len(configs) == len(by_name) == (14 + 4 + 4 + 1) * 3
@@ -97,11 +97,11 @@ def test_presets_mirror_the_report():
     assert [r["overrides"]["gamma"] for r in PRESETS["gamma"]["rows"]] == [0, .05, .25, .5, .75, 1]
     for name in ("main", "agre-vs-aver", "gamma", "labels", "multilayer", "disagree"):
         for label, ov in rows_of(name).items():
-            # Every AGRE-KD row of the report's tables is its method: batch weights, all parameters.
+            # Every AGRE-KD row of the study's tables is its method: batch weights, all parameters.
             assert ov["weighting"] in ("agre-batch", "aver"), (name, label)
             assert ov["weighting"] == "aver" or ov["agre_params"] == "all", (name, label)
             assert label.startswith("AVER") == (ov["weighting"] == "aver"), (name, label)
-    # The report splits a total gamma of 0.5 across layers (its notebook 03).
+    # The study splits a total gamma of 0.5 across layers (its notebook 03).
     for ov in (rows_of("main")["Multi-Layer (L3+L4)"], rows_of("multilayer")["L3 + L4"]):
         assert ov["layers"] == ("layer3", "layer4") and ov["layer_gammas"] == (0.15, 0.35)
         assert ov["gamma"] == 0.5 and sum(ov["layer_gammas"]) == pytest.approx(0.5)
@@ -202,7 +202,7 @@ def test_plan_shows_the_reports_settings_and_trains_nothing(tmp_path):
     assert not out.exists()
     assert plan["distinct_runs"] == 21 and plan["base"] == {"epochs": 30}
     (table,) = plan["tables"]
-    # The epochs asked for are the default: the runs and the table are the report's own.
+    # The epochs asked for are the default: the runs and the table are the study's own.
     assert table["table"] == "main" and table["baseline"] == "AGRE-KD Baseline"
     tagged = plan_sweep("c.h5", out, preset_runs("main"), base={"epochs": 5, "device": "cpu"})["tables"][0]
     assert tagged["table"] == "main [epochs=5]" and tagged["title"] == "Main Results [epochs=5]"

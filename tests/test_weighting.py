@@ -40,7 +40,7 @@ def _normalise_batch(cosines):
 
 
 def _reference_batch_weights(teacher_losses, biased_loss, params):
-    """The report's batch AGRE weights the straightforward way: torch.autograd.grad of each batch
+    """The study's batch AGRE weights the straightforward way: torch.autograd.grad of each batch
     loss, flattened and concatenated, cosines in float64 by hand."""
     def flat(loss):
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
