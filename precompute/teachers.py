@@ -320,17 +320,16 @@ def _build(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str, num_classes: 
     return man
 
 
-def _bring_in(out: Path, file: str | Path) -> Path:
-    """``file`` inside the teachers folder: as it is when it lies there, else hard-linked (or, across
-    file systems, copied) to ``out/checkpoints/<sha256 prefix>-<name>``, so that the manifest names
-    files in its own folder only (core.manifest refuses others: a received manifest could name any
-    file on the machine) and the folder can be sent as it is."""
-    file = Path(file)
-    if not file.is_file():
-        raise ConfigError(f"{file}: no such checkpoint file")
-    if file.resolve().is_relative_to(out.resolve()):
-        return file
-    dest = ensure_dir(out / "checkpoints", "teachers folder") / f"{sha256_file(file)[:12]}-{file.name}"
+def _bring_in(out: Path, file: str | Path, sha256: str) -> str:
+    """The manifest path (relative to ``out``) of checked checkpoint ``file``: as it is when it lies
+    in the teachers folder, else hard-linked (or, across file systems, copied) to
+    ``checkpoints/<sha256 prefix>-<name>``, so that the manifest names files in its own folder only
+    (core.manifest refuses others: a received manifest could name any file on the machine) and the
+    folder can be sent as it is."""
+    file, root = Path(file).resolve(), out.resolve()
+    if file.is_relative_to(root):
+        return str(file.relative_to(root))
+    dest = ensure_dir(out / "checkpoints", "teachers folder") / f"{sha256[:12]}-{file.name}"
     if not dest.is_file():
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
         tmp.unlink(missing_ok=True)
@@ -339,7 +338,7 @@ def _bring_in(out: Path, file: str | Path) -> Path:
         except OSError:  # another file system, or no hard links: a copy
             shutil.copyfile(file, tmp)
         tmp.replace(dest)
-    return dest
+    return str(dest.relative_to(out))
 
 
 def import_teachers(out: str | Path, teacher_files: list[str], biased_file: str, arch: str = "resnet50",
@@ -355,9 +354,9 @@ def import_teachers(out: str | Path, teacher_files: list[str], biased_file: str,
                               f"classes ({', '.join(meta.class_names)}): a teacher's head needs one output per "
                               f"class of the data it is evaluated and distilled on; import heads with "
                               f"{meta.num_classes} outputs (nothing was written)")
-        entries = [make_entry(f"teacher_{i + 1}", "teacher", _bring_in(out, f), arch, num_classes, root=out)
-                   for i, f in enumerate(teacher_files)]
-        entries.append(make_entry("biased", "biased", _bring_in(out, biased_file), arch, num_classes, root=out))
+        named = [(f"teacher_{i + 1}", "teacher", f) for i, f in enumerate(teacher_files)] + [("biased", "biased", biased_file)]
+        entries = [make_entry(name, role, f, arch, num_classes, root=out) for name, role, f in named]  # all checked first
+        entries = [dataclasses.replace(e, file=_bring_in(out, f, e.sha256)) for e, (_, _, f) in zip(entries, named)]
         man = Manifest(entries, num_classes, image_size, pretrained, out, resize)
         if data_root is not None:
             cfg = TeacherConfig(data_root, str(out), image_size=image_size, resize=resize, progress=progress)
