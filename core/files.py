@@ -162,6 +162,13 @@ def read_json(path: str | Path, max_bytes: int = 64 << 20):
         return None
 
 
+def read_json_object(path: str | Path) -> dict | None:
+    """The JSON object in a file (a run's config or summary, a sweep plan), None when it is
+    missing, unreadable or not an object."""
+    value = read_json(path)
+    return value if isinstance(value, dict) else None
+
+
 class OutputLock:
     """Exclusive lock on an output (a run folder, a cache, a store, a teachers folder).
 

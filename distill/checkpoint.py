@@ -57,14 +57,6 @@ def trim_checkpoints(out: Path, keep: str) -> None:
         save_checkpoint({k: ck[k] for k in ("model", "epoch", "config")}, last)
 
 
-def read_json(path: Path) -> dict | None:
-    """The JSON object in ``path`` (core.files.read_json), None when absent, unreadable or not an object."""
-    from core.files import read_json as _read
-
-    value = _read(path)
-    return value if isinstance(value, dict) else None
-
-
 def truncate_metrics(path: Path, epochs_done: int) -> None:
     """Keep the metrics lines of the first ``epochs_done`` epochs: a kill between the checkpoint
     and the metrics line (or after it) must not duplicate epochs."""

@@ -19,13 +19,13 @@ from tqdm import tqdm
 from cache.info import memory_needed
 from cache.reader import CacheReader
 from core.distributed import Dist, context, global_batch_norm
-from core.files import OutputLock, atomic_save_npy, atomic_write_json, ensure_dir
+from core.files import OutputLock, atomic_save_npy, atomic_write_json, ensure_dir, read_json_object
 from core.provenance import provenance
 from core.runtime import autocast, memory_format_for, pick_device
 from data.folders import SPLIT_CODES
 from data.metrics import group_metrics, split_metrics
 from data.views import render
-from distill.checkpoint import (check_same_run, load_for_resume, read_json, save_best, save_last, trim_checkpoints,
+from distill.checkpoint import (check_same_run, load_for_resume, save_best, save_last, trim_checkpoints,
                                 truncate_metrics)
 from distill.config import BEST, CONFIG, LAST, METRICS, RUN_FILES, SUMMARY, WEIGHTS, DistillConfig
 from distill.data import (DistillError, InMemorySplit, Slots, batch_bounds, epoch_order, load_split, open_inputs,
@@ -153,7 +153,7 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
     meta = cache.meta
     cache_id = meta.identity_digest()
     say = tqdm.write if progress else (lambda *_: None)
-    done = read_json(out / SUMMARY)
+    done = read_json_object(out / SUMMARY)
     if done and done.get("status") == "finished":
         check_same_run(out, done.get("config", {}), done.get("cache_identity"), cfg, cache_id)
         say(f"{out} is already finished; nothing to do")

@@ -7,7 +7,6 @@ their folder names.
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.files import read_jsonl
+from core.files import read_json_object, read_jsonl
 from distill.config import (CONFIG, METRICS, SUMMARY, DistillConfig, group_key, identity_of, non_default_settings,
                             setting_label)
 from experiments.sweep import PRESETS, SWEEP_FILE, read_summary
@@ -133,13 +132,6 @@ def weight_wga_spearman(rec: "RunRecord") -> float | None:
     return rho if math.isfinite(rho) else None
 
 
-def _read_json(path: Path) -> dict | None:
-    from core.files import read_json
-
-    value = read_json(path)
-    return value if isinstance(value, dict) else None
-
-
 def _epochs(path: Path) -> tuple[int, float | None]:
     """Complete lines of metrics.jsonl (a run killed mid-write leaves a partial last line) and the
     sum of their ``time_s`` (None when no line has one)."""
@@ -169,7 +161,7 @@ def load_run(path: str | Path) -> RunRecord:
     """Read one run folder (config.json, summary.json, metrics.jsonl) into a RunRecord."""
     path = Path(path)
     summary = read_summary(path)
-    config = _read_json(path / CONFIG) or (summary or {}).get("config") or {}
+    config = read_json_object(path / CONFIG) or (summary or {}).get("config") or {}
     epochs, seconds = _epochs(path / METRICS)
     status, reason = _status(path, summary, epochs, config.get("epochs"))
     return RunRecord(path.name, path, status, reason, config, summary, epochs, seconds)
@@ -185,7 +177,7 @@ def load_runs(runs_dir: str | Path) -> list[RunRecord]:
 def load_plan(runs_dir: str | Path) -> list[dict] | None:
     """The planned runs of sweep.json (``{"name", "overrides", "preset", "table", "label"}``), or
     None. Entries of version 1 (no "table") belong to their preset's table."""
-    plan = _read_json(Path(runs_dir) / SWEEP_FILE)
+    plan = read_json_object(Path(runs_dir) / SWEEP_FILE)
     if plan is None:
         return None
     return [{**e, "table": e.get("table") or e.get("preset")} for e in plan.get("runs", [])]
