@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 
 from cache.integrity import DIGESTS_KEY, HEADER_KEY, digest_name, bad_blocks, digests_digest, header_digest
+from cache.samples import sample_problems, samples_message
 from cache.schema import (EVAL, RANDOM, SAMPLE_FIELDS, VIEW_FIELDS, CacheError, CacheMeta, check_schema,
                           is_slotted, layout, meta_from_file, row_bytes, train_positions)
 from core.h5safe import check_structure as check_h5
@@ -112,10 +113,29 @@ def check_digest_tables(f: h5py.File, path, names: list[str]) -> dict:
     return out
 
 
+def read_samples(f: h5py.File, path, block: int, table_sha: dict | None) -> dict:
+    """Every ``/samples`` array of an open file (ids as bytes); in a finished file each block is
+    checked against its digest first, so that damage is named as damage before the values are
+    judged (:func:`cache.samples.sample_problems`)."""
+    out = {}
+    for k in SAMPLE_FIELDS:
+        name = f"samples/{k}"
+        a = guarded(path, name, lambda: f[name][...])
+        if table_sha is not None:
+            t = guarded(path, digest_name(name), lambda: f[digest_name(name)][...])
+            bad = bad_blocks(a, 0, t, block) if _sha(t) == table_sha.get((name, None)) else [0]
+            if bad:
+                raise CacheError(f"{path}: rows {bad[0] * block}..{min(len(a), (bad[0] + 1) * block)} of /{name} "
+                                 "do not match their digest: the file is damaged. Run `cache verify` on it, "
+                                 "then copy it again or rebuild it with precompute")
+        out[k] = a
+    return out
+
+
 def read_checked(f: h5py.File, path, require_complete: bool, resuming: bool = False) -> dict:
-    """Structure, schema, header, digests and layout checks of an open file -> the keyword
-    arguments of :class:`CacheReader` but its path (``resuming``: the writer's check of a partly
-    written file before it reopens it for writing)."""
+    """Structure, schema, header, digests, layout and sample-range checks of an open file -> the
+    keyword arguments of :class:`CacheReader` but its path (``resuming``: the writer's check of a
+    partly written file before it reopens it for writing)."""
     check_structure(f, path, resuming)
     check_schema(f.attrs, path)
     root = check_header(f, path)
@@ -132,6 +152,9 @@ def read_checked(f: h5py.File, path, require_complete: bool, resuming: bool = Fa
         raise CacheError(f"{path}: " + "; ".join(problems) + ". The file is damaged or was not "
                          "written by this tool; delete it and rerun precompute")
     tables = check_digest_tables(f, path, list(layout(meta, R, Rt))) if root else None
+    problems = sample_problems(read_samples(f, path, block, tables), meta, row_start, row_stop, shard)
+    if problems:
+        raise CacheError(f"{path}: {samples_message(problems)}")
     done = guarded(path, "progress/done", lambda: f["progress/done"][...])
     if require_complete and not (done.all() and root):
         raise CacheError(f"{path}: incomplete: {int(done.sum())} of {len(done)} rows done"
@@ -365,7 +388,8 @@ def open_cache(path, require_complete: bool = True) -> CacheReader:
 
     Checks: readable HDF5 holding only its own datasets, schema name and version (an older
     version is refused with the command that rebuilds it), header (and its digest), the digest
-    tables against the header, every dataset present with the shape the header implies, and
+    tables against the header, every dataset present with the shape the header implies, the
+    samples in range (classes, attributes, groups, split codes, no id twice: cache.samples), and
     (``require_complete``) every row done and the digests written. Every later read is checked
     against the block digests. Any failure is a CacheError that names the file and says what to
     do; the file is not kept open.

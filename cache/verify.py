@@ -1,5 +1,6 @@
 """Full check of a cache file: structure, schema, layout, header digest, every block's digest and
-checksum, (``expect``) the root digest its sender published, and the image store beside it."""
+checksum, the samples' ranges, (``expect``) the root digest its sender published, and the image
+store beside it."""
 from __future__ import annotations
 
 import h5py
@@ -8,8 +9,10 @@ import numpy as np
 from cache.integrity import bad_blocks
 from cache.reader import (H5_ERRORS, SLAB_BYTES, check_digest_tables, check_header, check_structure, guarded,
                           layout_problems, open_h5)
-from cache.schema import CacheError, check_schema, is_slotted, layout, meta_from_file, row_bytes, train_positions
+from cache.schema import (SAMPLE_FIELDS, CacheError, check_schema, is_slotted, layout, meta_from_file, row_bytes,
+                          train_positions)
 from cache.integrity import digest_name
+from cache.samples import sample_problems, samples_message
 from cache.schema import store_path_for
 from data.store import ImageStore, StoreError
 
@@ -70,10 +73,10 @@ def verify(path, fingerprint: str | None = None, expect: str | None = None) -> l
 
     Re-reads every dataset completely, so every chunk's fletcher32 checksum and every block's
     digest is checked; also the file's structure (only datasets stored inside it), the schema,
-    the header digest, the layout, completeness, with ``fingerprint`` that the file was made
-    from that data set, and with ``expect`` that its root digest is the one its sender published
-    (digests detect accidents; only the published root digest guards against a file that was
-    altered and re-digested).
+    the header digest, the layout, the samples' ranges (cache.samples), completeness, with
+    ``fingerprint`` that the file was made from that data set, and with ``expect`` that its root
+    digest is the one its sender published (digests detect accidents; only the published root
+    digest guards against a file that was altered and re-digested).
     """
     try:
         f = open_h5(path, "r")
@@ -90,7 +93,7 @@ def _verify_open(f: h5py.File, path, fingerprint: str | None, expect: str | None
     check_structure(f, path)
     check_schema(f.attrs, path)
     root = check_header(f, path)
-    meta, row_start, row_stop, _ = meta_from_file(f, path)
+    meta, row_start, row_stop, shard = meta_from_file(f, path)
     R = row_stop - row_start
     Rt = len(train_positions(f["samples/split"][...])) if "samples/split" in f else 0
     names = list(layout(meta, R, Rt))
@@ -105,6 +108,10 @@ def _verify_open(f: h5py.File, path, fingerprint: str | None, expect: str | None
     tables = {n: f[digest_name(n)][...] for n in names} if root else {}
     for name in names:
         problems += _verify_dataset(f[name], name, tables.get(name), block)
+    if not any(p.startswith("/samples/") for p in problems):  # readable and as digested: judge the values
+        samples = {k: f[f"samples/{k}"][...] for k in SAMPLE_FIELDS}
+        bad = sample_problems(samples, meta, row_start, row_stop, shard)
+        problems += [samples_message(bad)] if bad else []
     if not any(p.startswith("/progress/done") for p in problems):
         done = f["progress/done"][...]
         if not done.all() or not root:

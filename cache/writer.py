@@ -10,6 +10,7 @@ import numpy as np
 
 from cache.integrity import BLOCK_ROWS, HEADER_KEY, write_digests
 from cache.reader import READ_CACHE_BYTES, SLAB_BYTES, open_h5, read_checked
+from cache.samples import sample_problems
 from cache.schema import (DEFAULT_GZIP_LEVEL, EVAL, RANDOM, SAMPLE_FIELDS, CacheError, CacheMeta, chunks_of,
                           encode_ids, has_random, header_attrs, is_slotted, layout, parse_shard, row_bytes,
                           train_positions, view_datasets)
@@ -129,6 +130,9 @@ class CacheWriter:
         if bad:
             raise ValueError(f"samples must hold {SAMPLE_FIELDS} with {R} entries each; wrong or "
                              f"missing: {bad}")
+        bad = sample_problems(samples, meta, row_start, row_stop, shard)  # what every reader would refuse
+        if bad:
+            raise ValueError("samples to write: " + "; ".join(bad))
 
         if not os.path.exists(path):
             Path(path).parent.mkdir(parents=True, exist_ok=True)

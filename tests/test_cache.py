@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 
 import h5py
@@ -210,7 +211,8 @@ def test_resume(tmp_path, data):
                   make_meta(tau_cached=2.0), make_meta(layers=["layer4"], feature_dims={"layer4": 8})):
         with pytest.raises(CacheError, match="(?i)made for other inputs.*pass --overwrite to rebuild it, or choose another --out"):
             CacheWriter.create_or_resume(path, other, data["samples"])
-    changed = {**data["samples"], "y": 1 - data["samples"]["y"]}
+    y = 1 - data["samples"]["y"]  # other labels (their groups with them: a consistent, other data set)
+    changed = {**data["samples"], "y": y, "group": 2 * y + data["samples"]["attr"]}
     with pytest.raises(CacheError, match="samples"):
         CacheWriter.create_or_resume(path, make_meta(), changed)
     write(path, data, chunk=5)  # finish it
@@ -520,6 +522,8 @@ def test_root_digest_names_the_contents(tmp_path, big, full):
         with h5py.File(forged, "r+") as f:
             ds = f[name]
             ds[index] = 1 - ds[index] if ds.dtype.kind in "bi" else ds[index] + 1
+            if name == "samples/y":  # its group with it, or the range check refuses the file first
+                f["samples/group"][index] = 2 * ds[index] + f["samples/attr"][index]
             integrity.write_digests(f, _datasets(f), lambda ds: 1000, is_slotted)
         r = open_cache(forged)  # the file is self-consistent ...
         assert r.root_digest != root, name  # ... but not the published one
@@ -606,3 +610,104 @@ def test_links_out_of_the_file_are_refused(tmp_path, full, data):
     assert any("link" in p for p in VF.verify(path))
     with pytest.raises(CacheError, match="link"):
         CacheWriter.create_or_resume(path, make_meta(), data["samples"])
+
+
+# ---------------------------------------------------------------- samples out of range (a received file is untrusted)
+def _planted(src, dst, name, row, value, redigest=True):
+    """A copy of ``src`` with ``name[row] = value``; ``redigest``: digests rewritten, as a sender's
+    buggy tool (or a tamperer) would leave them, so that the range check, not the digest, has to see it."""
+    from cache import integrity
+
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        f[name][row] = value(f) if callable(value) else value
+        if redigest:
+            integrity.write_digests(f, _datasets(f), lambda ds: 1000, S.is_slotted)
+    return dst
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    assert isinstance(r.exception, SystemExit) and r.exit_code == 1 and "Traceback" not in r.output, r.output
+    return r.output
+
+
+ADVICE = "ask its sender for a fresh copy, or rebuild it with precompute"
+
+
+@pytest.mark.parametrize("name, row, value, message", [
+    ("samples/y", 7, 2, r"/samples/y row 7 holds 2, not a class in 0\.\.1 \(num_classes 2: landbird, waterbird\)"),
+    ("samples/y", 3, -1, r"/samples/y row 3 holds -1, not a class in 0\.\.1"),
+    ("samples/attr", 5, 9, r"/samples/attr row 5 holds 9, not an attribute value in 0\.\.1 \(land, water\)"),
+    ("samples/group", 4, 4, r"/samples/group row 4 holds 4, not a group in 0\.\.3 \(num_groups 4\)"),
+    ("samples/group", 4, lambda f: (f["samples/group"][4] + 1) % 4,
+     r"/samples/group row 4 holds \d, but its class \d and attribute \d make group \d \(y \* 2 \+ attr\)"),
+    ("samples/split", 11, 3, r"/samples/split row 11 holds 3, not a split code \(0 train, 1 val, 2 test\)"),
+    ("samples/split", 13, -7, r"/samples/split row 13 holds -7, not a split code"),
+    ("samples/id", 9, lambda f: f["samples/id"][2],
+     r"/samples/id row 9 holds '002\.Bird/img_é2\.jpg', the image of row 2 again \(1 repeated ids\)"),
+])
+def test_samples_out_of_range_are_refused(tmp_path, full, data, name, row, value, message):
+    """A label, attribute, group, split code or id the header does not allow ends in one CacheError
+    naming the dataset, row and value (not an IndexError in training), on open, info and verify."""
+    path = _planted(full, tmp_path / "bad.h5", name, row, value)
+    for complete in (True, False):
+        with pytest.raises(CacheError, match=message) as e:
+            open_cache(path, require_complete=complete)
+        assert str(e.value).startswith(f"{path}: ") and ADVICE in str(e.value)
+    problems = VF.verify(path)
+    assert len(problems) == 1 and re.search(message, problems[0]) and ADVICE in problems[0], problems
+    for cmd in (("cache", "verify", path), ("cache", "info", path)):
+        out = _cli(*cmd)
+        assert re.search(message, " ".join(out.split())), out
+    with pytest.raises(CacheError, match=message):  # nor resumed over
+        CacheWriter.create_or_resume(path, make_meta(), data["samples"])
+
+
+def test_planted_sample_without_new_digests_is_named_as_damage(tmp_path, full):
+    path = _planted(full, tmp_path / "bad.h5", "samples/y", 7, 5, redigest=False)
+    with pytest.raises(CacheError, match=r"rows 0\.\.20 of /samples/y do not match their digest: the file is damaged"):
+        open_cache(path)
+    problems = VF.verify(path)
+    assert len(problems) == 1 and problems[0].startswith("/samples/y: 1 block(s) do not match their digest"), problems
+
+
+def test_sample_lengths_must_match_the_header(tmp_path, full):
+    from cache import integrity
+
+    short = tmp_path / "short.h5"  # one row fewer in /samples/y than the header declares
+    shutil.copy(full, short)
+    with h5py.File(short, "r+") as f:
+        y = f["samples/y"][:-1]
+        del f["samples/y"]
+        f.create_dataset("samples/y", data=y, fletcher32=True)
+    with pytest.raises(CacheError, match=r"/samples/y has shape \(19,\), expected \(20,\)"):
+        open_cache(short)
+    assert any("/samples/y has shape (19,), expected (20,)" in p for p in VF.verify(short))
+    more = tmp_path / "more.h5"  # a whole file (no shard name) must hold every declared row
+    shutil.copy(full, more)
+    with h5py.File(more, "r+") as f:
+        f.attrs["num_samples"] = N + 1
+        f.attrs["header_sha256"] = integrity.header_digest(f.attrs)
+    message = rf"rows 0\.\.{N} of a whole file \(no shard name\), which must hold all num_samples = {N + 1} rows"
+    with pytest.raises(CacheError, match=message):
+        open_cache(more)
+    problems = VF.verify(more)
+    assert len(problems) == 1 and re.search(message, problems[0]) and ADVICE in problems[0]
+
+
+def test_writer_refuses_samples_out_of_range(tmp_path, data):
+    s = data["samples"]
+    bad = {**s, "y": s["y"].copy()}
+    bad["y"][7] = 2
+    with pytest.raises(ValueError, match=r"samples to write: /samples/y row 1 \(dataset row 7\) holds 2, not a class"):
+        CacheWriter.create_or_resume(tmp_path / "s1.h5", make_meta(), {k: v[6:13] for k, v in bad.items()}, 6, 13, "1/3")
+    with pytest.raises(ValueError, match=r"/samples/group row 0 holds 1, but its class 0 and attribute 0 make group 0"):
+        CacheWriter.create_or_resume(tmp_path / "c.h5", make_meta(), {**s, "y": np.zeros(N, np.int64),
+                                                                       "attr": np.zeros(N, np.int64),
+                                                                       "group": np.r_[1, np.zeros(N - 1, np.int64)]})
+    assert not list(tmp_path.iterdir())

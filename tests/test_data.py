@@ -26,14 +26,6 @@ from data.folders import DataError, Metadata, check_folder, fingerprint, load_me
 from data.waterbirds import KNOWN_SUBFOLDERS, METADATA_COLUMNS, resolve_root
 
 
-@pytest.fixture(autouse=True)
-def _tiny_tables_may_leave_groups_empty(monkeypatch):
-    """The hand-worked tables here are a handful of rows with some (split, group) left empty on
-    purpose; the refusal of empty groups has its own tests (tests/test_trust_data.py)."""
-    import data.folders
-    monkeypatch.setattr(data.folders, "empty_group_problems", lambda meta: [])
-
-
 # Group counts of SynthSpec(scale=0.01), worked by hand from the real counts: round(c * 0.01), at
 # least 1: train 34.98->35, 1.84->2, 0.56->1, 10.57->11; val 4.67->5, 4.66->5, 1.33->1, 1.33->1;
 # test 22.55->23, 22.55->23, 6.42->6, 6.42->6. 119 images in all.
@@ -71,10 +63,11 @@ def row(i: int, fname: str, y, split, place) -> dict:
 
 
 # Real-layout folder: CUB class folders, JPEGs of a non-square size, rows deliberately not sorted
-# by split or group. (split, y, place) per row; counts worked by hand below.
+# by split or group, every group in every split (the data check refuses an empty one). (split, y,
+# place) per row; counts worked by hand below.
 REAL_ROWS = [(0, 0, 0), (2, 1, 1), (0, 1, 1), (1, 0, 1), (0, 0, 0), (0, 0, 1), (2, 0, 0), (1, 1, 0),
-             (0, 1, 0), (0, 1, 1), (1, 0, 0), (2, 1, 0), (1, 1, 1), (0, 0, 0)]
-REAL_COUNTS = {"train": [3, 1, 1, 2], "val": [1, 1, 1, 1], "test": [1, 0, 1, 1]}
+             (0, 1, 0), (0, 1, 1), (1, 0, 0), (2, 1, 0), (1, 1, 1), (0, 0, 0), (2, 0, 1)]
+REAL_COUNTS = {"train": [3, 1, 1, 2], "val": [1, 1, 1, 1], "test": [1, 1, 1, 1]}
 
 
 def make_real_layout(parent: Path, sub: str) -> Path:
@@ -199,7 +192,7 @@ def test_loader_real_layout_from_parent(tmp_path, sub):
     meta2, problems = check_folder(tmp_path, progress=False)
     assert problems == [] and meta2.root == root
     test = meta.rows("test")
-    assert len(test) == 3 and test[0] == 1 and meta.group[1] == 3
+    assert len(test) == 4 and test[0] == 1 and meta.group[1] == 3
     assert read_image(root / meta.filenames[1]).shape == (14, 20, 3)
 
 

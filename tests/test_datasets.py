@@ -25,22 +25,20 @@ CELEBA_ATTRS = (
 assert len(CELEBA_ATTRS) == 40
 
 
-@pytest.fixture(autouse=True)
-def _tiny_tables_may_leave_groups_empty(monkeypatch):
-    """The hand-worked tables here are a handful of rows with some (split, group) left empty on
-    purpose; the refusal of empty groups has its own tests (tests/test_trust_data.py)."""
-    import data.folders
-    monkeypatch.setattr(data.folders, "empty_group_problems", lambda meta: [])
-
-# (partition, Blond_Hair, Male, Smiling, Young) per image 000001.jpg ... 000014.jpg; the other 36
-# attributes are random -1/1.
+# (partition, Blond_Hair, Male, Smiling, Young) per image 000001.jpg ... 000018.jpg; the other 36
+# attributes are random -1/1. Rows 15-18 (val, val, train, test) put every group of the attribute
+# pairs used below (Blond_Hair/Male, Smiling/Young, Blond_Hair/Young) in every split: the data check
+# refuses a split with an empty group.
 CELEBA_ROWS = [(0, 1, -1, 1, 1), (0, -1, -1, -1, 1), (0, -1, 1, 1, -1), (0, 1, -1, -1, 1), (0, -1, 1, -1, 1),
                (0, 1, 1, 1, -1), (0, -1, -1, 1, 1), (1, 1, -1, -1, -1), (1, -1, 1, 1, 1), (1, -1, -1, -1, 1),
-               (2, 1, 1, -1, 1), (2, -1, -1, 1, -1), (2, -1, 1, 1, 1), (2, 1, -1, 1, -1)]
-# group = 2 * Blond_Hair + Male: train rows 1-7 -> 2,0,1,2,1,3,0; val 8-10 -> 2,1,0; test 11-14 -> 3,0,1,2
-BLOND_MALE = {"train": [2, 2, 2, 1], "val": [1, 1, 1, 0], "test": [1, 1, 1, 1]}
-# group = 2 * Smiling + Young: train -> 3,1,2,1,1,2,3; val -> 0,3,1; test -> 1,2,3,2
-SMILING_YOUNG = {"train": [0, 3, 2, 2], "val": [1, 1, 0, 1], "test": [0, 1, 2, 1]}
+               (2, 1, 1, -1, 1), (2, -1, -1, 1, -1), (2, -1, 1, 1, 1), (2, 1, -1, 1, -1),
+               (1, 1, 1, 1, 1), (1, -1, -1, 1, -1), (0, -1, 1, -1, -1), (2, 1, -1, -1, -1)]
+N_CELEBA = len(CELEBA_ROWS)
+# group = 2 * Blond_Hair + Male: train rows 1-7 -> 2,0,1,2,1,3,0; val 8-10 -> 2,1,0; test 11-14 -> 3,0,1,2;
+# rows 15-18 -> 3 (val), 0 (val), 1 (train), 2 (test)
+BLOND_MALE = {"train": [2, 3, 2, 1], "val": [2, 1, 1, 1], "test": [1, 1, 2, 1]}
+# group = 2 * Smiling + Young: train -> 3,1,2,1,1,2,3; val -> 0,3,1; test -> 1,2,3,2; rows 15-18 -> 3,2,0,0
+SMILING_YOUNG = {"train": [1, 3, 2, 2], "val": [1, 1, 1, 2], "test": [1, 1, 2, 1]}
 
 
 def write_image(path: Path, seed: int) -> None:
@@ -108,7 +106,7 @@ def test_celeba_kaggle_default_groups(tmp_path):
                                 "Blond_Hair/Male")
     assert meta.root == root / "img_align_celeba" / "img_align_celeba"
     assert meta.dataset == "celeba" and meta.options == {"target": "Blond_Hair", "spurious": "Male"}
-    assert list(meta.filenames) == [f"{i:06d}.jpg" for i in range(1, 15)]  # the attribute file's order
+    assert list(meta.filenames) == [f"{i:06d}.jpg" for i in range(1, N_CELEBA + 1)]  # the attribute file's order
     assert meta.y.dtype == meta.attr.dtype == meta.split.dtype == np.int64
     assert meta.y.tolist() == [int(r[1] == 1) for r in CELEBA_ROWS]
     assert meta.split.tolist() == [r[0] for r in CELEBA_ROWS]
@@ -209,9 +207,9 @@ def test_celeba_attribute_names(tmp_path):
     with pytest.raises(DataError) as e:
         load_metadata(root, "celeba")
     assert problems_of(e).startswith("list_attr_celeba.txt: no attribute 'Male' for --spurious")
-    # group = 2 * Blond_Hair + Young: train -> 3,1,0,3,1,2,1; val -> 2,1,1; test -> 3,0,1,2
+    # group = 2 * Blond_Hair + Young: train -> 3,1,0,3,1,2,1; val -> 2,1,1; test -> 3,0,1,2; rows 15-18 -> 3,0,0,2
     assert counts(load_metadata(root, "celeba", spurious="Young")) == {
-        "train": [1, 3, 1, 2], "val": [0, 2, 1, 0], "test": [1, 1, 1, 1]}
+        "train": [2, 3, 1, 2], "val": [1, 2, 1, 1], "test": [1, 1, 2, 1]}
 
 
 def test_celeba_bad_values_rows_and_ids(tmp_path):
@@ -228,11 +226,12 @@ def test_celeba_bad_values_rows_and_ids(tmp_path):
         load_metadata(root, "celeba")
     assert sorted(e.value.problems) == sorted([
         "row 3: 000002.jpg: Blond_Hair='0' is not -1 or 1",
-        "row 6: 000005.jpg: partition '3' (list_eval_partition.csv row 11) is not 0 (train), 1 (val) or 2 (test)",
+        f"row 6: 000005.jpg: partition '3' (list_eval_partition.csv row {N_CELEBA - 5 + 2}) is not 0 (train), "
+        "1 (val) or 2 (test)",
         "row 8: 000007.jpg: 39 attribute value(s), expected 40",
         "row 11: 000009.jpg: duplicate image id (first at row 10)",
-        "list_eval_partition.csv row 7: 000009.jpg: listed again (first at row 6)",
-        "list_eval_partition.csv: 1 image(s) not in list_attr_celeba.csv, e.g. 999999.jpg (row 16)",
+        f"list_eval_partition.csv row {N_CELEBA - 9 + 2}: 000009.jpg: listed again (first at row {N_CELEBA - 10 + 2})",
+        f"list_eval_partition.csv: 1 image(s) not in list_attr_celeba.csv, e.g. 999999.jpg (row {N_CELEBA + 2})",
     ])
     # the Male column was fine everywhere: only the Blond_Hair value is named
     assert table[1][1][m] in (-1, 1)
@@ -245,14 +244,14 @@ def test_celeba_original_row_numbers_and_count(tmp_path):
     with pytest.raises(DataError) as e:
         load_metadata(root, "celeba")
     assert e.value.problems == ["row 5: 000003.jpg: Male='2' is not -1 or 1"]  # line 5 of the txt file
-    # a truncated attribute file: line 1 still announces 14 images; the partition file lists the rest
+    # a truncated attribute file: line 1 still announces 18 images; the partition file lists the rest
     lines = (root / "list_attr_celeba.txt").read_text().splitlines()
     (root / "list_attr_celeba.txt").write_text("\n".join(lines[:4] + lines[5:12]) + "\n")
     with pytest.raises(DataError) as e:
         load_metadata(root, "celeba")
     assert e.value.problems == [
-        "list_attr_celeba.txt: line 1 announces 14 images but 9 are listed (a truncated or edited file?)",
-        "list_eval_partition.txt: 5 image(s) not in list_attr_celeba.txt, e.g. 000003.jpg (row 3), "
+        f"list_attr_celeba.txt: line 1 announces {N_CELEBA} images but 9 are listed (a truncated or edited file?)",
+        f"list_eval_partition.txt: {N_CELEBA - 9} image(s) not in list_attr_celeba.txt, e.g. 000003.jpg (row 3), "
         "000011.jpg (row 11), 000012.jpg (row 12)"]
 
 
@@ -289,22 +288,33 @@ def test_celeba_empty_split(tmp_path):
 
 # ----- generic metadata.csv -----
 
-# (image, label, attribute, split) rows, deliberately not sorted by split or group
+# (image, label, attribute, split) rows, deliberately not sorted by split or group; every group in
+# every split (the data check refuses an empty one)
 CSV_INT_ROWS = [("img/a0.png", 0, 0, "train"), ("img/a1.png", 1, 1, "train"), ("img/a2.png", 0, 1, "val"),
                 ("img/b/a3.png", 1, 0, "train"), ("img/a4.png", 0, 0, "test"), ("img/a5.png", 1, 1, "test"),
                 ("img/a6.png", 0, 0, "train"), ("img/a7.png", 1, 0, "val"), ("img/a8.png", 0, 1, "test"),
-                ("img/a9.png", 1, 1, "train")]
-# group = 2 * label + attribute: train a0 0, a1 3, a3 2, a6 0, a9 3; val a2 1, a7 2; test a4 0, a5 3, a8 1
-CSV_INT_COUNTS = {"train": [2, 0, 1, 2], "val": [0, 1, 1, 0], "test": [1, 1, 0, 1]}
+                ("img/a9.png", 1, 1, "train"), ("img/a10.png", 0, 0, "val"), ("img/a11.png", 1, 0, "test"),
+                ("img/a12.png", 0, 1, "train"), ("img/a13.png", 1, 1, "val")]
+# group = 2 * label + attribute: train a0 0, a1 3, a3 2, a6 0, a9 3, a12 1; val a2 1, a7 2, a10 0, a13 3;
+# test a4 0, a5 3, a8 1, a11 2
+CSV_INT_COUNTS = {"train": [2, 1, 1, 2], "val": [1, 1, 1, 1], "test": [1, 1, 1, 1]}
 
 # string labels, first row "landbird"; three attribute values. Sorted: classes (landbird, waterbird),
 # attributes (forest, ocean, street); group = 3 * y + a
 CSV_STR_ROWS = [("x/1.jpg", "waterbird", "ocean", "0"), ("x/2.jpg", "landbird", "forest", "0"),
                 ("x/3.jpg", "landbird", "street", "1"), ("x/4.jpg", "waterbird", "forest", "2"),
                 ("x/5.jpg", "landbird", "forest", "0"), ("x/6.jpg", "waterbird", "street", "0"),
-                ("x/7.jpg", "landbird", "ocean", "2"), ("x/8.jpg", "waterbird", "ocean", "1")]
-# train 1 -> 4, 2 -> 0, 5 -> 0, 6 -> 5; val 3 -> 2, 8 -> 4; test 4 -> 3, 7 -> 1
-CSV_STR_COUNTS = {"train": [2, 0, 0, 0, 1, 1], "val": [0, 0, 1, 0, 1, 0], "test": [0, 1, 0, 1, 0, 0]}
+                ("x/7.jpg", "landbird", "ocean", "2"), ("x/8.jpg", "waterbird", "ocean", "1"),
+                # the rest fill every (split, group) left empty above (the data check refuses an empty one)
+                ("x/9.jpg", "landbird", "ocean", "0"), ("x/10.jpg", "waterbird", "street", "1"),
+                ("x/11.jpg", "landbird", "street", "2"), ("x/12.jpg", "landbird", "street", "0"),
+                ("x/13.jpg", "landbird", "forest", "1"), ("x/14.jpg", "waterbird", "ocean", "2"),
+                ("x/15.jpg", "waterbird", "forest", "0"), ("x/16.jpg", "landbird", "ocean", "1"),
+                ("x/17.jpg", "landbird", "forest", "2"), ("x/18.jpg", "waterbird", "forest", "1"),
+                ("x/19.jpg", "waterbird", "street", "2")]
+# train 1 -> 4, 2 -> 0, 5 -> 0, 6 -> 5, 9 -> 1, 12 -> 2, 15 -> 3; val 3 -> 2, 8 -> 4, 10 -> 5, 13 -> 0,
+# 16 -> 1, 18 -> 3; test 4 -> 3, 7 -> 1, 11 -> 2, 14 -> 4, 17 -> 0, 19 -> 5
+CSV_STR_COUNTS = {"train": [2, 1, 1, 1, 1, 1], "val": [1, 1, 1, 1, 1, 1], "test": [1, 1, 1, 1, 1, 1]}
 
 
 def make_csv(folder: Path, rows, columns=("image", "label", "attribute", "split")) -> Path:
@@ -348,7 +358,7 @@ def test_csv_string_labels_sorted(tmp_path):
     assert meta.attr_names == ("forest", "ocean", "street")
     assert meta.group_names[:3] == ("landbird/forest", "landbird/ocean", "landbird/street")
     assert counts(meta) == CSV_STR_COUNTS
-    assert meta.y.tolist() == [1, 0, 0, 1, 0, 1, 0, 1]
+    assert meta.y.tolist() == [1, 0, 0, 1, 0, 1, 0, 1] + [0, 1, 0, 0, 0, 1, 1, 0, 0, 1, 1]
     assert len(fingerprint(meta, workers=2)) == 64
 
 
@@ -396,7 +406,7 @@ def test_csv_label_kinds_classes_and_splits(tmp_path):
     assert csv_problems(make_csv(tmp_path / "empty_attr", rows)) == ["row 4: x/3.jpg: empty attribute"]
     # one attribute value is allowed: the groups are the classes
     meta = load_metadata(make_csv(tmp_path / "one_attr", [(f, y, "any", s) for f, y, _, s in CSV_STR_ROWS]), "csv")
-    assert meta.attr_names == ("any",) and meta.group_counts("train").tolist() == [2, 2]
+    assert meta.attr_names == ("any",) and meta.group_counts("train").tolist() == [4, 3]
 
 
 def test_csv_missing_image_and_folders(tmp_path):
@@ -404,7 +414,7 @@ def test_csv_missing_image_and_folders(tmp_path):
     (root / "img" / "a5.png").unlink()
     write_image(root / "img" / "stray.png", 7)
     meta, problems = check_folder(root, "csv", progress=False)
-    assert meta is not None and len(meta) == 10
+    assert meta is not None and len(meta) == len(CSV_INT_ROWS)
     assert problems == ["row 7: img/a5.png: missing image file",
                         "1 image file(s) not listed in the metadata, e.g. img/stray.png"]
     # bad metadata and a missing image: both listed in one pass
