@@ -16,6 +16,8 @@ from core.errors import ConfigError
 from core.files import atomic_write_text, ensure_dir
 from core.tables import format_table as text_table
 from experiments.plots import PLOTS, make_plots
+from experiments.reference import COLUMN as STUDY
+from experiments.reference import load_study, preset_of, study_column
 from experiments.runs import (DASH, NA, WEIGHTING_CAPTIONS, Row, RunRecord, Table, aggregate, build_tables,
                               gamma_family, group_names_of, load_plan, load_runs, weighting_of)
 
@@ -39,14 +41,16 @@ def _mean_std(row: Row) -> str:
     return f"{row.mean:.2f} ± {NA if row.std is None else f'{row.std:.2f}'}"
 
 
-def format_table(table: Table | str | Path, preset: str | None = None) -> str:
+def format_table(table: Table | str | Path, preset: str | None = None, reference: bool = False) -> str:
     """Markdown of one results table (layout of the user's report).
 
     ``table`` is a Table, or a sweep folder: then the table of ``preset`` (default "main" if
     planned there, else the first table). Columns: Method, "Seed 42"..., "Mean ± Std",
     "Δ vs Baseline", "Avg Acc" (test WGA and average accuracy in percent, 2 decimals), "Min / run"
     (wall minutes of a run's epochs, mean over seeds). Under the title: the baseline row and the
-    teacher weighting(s) of the rows, in words.
+    teacher weighting(s) of the rows, in words. ``reference``: a preset's table also gets the
+    column "Study" after "Mean ± Std" (the number the user's report printed for the row,
+    :mod:`experiments.reference`) and footnotes under it naming the study's tables.
     """
     if not isinstance(table, Table):
         tables = build_tables(table)
@@ -58,49 +62,54 @@ def format_table(table: Table | str | Path, preset: str | None = None) -> str:
             raise ConfigError(f"no table {wanted!r}; found {', '.join(t.name for t in tables)}")
         table = matches[0]
     seeds = table.seeds
-    header = (["Method"] + [f"Seed {s}" for s in seeds]
-              + ["Mean ± Std", "Δ vs Baseline", "Avg Acc", "Min / run"])
+    study = study_column(table) if reference else None
+    header = (["Method"] + [f"Seed {s}" for s in seeds] + ["Mean ± Std"] + ([STUDY] if study else [])
+              + ["Δ vs Baseline", "Avg Acc", "Min / run"])
     body = []
-    for row in table.rows:
+    for i, row in enumerate(table.rows):
         by_seed = row.wga_by_seed
-        body.append([row.label] + [_pct(by_seed.get(s)) for s in seeds]
-                    + [_mean_std(row), DASH if row.is_baseline else _signed(row.delta),
-                       _pct(row.avg_acc), _minutes(row.minutes)])
+        body.append([row.label] + [_pct(by_seed.get(s)) for s in seeds] + [_mean_std(row)]
+                    + ([study.cells[i]] if study else [])
+                    + [DASH if row.is_baseline else _signed(row.delta), _pct(row.avg_acc), _minutes(row.minutes)])
     caption = (f"Baseline: {table.baseline}." if table.baseline else "No baseline row.")
     caption += f" {table.caption}"
-    return f"### {table.title}\n\n{caption}\n\n{text_table(header, body)}\n"
+    notes = "".join(f"\n{line}\n" for line in study.footnotes) if study else ""
+    return f"### {table.title}\n\n{caption}\n\n{text_table(header, body)}\n{notes}"
 
 
 def verdicts(table: Table) -> list[str]:
-    """What the table shows, in words, computed from its numbers: each row against the baseline,
-    paired by seed (mean and sample std of the per-seed differences). A difference is claimed only
-    when a two-sided paired t-test puts it at p < 0.05 (|mean| > t_0.975(n-1) * std / sqrt(n): with 3
-    seeds, more than 2.48 std); otherwise "no difference beyond seed noise"."""
-    from scipy.stats import t as student_t
-
+    """What the table shows, in words, computed from its numbers: each row against the baseline (or
+    the preset's own pairs, e.g. erased against raw features), paired by seed (mean and sample std
+    of the per-seed differences). A difference is claimed only when a two-sided paired t-test puts
+    it at p < 0.05 (|mean| > t_0.975(n-1) * std / sqrt(n): with 3 seeds, more than 2.48 std);
+    otherwise "no difference beyond seed noise"."""
+    by_label = {r.label: r for r in table.rows if r.runs}
+    if table.pairs:
+        pairs = [(by_label[a], by_label[b]) for a, b in table.pairs if a in by_label and b in by_label]
+        if not pairs:
+            return ["No pair of this table's comparisons has finished runs: nothing to compare."]
+        return [_paired_verdict(row, base) for row, base in pairs]
     base = next((r for r in table.rows if r.is_baseline and r.runs), None)
     if base is None:
         return ["No finished baseline row: nothing to compare."]
-    out = []
-    for row in table.rows:
-        if row is base or not row.runs:
-            continue
-        seeds = sorted(set(row.wga_by_seed) & set(base.wga_by_seed))
-        diffs = [row.wga_by_seed[s] - base.wga_by_seed[s] for s in seeds]
-        n = len(diffs)
-        if n < 2:
-            out.append(f"{row.label} vs {base.label}: {n} paired seed(s), too few to tell a difference from "
-                       "seed noise.")
-            continue
-        mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
-        if abs(mean) > student_t.ppf(0.975, n - 1) * sd / math.sqrt(n):
-            verb = "beats" if mean > 0 else "trails"
-            out.append(f"{row.label} {verb} {base.label} by {abs(mean):.1f} ± {sd:.1f} WGA points over {n} seeds "
-                       "(paired by seed, p < 0.05).")
-        else:
-            out.append(f"{row.label} vs {base.label}: no difference beyond seed noise ({mean:+.1f} ± {sd:.1f} "
-                       f"WGA points over {n} seeds, paired by seed).")
-    return out
+    return [_paired_verdict(row, base) for row in table.rows if row is not base and row.runs]
+
+
+def _paired_verdict(row, base) -> str:
+    from scipy.stats import t as student_t
+
+    seeds = sorted(set(row.wga_by_seed) & set(base.wga_by_seed))
+    diffs = [row.wga_by_seed[s] - base.wga_by_seed[s] for s in seeds]
+    n = len(diffs)
+    if n < 2:
+        return f"{row.label} vs {base.label}: {n} paired seed(s), too few to tell a difference from seed noise."
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    if abs(mean) > student_t.ppf(0.975, n - 1) * sd / math.sqrt(n):
+        verb = "beats" if mean > 0 else "trails"
+        return (f"{row.label} {verb} {base.label} by {abs(mean):.1f} ± {sd:.1f} WGA points over {n} seeds "
+                "(paired by seed, p < 0.05).")
+    return (f"{row.label} vs {base.label}: no difference beyond seed noise ({mean:+.1f} ± {sd:.1f} "
+            f"WGA points over {n} seeds, paired by seed).")
 
 
 def _teacher_section(records: list[RunRecord]) -> str:
@@ -166,13 +175,17 @@ def _missing_section(missing: list[dict]) -> str:
 
 # ----------------------------------------------------------------------------- CSV
 
-def write_csv(tables: list[Table], path: str | Path, group_names: list[str]) -> Path:
+def write_csv(tables: list[Table], path: str | Path, group_names: list[str], reference: bool = False) -> Path:
     """All results tables in one CSV, numbers in percent (2 decimals), blank when absent;
-    ``min_per_run`` in wall minutes, ``weighting`` the row's teacher weighting in words."""
+    ``min_per_run`` in wall minutes, ``weighting`` the row's teacher weighting in words.
+    ``reference``: three more columns at the end, the study's ``study_wga_mean``,
+    ``study_wga_std`` and ``study_source`` (its table), blank where it has no number."""
     seeds = sorted({s for t in tables for s in t.seeds})
     header = (["table", "row", "weighting", "is_baseline", "n_seeds"] + [f"seed_{s}" for s in seeds]
               + ["wga_mean", "wga_std", "delta_vs_baseline", "avg_acc_mean", "min_per_run"]
-              + [f"acc_{g.replace('/', '_').replace(' ', '_')}" for g in group_names])
+              + [f"acc_{g.replace('/', '_').replace(' ', '_')}" for g in group_names]
+              + (["study_wga_mean", "study_wga_std", "study_source"] if reference else []))
+    study = load_study() if reference else None
 
     def num(v):
         return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
@@ -188,8 +201,16 @@ def write_csv(tables: list[Table], path: str | Path, group_names: list[str]) -> 
                             + [num(by_seed.get(s)) for s in seeds]
                             + [num(row.mean), num(row.std), num(row.delta), num(row.avg_acc),
                                num(row.minutes)]
-                            + [num(a) if row.runs else "" for a in row.group_acc])
+                            + [num(a) if row.runs else "" for a in row.group_acc]
+                            + (_study_cells(study, t, row) if reference else []))
     return atomic_write_text(path, f.getvalue())  # whole, atomically
+
+
+def _study_cells(study, table: Table, row: Row) -> list[str]:
+    entry = study.row(preset_of(table), row.label)
+    if entry is None:
+        return ["", "", ""]
+    return [f"{entry.mean:.2f}", "" if entry.std is None else f"{entry.std:.2f}", entry.source]
 
 
 def _pivot_section(rows: list[Row]) -> str:
@@ -251,12 +272,14 @@ def _labelled_rows(tables: list[Table], records: list[RunRecord]) -> list[Row]:
     return sorted(rows, key=lambda r: (order.get(r.key, len(order)), r.label))
 
 
-def write_report(runs_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
+def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, reference: bool = False) -> dict[str, Path]:
     """Write report.md, report.csv and the PNG plots for a sweep folder.
 
     Args:
         runs_dir: folder of run folders (and, optionally, sweep.json).
         out_dir: where to write; default ``<runs_dir>/report``.
+        reference: every preset table with the study's number next to each row (the column
+            "Study", see :func:`format_table`; in the CSV, ``study_*`` columns).
     Returns:
         ``{"markdown", "csv", <plot name>...}`` -> path, for the files written. A plot whose
         runs are absent is not written; report.md says why.
@@ -275,10 +298,12 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None) -> dic
           "Test worst-group accuracy (%) of the best-validation-WGA checkpoint; Mean ± Std over "
           "the seeds that finished (sample std, n/a for one seed); Δ in points vs the baseline "
           f"row; Min / run = wall minutes of a run's epochs (training and validation), mean over "
-          f"seeds; {DASH} = no finished run (see *Missing or failed runs*).", "",
+          f"seeds; {DASH} = no finished run (see *Missing or failed runs*)."
+          + (f" {STUDY} = the test WGA the user's report printed for the row (experiments/study_tables.json; "
+             "the footnotes under each table name the study's table)." if reference else ""), "",
           _provenance(records), "## Results", ""]
     for t in tables:
-        md += [format_table(t), "In words: " + " ".join(verdicts(t)) + "\n"]
+        md += [format_table(t, reference=reference), "In words: " + " ".join(verdicts(t)) + "\n"]
     if not tables:
         md.append("No finished runs.\n")
     md += [_pivot_section(rows), favour_section(rows), "## Teachers (test set)", "", _teacher_section(records),
@@ -286,6 +311,6 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None) -> dic
     for name, fname in PLOTS.items():
         md.append(f"![{name}]({fname})" if name in plots
                   else f"- `{fname}` skipped: {skipped[name]}")
-    paths = {"markdown": out / "report.md", "csv": write_csv(tables, out / "report.csv", names)}
+    paths = {"markdown": out / "report.md", "csv": write_csv(tables, out / "report.csv", names, reference)}
     atomic_write_text(paths["markdown"], "\n".join(md) + "\n")
     return {**paths, **plots}

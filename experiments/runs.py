@@ -272,6 +272,7 @@ class Table:
     rows: list[Row]
     baseline: str | None = None
     weightings: list[str] = field(default_factory=list)  # WEIGHTING_CAPTIONS keys, in row order
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # (row, against) verdicts; [] = all vs baseline
 
     @property
     def caption(self) -> str:
@@ -344,7 +345,8 @@ def _preset_table(table_name: str, entries: list[dict], by_name: dict[str, RunRe
         if weighting_of(config) not in weightings:
             weightings.append(weighting_of(config))
     title = meta.get("title", preset) + table_name[len(preset):]
-    table = Table(table_name, title, list(rows.values()), meta.get("baseline"), weightings)
+    table = Table(table_name, title, list(rows.values()), meta.get("baseline"), weightings,
+                  [tuple(p) for p in meta.get("pairs", [])])
     _set_deltas(table)
     return table
 

@@ -255,3 +255,41 @@ def test_minutes_per_run_column_in_markdown_and_csv(tmp_path):
         csv_rows = {r["row"]: r for r in csv.DictReader(f)}
     assert csv_rows["AGRE-KD γ=0.5"]["min_per_run"] == "1.50" and csv_rows["AGRE-KD γ=0"]["min_per_run"] == "0.50"
     assert csv_rows["AGRE-KD γ=0"]["weighting"].startswith("AGRE-KD: batch weights from the gradients of all")
+
+
+def test_a_presets_pairs_give_its_verdicts():
+    """A table with pairs (the hypothesis preset: erased against raw, ...) compares each pair,
+    paired by seed, instead of every row against the baseline."""
+    from types import SimpleNamespace
+
+    from experiments.report import verdicts
+    from experiments.runs import Row, Table
+
+    def row(label, wgas):
+        r = Row(label)
+        r.runs = [SimpleNamespace(seed=s, test={"wga": w / 100}) for s, w in zip((42, 43, 44), wgas)]
+        return r
+
+    a, b, c = row("A", [80, 81, 82]), row("B", [85, 86, 87]), row("C", [86, 85, 87])
+    table = Table("t", "t", [a, b, c], baseline="A", pairs=[("B", "A"), ("C", "B")])
+    said = verdicts(table)
+    assert len(said) == 2
+    assert said[0].startswith("B beats A by 5.0 ± 0.0 WGA points over 3 seeds")
+    assert said[1].startswith("C vs B: no difference beyond seed noise (+0.0 ± 1.0")
+    table.pairs, a.is_baseline = [], True  # no pairs: every row against the baseline
+    assert [s.split(" ")[0] for s in verdicts(table)] == ["B", "C"]
+
+
+def test_hypothesis_preset_rows_and_pairs_reach_its_table(tmp_path):
+    from experiments.report import verdicts
+    from experiments.sweep import PRESETS
+
+    specs = preset_runs("hypothesis", seeds=[42, 43])
+    erased = {s["label"] for s in specs if s["overrides"].get("feature_target") == "erased"}
+    assert erased == {"AGRE-KD γ=0.5, erased L4", "L2+L3+L4, erased"}
+    multi = {s["label"]: s["overrides"]["layers"] for s in specs if len(s["overrides"]["layers"]) == 3}
+    assert set(multi) == {"L2+L3+L4, raw", "L2+L3+L4, erased"}
+    run_sweep("c.h5", tmp_path, specs, fit=sweep_fit(fail_on=None))
+    table = next(t for t in build_tables(tmp_path) if t.name == "hypothesis")
+    assert table.pairs == [tuple(p) for p in PRESETS["hypothesis"]["pairs"]]
+    assert len(verdicts(table)) == len(table.pairs)
