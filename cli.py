@@ -81,6 +81,9 @@ def data_check(root, dataset, dataset_options):
                    "earlier variant [default: report].")
 @click.option("--dfr-bias", default=None, help="Per teacher, how much of the training split's spurious "
               "correlation its DFR data keeps, e.g. 0,0,0,0.6,0.8 (0: balanced).")
+@click.option("--precision", type=click.Choice(["float32", "float64"]), default=None,
+              help="Of ERM training and the DFR embeddings; float64 makes a from-scratch backbone the same on "
+                   "any machine (3x slower on a CPU) [default: float32; synthetic float64].")
 @click.option("--overwrite", is_flag=True, default=None, help="Rebuild teachers that --out holds from other settings or data.")
 @click.option("--device", default="auto", show_default=True)
 @dataset_options
@@ -317,13 +320,15 @@ def sweep(cache_path, out, preset, agre_weighting, teachers_manifest, jobs, plan
 @cli.command()
 @click.argument("runs_dir", type=click.Path(exists=True))
 @click.option("--out", type=click.Path(), default=None, help="Report folder [default: RUNS_DIR/report].")
+@click.option("--reference", is_flag=True, help="Next to every row of a preset's table, the WGA the user's "
+              "report printed for it, and the table it comes from (experiments/study_tables.json).")
 @friendly
-def report(runs_dir, out):
+def report(runs_dir, out, reference):
     """Tables (Markdown, CSV: mean +- std over seeds) and plots of a sweep folder."""
     from experiments.report import format_table, write_report
 
-    paths = write_report(runs_dir, out)
-    click.echo(format_table(runs_dir))
+    paths = write_report(runs_dir, out, reference=reference)
+    click.echo(format_table(runs_dir, reference=reference))
     click.echo("written: " + ", ".join(str(p) for p in paths.values()))
 
 

@@ -34,6 +34,16 @@ from precompute.dfr import DFR_VARIANTS, fit_dfr
 from core.manifest import Manifest, load_model, make_entry
 
 
+# float32: the usual. float64: ERM and the embeddings DFR fits on in double precision, so that the
+# backbone does not depend on the machine's float rounding. From-scratch SGD amplifies a rounding
+# difference exponentially: in float32 a few hundred steps on another CPU (or another thread count)
+# end at another backbone, and teachers whose WGA differs by tens of points; float64 starts that
+# growth 9 orders of magnitude lower (benchmarks/bench_teacher_rounding.py measures both). About
+# 3x slower on a CPU, far slower on most GPUs: for small from-scratch backbones (the synthetic
+# default), not ImageNet-sized runs.
+PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
+
+
 @dataclass
 class TeacherConfig:
     data_root: str
@@ -57,6 +67,7 @@ class TeacherConfig:
     dfr: str = "report"                 # DFR protocol (precompute.dfr.DFR_VARIANTS): report | reference | tool
     dfr_bias: tuple[float, ...] = ()    # per teacher: how much of the training split's spurious
                                         # correlation its DFR data keeps (0: balanced; () all 0)
+    precision: str = "float32"          # of ERM training and the DFR embeddings (PRECISIONS)
     overwrite: bool = False             # rebuild teachers that were made with other settings
     device: str = "auto"
     progress: bool = True
@@ -91,6 +102,8 @@ class TeacherConfig:
                               f"{','.join(f'{b:g}' for b in self.dfr_bias)}")
         if any(self.dfr_bias) and self.dfr == "reference":
             raise ConfigError("--dfr-bias needs --dfr report or tool: the reference protocol balances its data itself")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.resize not in RESIZE_MODES:
             raise ConfigError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
         if self.arch not in FEATURE_DIMS:
@@ -106,21 +119,22 @@ class TeacherConfig:
 
 @torch.inference_mode()
 def embed(model, images: torch.Tensor, hw: torch.Tensor, box: np.ndarray, flip: np.ndarray, out_size: int,
-          device: torch.device, batch_size: int = 256, progress: bool = False, desc: str = "embed"):
+          device: torch.device, batch_size: int = 256, progress: bool = False, desc: str = "embed",
+          dtype: torch.dtype = torch.float32):
     """Eval-mode forward of ``model`` on one view per image (stored ``images``, data.store.Pixels,
     L, L] holding images of ``hw`` [N, 2] pixels).
 
-    Returns (logits [N, C] float32, penultimate [N, D] float32) on the CPU.
+    Returns (logits [N, C], penultimate [N, D]) on the CPU, in ``dtype``.
     """
-    model.eval().to(device)
+    model.eval().to(device=device, dtype=dtype)
     logits, embs = [], []
     for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
         x = render(images[s:s + batch_size].to(device), torch.from_numpy(box[s:s + batch_size]),
-                   torch.from_numpy(flip[s:s + batch_size]), out_size, hw[s:s + batch_size])
+                   torch.from_numpy(flip[s:s + batch_size]), out_size, hw[s:s + batch_size]).to(dtype)
         with autocast(device):
             z, f = model(x.contiguous(memory_format=memory_format_for(device)), layers=("layer4",))
-        logits.append(z.float().cpu())
-        embs.append(f["layer4"].float().cpu())
+        logits.append(z.to(dtype).cpu())
+        embs.append(f["layer4"].to(dtype).cpu())
     return torch.cat(logits), torch.cat(embs)
 
 
@@ -132,7 +146,7 @@ def _epoch_views(rows: np.ndarray, hw: np.ndarray, seed: int, epoch: int):
 
 # The TeacherConfig fields that shape an ERM run: a resume must use the values it started with.
 ERM_FIELDS = ("arch", "image_size", "resize", "pretrained", "weights_file", "lr", "momentum", "weight_decay",
-              "batch_size")
+              "batch_size", "precision")
 
 
 def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, hw: torch.Tensor, meta: Metadata, path: Path,
@@ -144,14 +158,16 @@ def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, hw: torch.Ten
     device = pick_device(cfg.device)
     resume = path.with_name(path.name + ".ckpt")
     ck = torch.load(resume, map_location=device, weights_only=True) if resume.is_file() else None
-    started = (ck or {}).get("config", run)  # a checkpoint without a config predates this check
+    # a checkpoint without a config predates this check; one without a precision, the float64 option
+    started = {"precision": "float32", **(ck or {}).get("config", run)}
     changed = settings_diff(started, run)
     if changed:
         raise CheckpointError(f"{resume}: an ERM run started with other settings ({'; '.join(changed)}); "
                               "use those settings to resume it, or delete it to start over")
     torch.manual_seed(seed)
     model = build_model(cfg.arch, num_classes, cfg.pretrained, cfg.weights_file).to(device)
-    model = model.to(memory_format=memory_format_for(device))
+    dtype = PRECISIONS[cfg.precision]
+    model = model.to(dtype=dtype, memory_format=memory_format_for(device))
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     start = 0
     if ck is not None:
@@ -171,7 +187,7 @@ def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, hw: torch.Ten
         for s in bar:
             idx = order[s:s + cfg.batch_size]
             r = torch.from_numpy(rows)[idx]
-            x = render(images[r].to(device, non_blocking=True), box[idx], flip[idx], cfg.image_size, hw[r])
+            x = render(images[r].to(device, non_blocking=True), box[idx], flip[idx], cfg.image_size, hw[r]).to(dtype)
             target = y[r].to(device)
             with autocast(device):
                 logits, _ = model(x.contiguous(memory_format=memory_format_for(device)), layers=())
@@ -185,7 +201,8 @@ def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, hw: torch.Ten
             bar.set_postfix(loss=f"{total / seen:.3f}", acc=f"{correct / seen:.3f}")
         save_checkpoint({"model": model.net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
                          "config": run}, resume)
-    state = {k: v.cpu() for k, v in model.net.state_dict().items()}
+    # float32 like any checkpoint (the teachers run in float32 from here on; embeddings for DFR in cfg.precision)
+    state = {k: v.cpu().float() if v.is_floating_point() else v.cpu() for k, v in model.net.state_dict().items()}
     save_checkpoint(state, path)
     resume.unlink(missing_ok=True)
     return state
@@ -292,7 +309,7 @@ def _build(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str, num_classes: 
         model = build_model(cfg.arch, num_classes)
         model.net.load_state_dict(state)
         logits, emb = embed(model, images, hw, eval_box, eval_flip, cfg.image_size, device,
-                            progress=cfg.progress, desc=f"embeddings seed {seed}")
+                            progress=cfg.progress, desc=f"embeddings seed {seed}", dtype=PRECISIONS[cfg.precision])
         if b == 0:
             biased = make_entry("biased", "biased", erm_path, cfg.arch, num_classes, state=state, root=out)
             biased.metrics = evaluate_logits(logits, meta)
@@ -308,7 +325,7 @@ def _build(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str, num_classes: 
             save_checkpoint({"fc.weight": torch.from_numpy(head.weight), "fc.bias": torch.from_numpy(head.bias)}, head_path)
             entry = make_entry(f"teacher_{t + 1}", "teacher", erm_path, cfg.arch, num_classes,
                                head_file=head_path, state=state, root=out)
-            dfr_logits = emb @ torch.from_numpy(head.weight).T + torch.from_numpy(head.bias)
+            dfr_logits = emb @ torch.from_numpy(head.weight).to(emb.dtype).T + torch.from_numpy(head.bias).to(emb.dtype)
             entry.metrics = evaluate_logits(dfr_logits, meta)
             entries.append(entry)
         if cfg.progress:

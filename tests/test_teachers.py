@@ -19,6 +19,7 @@ import torchvision
 from click.testing import CliRunner
 
 import cli
+from core.errors import ConfigError
 from data.metrics import group_metrics
 from data.synth import SynthSpec, generate
 from data.views import eval_box, render
@@ -482,6 +483,39 @@ def test_train_erm_resume_is_exact(tmp_path, monkeypatch, data_root, images):
     assert any(not torch.equal(after_one["model"][k], full[k]) for k in full)  # epoch 2 did train
     # A finished file is reused as it is.
     assert_state_equal(train_erm(cfg, 0, *images, meta, path), full)
+
+
+def test_float64_erm_trains_in_double_and_leaves_a_float32_checkpoint(tmp_path, monkeypatch, data_root, images):
+    """--precision float64: ERM steps in double precision (its resume checkpoints hold float64
+    parameters), the finished backbone is a float32 checkpoint like any other, and two builds
+    whose only difference is the thread count (another reduction order) agree to float32 rounding:
+    |a - b| <= 2^-23 max|a| per tensor, one unit in the last place of a float32 at the tensor's scale."""
+    meta = load_metadata(data_root)
+    cfg = tiny_cfg(data_root, tmp_path, epochs=2, batch_size=8, precision="float64")
+    saved = []
+    real_save = teachers.save_checkpoint
+    monkeypatch.setattr(teachers, "save_checkpoint", lambda obj, p: (saved.append(obj), real_save(obj, p)))
+    threads = torch.get_num_threads()
+    states = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            states.append(train_erm(cfg, 0, *images, meta, tmp_path / f"t{n}" / "erm_seed0.pt"))
+    finally:
+        torch.set_num_threads(threads)
+    resume = [o for o in saved if "optimizer" in o]
+    assert resume and all(v.dtype == torch.float64 for o in resume for v in o["model"].values() if v.is_floating_point())
+    a, b = states
+    assert all(v.dtype == torch.float32 for v in a.values() if v.is_floating_point())
+    float32_run = train_erm(tiny_cfg(data_root, tmp_path, epochs=2, batch_size=8), 0, *images, meta,
+                            tmp_path / "f32" / "erm_seed0.pt")
+    assert any(not torch.equal(float32_run[k], a[k]) for k in a if a[k].is_floating_point())
+    for k in a:
+        if a[k].is_floating_point():
+            scale = float(a[k].abs().max())
+            assert float((a[k].double() - b[k].double()).abs().max()) <= 2.0 ** -23 * scale, k
+    with pytest.raises(ConfigError, match="--precision must be one of float32, float64"):
+        tiny_cfg(data_root, tmp_path, precision="float16")
 
 
 # ---------------------------------------------------------------- build_teachers
