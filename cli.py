@@ -67,7 +67,9 @@ def data_check(root, dataset, dataset_options):
 @click.option("--num-teachers", default=None, type=int, help="DFR teachers [default: 5].")
 @click.option("--seed", default=None, type=int, help="First ERM seed [default: 0].")
 @click.option("--epochs", default=None, type=int, help="ERM epochs [default: 100; synthetic default 3].")
-@click.option("--image-size", default=None, type=int, help="Training view size [default: 224; synthetic 32].")
+@click.option("--image-size", default=None, type=int, help="Training view size [default: 224; synthetic 24].")
+@click.option("--arch", type=click.Choice(["resnet18", "resnet50"]), default=None,
+              help="Backbone [default: resnet50 (the study's); synthetic resnet18].")
 @click.option("--lr", default=None, type=float, help="ERM learning rate [default: 1e-3; synthetic 1e-2].")
 @click.option("--pretrained/--no-pretrained", default=None, help="ImageNet init [default: on; synthetic off].")
 @click.option("--weights-file", type=click.Path(exists=True), default=None, help="Local ImageNet ResNet-50 weights.")
@@ -271,7 +273,8 @@ def distill(ctx, out, resume, overwrite, cache_path, layers, layer_gammas, sampl
 @click.option("--cache", "cache_path", type=click.Path(), default=str(defaults.CACHE), show_default=True)
 @click.option("--out", type=click.Path(), required=True, help="Sweep folder (one sub-folder per run).")
 @click.option("--preset", multiple=True, help="Preset table(s): the study's main, agre-vs-aver, gamma, labels, "
-              "multilayer, disagree; and weighting, agre-params, cache-vs-online, demo.")
+              "multilayer, disagree; and weighting, agre-params, demo, hypothesis (raw vs erased teacher "
+              "features), cache-vs-online.")
 @click.option("--agre-weighting", type=click.Choice(["agre-batch", "agre", "cached"]), default=None,
               help="Weighting of the presets' AGRE-KD rows (AVER rows stay AVER): agre = the paper's per-sample "
                    "formula, cached = the cache's static bias-disagreement weights. --set weighting=... sets every row.")

@@ -34,13 +34,13 @@ from precompute.dfr import DFR_VARIANTS, fit_dfr
 from core.manifest import Manifest, load_model, make_entry
 
 
-# float32: the usual. float64: ERM and the embeddings DFR fits on in double precision, so that the
-# backbone does not depend on the machine's float rounding. From-scratch SGD amplifies a rounding
-# difference exponentially: in float32 a few hundred steps on another CPU (or another thread count)
-# end at another backbone, and teachers whose WGA differs by tens of points; float64 starts that
-# growth 9 orders of magnitude lower (benchmarks/bench_teacher_rounding.py measures both). About
-# 3x slower on a CPU, far slower on most GPUs: for small from-scratch backbones (the synthetic
-# default), not ImageNet-sized runs.
+# float32: the usual. float64: ERM (its loss included) and the embeddings DFR fits on in double
+# precision, so that a small from-scratch backbone does not depend on the machine's float rounding.
+# SGD from scratch amplifies a rounding difference step after step; measured with 1 vs 2 CPU threads
+# (benchmarks/bench_teacher_rounding.py), a float64 ResNet-18 on the synthetic default ends within
+# one float32 ulp with identical predictions, while a ResNet-50 at lr 1e-2 diverges even in float64
+# (a more stable recipe is needed there, not more bits). About 2-3x slower on a CPU, far slower on
+# most GPUs: for small from-scratch backbones (the synthetic default), not ImageNet-sized runs.
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -191,7 +191,7 @@ def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, hw: torch.Ten
             target = y[r].to(device)
             with autocast(device):
                 logits, _ = model(x.contiguous(memory_format=memory_format_for(device)), layers=())
-                loss = F.cross_entropy(logits.float(), target)
+                loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
