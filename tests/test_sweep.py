@@ -73,8 +73,9 @@ def test_names_unique_within_each_preset_and_one_per_config(tmp_path):
     configs = {json.dumps(c, sort_keys=True, default=list) for c in by_name.values()}
     # 14 configurations of the study's tables; "weighting" adds per-sample AGRE-KD and cached at
     # gamma 0 and 0.5 (4), "agre-params" layer4 and last at gamma 0 and 0.5 (4), "cache-vs-online"
-    # the online run (1).
-    assert len(configs) == len(by_name) == (14 + 4 + 4 + 1) * 3
+    # the online run (1), "hypothesis" the erased feature targets at L4 and at L2+L3+L4 (2; its raw
+    # rows are the study's own).
+    assert len(configs) == len(by_name) == (14 + 4 + 4 + 1 + 2) * 3
 
 
 def rows_of(preset: str) -> dict:
@@ -83,7 +84,10 @@ def rows_of(preset: str) -> dict:
 
 def test_presets_mirror_the_report():
     assert set(PRESETS) == {"main", "agre-vs-aver", "gamma", "labels", "multilayer", "disagree",
-                            "weighting", "agre-params", "cache-vs-online", "demo"}
+                            "weighting", "agre-params", "cache-vs-online", "demo", "hypothesis"}
+    hyp = rows_of("hypothesis")
+    assert [ov.get("feature_target", "raw") for ov in hyp.values()] == ["raw", "raw", "erased", "raw", "erased"]
+    assert hyp["L2+L3+L4, raw"] == rows_of("multilayer")["L2 + L3 + L4"]  # the study's own row
     demo = PRESETS["demo"]
     assert [r["overrides"]["weighting"] for r in demo["rows"]] == ["aver", "agre-batch", "agre-batch", "agre"]
     assert demo["baseline"] == "AVER γ=0" and [r["overrides"]["gamma"] for r in demo["rows"]] == [0, 0, 0.5, 0]
