@@ -1,7 +1,6 @@
 """The embedded default: every stage on the generated synthetic data set, each step reused if done."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tqdm import tqdm
@@ -34,13 +33,14 @@ def build_teachers_for(data_root: str | None, out: str | None, **opts):
 def _default_teachers_current() -> bool:
     """Whether the default teachers folder holds teachers built with today's default settings."""
     from core.files import read_json_object
+    from core.provenance import settings_diff
     from precompute.teachers import TeacherConfig
 
     record = defaults.TEACHERS / "teachers_config.json"
     if not (defaults.TEACHERS / "manifest.json").is_file() or not record.is_file():
         return False
     want = TeacherConfig(data_root=str(defaults.DATA), out=str(defaults.TEACHERS), **defaults.TEACHERS_OVERRIDES)
-    return (read_json_object(record) or {}).get("config") == json.loads(json.dumps(want.identity()))
+    return not settings_diff((read_json_object(record) or {}).get("config") or {}, want.identity())
 
 
 def ensure_teachers() -> Path:

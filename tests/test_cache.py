@@ -264,9 +264,12 @@ def test_truncated_file(tmp_path, full):
     assert problems and "cut.h5" in problems[0]
 
 
-def _flip_chunk_bytes(path, name, chunk_index):
+def _flip_chunk_bytes(path, name, chunk_index=None, coord=None):
+    """Inverts 4 bytes in the middle of one stored chunk of ``name``: the ``chunk_index``-th, or
+    the one holding element ``coord``."""
     with h5py.File(path, "r") as f:
-        info = f[name].id.get_chunk_info(chunk_index)
+        dsid = f[name].id
+        info = dsid.get_chunk_info(chunk_index) if coord is None else dsid.get_chunk_info_by_coord(coord)
     with open(path, "r+b") as fh:
         fh.seek(info.byte_offset + info.size // 2)
         b = fh.read(4)
@@ -486,7 +489,7 @@ def test_damage_in_slot_3_leaves_slot_2_readable(tmp_path, big):
     # 1) raw bytes flipped inside one of slot 3's chunks (fletcher32 or the digest catch it)
     raw = tmp_path / "raw.h5"
     shutil.copy(path, raw)
-    _flip_chunk_bytes_at(raw, "random/logits/teachers", (2, 0, 0, 0))
+    _flip_chunk_bytes(raw, "random/logits/teachers", coord=(2, 0, 0, 0))
     r = open_cache(raw)
     with pytest.raises(CacheError, match="random/logits/teachers"):
         r.read_slot(3)
@@ -542,16 +545,6 @@ def _datasets(f) -> list[str]:
     names = []
     f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) and not n.startswith("digests/") else None)
     return names
-
-
-def _flip_chunk_bytes_at(path, name, coord):
-    with h5py.File(path, "r") as f:
-        info = f[name].id.get_chunk_info_by_coord(coord)
-    with open(path, "r+b") as fh:
-        fh.seek(info.byte_offset + info.size // 2)
-        b = fh.read(4)
-        fh.seek(info.byte_offset + info.size // 2)
-        fh.write(bytes(x ^ 0xFF for x in b))
 
 
 def test_no_random_views(tmp_path, data):
