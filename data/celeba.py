@@ -17,7 +17,9 @@ both a ``.csv`` and a ``.txt`` file are present the ``.csv`` one is read. The at
 the rows (in its order); the partition file is joined to it by image id. Row problems are numbered
 by the attribute file's lines (``.csv``: header = row 1, first image row 2; ``.txt``: the count is
 line 1, the names line 2, first image line 3; see :func:`row_offset`). Only the target and spurious
-columns' values are checked; every row's number of values is.
+columns' values are checked; every row's number of values is. Every image must resolve inside the
+folder holding the metadata files (a symbolic link out of it is refused:
+:func:`data.folders.outside_rows`).
 """
 from __future__ import annotations
 

@@ -4,7 +4,9 @@ The folder holds ``metadata.csv`` with exactly the columns ``image,label,attribu
 order; a spreadsheet's byte-order mark is fine):
 
 * ``image``: the image's path relative to the folder (e.g. ``images/cat_001.jpg``); not empty,
-  not absolute, each listed once.
+  not absolute, each listed once, and inside the folder once ``..`` and symbolic links are resolved
+  (checked for every layout by :func:`data.folders.outside_rows`; ``GRKD_ALLOW_OUTSIDE_PATHS=1``
+  allows others).
 * ``label`` (the class ``y``) and ``attribute`` (the spurious attribute): either all integers
   (``0, 1, ...``: value ``i`` is class ``i``, named ``"0"``, ``"1"``, ...; every value from 0 to the
   largest must occur, ``1.0`` is read as ``1``) or all names (``cat``, ``dog``: the codes follow

@@ -94,12 +94,84 @@ def load_metadata(root: str | Path, dataset: str = "waterbirds", **options) -> M
     """Parse and validate a data folder's metadata; raises DataError listing every bad row or column."""
     src = _source(dataset)
     folder = src.resolve_root(root, **options)
-    meta, _, problems = src.parse(folder, **options)
+    meta, _, problems, _, offset = _parse(src, folder, options)
     if not problems:
-        problems = check_rows(meta, getattr(src, "row_offset", lambda f, **o: 2)(folder, **options))
+        problems = check_rows(meta, offset)
     if problems:
         raise DataError(folder, problems)
     return meta
+
+
+def _parse(src, folder: Path, options: dict):
+    """The one path every layout's rows take: ``src.parse``, then every image path confined to the
+    data folder (:func:`outside_rows`). (metadata or None, image per row, problems, the rows outside,
+    file line of row 0); a row outside the folder is a problem, so its metadata is None."""
+    meta, files, problems = src.parse(folder, **options)
+    offset = getattr(src, "row_offset", lambda f, **o: 2)(folder, **options)  # file line of row 0
+    image_root = meta.root if meta is not None else _image_root(src, folder, options)
+    outside = outside_rows(folder, image_root, files)
+    setting, allowed = _allow_outside_setting() if outside else ("", True)
+    if not allowed:
+        problems = problems + [f"row {i + offset}: {files[i]}: {_resolves(where)}, outside the data folder "
+                               f"{Path(folder).resolve()}; a received metadata file (or a symbolic link in "
+                               f"the folder) could name any file on this machine, so this is refused. If you "
+                               f"trust it, set {setting}=1; or copy the image into the folder"
+                               for i, where in outside.items()]
+        problems.sort(key=_row_of)
+        meta = None
+    else:
+        outside = {}
+    return meta, files, problems, outside, offset
+
+
+def _image_root(src, folder: Path, options: dict) -> Path:
+    return getattr(src, "image_root", lambda f, **o: f)(folder, **options)
+
+
+def _allow_outside_setting() -> tuple[str, bool]:
+    """(name, value) of the user's explicit permission for paths outside the folder: the setting
+    manifests read (``GRKD_ALLOW_OUTSIDE_PATHS=1``), read the same way."""
+    from core.manifest import ALLOW_OUTSIDE_ENV  # one name for the setting; imports torch, so only here
+
+    return ALLOW_OUTSIDE_ENV, os.environ.get(ALLOW_OUTSIDE_ENV, "") == "1"
+
+
+def outside_rows(folder: str | Path, image_root: str | Path, files) -> dict[int, Path | str]:
+    """Row -> resolved path of every image that does not lie inside ``folder`` once ``..``, absolute
+    paths and symbolic links (of the file or any folder above it) are resolved; or the reason a
+    path cannot be resolved (a NUL byte, a symbolic-link loop), which is not inside either.
+
+    Each distinct parent folder is resolved once, then only the file itself is looked at (one
+    ``lstat`` per row), so CelebA's 200k rows cost about what listing them does.
+    """
+    base = Path(folder).resolve()
+    image_root = Path(image_root)
+    parents: dict[Path, Path] = {}
+    out: dict[int, Path] = {}
+    for i, f in enumerate(files):
+        if not f:
+            continue  # an empty name is already a problem
+        p = image_root / f
+        try:
+            if p.name in ("", ".", ".."):
+                real = p.resolve()
+            else:
+                parent = parents.get(p.parent)
+                if parent is None:
+                    parent = parents[p.parent] = p.parent.resolve()
+                real = parent / p.name
+                if real.is_symlink():
+                    real = real.resolve()
+        except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a symbolic-link loop
+            out[i] = f"{type(e).__name__}: {e}"
+            continue
+        if not real.is_relative_to(base):
+            out[i] = real
+    return out
+
+
+def _resolves(where: "Path | str") -> str:
+    return f"resolves to {where}" if isinstance(where, Path) else f"cannot be resolved ({where})"
 
 
 def _split_of(code) -> str:
@@ -257,12 +329,12 @@ def check_folder(root: str | Path, dataset: str = "waterbirds", workers: int = 8
     from tqdm import tqdm
 
 
-    meta, files, problems = src.parse(folder, **options)
-    offset = getattr(src, "row_offset", lambda f, **o: 2)(folder, **options)  # file line of row 0
+    meta, files, problems, outside, offset = _parse(src, folder, options)
     if meta is not None:
         problems += check_rows(meta, offset)  # the table stays: it shows an empty group
-    image_root = meta.root if meta is not None else getattr(src, "image_root", lambda f, **o: f)(folder, **options)
-    named = [(i, f) for i, f in enumerate(files) if f]  # an empty name is already a problem
+    image_root = meta.root if meta is not None else _image_root(src, folder, options)
+    # an empty name is already a problem; a file outside the folder is never opened
+    named = [(i, f) for i, f in enumerate(files) if f and i not in outside]
     paths = [image_root / f for _, f in named]
     if paths and not any(p.is_file() for p in paths[:1000]) and not image_root.is_dir():
         return meta, problems + [f"the image folder {image_root} does not exist ({len(paths)} images listed)"]

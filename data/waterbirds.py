@@ -4,6 +4,8 @@ Reads the real columns ``img_id,img_filename,y,split,place,place_filename`` (spl
 1 val / 2 test; y 1 = waterbird; place 1 = water) from the original
 ``waterbird_complete95_forest2water2`` folder, WILDS' ``waterbirds_v1.0`` or the synthetic
 generator's output (same layout). The spurious attribute is the place: group ``2 * y + place``.
+``img_filename`` is relative to the folder holding ``metadata.csv`` and must resolve inside it
+(``..``, absolute paths and symbolic links included; :func:`data.folders.outside_rows`).
 """
 from __future__ import annotations
 
