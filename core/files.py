@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -149,22 +150,88 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return records
 
 
-def read_json(path: str | Path, max_bytes: int = 64 << 20):
-    """The JSON value in a file, or None when it is missing, unreadable, not JSON or over
-    ``max_bytes`` (a run folder's config, summary or plan written by a kill is simply absent)."""
+class JSONFileError(ToolError):
+    """A JSON file that cannot be used: missing, too large, too deeply nested, not JSON, or not
+    the type of value its reader expects. The message names the file."""
+
+
+JSON_MAX_BYTES = 8 << 20  # a run's summary or config, a sweep plan, a manifest: kilobytes
+JSON_MAX_DEPTH = 32       # the tool's own files nest at most 5 deep
+
+
+def json_depth(value) -> int:
+    """Nesting depth of a parsed JSON value (a scalar is 0, ``[]`` and ``{}`` are 1); iterative,
+    so a value nested deeper than the interpreter's stack is measured, not a RecursionError."""
+    depth, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, list):
+            depth = max(depth, d)
+            stack.extend((x, d + 1) for x in v if isinstance(x, (dict, list)))
+    return depth
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def _bracket_depth(data: bytes) -> int:
+    """The deepest nesting of ``[``/``{`` outside strings in JSON text (an upper bound on the
+    parsed value's depth; exact for valid JSON), without parsing it."""
+    import numpy as np
+
+    b = np.frombuffer(_JSON_STRING.sub(b'""', data), np.uint8)
+    step = np.isin(b, (ord("["), ord("{"))).astype(np.int32) - np.isin(b, (ord("]"), ord("}")))
+    return int(np.cumsum(step, dtype=np.int64).max(initial=0))
+
+
+def load_json(path: str | Path, what: str = "JSON file", max_bytes: int = JSON_MAX_BYTES,
+              max_depth: int = JSON_MAX_DEPTH, kind: type | None = None):
+    """The JSON value in the file at ``path``, read as untrusted: at most ``max_bytes`` read and
+    parsed (the parsed objects take at most ~20 times that), nesting at most ``max_depth`` deep,
+    of type ``kind`` when given (``dict``: a JSON object). JSONFileError naming ``what``, the file
+    and the problem otherwise."""
+    path = Path(path)
     try:
         with open(path, "rb") as f:
             data = f.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            return None
-        return json.loads(data)
-    except (OSError, ValueError, RecursionError):
+    except OSError as e:
+        raise JSONFileError(f"{what} {path}: cannot be read ({e.strerror or e})") from None
+    if len(data) > max_bytes:
+        raise JSONFileError(f"{what} {path}: larger than {max_bytes} bytes; not a file this tool wrote")
+    if _bracket_depth(data) > max_depth:  # before parsing: json.loads recurses per level
+        raise JSONFileError(f"{what} {path}: nested deeper than {max_depth} levels")
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise JSONFileError(f"{what} {path}: not valid JSON ({str(e)[:200]})") from None
+    if json_depth(value) > max_depth:
+        raise JSONFileError(f"{what} {path}: nested deeper than {max_depth} levels")
+    if kind is not None and not isinstance(value, kind):
+        want = {dict: "a JSON object", list: "a JSON array"}.get(kind, kind.__name__)
+        raise JSONFileError(f"{what} {path}: holds {_json_type(value)}, not {want}")
+    return value
+
+
+def _json_type(value) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(value), "a number")
+
+
+def read_json(path: str | Path, max_bytes: int = JSON_MAX_BYTES, max_depth: int = JSON_MAX_DEPTH):
+    """The JSON value in a file, or None when it is missing, unreadable, not JSON, over
+    ``max_bytes`` or nested deeper than ``max_depth`` (a run folder's config, summary or plan
+    written by a kill is simply absent)."""
+    try:
+        return load_json(path, max_bytes=max_bytes, max_depth=max_depth)
+    except JSONFileError:
         return None
 
 
 def read_json_object(path: str | Path) -> dict | None:
     """The JSON object in a file (a run's config or summary, a sweep plan), None when it is
-    missing, unreadable or not an object."""
+    missing, unreadable, not an object, or over the size and depth bounds of :func:`load_json`."""
     value = read_json(path)
     return value if isinstance(value, dict) else None
 

@@ -108,3 +108,43 @@ def test_read_json(tmp_path):
     assert read_json(tmp_path / "cut.json") is None
     (tmp_path / "big.json").write_text("[" + "1," * 100 + "1]")
     assert read_json(tmp_path / "big.json", max_bytes=50) is None and len(read_json(tmp_path / "big.json")) == 101
+
+
+def test_load_json_bounds_size_depth_and_type(tmp_path):
+    from core.files import JSONFileError, load_json
+
+    path = tmp_path / "summary.json"
+    path.write_text("[" * 200_000 + "]" * 200_000)  # a RecursionError in `report` before
+    with pytest.raises(JSONFileError, match=r"summary .*summary\.json: nested deeper than 32 levels"):
+        load_json(path, "summary")
+    assert read_json(path) is None
+    path.write_text('{"a": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\\"[[", "b": [[1]]}')  # brackets in strings
+    assert load_json(path, max_depth=3) == {"a": "[" * 39 + '"[[', "b": [[1]]}
+    with pytest.raises(JSONFileError, match="nested deeper than 2 levels"):
+        load_json(path, max_depth=2)
+    path.write_text("[]")
+    with pytest.raises(JSONFileError, match=r"summary\.json: holds an array, not a JSON object"):
+        load_json(path, "summary", kind=dict)
+    path.write_text('{"a": ' + " " * 100 + "1}")
+    with pytest.raises(JSONFileError, match="larger than 50 bytes"):
+        load_json(path, max_bytes=50)
+    path.write_bytes(b'{"a": "\xff"}')
+    with pytest.raises(JSONFileError, match="not valid JSON"):
+        load_json(path)
+    with pytest.raises(JSONFileError, match="cannot be read"):
+        load_json(tmp_path / "missing.json")
+
+
+def test_deep_json_is_refused_before_parsing_even_with_a_raised_recursion_limit(tmp_path):
+    """json.loads recurses once per level (a segmentation fault past the C stack when a library
+    raised the recursion limit): the depth is measured on the text first."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 200_000 + "]" * 200_000)
+    code = ("import sys; sys.setrecursionlimit(10**6); from core.files import read_json; "
+            f"print(read_json({str(path)!r}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0 and r.stdout.strip() == "None", r.stderr
