@@ -28,15 +28,30 @@ def cache_info(path):
 @click.option("--data-root", type=click.Path(), default=None, help="Check the fingerprint against this folder.")
 @click.option("--expect", default=None, help="The root digest its sender published (`cache info` prints it): "
               "anything else is refused.")
+@click.option("--recompute", type=click.IntRange(1), default=None, metavar="N",
+              help="Run the teachers and the biased model again on N stored views and compare their "
+                   "logits, features and cached weights with the file's (needs --teachers).")
+@click.option("--teachers", "manifest", type=click.Path(), default=None,
+              help="The manifest of the models the cache was made from (for --recompute).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which N views --recompute draws.")
+@click.option("--device", default="cpu", show_default=True, help="Where --recompute runs.")
+@click.option("--precision", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="The arithmetic the cache was made in (bfloat16: precompute on a GPU): --recompute's "
+                   "tolerances.")
 @friendly
-def cache_verify(path, data_root, expect):
-    """Checksums, schema, completeness and data fingerprint; non-zero exit on any problem."""
+def cache_verify(path, data_root, expect, recompute, manifest, seed, device, precision):
+    """Checksums, schema, completeness and data fingerprint; with --recompute, that the stored outputs
+    are the teachers'. Non-zero exit on any problem."""
     from cache.reader import open_cache
+    from cache.verify import recompute as recompute_views
     from cache.verify import verify
     from data.folders import fingerprint, load_metadata
 
-    from core.errors import ToolError
+    from core.errors import ConfigError, ToolError
 
+    if (recompute is None) != (manifest is None):
+        raise ConfigError("--recompute N and --teachers MANIFEST go together: the teachers the cache was "
+                          "made from are run again on N of its views")
     fp = None
     if data_root:
         try:
@@ -46,10 +61,14 @@ def cache_verify(path, data_root, expect):
         if meta is not None:
             fp = fingerprint(load_metadata(data_root, meta.dataset, **meta.dataset_options))
     problems = verify(path, fp, expect=expect)
+    if not problems and recompute:  # outputs are judged on a sound file only
+        lines, problems = recompute_views(path, manifest, recompute, seed, device, precision)
+        click.echo("\n".join(lines))
     if problems:
         raise click.ClickException(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     click.echo(f"{path}: OK" + (" (matches the data folder)" if fp else "")
-               + (" (root digest as published)" if expect else ""))
+               + (" (root digest as published)" if expect else "")
+               + (f" (outputs recomputed on {recompute} views)" if recompute else ""))
 
 
 @cache.command("merge")
