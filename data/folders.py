@@ -358,10 +358,17 @@ def check_folder(root: str | Path, dataset: str = "waterbirds", workers: int = 8
     if len(warnings) > 50:
         warn(f"... {len(warnings) - 50} more warning(s)")
     listed = {p.resolve() for p in paths}
-    extra = sorted(p for p in image_root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.resolve() not in listed)
+    extra = sorted(p for p in _image_files(image_root) if p.resolve() not in listed)
     if extra and files:
         problems.append(f"{len(extra)} image file(s) not listed in the metadata, e.g. {extra[0].relative_to(image_root)}")
     return meta, problems
+
+
+def _image_files(folder: Path):
+    """The image files below ``folder``, not following symbolic links to folders (one may lead out
+    of the data folder, or into a loop)."""
+    for top, _, names in os.walk(folder, followlinks=False):
+        yield from (Path(top) / n for n in names if Path(n).suffix.lower() in IMAGE_EXTS)
 
 
 def _row_of(problem: str) -> int:

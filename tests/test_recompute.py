@@ -102,6 +102,12 @@ def _scale_teacher(f, k=1):
             f[f"{part}/logits/teachers"][...] = z
 
 
+def _uniform_weights(f):
+    """The random slots' cached weights set to 1/T (no longer those of the stored logits)."""
+    w = f["random/weights/agre_cached"]
+    w[...] = np.full(w.shape, 1 / w.shape[-1], w.dtype)
+
+
 @pytest.mark.parametrize("edit, named", [
     (_scale_teacher, "teacher logits"),
     (lambda f: (_scale_teacher(f), _agre_of_stored_logits(f)), "teacher logits"),
@@ -109,8 +115,7 @@ def _scale_teacher(f, k=1):
      "biased logits"),
     (lambda f: f["eval/features/layer4"].__setitem__(Ellipsis, f["eval/features/layer4"][...] * 1.01),
      "features layer4"),
-    (lambda f: f["random/weights/agre_cached"].__setitem__(Ellipsis, 1.0 / f["random/weights/agre_cached"].shape[-1]),
-     "cached weights"),
+    (_uniform_weights, "cached weights"),
 ], ids=["teacher-logits", "teacher-logits-and-weights", "biased-logits", "features", "weights"])
 def test_tampered_and_redigested_cache_fails(tiny_cache, tiny_teachers, tmp_path, edit, named):
     path = _tampered(tiny_cache, tmp_path, edit)
@@ -126,3 +131,17 @@ def test_tampered_and_redigested_cache_fails(tiny_cache, tiny_teachers, tmp_path
 def test_recompute_needs_the_teachers(tiny_cache, tiny_teachers):
     r = invoke("cache", "verify", tiny_cache, "--recompute", 4)
     assert r.exit_code == 1 and "--recompute N and --teachers MANIFEST go together" in r.output
+
+
+def test_teachers_other_than_the_cache_s_are_named(tiny_cache, tiny_teachers, tmp_path):
+    """The same checkpoints in another order: each teacher's logits would be compared with another
+    teacher's, so the manifest is refused for not describing the cache."""
+    import json
+
+    folder = tmp_path / "teachers"
+    shutil.copytree(tiny_teachers.parent, folder)
+    d = json.loads((folder / "manifest.json").read_text())
+    d["models"][0], d["models"][1] = d["models"][1], d["models"][0]
+    (folder / "manifest.json").write_text(json.dumps(d))
+    r = invoke("cache", "verify", tiny_cache, "--recompute", 4, "--teachers", folder / "manifest.json")
+    assert r.exit_code == 1 and "does not describe" in r.output and "2 differ" in r.output, r.output

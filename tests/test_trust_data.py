@@ -270,3 +270,11 @@ def test_outside_paths_allowed_explicitly(wb, secret, monkeypatch):
     monkeypatch.setenv(ALLOW_OUTSIDE_ENV, "0")
     with pytest.raises(DataError, match=OUTSIDE):
         load_metadata(wb)
+
+
+def test_unlisted_image_scan_does_not_follow_links_out_or_loop(wb, secret):
+    (secret / "other.png").write_bytes(b"x")
+    (wb / "images" / "out").symlink_to(secret, target_is_directory=True)
+    (wb / "images" / "loop").symlink_to(wb / "images", target_is_directory=True)
+    meta, problems = check_folder(wb, progress=False, warn=lambda w: None)
+    assert meta is not None and problems == [], problems
