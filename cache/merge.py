@@ -93,8 +93,10 @@ def merge(out_path, shard_paths, lock: bool = True) -> None:
     names = list(layout(meta, N, len(train_positions(samples["split"]))))
     tmp = out_path + ".tmp"
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    if os.path.exists(tmp):
-        os.remove(tmp)  # left over from an interrupted merge
+    if os.path.lexists(tmp):  # left over from an interrupted merge; a link is removed, never followed
+        if os.path.isdir(tmp) and not os.path.islink(tmp):
+            raise CacheError(f"{tmp} is a folder; move it away and merge again")
+        os.unlink(tmp)
     try:
         with create_file(tmp, meta, samples, 0, N, "", compression) as out:
             for name in names:
@@ -143,7 +145,11 @@ def _merge_stores(out_path, shards, stores) -> str:
     """Merge the shards' image stores beside ``out_path`` (each checked against the digest its
     shard's header records) and return the merged store's digest."""
     for s, p in zip(shards, stores):
-        if s.meta.store_digest and _digest_of(p) != s.meta.store_digest:
+        if not s.meta.store_digest:  # nothing binds the store to the shard: it is not merged unchecked
+            raise CacheError(f"{s.path}: its header records no image store digest, so {p} cannot be checked "
+                             "against it; rebuild the shard with precompute (which binds its store), or move "
+                             f"{p.name} away to merge the caches without their stores")
+        if _digest_of(p) != s.meta.store_digest:
             raise CacheError(f"{p} is not the image store {s.path} was computed from (its digest differs "
                              "from the one the shard's header records); copy the shard's own store beside it")
     return _digest_of(merge_stores(store_path_for(out_path), stores))

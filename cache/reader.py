@@ -9,8 +9,10 @@ import numpy as np
 
 from cache.integrity import DIGESTS_KEY, HEADER_KEY, digest_name, bad_blocks, digests_digest, header_digest
 from cache.samples import sample_problems, samples_message
-from cache.schema import (EVAL, RANDOM, SAMPLE_FIELDS, VIEW_FIELDS, CacheError, CacheMeta, check_schema,
-                          is_slotted, layout, meta_from_file, row_bytes, train_positions)
+from cache.schema import (EVAL, MAX_ID_BYTES, RANDOM, SAMPLE_FIELDS, VIEW_FIELDS, CacheError, CacheMeta,
+                          check_schema, chunks_of, is_slotted, layout, meta_from_file, row_bytes,
+                          train_positions)
+from core.h5safe import auto_chunk_limit, chunk_count
 from core.h5safe import check_structure as check_h5
 from data.folders import SPLIT_CODES
 
@@ -39,13 +41,23 @@ def open_h5(path, mode: str = "r") -> h5py.File:
                          "precompute") from None
 
 
+def _written_row_by_row(name: str, ds: h5py.Dataset) -> bool:
+    """The datasets a resumed file may hold unwritten (sparse) chunks of: the views, written as
+    rows are computed (the samples and progress flags are written when the file is made, the
+    digest tables whole when it is finished)."""
+    return ds.chunks is not None and name.startswith((EVAL + "/", RANDOM + "/"))
+
+
 def check_structure(f: h5py.File, path, resuming: bool = False) -> None:
-    """An untrusted file holds only datasets stored inside it, of sizes the file can hold
-    (core.h5safe); ``resuming``: a partly written file, whose unwritten chunks may be sparse."""
-    check_h5(f, path, CacheError, allow_sparse=resuming)
+    """An untrusted file holds only datasets stored inside it, through the writer's filters, of
+    sizes and chunk counts the file can back (core.h5safe); ``resuming``: a partly written file,
+    whose views may have unwritten chunks (then bounded by :func:`layout_problems`)."""
+    check_h5(f, path, CacheError, allow_sparse=_written_row_by_row if resuming else False)
 
 
 def layout_problems(f: h5py.File, meta: CacheMeta, R: int, Rt: int) -> list[str]:
+    """Every dataset the header implies is there with its shape, dtype and at most the chunks the
+    writer makes (``cache.schema.chunks_of``; metadata only, nothing is read)."""
     problems = []
     for name, (shape, dtype) in layout(meta, R, Rt).items():
         if name not in f or not isinstance(f[name], h5py.Dataset):
@@ -54,9 +66,38 @@ def layout_problems(f: h5py.File, meta: CacheMeta, R: int, Rt: int) -> list[str]
         ds = f[name]
         if ds.shape != shape:
             problems.append(f"/{name} has shape {ds.shape}, expected {shape}")
+            continue
         ok = ds.dtype.kind == "S" if dtype is None else ds.dtype == dtype
         if not ok:
             problems.append(f"/{name} has dtype {ds.dtype}, expected {dtype or 'utf-8 string'}")
+            continue
+        if dtype is None and ds.dtype.itemsize > MAX_ID_BYTES:
+            problems.append(f"/{name} holds {ds.dtype.itemsize:,}-byte strings (image paths of at most "
+                            f"{MAX_ID_BYTES:,} bytes)")
+            continue
+        n, most = chunk_count(shape, ds.chunks), chunk_count(shape, chunks_of(name, shape, ds.dtype.itemsize))
+        if n > most:
+            problems.append(f"/{name} is split into {n:,} chunks {ds.chunks}, the writer makes at most "
+                            f"{most:,}")
+    return problems
+
+
+def digest_table_problems(f: h5py.File, names: list[str], block: int) -> list[str]:
+    """Every digest table is there with the shape its dataset and ``block`` imply, uint8, and
+    h5py's own chunking at most (checked before a table is read)."""
+    problems = []
+    for name in names:
+        rows = f[name].shape[1 if is_slotted(name) else 0]
+        shape = ((f[name].shape[0],) if is_slotted(name) else ()) + (-(-rows // block), 32)
+        path = digest_name(name)
+        if path not in f or not isinstance(f[path], h5py.Dataset):
+            problems.append(f"dataset /{path} is missing")
+            continue
+        ds = f[path]
+        if ds.shape != shape or ds.dtype != np.uint8:
+            problems.append(f"/{path} is {ds.dtype} {ds.shape}, expected uint8 {shape}")
+        elif chunk_count(shape, ds.chunks) > auto_chunk_limit(shape, 1):
+            problems.append(f"/{path} is split into {chunk_count(shape, ds.chunks):,} chunks {ds.chunks}")
     return problems
 
 
@@ -96,6 +137,10 @@ def check_digest_tables(f: h5py.File, path, names: list[str]) -> dict:
     """The digest tables of a finished file match the digest its (checked) header holds.
     Returns the sha256 of each table, per slot for a slotted dataset: ``{(name, slot): hex}``
     (slot None for per-row datasets), so that a reader can load one slot's table later, alone."""
+    problems = digest_table_problems(f, names, _block_rows(f, path))
+    if problems:
+        raise CacheError(f"{path}: " + "; ".join(problems) + ". The file is damaged or was not written by "
+                         "this tool; copy it again or rebuild it with precompute")
     try:
         tables = {name: f[digest_name(name)][...] for name in names}
     except H5_ERRORS as e:
@@ -141,16 +186,15 @@ def read_checked(f: h5py.File, path, require_complete: bool, resuming: bool = Fa
     root = check_header(f, path)
     meta, row_start, row_stop, shard = meta_from_file(f, path)
     R = row_stop - row_start
-    if "samples/split" not in f:
-        raise CacheError(f"{path}: dataset /samples/split is missing; delete it and rerun precompute")
+    block = _block_rows(f, path)
+
+    def refuse(problems):
+        if problems:
+            raise CacheError(f"{path}: " + "; ".join(problems) + ". The file is damaged or was not "
+                             "written by this tool; delete it and rerun precompute")
+    refuse(layout_problems(f, meta, R, 0))  # all but /random (whose shapes need Rt), before any read
     Rt = len(train_positions(guarded(path, "samples/split", lambda: f["samples/split"][...])))
-    problems = layout_problems(f, meta, R, Rt)
-    block = int(f.attrs.get("block_rows", 0))
-    if not 1 <= block <= 1 << 20:
-        problems.append(f"block_rows {block} is not a block size")
-    if problems:
-        raise CacheError(f"{path}: " + "; ".join(problems) + ". The file is damaged or was not "
-                         "written by this tool; delete it and rerun precompute")
+    refuse(layout_problems(f, meta, R, Rt))
     tables = check_digest_tables(f, path, list(layout(meta, R, Rt))) if root else None
     problems = sample_problems(read_samples(f, path, block, tables), meta, row_start, row_stop, shard)
     if problems:
@@ -162,6 +206,18 @@ def read_checked(f: h5py.File, path, require_complete: bool, resuming: bool = Fa
                          + "; rerun precompute with the same arguments to finish it")
     return dict(meta=meta, row_start=row_start, row_stop=row_stop, shard=shard, done=done,
                 root_digest=root, block_rows=block, table_sha=tables)
+
+
+def _block_rows(f: h5py.File, path) -> int:
+    """The root attribute ``block_rows``: rows per digest block, 1..2^20."""
+    try:
+        block = int(f.attrs.get("block_rows", 0))
+    except (TypeError, ValueError):
+        block = 0
+    if not 1 <= block <= 1 << 20:
+        raise CacheError(f"{path}: block_rows {str(f.attrs.get('block_rows'))[:40]} is not a block size; the "
+                         "file is damaged or was not written by this tool")
+    return block
 
 
 def _spans(rows: np.ndarray, gap: int, max_rows: int) -> list[tuple[int, int]]:

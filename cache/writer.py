@@ -38,7 +38,12 @@ def create_file(path: str, meta: CacheMeta, samples: dict, row_start: int, row_s
     R = row_stop - row_start
     Rt = len(train_positions(samples["split"]))
     ids = encode_ids(samples["id"])
-    f = h5py.File(path, "w-", rdcc_nbytes=READ_CACHE_BYTES)
+    try:  # "w-" is O_CREAT | O_EXCL: a name taken meanwhile, or a link planted there, is not followed
+        f = h5py.File(path, "w-", rdcc_nbytes=READ_CACHE_BYTES)
+    except FileExistsError:
+        what = "a symbolic link" if os.path.islink(path) else "a file"
+        raise CacheError(f"{path} already exists as {what} (a dangling link, or made meanwhile by another "
+                         "process); it is neither followed nor replaced: remove it and run again") from None
     try:
         f.attrs.update(header_attrs(meta, row_start, row_stop, shard, BLOCK_ROWS))
         filters = {"fletcher32": True, "shuffle": compression is not None,

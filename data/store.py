@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 
 from core.errors import ConfigError, ToolError
+from core.h5safe import auto_chunk_limit, chunk_count, open_untrusted
 from core.h5safe import check_structure as check_h5
 from data.folders import DataError, Metadata, read_image
 from data.pixels import Pixels
@@ -50,6 +51,9 @@ COPY_BYTES = 64 << 20    # merge_stores and verify read at most this much at a t
 RESIZE_MODES = ("keep-aspect", "squash")
 MAX_ASPECT = 2.0  # a longer side is squashed to MAX_ASPECT * S (build_store says how many)
 DATASETS = ("pixels", "offset", "hw", "digest", "done")
+DTYPES = {"pixels": np.uint8, "offset": np.int64, "hw": np.int32, "digest": np.uint8, "done": np.bool_}
+MAX_SIZE = 4096          # the stored short side S at most (cache.schema.MAX_STORE_SIZE)
+MAX_ROWS = 1 << 31       # with sides <= 2 * MAX_SIZE, offsets stay far inside int64
 
 
 class StoreError(ToolError):
@@ -86,20 +90,119 @@ def _offsets(hw: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # [N + 1]
 
 
+def _attr(f: h5py.File, key: str):
+    """A root attribute as a plain Python scalar (None when absent or not a scalar)."""
+    v = f.attrs.get(key)
+    if isinstance(v, bytes):
+        v = v.decode("utf-8", "replace")
+    v = v.item() if isinstance(v, np.generic) else v
+    return v if isinstance(v, (int, float, str)) else None
+
+
 def _check_attrs(f: h5py.File, path, fingerprint: str | None, size: int | None, resize: str | None) -> None:
-    if f.attrs.get("schema") != SCHEMA:
-        raise StoreError(f"{path} is not an image store (schema {f.attrs.get('schema')!r})")
-    if int(f.attrs["schema_version"]) != SCHEMA_VERSION:
-        raise StoreError(f"{path}: image store version {f.attrs['schema_version']} is not supported (this tool "
+    if _attr(f, "schema") != SCHEMA:
+        raise StoreError(f"{path} is not an image store (schema {str(f.attrs.get('schema'))[:40]!r})")
+    version = _attr(f, "schema_version")
+    if isinstance(version, bool) or version != SCHEMA_VERSION:
+        raise StoreError(f"{path}: image store version {str(version)[:20]} is not supported (this tool "
                          f"reads version {SCHEMA_VERSION}, images at their own size); delete it and "
                          "`python cli.py precompute` rebuilds it")
+    if not isinstance(_attr(f, "fingerprint"), str):
+        raise StoreError(f"{path}: attribute fingerprint is missing or not a string; delete it to rebuild")
     if fingerprint is not None and f.attrs["fingerprint"] != fingerprint:
         raise StoreError(f"{path} was built from another data folder (fingerprint "
                          f"{f.attrs['fingerprint'][:12]}, folder {fingerprint[:12]}); delete it to rebuild")
-    if size is not None and int(f.attrs["size"]) != size:
+    if size is not None and _attr(f, "size") != size:
         raise StoreError(f"{path} holds {f.attrs['size']}px images, {size}px asked; use another path")
-    if resize is not None and str(f.attrs["resize"]) != resize:
+    if resize is not None and _attr(f, "resize") != resize:
         raise StoreError(f"{path} holds {f.attrs['resize']} images, {resize} asked; use another path")
+
+
+def _int_attr(f: h5py.File, path, key: str, lo: int, hi: int) -> int:
+    v = f.attrs.get(key)
+    v = v.item() if isinstance(v, np.generic) else v
+    if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
+        raise StoreError(f"{path}: attribute {key} is {str(v)[:40]}, not an integer in {lo}..{hi}: the store "
+                         "is damaged or was not written by this tool; delete it to rebuild")
+    return v
+
+
+def _written_as_built(name: str, ds: h5py.Dataset) -> bool:
+    """What a store being built may hold unwritten: the pixels, digests and done flags (the
+    sizes and offsets are written when it is made)."""
+    return name in ("pixels", "digest", "done")
+
+
+def _check_store(f: h5py.File, path, building: bool = False) -> dict:
+    """Everything an image store declares, checked before its tables are trusted (a store is
+    received with its cache): links, filters, sizes and chunk counts (core.h5safe; ``building``:
+    a store being built may hold unwritten pixels), then its attributes, the dtype, shape and
+    chunking of each table, and the range of every image size (at least 1, short side S and long
+    side at most ``MAX_ASPECT * S`` as :func:`resized_hw` makes them; S at most ``MAX_SIZE``),
+    its offsets, its rows and its pixel count. Returns ``{"hw": [N, 2] int64, "ends": [N + 1],
+    "row_start", "row_stop", "base"}``. Missing tables are a KeyError (killed while created)."""
+    names = set(f.keys())  # link names only: nothing is followed before check_h5 has seen the links
+    absent = [name for name in DATASETS if name not in names]
+    if absent:
+        raise KeyError(f"no {', '.join(absent)}: killed while being created?")
+    check_h5(f, path, StoreError, allow_sparse=_written_as_built if building else False)
+    if not all(isinstance(f[name], h5py.Dataset) for name in DATASETS):
+        raise KeyError(f"{', '.join(DATASETS)} must be datasets")
+    size = _int_attr(f, path, "size", 1, MAX_SIZE)
+    resize = _attr(f, "resize")
+    if resize not in RESIZE_MODES:
+        raise StoreError(f"{path}: attribute resize is {str(resize)[:40]}, not one of "
+                         f"{', '.join(RESIZE_MODES)}")
+    n = _int_attr(f, path, "num_rows", 0, MAX_ROWS)
+    lo = _int_attr(f, path, "row_start", 0, n)
+    hi = _int_attr(f, path, "row_stop", lo, n)
+    shapes = {"offset": (n,), "hw": (n, 2), "digest": (n, 32), "done": (n,)}
+    for name in DATASETS:
+        ds = f[name]
+        shape = shapes.get(name, (ds.shape or (0,))[:1])
+        if ds.dtype != DTYPES[name] or ds.shape != shape:
+            want = "[P]" if name == "pixels" else shape
+            raise StoreError(f"{path}: /{name} is {ds.dtype} {ds.shape}, an image store of {n} rows holds "
+                             f"{np.dtype(DTYPES[name])} {want}; delete it to rebuild")
+        if chunk_count(shape, ds.chunks) > auto_chunk_limit(shape, ds.dtype.itemsize):
+            raise StoreError(f"{path}: /{name} is split into {chunk_count(shape, ds.chunks):,} chunks "
+                             f"{ds.chunks}; the store is damaged or was not written by this tool; delete it "
+                             "to rebuild")
+    hw = f["hw"][:].astype(np.int64)
+    cap = size if resize == "squash" else round(MAX_ASPECT * size)
+    bad = np.flatnonzero((hw.min(axis=1, initial=size) != size) | (hw.max(axis=1, initial=size) > cap)) \
+        if n else np.zeros(0, np.int64)
+    if len(bad):
+        r = int(bad[0])
+        raise StoreError(f"{path}: image {r} has size {tuple(hw[r].tolist())}; {len(bad)} image(s) in all "
+                         f"are not {resize} {size} px images (short side {size}, long side at most {cap}): "
+                         "the store is damaged or was not written by this tool; delete it to rebuild")
+    ends = _offsets(hw)
+    if not np.array_equal(f["offset"][:], ends[:-1]):
+        raise StoreError(f"{path}: its offsets do not follow its image sizes; delete it to rebuild")
+    want = {"total_bytes": int(ends[-1]), "pixel_start": int(ends[lo]), "side": int(hw.max()) if n else 0}
+    for key, v in want.items():
+        _int_attr(f, path, key, v, v)
+    if f["pixels"].shape != (max(1, int(ends[hi] - ends[lo])),):
+        raise StoreError(f"{path}: {f['pixels'].shape[0]:,} pixel bytes, its images {lo}..{hi - 1} take "
+                         f"{int(ends[hi] - ends[lo]):,}; delete it to rebuild")
+    return {"hw": hw, "ends": ends, "row_start": lo, "row_stop": hi, "base": want["pixel_start"]}
+
+
+def _open_checked(path, building: bool = False, mode: str = "r") -> tuple[h5py.File, dict]:
+    """An existing store, opened through core.h5safe and :func:`_check_store` (closed again when
+    a check fails): every open of a store, merge parts included."""
+    f = open_untrusted(path, mode, StoreError, what="image store",
+                       allow_sparse=_written_as_built if building else False)
+    try:
+        _check_attrs(f, path, None, None, None)
+        return f, _check_store(f, path, building)
+    except KeyError as e:
+        f.close()
+        raise StoreError(f"{path} is not a readable image store ({e}); delete it to rebuild") from None
+    except BaseException:
+        f.close()
+        raise
 
 
 def _create(f: h5py.File, attrs: dict, hw: np.ndarray, lo: int, hi: int) -> None:
@@ -139,7 +242,7 @@ def build_store(meta: Metadata, path: str | Path, size: int, fingerprint: str, r
     except OSError as e:
         raise StoreError(f"{path} is not a readable HDF5 file ({e}); delete it to rebuild") from None
     with f:
-        if len(f) == 0 and f.attrs.get("schema", SCHEMA) == SCHEMA:  # new; anything else must match
+        if len(f) == 0 and _attr(f, "schema") in (SCHEMA, None):  # new; anything else must match
             paths = [meta.root / name for name in meta.filenames]
             with ThreadPoolExecutor(8) as pool:  # headers only: sizes without decoding
                 hw = np.array([resized_hw(*wh, size, resize) for wh in pool.map(_image_size, paths)],
@@ -151,15 +254,17 @@ def build_store(meta: Metadata, path: str | Path, size: int, fingerprint: str, r
                            "CenterCrop for them)")
             _create(f, dict(fingerprint=fingerprint, size=size, resize=resize), hw, wanted.start, wanted.stop)
         _check_attrs(f, path, fingerprint, size, resize)
-        if any(name not in f for name in DATASETS):
-            raise StoreError(f"{path} is a damaged image store (killed while being created?); delete it to rebuild")
-        a0, b0 = int(f.attrs["row_start"]), int(f.attrs["row_stop"])
+        try:  # a store this folder's may still be a received one: checked as any other
+            c = _check_store(f, path, building=True)
+        except KeyError:
+            raise StoreError(f"{path} is a damaged image store (killed while being created?); "
+                             "delete it to rebuild") from None
+        a0, b0 = c["row_start"], c["row_stop"]
         lo, hi = wanted.start, wanted.stop
-        if lo < a0 or hi > b0:
-            raise StoreError(f"{path} holds rows {a0}..{b0 - 1}, rows {lo}..{hi - 1} asked (another torchrun "
-                             "layout?); delete it to rebuild")
-        done, hw = f["done"][:], f["hw"][:].astype(np.int64)
-        ends, base = _offsets(hw), int(f.attrs["pixel_start"])
+        if lo < a0 or hi > b0 or len(c["hw"]) != n:
+            raise StoreError(f"{path} holds rows {a0}..{b0 - 1} of {len(c['hw'])}, rows {lo}..{hi - 1} "
+                             f"of {n} asked (another torchrun layout?); delete it to rebuild")
+        done, hw, ends, base = f["done"][:], c["hw"], c["ends"], c["base"]
         todo = [(a, min(a + CHUNK_ROWS, hi)) for a in range(lo, hi, CHUNK_ROWS) if not done[a:min(a + CHUNK_ROWS, hi)].all()]
         bar = tqdm(total=hi - lo, initial=hi - lo - sum(b - a for a, b in todo), desc="image store",
                    unit="img", disable=not progress or not todo)
@@ -187,13 +292,20 @@ def _is_complete(path: Path, fingerprint: str, size: int, resize: str, rows: ran
     if not path.is_file():
         return False
     try:
-        with h5py.File(path, "r") as f:
-            if "done" not in f:
-                return False
-            _check_attrs(f, path, fingerprint, size, resize)
-            return bool(f["done"][rows.start:rows.stop].all())
+        f = h5py.File(path, "r")
     except OSError:
         return False  # let the writer path report what is wrong with the file
+    with f:
+        if "done" not in f:
+            return False
+        _check_attrs(f, path, fingerprint, size, resize)
+        try:
+            c = _check_store(f, path, building=True)
+        except KeyError:
+            return False  # killed while being created: the writer path says so
+        if rows.start < c["row_start"] or rows.stop > c["row_stop"]:
+            return False  # the writer path says which rows it holds
+        return bool(f["done"][rows.start:rows.stop].all())
 
 
 def merge_stores(out: str | Path, parts: list[str | Path]) -> Path:
@@ -215,11 +327,11 @@ def _merge_stores(out: Path, parts: list[Path]) -> Path:
 
     from core.files import ensure_dir, fsync_dir, fsync_file
 
-    with h5py.File(parts[0], "r") as ref:
+    ref, c = _open_checked(parts[0])
+    with ref:
         keep = ("fingerprint", "size", "resize")
-        attrs, hw = {k: ref.attrs[k] for k in keep}, ref["hw"][:].astype(np.int64)
-        _check_attrs(ref, parts[0], None, None, None)
-    n, ends = len(hw), _offsets(hw)
+        attrs, hw = {k: _attr(ref, k) for k in keep}, c["hw"]
+    n, ends = len(hw), c["ends"]
     ensure_dir(out.parent, "output folder")
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.fchmod(fd, 0o644)
@@ -240,13 +352,16 @@ def _copy_parts(tmp, parts: list[Path], attrs: dict, hw: np.ndarray, n: int, end
     with h5py.File(tmp, "w") as f:
         _create(f, attrs, hw, 0, n)
         done = np.zeros(n, bool)
-        for p in parts:
-            with h5py.File(p, "r") as src:
-                _check_attrs(src, p, attrs["fingerprint"], int(attrs["size"]), str(attrs["resize"]))
-                if not np.array_equal(src["hw"][:], hw):
+        for p in parts:  # each part checked as a received store: no bytes from outside it
+            src, c = _open_checked(p)
+            with src:
+                _check_attrs(src, p, attrs["fingerprint"], attrs["size"], attrs["resize"])
+                if not np.array_equal(c["hw"], hw):
                     raise StoreError(f"the store parts {parts[0]} and {p} disagree on the image sizes")
-                base = int(src.attrs["pixel_start"])
-                mine = src["done"][:] & ~done
+                base = c["base"]
+                mine = np.zeros(n, bool)
+                mine[c["row_start"]:c["row_stop"]] = src["done"][c["row_start"]:c["row_stop"]]
+                mine &= ~done
                 for a, b in _runs(np.flatnonzero(mine), ends):
                     f["pixels"][ends[a]:ends[b]] = src["pixels"][ends[a] - base:ends[b] - base]
                     f["digest"][a:b] = src["digest"][a:b]
@@ -282,20 +397,13 @@ class ImageStore:
         try:
             with h5py.File(self.path, "r") as f:
                 _check_attrs(f, self.path, fingerprint, size, resize)
-                absent = [name for name in DATASETS if name not in f]
-                if absent:
-                    raise KeyError(f"no {', '.join(absent)}: killed while being created?")
-                check_h5(f, self.path, StoreError)  # a received store: no links out, plausible sizes
+                c = _check_store(f, self.path)  # a received store: checked before its tables are used
                 done = f["done"][:]
-                self.hw = f["hw"][:].astype(np.int64)  # [N, 2] (height, width) of each image
-                self._ends = _offsets(self.hw)
-                if not np.array_equal(f["offset"][:], self._ends[:-1]):
-                    raise StoreError(f"{self.path}: its offsets do not follow its image sizes; delete it to rebuild")
-                self.size, self.num_rows = int(f.attrs["size"]), int(f.attrs["num_rows"])
-                self.side, self.resize = int(f.attrs["side"]), str(f.attrs["resize"])
-                self.fingerprint = str(f.attrs["fingerprint"])
-                self.row_start, self.row_stop = int(f.attrs["row_start"]), int(f.attrs["row_stop"])
-                self._base = int(f.attrs["pixel_start"])
+                self.hw, self._ends = c["hw"], c["ends"]  # [N, 2] (height, width) of each image; [N + 1]
+                self.size, self.num_rows = _attr(f, "size"), len(self.hw)
+                self.side, self.resize = _attr(f, "side"), _attr(f, "resize")
+                self.fingerprint = _attr(f, "fingerprint")
+                self.row_start, self.row_stop, self._base = c["row_start"], c["row_stop"], c["base"]
         except (OSError, KeyError) as e:
             raise StoreError(f"{self.path} is not a readable image store ({e}); delete it to rebuild") from None
         lo, hi = (self.row_start, self.row_stop) if rows is None else (rows.start, rows.stop)
@@ -396,7 +504,8 @@ class ImageStore:
         """One sha256 (hex) over the store's attributes and its tables (offsets, sizes, done
         flags and every image's digest): equal digests, equal stores."""
         f = self._open()
-        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+        attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else v.item() if isinstance(v, np.generic)
+                     else v) for k, v in f.attrs.items()}
         h = hashlib.sha256(json.dumps(attrs, sort_keys=True, default=str).encode())
         for name in ("offset", "hw", "done", "digest"):
             h.update(name.encode())

@@ -61,7 +61,8 @@ MESSAGES = {"external link": "/teachers/t1 is an external link to",
             "soft link": "/alias is a soft link to /teachers/t0/logits",
             "virtual dataset": "dataset /v is a virtual dataset",
             "external storage": "dataset /ext keeps its data in external file(s)",
-            "huge chunked": "dataset /huge declares shape (1000000000000, 2) (4,000,000,000,000 bytes)",
+            "huge chunked": "dataset /huge declares 976,562,500 chunks (shape (1000000000000, 2), "
+                            "chunks (1024, 2))",
             "huge contiguous": "dataset /huge declares shape (1000000000000,)"}
 
 
