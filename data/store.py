@@ -396,8 +396,9 @@ class ImageStore:
             raise StoreError(f"no image store at {self.path}; it is built by `python cli.py precompute`")
         try:
             with h5py.File(self.path, "r") as f:
-                _check_attrs(f, self.path, fingerprint, size, resize)
+                _check_attrs(f, self.path, None, None, None)
                 c = _check_store(f, self.path)  # a received store: checked before its tables are used
+                _check_attrs(f, self.path, fingerprint, size, resize)
                 done = f["done"][:]
                 self.hw, self._ends = c["hw"], c["ends"]  # [N, 2] (height, width) of each image; [N + 1]
                 self.size, self.num_rows = _attr(f, "size"), len(self.hw)
