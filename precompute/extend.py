@@ -19,9 +19,9 @@ import torch
 from cache.reader import open_cache
 from cache.schema import CacheError, CacheMeta, store_path_for
 from cache.tools import _check_out, fresh, origin, place_store, read_rows, samples_of, source_compression, write_derived
-from core.ensemble import Ensemble
+from core.ensemble import Ensemble, head_of
 from core.errors import ConfigError
-from core.manifest import load_model, read_manifest, verify_files
+from core.manifest import load_model, read_manifest, verify_files, verify_models
 from core.models import FEATURE_DIMS, load_checkpoint
 from core.runtime import autocast, memory_format_for, pick_device
 from core.weighting import cached_agre_weights
@@ -38,15 +38,15 @@ class _Runner(torch.nn.Module):
     """The backbones to run and the heads of the models to compute on them (as Ensemble does:
     each backbone once, heads in float32 on its layer4 features)."""
 
-    def __init__(self, man, backbones: list[str], models: list):
+    def __init__(self, man, backbones: list[str], models: list, load=None, seen: dict | None = None):
         super().__init__()
-        load = functools.cache(load_checkpoint)
+        load = load or functools.cache(load_checkpoint)
         everyone = man.teachers + [man.biased]
         first = {b: next(m for m in everyone if m.backbone_id == b) for b in backbones}
         self.backbone_ids = list(backbones)
-        self.backbones = torch.nn.ModuleList(load_model(man, first[b], load) for b in backbones)
+        self.backbones = torch.nn.ModuleList(load_model(man, first[b], load, seen) for b in backbones)
         self.owner = [backbones.index(m.backbone_id) for m in models]
-        self.heads = torch.nn.ModuleList(Ensemble._head(load(man.path(m.head_file or m.file))) for m in models)
+        self.heads = torch.nn.ModuleList(Ensemble._head(*head_of(man, m, load)) for m in models)
 
     def forward(self, x, layers):
         feats = [bb(x, layers=tuple(set(layers) | {"layer4"}))[1] for bb in self.backbones]
@@ -94,6 +94,22 @@ def check_fit(cache, man, manifest_path, data_root=None) -> None:
     if problems:
         raise CacheError(f"{manifest_path} does not fit {cache.path}: " + "; ".join(problems)
                          + ". Use models trained for this data set at these settings, or run precompute")
+
+
+def check_backbones(meta: CacheMeta, man, digests: dict[str, str], manifest_path) -> None:
+    """The manifest's backbone ids were recomputed from its files (``digests``, by model name, from
+    :func:`core.manifest.verify_models`); a model the cache also holds (same checkpoint sha256)
+    must have the backbone there that its file has here, or the cache's features of that backbone
+    are not this model's: refused."""
+    claimed = {t["sha256"]: t.get("backbone_id") for t in meta.teachers}
+    for e in man.teachers + [man.biased]:
+        said = claimed.get(e.sha256)
+        if said is not None and not (isinstance(said, str) and len(said) >= 16
+                                     and digests[e.name].startswith(said)):
+            raise CacheError(f"the cache says model {e.name}'s checkpoint (sha256 {e.sha256[:12]}...) has "
+                             f"backbone {str(said)[:20]!r}, its file's weights in {manifest_path} hash to "
+                             f"{digests[e.name][:16]}: the cache's features of that backbone are not this "
+                             f"model's; run precompute")
 
 
 def plan(meta: CacheMeta, man) -> dict:
@@ -163,6 +179,8 @@ def extend(path, manifest, out, batch_size: int = 128, device: str = "auto", dat
         m = r.meta
         check_fit(r, man, manifest, data_root)
         verify_files(man)
+        load, seen = functools.cache(load_checkpoint), {}
+        check_backbones(m, man, verify_models(man, load, seen), manifest)
         p = plan(m, man)
         dev = pick_device(device)
         store = None
@@ -171,8 +189,10 @@ def extend(path, manifest, out, batch_size: int = 128, device: str = "auto", dat
             if m.store_digest and store.store_digest() != m.store_digest:
                 raise CacheError(f"{store.path} is not the image store {path} was computed from (its digest differs); "
                                  "copy the cache's own store beside it")
-        runner = _Runner(man, p["run"], p["compute"]).to(dev).eval().to(memory_format=memory_format_for(dev)) \
-            if p["run"] else None
+        runner = None
+        if p["run"]:
+            runner = _Runner(man, p["run"], p["compute"], load, seen).to(dev).eval()
+            runner = runner.to(memory_format=memory_format_for(dev))
         col = {e.name: j for j, e in enumerate(p["compute"])}
         entry = {"op": "extend", **origin(r), "manifest": str(manifest),
                  "computed": [e.name for e in p["compute"]],
