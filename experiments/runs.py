@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from core.files import read_json_object, read_jsonl
+from core.errors import ToolError
+from core.files import JSONFileError, load_json, read_jsonl
 from distill.config import (CONFIG, METRICS, SUMMARY, DistillConfig, group_key, identity_of, non_default_settings,
                             setting_label)
-from experiments.sweep import PRESETS, SWEEP_FILE, read_summary
+from experiments.sweep import PRESETS, SWEEP_FILE
 
 RUN_FILES = (CONFIG, SUMMARY, METRICS)  # the files that make a folder a run
 # The reference configuration of the study: its AGRE-KD (batch weights from the gradients of all
@@ -157,13 +158,84 @@ def _status(path: Path, summary: dict | None, epochs: int, planned_epochs) -> tu
     return "finished", ""
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _metrics_problem(m, where: str) -> str | None:
+    """What is wrong with a metrics object (``{"wga": 0.8, "group_acc": [...], ...}``), or None."""
+    if not isinstance(m, dict):
+        return f"{where} is not an object"
+    for k, v in m.items():
+        ok = v is None or _number(v) or isinstance(v, str) or (
+            isinstance(v, list) and all(x is None or _number(x) for x in v))
+        if not ok:
+            return f"{where}.{k} is not a number or a list of numbers"
+    return None
+
+
+def summary_problem(summary: dict) -> str | None:
+    """The first field of a run's summary.json whose type is not what the report reads, or None.
+    The file is written by ``distill`` but may come from anywhere (a copied runs folder)."""
+    kinds = {"status": str, "test_best": dict, "test_last": dict, "val_best": dict, "group_names": list,
+             "teachers": list, "teacher_val": dict, "teacher_test": dict, "config": dict}
+    for key, kind in kinds.items():
+        if key in summary and summary[key] is not None and not isinstance(summary[key], kind):
+            return f"field {key} is not {({dict: 'an object', list: 'a list'}).get(kind, 'a string')}"
+    for key in ("test_best", "test_last", "val_best"):
+        problem = _metrics_problem(summary[key], key) if summary.get(key) is not None else None
+        if problem:
+            return f"field {problem}"
+    if not all(isinstance(g, str) for g in summary.get("group_names") or []):
+        return "field group_names is not a list of names"
+    if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("role", ""), str)
+               for t in summary.get("teachers") or []):
+        return "field teachers is not a list of {name, role} objects"
+    for key in ("teacher_val", "teacher_test"):
+        for name, m in (summary.get(key) or {}).items():
+            problem = _metrics_problem(m, f"{key}[{name[:40]!r}]")
+            if problem:
+                return f"field {problem}"
+    return None
+
+
+def _read_object(path: Path) -> tuple[dict | None, str]:
+    """A run file's JSON object (bounded: :func:`core.files.load_json`), or None and why."""
+    if not path.exists():
+        return None, ""
+    try:
+        return load_json(path, path.name, kind=dict), ""
+    except JSONFileError as e:
+        return None, str(e).replace(f"{path.name} {path}: ", f"{path.name} is unreadable: ", 1)
+
+
+def read_run_files(path: Path) -> tuple[dict | None, dict, str]:
+    """A run folder's summary (None when absent or unusable), config ({} when unusable) and what
+    makes either unusable ("" when nothing): size, depth and top-level type bounded, the fields the
+    report reads type-checked, the config's values checked as DistillConfig checks them."""
+    summary, why = _read_object(path / SUMMARY)
+    if summary is not None and summary_problem(summary):
+        summary, why = None, f"{SUMMARY} is unreadable: {summary_problem(summary)}"
+    config, why_config = _read_object(path / CONFIG)
+    if config is None and not why_config:
+        config = (summary or {}).get("config") or {}
+    if config:
+        try:
+            identity_of(config)
+        except (ToolError, TypeError, ValueError) as e:
+            config, why_config = None, f"{CONFIG}: {str(e)[:300]}"
+    return summary, config or {}, why or why_config
+
+
 def load_run(path: str | Path) -> RunRecord:
-    """Read one run folder (config.json, summary.json, metrics.jsonl) into a RunRecord."""
+    """Read one run folder (config.json, summary.json, metrics.jsonl) into a RunRecord. A file
+    that cannot be used makes the run "failed", with the file and the field as its reason."""
     path = Path(path)
-    summary = read_summary(path)
-    config = read_json_object(path / CONFIG) or (summary or {}).get("config") or {}
+    summary, config, why = read_run_files(path)
     epochs, seconds = _epochs(path / METRICS)
     status, reason = _status(path, summary, epochs, config.get("epochs"))
+    if why:
+        status, reason = "failed", why
     return RunRecord(path.name, path, status, reason, config, summary, epochs, seconds)
 
 
@@ -177,10 +249,19 @@ def load_runs(runs_dir: str | Path) -> list[RunRecord]:
 def load_plan(runs_dir: str | Path) -> list[dict] | None:
     """The planned runs of sweep.json (``{"name", "overrides", "preset", "table", "label"}``), or
     None. Entries of version 1 (no "table") belong to their preset's table."""
-    plan = read_json_object(Path(runs_dir) / SWEEP_FILE)
-    if plan is None:
+    path = Path(runs_dir) / SWEEP_FILE
+    if not path.exists():
         return None
-    return [{**e, "table": e.get("table") or e.get("preset")} for e in plan.get("runs", [])]
+    plan = load_json(path, SWEEP_FILE, kind=dict)  # a JSONFileError (a message) when unusable
+    runs = plan.get("runs", [])
+    if not isinstance(runs, list) or not all(isinstance(e, dict) for e in runs):
+        raise JSONFileError(f"{SWEEP_FILE} {path}: field runs is not a list of objects")
+    for i, e in enumerate(runs):
+        if not isinstance(e.get("name"), str) or not isinstance(e.get("overrides", {}), dict) or any(
+                e.get(k) is not None and not isinstance(e[k], str) for k in ("preset", "table", "label")):
+            raise JSONFileError(f"{SWEEP_FILE} {path}: field runs[{i}] needs a name, an overrides object and "
+                                f"strings (or null) as preset, table and label")
+    return [{**e, "table": e.get("table") or e.get("preset")} for e in runs]
 
 
 # ----------------------------------------------------------------------------- aggregation
