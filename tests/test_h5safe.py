@@ -100,3 +100,31 @@ def test_too_many_objects_missing_and_junk_files(tmp_path):
     (tmp_path / "junk.h5").write_bytes(b"not hdf5")
     with pytest.raises(Bad, match="not a readable HDF5 file"):
         open_untrusted(tmp_path / "junk.h5", error_cls=Bad)
+
+
+def test_chunk_counts_are_bounded_per_dataset_and_in_all(tmp_path):
+    """Unallocated chunks cost HDF5 memory on a read as allocated ones do: what a file declares is
+    bounded by what its size can index, per dataset and over all of them, from metadata only."""
+    from core.h5safe import FREE_CHUNKS
+
+    one = tmp_path / "one.h5"
+    with h5py.File(one, "w") as f:
+        f.create_dataset("bomb", (FREE_CHUNKS * 100,), "u1", chunks=(1,))[:10] = 1
+    with pytest.raises(Bad, match=rf"dataset /bomb declares {FREE_CHUNKS * 100:,} chunks"):
+        open_untrusted(one, error_cls=Bad)
+    with open_untrusted(one, error_cls=Bad, allow_sparse=lambda name, ds: name == "bomb"):
+        pass  # a file being resumed: its reader bounds those chunks from its own header
+    many = tmp_path / "many.h5"
+    with h5py.File(many, "w") as f:  # each under the bound, together over it
+        for i in range(8):
+            f.create_dataset(f"d{i}", (FREE_CHUNKS,), "u1", chunks=(1,))[:4] = 1
+    with pytest.raises(Bad, match="its datasets declare more than .* chunks in all"):
+        open_untrusted(many, error_cls=Bad)
+
+
+def test_chunks_larger_than_the_dataset_are_refused(tmp_path):
+    path = tmp_path / "wide.h5"
+    with h5py.File(path, "w") as f:  # a resizable dataset may declare chunks beyond its shape
+        f.create_dataset("x", shape=(10,), maxshape=(None,), chunks=(10**8,), dtype="u1", compression="gzip")
+    with pytest.raises(Bad, match=r"dataset /x has chunks \(100000000,\) larger than its shape \(10,\)"):
+        open_untrusted(path, error_cls=Bad)
