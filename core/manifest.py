@@ -381,3 +381,41 @@ def make_entry(name: str, role: str, file: str | Path, arch: str, num_classes: i
                       sha256=sha256_file(file), backbone_id=backbone_id(state),
                       head_file=rel(head_file) if head_file else None,
                       head_sha256=sha256_file(head_file) if head_file else None)
+
+
+def export_safetensors(man: Manifest, out: str | Path) -> Manifest:
+    """Write every checkpoint of ``man`` (checked by :func:`verify_models`) as a ``.safetensors``
+    file in the folder ``out`` and a manifest naming them (``out/manifest.json``); returns it.
+
+    The format to share teachers in: no pickle, no strides, names, dtypes and byte ranges in a
+    JSON header. Tensors keep their dtype and bytes, so every backbone_id stays the same; the
+    sha256s are the new files'. Refuses to write over the manifest it reads.
+    """
+    from core.files import ensure_dir
+    from core.models import save_safetensors
+
+    out = ensure_dir(out, "export folder")
+    if out.resolve() == Path(man.root).resolve():
+        raise ManifestError(f"export into {out}: that is the manifest's own folder; choose another")
+    verify_models(man)
+    written: dict[Path, str] = {}
+
+    def export(rel: str | None) -> str | None:
+        if rel is None:
+            return None
+        src = man.path(rel)
+        if src not in written:
+            name = f"{Path(rel).stem}.safetensors"
+            while name in written.values():
+                name = f"{Path(name).stem}_{len(written)}.safetensors"
+            save_safetensors(load_checkpoint(src), out / name)
+            written[src] = name
+        return written[src]
+
+    models = [dataclasses.replace(m, file=export(m.file), head_file=export(m.head_file)) for m in man.models]
+    for m in models:
+        m.sha256 = sha256_file(out / m.file)
+        m.head_sha256 = sha256_file(out / m.head_file) if m.head_file else None
+    new = dataclasses.replace(man, models=models, root=out, source=out / "manifest.json")
+    new.save(out / "manifest.json")
+    return new

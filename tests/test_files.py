@@ -118,7 +118,7 @@ def test_load_json_bounds_size_depth_and_type(tmp_path):
     with pytest.raises(JSONFileError, match=r"summary .*summary\.json: nested deeper than 32 levels"):
         load_json(path, "summary")
     assert read_json(path) is None
-    path.write_text('{"a": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\\"[[", "b": [[1]]}')  # brackets in strings
+    path.write_text('{"a": "' + "[" * 39 + '\\"[[", "b": [[1]]}')  # brackets in strings
     assert load_json(path, max_depth=3) == {"a": "[" * 39 + '"[[', "b": [[1]]}
     with pytest.raises(JSONFileError, match="nested deeper than 2 levels"):
         load_json(path, max_depth=2)

@@ -57,17 +57,17 @@ def field(path, value):
     (field(["resize"], ["squash"]), r"resize must be one of keep-aspect, squash, got list"),
     (field(["models"], {"t1": {}}), r"models must be a list of 1 to 256 models, got dict"),
     (field(["models", 0, "sha256"], "ABC"), r"models\[0\] \(t1\)\.sha256 must be 64 lowercase hex digits"),
-    (field(["models", 0, "head_file"], "h.pt"), r"models\[0\] \(t1\) needs head_file and head_sha256 together"),
+    (field(["models", 0, "head_file"], "h.pt"), r"models\[0\] \(t1\) needs head_file and head_sha256"),
     (field(["models", 0, "file"], ""), r"models\[0\] \(t1\)\.file must be a non-empty string"),
     (field(["models", 0, "name"], 5), r"models\[0\]\.name must be a non-empty string"),
-    (field(["models", 0, "backbone_id"], None), r"models\[0\] \(t1\)\.backbone_id must be a non-empty string"),
+    (field(["models", 0, "backbone_id"], None), r"models\[0\] \(t1\)\.backbone_id must be a non-empty"),
     (field(["models", 0, "metrics"], [1]), r"models\[0\] \(t1\)\.metrics must be an object, got list"),
     (field(["models", 0], [1]), r"models\[0\] must be an object, got list"),
     (field(["extra"], 1), r"unknown field\(s\) \['extra'\]"),
     (field(["image_size"], KeyError), r"missing field\(s\) \['image_size'\]"),
-], ids=["deep", "arch", "classes-str", "classes-bool", "entry-classes", "image-size", "pretrained-str", "resize",
-        "models-dict", "sha256", "head-alone", "empty-file", "name-int", "backbone-null", "metrics-list",
-        "entry-list", "unknown-field", "missing-field"])
+], ids=["deep", "arch", "classes-str", "classes-bool", "entry-classes", "image-size", "pretrained-str",
+        "resize", "models-dict", "sha256", "head-alone", "empty-file", "name-int", "backbone-null",
+        "metrics-list", "entry-list", "unknown-field", "missing-field"])
 def test_manifest_fields_checked_at_read_naming_file_and_field(tmp_path, edit, match):
     d = manifest_dict()
     edit(d)
@@ -100,7 +100,7 @@ def test_bad_manifest_through_the_command_line(tmp_path, tiny_data):
         assert r.exit_code == 1 and f"{tmp_path / 'manifest.json'}: malformed manifest" in r.output, r.output
 
 
-# ------------------------------------------------------------ run folders: summary.json, config.json, sweep.json
+# ------------------------------------------------------------ run folders: summary, config, sweep.json
 
 def run_folder(root: Path, summary) -> Path:
     cfg = DistillConfig(out=str(root / "run1"))
@@ -114,7 +114,8 @@ def run_folder(root: Path, summary) -> Path:
 @pytest.mark.parametrize("summary, reason", [
     ("[" * 200_000 + "]" * 200_000, "summary.json is unreadable: nested deeper than 32 levels"),
     ("[]", "summary.json is unreadable: holds an array, not a JSON object"),
-    ({"status": "finished", "test_best": [0.8]}, "summary.json is unreadable: field test_best is not an object"),
+    ({"status": "finished", "test_best": [0.8]},
+     "summary.json is unreadable: field test_best is not an object"),
     ({"status": "finished", "test_best": {"wga": 0.8, "group_acc": {"a": 1}}},
      "field test_best.group_acc is not a number or a list of numbers"),
     ({"status": "finished", "test_best": {"wga": 0.8}, "teacher_test": {"t": 5}},
