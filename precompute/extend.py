@@ -10,7 +10,6 @@ AGRE weights are recomputed when the teachers or the biased model change.
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from cache.schema import CacheError, CacheMeta, store_path_for
 from cache.tools import _check_out, fresh, origin, place_store, read_rows, samples_of, source_compression, write_derived
 from core.ensemble import Ensemble, head_of
 from core.errors import ConfigError
+from core.files import JSONFileError, load_json
 from core.manifest import load_model, read_manifest, verify_files, verify_models
 from core.models import FEATURE_DIMS, load_checkpoint
 from core.runtime import autocast, memory_format_for, pick_device
@@ -79,9 +79,10 @@ def check_fit(cache, man, manifest_path, data_root=None) -> None:
     record = Path(man.root) / "teachers_config.json"
     if record.is_file():
         try:
-            fp = json.loads(record.read_text()).get("dataset_fingerprint")
-        except (OSError, ValueError):
+            fp = load_json(record, "the teachers' record", kind=dict).get("dataset_fingerprint")
+        except JSONFileError:
             fp = None
+        fp = fp if isinstance(fp, str) else None
         if fp and fp != m.dataset_fingerprint:
             problems.append(f"the teachers of {manifest_path} were built from another data set (fingerprint "
                             f"{fp[:16]}, the cache {m.dataset_fingerprint[:16]})")

@@ -383,3 +383,19 @@ def test_export_safetensors_keeps_every_backbone_and_output(tmp_path):
         torch.testing.assert_close(u, v, rtol=0, atol=0)
     with pytest.raises(ManifestError, match="the manifest's own folder"):
         export_safetensors(back, tmp_path / "shared")
+
+
+def test_extend_reads_the_teachers_record_as_untrusted(tmp_path, tiny_cache, tiny_teachers):
+    """A teachers_config.json nested deep or not an object is no record (a traceback before)."""
+    import shutil
+
+    from cache.reader import open_cache
+    from precompute.extend import check_fit
+
+    folder = tmp_path / "t"
+    shutil.copytree(tiny_teachers.parent, folder)
+    man = read_manifest(folder)
+    with open_cache(tiny_cache) as cache:
+        for text in ("[" * 100_000 + "]" * 100_000, "[]", '{"dataset_fingerprint": [1]}'):
+            (folder / "teachers_config.json").write_text(text)
+            check_fit(cache, man, folder / "manifest.json")
