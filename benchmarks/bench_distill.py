@@ -1,22 +1,34 @@
-"""Benchmark: the cached distillation step of every weighting mode against a plain ResNet-18 step.
+"""Benchmark: the distillation step of every weighting mode against a plain cross-entropy step.
 
-Prints, measured side by side in one run (interleaved passes, best of each), the step time of:
-  - plain: cross-entropy ResNet-18 step on the same batch (the floor);
-  - cached steps (gamma 0.5 on layer4) with each weighting: aver, agre (per sample), cached,
-    agre-batch with last / layer4 / all parameters (all = the study's method), and the study's
-    straightforward agre-batch-all loop (T + 1 gradients, then a backward of the whole loss);
-  - online: the study's loop (T ResNet-50 teachers + the biased model on every batch,
-    agre-batch over all parameters), unless --skip-online.
-Ratios are to the plain step. Goals: cached agre <= 1.10x; agre-batch all <= 3.5x on an H100
-(4.79x before the fast path); online / cached agre-batch all >= 2x. Each step includes rendering
-the batch's views from stored uint8 pixels on the device.
+Each step is built as ``distill.train`` builds it (``teacher_source`` -> ``DistillTask``; per
+step ``task.batch`` then ``task.step``) on an in-memory stand-in of a cached training split
+(random uint8 pixels at the store size, random teacher outputs), and includes rendering the
+batch's views from the stored pixels on the device. Prints, measured side by side in one run
+(interleaved passes, the best of each counts), the step time of:
+  - plain: a cross-entropy step of the student's backbone (--student-arch) on the same rendered
+    batch (the floor);
+  - cached steps (gamma 0.5 on layer4, teacher outputs read from the stand-in) with each
+    weighting: aver, agre (per sample), cached, agre-batch with last / layer4 / all parameters
+    (all = the study's method), and the study's straightforward agre-batch-all loop (T + 1
+    ``autograd.grad`` calls, then a backward of the whole objective);
+  - online (``--teachers-online``): the study's loop, T random-initialised --teacher-arch teachers
+    (one backbone each, DFR-style heads) and the biased model (on the first backbone) run live on
+    a fresh crop of every image, agre-batch over all parameters; unless --skip-online.
+Ratios are to the plain step; every figure is printed with the device's name (the GPU's, or the
+CPU model and torch threads). Goals (ResNet-18 student, ResNet-50 teachers, 224 px): cached agre
+<= 1.10x; agre-batch all <= 3.5x on an H100 (4.79x before the fast path); online / cached
+agre-batch all >= 2x.
 
     python benchmarks/bench_distill.py [--image-size 224] [--batch-size 128] [--steps 20]
+        [--student-arch resnet18] [--teacher-arch resnet50] [--repeats 2] [--skip-online]
 """
 from __future__ import annotations
 
 import argparse
+import itertools
+import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,36 +37,91 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.models import FeatureResNet  # noqa: E402
+from cache.schema import CacheMeta  # noqa: E402
+from core.constants import ARCHS  # noqa: E402
+from core.files import save_checkpoint  # noqa: E402
+from core.manifest import Manifest, make_entry  # noqa: E402
+from core.models import FEATURE_DIMS, FeatureResNet, build_model  # noqa: E402
 from core.runtime import autocast, keep_freed_memory, memory_format_for, pick_device  # noqa: E402
 from core.weighting import agre_batch_weights_from_grads, kd_per_teacher  # noqa: E402
+from data.pixels import Pixels  # noqa: E402
 from data.store import store_size_for  # noqa: E402
 from data.views import eval_box, render  # noqa: E402
 from distill.config import DistillConfig  # noqa: E402
 from distill.data import SplitData  # noqa: E402
-from distill.losses import distillation_loss  # noqa: E402
+from distill.losses import Objective  # noqa: E402
 from distill.student import Student  # noqa: E402
-from distill.train import step  # noqa: E402
+from distill.task import DistillTask  # noqa: E402
+from distill.teachers import teacher_source  # noqa: E402
 
 MODES = {"aver": dict(weighting="aver"), "agre": dict(weighting="agre"), "cached": dict(weighting="cached"),
          "batch-last": dict(weighting="agre-batch", agre_params="last"),
          "batch-layer4": dict(weighting="agre-batch", agre_params="layer4"),
          "batch-all": dict(weighting="agre-batch", agre_params="all")}
+C = 2  # classes (Waterbirds)
 
 
-def synthetic_split(n, size, T, C, D, device) -> SplitData:
-    """In-memory stand-in for a cached training split (random pixels and teacher outputs)."""
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model and the torch threads the steps use."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def stand_in_meta(n: int, T: int, D: int, store_size: int, out_size: int) -> CacheMeta:
+    """The header of a cache of n rows, T teachers on T backbones (the biased model on the first)."""
+    teachers = [{"name": f"dfr{t}", "role": "teacher", "sha256": f"{t:064x}", "backbone_id": f"erm{t}"}
+                for t in range(T)]
+    teachers.append({"name": "erm0", "role": "biased", "sha256": "f" * 64, "backbone_id": "erm0"})
+    return CacheMeta(
+        num_classes=C, class_names=["landbird", "waterbird"], attr_names=["land", "water"],
+        dataset="synthetic", dataset_options={}, dataset_fingerprint="0" * 64, teachers=teachers,
+        backbone_ids=[f"erm{t}" for t in range(T)], backbone_of_teacher=list(range(T)), biased_backbone=0,
+        view_spec={"random_views": 1, "out_size": out_size, "seed": 0, "scale": [0.7, 1.0],
+                   "resize": "keep-aspect"},
+        store_size=store_size, teachers_pretrained=False, layers=["layer4"], feature_dims={"layer4": D},
+        num_samples=n, tau_cached=4.0)
+
+
+def stand_in_split(n: int, store_size: int, T: int, D: int, device) -> SplitData:
+    """n training rows seen through one stored view, as ``InMemorySplit`` holds them on ``device``:
+    random pixels and teacher outputs (features float16 per backbone, as the cache stores them)."""
     g = torch.Generator().manual_seed(0)
-    box = torch.tensor(eval_box()).repeat(n, 2, 1)
+    L = store_size
+    images = Pixels.from_images(list(torch.randint(0, 256, (n, 3, L, L), generator=g, dtype=torch.uint8)))
     return SplitData(
-        rows=torch.arange(n, device=device),
-        images=torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8).to(device),
-        hw=torch.full((n, 2), size, device=device), y=torch.randint(0, C, (n,), generator=g).to(device),
-        group=torch.zeros(n, dtype=torch.long, device=device), box=box.to(device),
-        flip=torch.zeros(n, 2, dtype=torch.bool, device=device),
-        logits=torch.randn(n, 2, T, C, generator=g).to(device), biased=torch.randn(n, 2, C, generator=g).to(device),
-        cached=torch.full((n, 2, T), 1.0 / T, device=device),
-        feats={"layer4": torch.randn(n, 2, 1, D, generator=g).half().to(device)})
+        rows=torch.arange(n, device=device), images=images.to(device),
+        y=torch.randint(0, C, (n,), generator=g).to(device),
+        group=torch.zeros(n, dtype=torch.long, device=device),
+        box=torch.tensor(eval_box()).repeat(n, 1).to(device),
+        flip=torch.zeros(n, dtype=torch.bool, device=device),
+        logits=(3 * torch.randn(n, T, C, generator=g)).to(device),
+        biased=(3 * torch.randn(n, C, generator=g)).to(device),
+        cached=torch.full((n, T), 1.0 / T, device=device),
+        feats={"layer4": torch.randn(n, T, D, generator=g).half().to(device)})
+
+
+def online_manifest(folder: Path, T: int, arch: str, image_size: int) -> Path:
+    """A teachers manifest as ``teachers`` writes one: T random-initialised backbones, each with a
+    teacher head file, and the biased model (the first backbone with its own head)."""
+    models = []
+    for t in range(T):
+        torch.manual_seed(100 + t)
+        state = FeatureResNet(arch, C).net.state_dict()
+        save_checkpoint(state, folder / f"erm{t}.pt")
+        head = {k: torch.randn_like(state[k]) * 0.01 for k in ("fc.weight", "fc.bias")}
+        save_checkpoint(head, folder / f"dfr{t}_head.pt")
+        models.append(make_entry(f"dfr{t}", "teacher", folder / f"erm{t}.pt", arch, C,
+                                 head_file=folder / f"dfr{t}_head.pt", root=folder))
+    models.append(make_entry("erm0", "biased", folder / "erm0.pt", arch, C, root=folder))
+    man = Manifest(models=models, num_classes=C, image_size=image_size, pretrained=False, root=folder)
+    return man.save(folder / "manifest.json")
 
 
 def timed(fn, steps, warmup, device) -> float:
@@ -80,80 +147,98 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2, help="interleaved passes; the best of each counts")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--skip-online", action="store_true", help="the online step is slow on a CPU")
+    ap.add_argument("--student-arch", choices=ARCHS, default="resnet18")
+    ap.add_argument("--teacher-arch", choices=ARCHS, default="resnet50",
+                    help="the teachers' architecture: their feature width, and what the online step runs")
     args = ap.parse_args(argv)
     keep_freed_memory()  # as every command of cli.py does
     device = pick_device(args.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as distill.train does: fixed input size
     torch.manual_seed(0)
-    B, T, C, S = args.batch_size, args.teachers, 2, args.image_size
-    data = synthetic_split(4 * B, store_size_for(S), T, C, 2048, device)
-    idx, view = torch.arange(B, device=device), torch.zeros(B, dtype=torch.long, device=device)
+    B, T, S = args.batch_size, args.teachers, args.image_size
+    D = FEATURE_DIMS[args.teacher_arch]["layer4"]
+    meta = stand_in_meta(4 * B, T, D, store_size_for(S), S)
+    data = stand_in_split(meta.num_samples, meta.store_size, T, D, device)
+    order = torch.randperm(len(data.y))  # on the host, as distill.data.epoch_order gives it
+    batches = itertools.cycle([order[s:s + B] for s in range(0, len(order) - B + 1, B)])
     cl = dict(memory_format=memory_format_for(device))
-    x_of = lambda: render(data.images[idx], data.box[idx, view], data.flip[idx, view], S, data.hw[idx])
-    zt, zb = data.logits[idx, view], data.biased[idx, view]
-    feats = {"layer4": data.feats["layer4"][idx, view].expand(-1, T, -1)}
+    base = dict(gamma=0.5, pretrained=False, student_arch=args.student_arch, batch_size=B, image_size=S)
 
-    student = Student(C, {"layer4": 2048}).to(device).to(**cl)
-    opt = torch.optim.SGD(student.parameters(), lr=1e-3, momentum=0.9)
+    def config(**kw) -> DistillConfig:
+        return DistillConfig(**base, **kw)
 
-    def cached_step(mode):
-        cfg = DistillConfig(gamma=0.5, pretrained=False, **MODES[mode])
-        cached = data.cached[idx, view] if mode == "cached" else None
-        return lambda: step(student, opt, x_of(), data.y[idx], zt, zb, feats, cached, cfg, device)
+    student = Student(C, {"layer4": D}, arch=args.student_arch).to(device).to(**cl)
+    cfg0 = config()
+    sgd = dict(lr=cfg0.lr, momentum=cfg0.momentum, weight_decay=cfg0.weight_decay)  # as distill.train's
+    opt = torch.optim.SGD(student.parameters(), **sgd)
 
-    def report_loop():  # the study's code: T + 1 torch.autograd.grad calls, then the whole backward
+    def task_step(cfg: DistillConfig):
+        task = DistillTask(cfg, teacher_source(meta, cfg, S, device), device)
+        return lambda: task.step(student, opt, task.batch(data, next(batches), 0))
+
+    study_cfg = config(**MODES["batch-all"])
+    study_task = DistillTask(study_cfg, teacher_source(meta, study_cfg, S, device), device)
+    objective = Objective.from_config(study_cfg)
+
+    def study_loop():  # the study's code: T + 1 torch.autograd.grad calls, then the whole backward
+        batch = study_task.batch(data, next(batches), 0)
         with autocast(device):
-            logits, h, proj = student(x_of().contiguous(**cl))
+            logits, h, projected = student(batch.x.contiguous(**cl))
         logits = logits.float()
         params = student.agre_params("all")
-        g_b = torch.autograd.grad(kd_per_teacher(logits, zb[:, None], 4.0).mean(), params, retain_graph=True)
-        g_t = [torch.autograd.grad(l, params, retain_graph=True) for l in kd_per_teacher(logits, zt, 4.0).mean(0)]
-        w = agre_batch_weights_from_grads(g_t, g_b).unsqueeze(0).expand(B, T)
-        out = distillation_loss(logits, data.y[idx], zt, w, 4.0, 1.0, projected=proj, teacher_feats=feats,
-                                gammas={"layer4": 0.5})
+        zt, zb = batch.teacher_logits, batch.biased_logits
+        g_b = torch.autograd.grad(kd_per_teacher(logits, zb[:, None], study_cfg.tau).mean(), params,
+                                  retain_graph=True)
+        g_t = [torch.autograd.grad(l, params, retain_graph=True)
+               for l in kd_per_teacher(logits, zt, study_cfg.tau).mean(0)]
+        w = agre_batch_weights_from_grads(g_t, g_b, logits.dtype).unsqueeze(0).expand(len(batch.y), T)
+        out = objective(logits, projected, batch, w)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
 
-    plain = FeatureResNet("resnet18", C).to(device).to(**cl)
-    popt = torch.optim.SGD(plain.parameters(), lr=1e-3, momentum=0.9)
+    plain = build_model(args.student_arch, C).to(device).to(**cl)
+    popt = torch.optim.SGD(plain.parameters(), **sgd)
 
-    def plain_step():
+    def plain_step():  # the same rendering as CachedTeachers.batch, no teacher output
+        idx = next(batches)
+        x = render(data.images[idx].to(device), data.box[idx].to(device), data.flip[idx].to(device), S)
         with autocast(device):
-            logits, _ = plain(x_of().contiguous(**cl), layers=())
-        loss = F.cross_entropy(logits.float(), data.y[idx])
+            logits, _ = plain(x.contiguous(**cl), layers=())
+        loss = F.cross_entropy(logits.float(), data.y[idx].to(device))
         popt.zero_grad(set_to_none=True)
         loss.backward()
         popt.step()
 
-    steps = {"plain": plain_step, **{m: cached_step(m) for m in MODES}, "report-loop": report_loop}
-    results = {}
-    for _ in range(args.repeats):  # interleaved, so drift of a shared machine hits all alike
-        for name, fn in steps.items():
-            results.setdefault(name, []).append(timed(fn, args.steps, args.warmup, device))
-    if not args.skip_online:
-        teachers = [FeatureResNet("resnet50", C).to(device).eval().to(**cl) for _ in range(T + 1)]
-        cfg = DistillConfig(gamma=0.5, pretrained=False)
-
-        def online_step():
-            x = x_of().contiguous(**cl)
-            with torch.no_grad(), autocast(device):
-                outs = [m(x, layers=("layer4",)) for m in teachers]
-            zt_, zb_ = torch.stack([o[0].float() for o in outs[:-1]], 1), outs[-1][0].float()
-            ft = {"layer4": torch.stack([o[1]["layer4"].float() for o in outs[:-1]], 1)}
-            step(student, opt, x, data.y[idx], zt_, zb_, ft, None, cfg, device)
-
-        results["online"] = [timed(online_step, max(2, args.steps // 4), 1, device)]
+    steps = {"plain": plain_step, **{m: task_step(config(**kw)) for m, kw in MODES.items()},
+             "study-loop": study_loop}
+    counts = {name: (args.steps, args.warmup) for name in steps}
+    with tempfile.TemporaryDirectory(prefix="bench_distill_") as tmp:
+        if not args.skip_online:
+            manifest = online_manifest(Path(tmp), T, args.teacher_arch, S)
+            steps["online"] = task_step(config(**MODES["batch-all"], teachers_online=str(manifest)))
+            counts["online"] = (max(2, args.steps // 4), 1)
+        results = {}
+        for _ in range(args.repeats):  # interleaved, so drift of a shared machine hits all alike
+            for name, fn in steps.items():
+                results.setdefault(name, []).append(timed(fn, *counts[name], device))
     best = {k: min(v) for k, v in results.items()}
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device {name}, batch {B}, image {S}px, {T} teachers, gamma 0.5 on layer4")
+    dev = device_name(device)
+    online = f" (online: {counts['online'][0]})" if "online" in counts else ""
+    print(f"device {dev}: student {args.student_arch}, {T} teachers {args.teacher_arch}, batch {B}, "
+          f"image {S} px, gamma 0.5 on layer4, best of {args.repeats} interleaved passes of {args.steps} "
+          f"steps{online}")
     for k, v in best.items():
-        print(f"  {k:<13} step {1000 * v:8.1f} ms  ({B / v:8.1f} img/s)  {v / best['plain']:5.2f}x plain")
-    print(f"cached agre / plain: {best['agre'] / best['plain']:.3f}x (goal <= 1.10x); agre-batch all / plain: "
-          f"{best['batch-all'] / best['plain']:.2f}x (goal <= 3.5x on an H100); the study's loop / fast path: "
-          f"{best['report-loop'] / best['batch-all']:.2f}x")
+        print(f"  {k:<13} step {1000 * v:9.1f} ms  ({B / v:8.1f} img/s)  {v / best['plain']:5.2f}x plain"
+              f"  [{dev}]")
+    print(f"cached agre / plain: {best['agre'] / best['plain']:.3f}x (goal <= 1.10x)  [{dev}]")
+    print(f"agre-batch all / plain: {best['batch-all'] / best['plain']:.2f}x (goal <= 3.5x on an H100)"
+          f"  [{dev}]")
+    print(f"the study's loop / agre-batch all (fast path): {best['study-loop'] / best['batch-all']:.2f}x"
+          f"  [{dev}]")
     if "online" in best:
-        print(f"online (report) / cached agre-batch all: {best['online'] / best['batch-all']:.2f}x; "
-              f"online / cached agre: {best['online'] / best['agre']:.1f}x")
+        print(f"online / cached agre-batch all: {best['online'] / best['batch-all']:.2f}x (goal >= 2x); "
+              f"online / cached agre: {best['online'] / best['agre']:.1f}x  [{dev}]")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks as one script, sized for ~8 minutes on one H100 (every figure names the device):
-#   the step of every weighting mode against a plain ResNet-18 step, and the report's online step;
+# The GPU checks as one script (every figure names the device), sized for ~8 minutes on one H100
+# before the demo (whose GPU wall time has not been measured yet; its last line prints it):
+#   the step of every weighting mode against a plain ResNet-18 step (224 px, batch 128, 20 steps,
+#   5 teachers), and the study's online step (the 5 ResNet-50 teachers run live);
 #   precompute / bare forward; the full default run (30 epochs, Waterbirds size, 224 px);
-#   runs per hour with one and several runs at once on the GPU.
+#   runs per hour with one and several runs at once on the GPU;
+#   last, `python3 cli.py demo` from scratch (it deletes artifacts/default first), its wall time.
 # CELEBA=1 adds precompute and one distill epoch at CelebA size (162,770 training images,
 # generated; about 10 more minutes).
 set -euo pipefail
@@ -11,8 +14,15 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python3 -m pytest -q tests/test_step.py tests/test_online.py -x 2>&1 | tail -2
 python3 benchmarks/bench_distill.py --image-size 224 --batch-size 128 --steps 20
 python3 benchmarks/bench_precompute.py --image-size 224 --scale 0.1 --views 2 --repeats 3
-python3 benchmarks/bench_full_run.py --scale 1.0 --image-size 224 --epochs 30 --views 2 --workdir /tmp/full_run
+python3 benchmarks/bench_full_run.py --scale 1.0 --image-size 224 --epochs 30 --views 2 \
+  --workdir /tmp/full_run
 python3 benchmarks/bench_sweep.py --workdir /tmp/sweep_bench --epochs 3 --runs 6 --jobs auto
 if [ "${CELEBA:-0}" = "1" ]; then
-  python3 benchmarks/bench_full_run.py --scale 33.9 --image-size 224 --epochs 1 --views 1 --workdir /tmp/celeba_size
+  python3 benchmarks/bench_full_run.py --scale 33.9 --image-size 224 --epochs 1 --views 1 \
+    --workdir /tmp/celeba_size
 fi
+# the demo from scratch on the device it picks (the GPU), its wall time printed with that device's name
+DEVICE=$(python3 -c 'import torch; c = torch.cuda; print(c.get_device_name() if c.is_available() else "CPU")')
+rm -rf artifacts/default
+TIMEFORMAT="demo wall %R s on ${DEVICE}"
+time python3 cli.py demo
