@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from cli_cache import cache
+from core.constants import ARCHS
 from cli_options import dataset_options, default_of, floats, friendly, ints, main_process, setting, words
 from experiments import defaults
 
@@ -68,8 +69,8 @@ def data_check(root, dataset, dataset_options):
 @click.option("--seed", default=None, type=int, help="First ERM seed [default: 0].")
 @click.option("--epochs", default=None, type=int, help="ERM epochs [default: 100; synthetic default 3].")
 @click.option("--image-size", default=None, type=int, help="Training view size [default: 224; synthetic 24].")
-@click.option("--arch", type=click.Choice(["resnet18", "resnet50"]), default=None,
-              help="Backbone [default: resnet50 (the study's); synthetic resnet18].")
+@click.option("--arch", type=click.Choice(ARCHS), default=None,
+              help="Backbone [default: resnet50 (the study's); synthetic resnet18-w16].")
 @click.option("--lr", default=None, type=float, help="ERM learning rate [default: 1e-3; synthetic 1e-2].")
 @click.option("--pretrained/--no-pretrained", default=None, help="ImageNet init [default: on; synthetic off].")
 @click.option("--weights-file", type=click.Path(exists=True), default=None, help="Local ImageNet ResNet-50 weights.")
@@ -96,11 +97,13 @@ def teachers(ctx, data_root, out, dfr_bias, **opts):
     if ctx.invoked_subcommand is not None:
         return
     opts["dfr_bias"] = floats(dfr_bias, "--dfr-bias")
-    from experiments.pipeline import build_teachers_for
-    from precompute.teachers import format_eval_table
+    from experiments.pipeline import build_teachers_for, scenario_report
+    from precompute.teachers import describe
 
     man = build_teachers_for(data_root, out, **opts)
-    click.echo(format_eval_table(man))
+    click.echo(describe(man))
+    if data_root is None:
+        click.echo(scenario_report(man))
     click.echo(f"manifest: {man.root / 'manifest.json'} (table also in {man.root / 'eval.md'})")
 
 
@@ -220,6 +223,8 @@ def distill_options(fn):
                                              "stored views is precompute's --views K."),
         click.option("--pretrained/--no-pretrained", default=None, help="ImageNet student [default: as the teachers]."),
         click.option("--weights-file", type=click.Path(exists=True), default=None, help="Local ImageNet ResNet-18 weights."),
+        click.option("--student-arch", type=click.Choice(ARCHS), default=d("student_arch"), show_default=True,
+                     help="The student (resnet18-w16: a quarter-width ResNet-18, the synthetic default's)."),
         click.option("--data-root", type=click.Path(), default=None, help="Check the cache against this folder."),
         click.option("--expect-cache", default=None, help="The cache's root digest its sender published "
                      "(`cache info` prints it): refuse any other cache."),

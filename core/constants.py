@@ -10,3 +10,6 @@ LAYERS = ("layer2", "layer3", "layer4")
 ROLES = ("teacher", "biased")  # a model of the ensemble, or the biased reference model
 WEIGHTINGS = ("aver", "agre", "agre-batch", "cached")
 AGRE_PARAMS = ("last", "layer4", "all")
+# The backbones (core.models.FEATURE_DIMS has their feature sizes): torchvision's ResNet-18 and -50,
+# and ResNet-18 at a quarter of its width (the synthetic default's miniature backbone and student).
+ARCHS = ("resnet18", "resnet50", "resnet18-w16")

@@ -24,7 +24,12 @@ from core.errors import ToolError
 FEATURE_DIMS = {
     "resnet18": {"layer2": 128, "layer3": 256, "layer4": 512},
     "resnet50": {"layer2": 512, "layer3": 1024, "layer4": 2048},
+    # ResNet-18's blocks at a quarter of its width (16-32-64-128 channels, 0.70M parameters against
+    # 11.2M): the synthetic default's miniature backbone and student (24 px images); no ImageNet weights.
+    "resnet18-w16": {"layer2": 32, "layer3": 64, "layer4": 128},
 }
+# Base widths of the architectures torchvision does not name: layer1's channels, doubled per stage.
+NARROW = {"resnet18-w16": ("resnet18", 16)}
 # ImageNet weights as in the DFR reference code (torchvision's original "pretrained=True").
 IMAGENET_WEIGHTS = {"resnet18": "ResNet18_Weights.IMAGENET1K_V1",
                     "resnet50": "ResNet50_Weights.IMAGENET1K_V1"}
@@ -46,7 +51,10 @@ class FeatureResNet(nn.Module):
         if arch not in FEATURE_DIMS:
             raise CheckpointError(f"unknown architecture {arch!r}; known: {', '.join(FEATURE_DIMS)}")
         self.arch, self.num_classes = arch, num_classes
-        self.net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+        if arch in NARROW:
+            self.net = _narrow_resnet(*NARROW[arch], num_classes)
+        else:
+            self.net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
 
     @property
     def fc(self) -> nn.Linear:
@@ -63,6 +71,26 @@ class FeatureResNet(nn.Module):
                 feats[name] = torch.flatten(n.avgpool(x), 1)
         logits = n.fc(feats["layer4"])
         return logits, {k: v for k, v in feats.items() if k in layers}
+
+
+def _narrow_resnet(base: str, width: int, num_classes: int) -> torchvision.models.ResNet:
+    """torchvision's ``base`` ResNet with ``width`` channels after the stem instead of 64, each stage
+    doubling it: the same blocks, module names and state-dict keys, fewer channels."""
+    net = getattr(torchvision.models, base)(weights=None, num_classes=num_classes)
+    block, depths = type(net.layer1[0]), [len(getattr(net, f"layer{i}")) for i in range(1, 5)]
+    net.inplanes = width
+    net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(width)
+    for i, depth in enumerate(depths):
+        setattr(net, f"layer{i + 1}", net._make_layer(block, width * 2 ** i, depth, stride=1 if i == 0 else 2))
+    net.fc = nn.Linear(width * 8 * block.expansion, num_classes)
+    for m in net.modules():  # torchvision's own initialisation of the rebuilt modules
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net
 
 
 def extract_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -328,6 +356,9 @@ def imagenet_state(arch: str, weights_file: str | None = None, timeout: float = 
     """
     if weights_file:
         return load_checkpoint(weights_file)
+    if arch not in IMAGENET_WEIGHTS:
+        raise CheckpointError(f"torchvision has no ImageNet weights for {arch}; pass --no-pretrained, or "
+                              "--weights-file PATH with a state dict of that architecture")
     weights = torchvision.models.get_weight(IMAGENET_WEIGHTS[arch])
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)

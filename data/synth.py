@@ -9,6 +9,8 @@ land and 95% of waterbirds on water, while validation and test are group-balance
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,9 @@ WATERBIRDS_COUNTS = {
 }
 
 
+SPEC_FILE = "synth_spec.json"  # the spec a generated folder was made with, written before its metadata
+
+
 @dataclass(frozen=True)
 class SynthSpec:
     """Knobs of the generator; the defaults make the pipeline run in minutes on a 2-core CPU."""
@@ -40,6 +45,8 @@ class SynthSpec:
     core_noise: float = 0.0      # probability that a bird is drawn with the other class's shape
     colour_shift: float = 100.0  # class-dependent shift of the bird colour (0: colour carries no label)
     pixel_noise: float = 12.0    # std of per-pixel Gaussian noise (0-255 scale)
+    independent: bool = False    # every split's four groups of one size: birds independent of
+                                 # backgrounds (a "pretraining" set, as ImageNet precedes Waterbirds)
 
     def __post_init__(self):
         if not self.scale > 0:
@@ -48,9 +55,11 @@ class SynthSpec:
             raise ConfigError(f"image size must be at least 8 px, got {self.size}")
 
 
-def group_counts(scale: float) -> dict[str, tuple[int, ...]]:
-    """Scaled group counts; every group keeps at least one image per split."""
-    return {s: tuple(max(1, round(c * scale)) for c in cs) for s, cs in WATERBIRDS_COUNTS.items()}
+def group_counts(scale: float, independent: bool = False) -> dict[str, tuple[int, ...]]:
+    """Scaled group counts; every group keeps at least one image per split. ``independent``: each
+    split's images spread evenly over the four groups (class and background independent)."""
+    counts = {s: (sum(cs) / 4,) * 4 if independent else cs for s, cs in WATERBIRDS_COUNTS.items()}
+    return {s: tuple(max(1, round(c * scale)) for c in cs) for s, cs in counts.items()}
 
 
 def _background(rng: np.random.Generator, place: int, n: int) -> np.ndarray:
@@ -95,6 +104,16 @@ def render_image(rng: np.random.Generator, y: int, place: int, spec: SynthSpec) 
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def made_with(folder: str | Path, spec: SynthSpec) -> bool:
+    """Whether ``folder`` holds a complete data set generated with ``spec``."""
+    folder = Path(folder)
+    try:
+        return ((folder / "metadata.csv").is_file()
+                and json.loads((folder / SPEC_FILE).read_text()) == json.loads(json.dumps(dataclasses.asdict(spec))))
+    except (OSError, ValueError):
+        return False
+
+
 def generate(out: str | Path, spec: SynthSpec = SynthSpec()) -> Path:
     """Write ``metadata.csv`` + PNG images under ``out`` (the real Waterbirds layout).
 
@@ -105,7 +124,7 @@ def generate(out: str | Path, spec: SynthSpec = SynthSpec()) -> Path:
         raise ConfigError(f"{out} exists and is not a folder; choose another --out")
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
-    for split, counts in group_counts(spec.scale).items():
+    for split, counts in group_counts(spec.scale, spec.independent).items():
         for group, count in enumerate(counts):
             y, place = divmod(group, 2)
             rows += [(split, y, place)] * count
@@ -120,6 +139,7 @@ def generate(out: str | Path, spec: SynthSpec = SynthSpec()) -> Path:
         records.append({"img_id": idx + 1, "img_filename": rel, "y": y,
                         "split": SPLIT_CODES[split], "place": place,
                         "place_filename": f"/{'w/water' if place else 'l/land'}/{idx:06d}.png"})
+    (out / SPEC_FILE).write_text(json.dumps(dataclasses.asdict(spec), sort_keys=True) + "\n")
     tmp = out / "metadata.csv.tmp"
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=METADATA_COLUMNS)

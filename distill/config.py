@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.constants import AGRE_PARAMS, LAYERS, WEIGHTINGS
+from core.constants import AGRE_PARAMS, ARCHS, LAYERS, WEIGHTINGS
 from core.errors import ConfigError
 from core.files import atomic_write_json
 from core.provenance import canon
@@ -71,6 +71,7 @@ class DistillConfig:
                                       # None: on when the cache holds random views
     pretrained: bool | None = None   # ImageNet-pretrained student; None: as the teachers were
     weights_file: str | None = None  # local ResNet-18 weights instead of the torchvision download
+    student_arch: str = "resnet18"   # the student's architecture (core.models.FEATURE_DIMS)
     image_size: int | None = None    # student input size; default: the cache's view size
     data_root: str | None = None     # when given, checked against the cache's data fingerprint
     device: str = "auto"             # auto | cpu | cuda
@@ -142,6 +143,8 @@ class DistillConfig:
             bad(f"--alpha must lie in [0, 1], got {self.alpha}")
         if not (_finite(self.momentum) and 0.0 <= self.momentum < 1.0):
             bad(f"--momentum must lie in [0, 1), got {self.momentum}")
+        if self.student_arch not in ARCHS:
+            bad(f"--student-arch must be one of {', '.join(ARCHS)}, got {self.student_arch!r}")
         if self.image_size is not None and self.image_size < 8:
             bad(f"--image-size must be at least 8 px, got {self.image_size}")
 
@@ -258,7 +261,7 @@ _ABBREV = {"gamma": "g", "alpha": "a", "seed": "s", "epochs": "ep", "batch_size"
            "weight_decay": "wd", "momentum": "mom", "layer_gammas": "lg", "agre_params": "ap",
            "pretrained": "pre", "image_size": "img", "weights_file": "wf", "feat_eps": "eps",
            "teachers_online": "online", "warmup_epochs": "wu", "sample_views": "sv",
-           "feature_target": "ft"}
+           "feature_target": "ft", "student_arch": "arch"}
 _DEFAULTS = canon({f.name: f.default for f in dataclasses.fields(DistillConfig)})
 
 

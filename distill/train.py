@@ -134,9 +134,12 @@ def fit(cfg: DistillConfig, resume: bool = False, overwrite: bool = False, progr
     out = Path(cfg.out)
     d = context(pick_device(cfg.device).type)
     existing = [f for f in RUN_FILES if (out / f).exists()]  # seen alike by every process
-    if existing and not (resume or overwrite):
-        raise DistillError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "
-                           "start it again, or choose another --out")
+    # A finished run of these settings is a result, not an obstacle (as make treats a built target):
+    # _fit checks that it is this run and returns its summary. An unfinished one needs a decision.
+    finished = SUMMARY in existing and (read_json_object(out / SUMMARY) or {}).get("status") == "finished"
+    if existing and not (resume or overwrite or finished):
+        raise DistillError(f"{out} already holds an unfinished run; pass --resume to continue it, --overwrite "
+                           "to start it again, or choose another --out")
     d.barrier()
     ensure_dir(out, "run folder")
     with OutputLock(out, "the run folder") if d.is_main else contextlib.nullcontext():
@@ -156,7 +159,7 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
     done = read_json_object(out / SUMMARY)
     if done and done.get("status") == "finished":
         check_same_run(out, done.get("config", {}), done.get("cache_identity"), cfg, cache_id)
-        say(f"{out} is already finished; nothing to do")
+        say(f"{out} already holds this run, finished (same settings, same cache): its result")
         return done
     device = pick_device(cfg.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: autotune once
@@ -180,7 +183,7 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
     task = DistillTask(cfg, teachers, device, d, progress)
 
     model = Student(meta.num_classes, {l: teachers.feature_dims[l] for l in cfg.active_layers}, pretrained,
-                    cfg.weights_file)
+                    cfg.weights_file, arch=cfg.student_arch)
     if d.active:  # statistics of the global batch, as one process holding it would compute
         model = global_batch_norm(model)
     model = model.to(device).to(memory_format=memory_format_for(device))

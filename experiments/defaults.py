@@ -1,14 +1,25 @@
 """The embedded default: where the synthetic pipeline keeps its files and how it is sized.
 
-The scenario is the premise of AGRE-KD: one short from-scratch ERM backbone whose own head fails
-the waterbirds (the biased model), and five DFR heads on it that are unequally debiased: two fit
-on group-balanced validation data (strong teachers), three on validation data that keeps most of
-the training split's spurious correlation (weak teachers), so the ensemble's mean leans towards
-the bias. The values were fixed from the teachers' own test WGA (biased << weak < strong; `python
-cli.py teachers` prints it), not from the students' results. The backbone is trained in float64 so
-that this scenario is the same on every machine (see TEACHERS_OVERRIDES). Sized so that the whole
-demo (data, teachers, cache, 12 students) runs on a 2-core CPU in minutes; the real-data defaults
-(224 px, 100 ERM epochs, ResNet-50, ...) live in each stage's config.
+The scenario has Waterbirds' structure, and its values were fixed from the teachers' own numbers
+(``python cli.py teachers`` prints them; ``scenario_problems`` checks them), never from the
+students' results:
+
+- a backbone "pretrained" on a generated set where birds and backgrounds are independent, to tell
+  the four (bird, background) pairs apart: its features carry both, as ImageNet features carry
+  birds and scenes (``PRETRAIN``);
+- ERM from it on the training split (95% of birds on their own background): the biased model
+  relies on the background and fails the two minority groups;
+- five DFR heads on that backbone: two fit on group-balanced validation data (the debiased,
+  strong teachers), three on validation data with the training split's group proportions (not
+  debiased: weak teachers whose errors sit in the minority groups), so that the plain average of
+  the ensemble is far below its best members and how the teachers are weighted can matter.
+
+The bird is drawn by shape only (no colour cue) under pixel noise, so that the background is the
+easier feature, as on real Waterbirds. Everything the teachers depend on is computed in float64,
+so the scenario is the same on any machine. The backbone and the students are a ResNet-18 at a
+quarter of its width (``resnet18-w16``): a miniature for 24 px images that makes the whole demo a
+matter of minutes on two CPU cores; the real-data defaults (224 px, ResNet-50 teachers, ResNet-18
+student, ...) live in each stage's config.
 """
 from pathlib import Path
 
@@ -18,22 +29,35 @@ TEACHERS = ROOT / "teachers"
 CACHE = ROOT / "cache.h5"
 RUNS = ROOT / "runs"
 
+PRETRAIN = ROOT / "pretrain"   # the independent set and the backbone pretrained on it
+PRETRAINED = PRETRAIN / "backbone.pt"
+
 IMAGE_SIZE = 24          # synthetic view side (real Waterbirds: 224)
 DISTILL_EPOCHS = 10      # the demo's students (the study's 30 on real data)
 RANDOM_VIEWS = DISTILL_EPOCHS  # a distinct stored crop per training image per epoch
-DFR_BIAS = (0.0, 0.0, 0.9, 0.95, 1.0)  # per teacher: the share of the spurious correlation kept
-# The backbone: a from-scratch ResNet-18 (the study's teachers are ResNet-50s), trained in float64,
-# so that it, the teachers and the biased model are the same on any machine. Measured 1 vs 2 CPU
-# threads (benchmarks/bench_teacher_rounding.py): a float64 ResNet-18 ends within one float32 ulp
-# (3.6e-8 relative) with identical predictions; a ResNet-50 at this learning rate does not even in
-# float64 (relative difference 2.1, 88% of predictions equal): its first epoch's loss spikes make
-# the run chaotic, and in float32 both end elsewhere. The demo then measured the teacher instance.
+ARCH = "resnet18-w16"    # backbone and student (the study: ResNet-50 teachers, a ResNet-18 student)
+# The data: birds told apart by shape alone, under pixel noise (data.synth.SynthSpec).
+SYNTH = dict(colour_shift=0.0, pixel_noise=30.0)
+# The stand-in for ImageNet: the same generator, another seed, class and background independent;
+# 15 epochs of 4-way ERM (bird x background) in float64.
+PRETRAIN_SYNTH = dict(SYNTH, independent=True, seed=1)
+PRETRAIN_OVERRIDES = dict(image_size=IMAGE_SIZE, pretrained=False, epochs=15, lr=1e-2, arch=ARCH,
+                          precision="float64")
+DFR_BIAS = (0.0, 0.0, 1.0, 1.0, 1.0)  # per teacher: the share of the spurious correlation kept
 TEACHERS_OVERRIDES = dict(image_size=IMAGE_SIZE, pretrained=False, shared_backbone=True, epochs=3, lr=1e-2,
-                          num_teachers=len(DFR_BIAS), dfr_bias=DFR_BIAS, arch="resnet18", precision="float64")
-# Students from scratch on the synthetic default (no ImageNet weights offline): a larger lr than the
-# report's 1e-3, after one warm-up epoch; at 0.01 and more, validation WGA still swung by 10-15
-# points over the last epochs, at 0.005 it settles (a single run of each; see the README).
-DISTILL_OVERRIDES = dict(lr=0.005, warmup_epochs=1)
+                          num_teachers=len(DFR_BIAS), dfr_bias=DFR_BIAS, arch=ARCH, precision="float64",
+                          weights_file=str(PRETRAINED))
+# What the scenario must show before any student is trained (scenario_problems): the biased model
+# relies on the background, the ensemble holds strong and weak teachers, its plain average is far
+# below the strong ones, and the backbone's features carry the background.
+MINORITY_GROUPS = ("landbird/water", "waterbird/land")  # 5% of the training split's birds
+SCENARIO = dict(biased_avg_min=0.90, biased_wga_max=0.50, strong_wga_min=0.85, weak_wga_max=0.60,
+                aver_gap_min=0.10, attribute_probe_min=0.90)
+# The demo's students start from the pretrained backbone, as the study's start from ImageNet; lr
+# 0.005 after one warm-up epoch (from scratch, at 0.01 and more, validation WGA swung by 10-15
+# points over the last epochs).
+DISTILL_OVERRIDES = dict(lr=0.005, warmup_epochs=1, student_arch=ARCH, pretrained=True,
+                         weights_file=str(PRETRAINED))
 DEMO_SEEDS = (42, 43, 44)
 
 

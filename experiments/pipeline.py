@@ -3,20 +3,56 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from core.errors import ToolError
+from core.files import atomic_write_json
 from experiments import defaults
 
 
-def ensure_data() -> Path:
-    """The synthetic data set, generated on first use."""
-    if not (defaults.DATA / "metadata.csv").is_file():
-        from data.synth import SynthSpec, generate
+def _generated(folder: Path, spec) -> Path:
+    """``folder`` holding the synthetic data set of ``spec``: generated on first use, and again when
+    the default's spec changed (the folder is the tool's own, not the user's)."""
+    import shutil
 
-        tqdm.write(f"generating the synthetic data set in {defaults.DATA}")
-        generate(defaults.DATA, SynthSpec())
-    return defaults.DATA
+    from data.synth import generate, made_with
+
+    if not made_with(folder, spec):
+        if folder.exists():
+            shutil.rmtree(folder)
+        tqdm.write(f"generating the synthetic data set in {folder}")
+        generate(folder, spec)
+    return folder
+
+
+def ensure_data() -> Path:
+    """The synthetic data set (defaults.SYNTH)."""
+    from data.synth import SynthSpec
+
+    return _generated(defaults.DATA, SynthSpec(**defaults.SYNTH))
+
+
+def ensure_pretrained() -> Path:
+    """The default's stand-in for ImageNet weights: a backbone trained to tell the four (bird,
+    background) pairs apart on a generated set where they are independent (defaults.PRETRAIN_*)."""
+    from core.files import read_json_object
+    from data.folders import fingerprint, load_metadata
+    from data.synth import SynthSpec
+    from precompute.teachers import TeacherConfig, pretrain_backbone
+
+    data = _generated(defaults.PRETRAIN / "data", SynthSpec(**defaults.PRETRAIN_SYNTH))
+    cfg = TeacherConfig(data_root=str(data), out=str(defaults.PRETRAIN), **defaults.PRETRAIN_OVERRIDES)
+    want = {"config": cfg.identity(), "dataset_fingerprint": fingerprint(load_metadata(data))}
+    record = defaults.PRETRAIN / "backbone_config.json"
+    if defaults.PRETRAINED.is_file() and (read_json_object(record) or {}) == want:
+        return defaults.PRETRAINED
+    for stale in (defaults.PRETRAINED, defaults.PRETRAINED.with_name(defaults.PRETRAINED.name + ".ckpt"), record):
+        stale.unlink(missing_ok=True)
+    tqdm.write(f"pretraining the default's backbone on {data} (bird x background, independent)")
+    pretrain_backbone(cfg, defaults.PRETRAINED)
+    atomic_write_json(record, want)
+    return defaults.PRETRAINED
 
 
 def build_teachers_for(data_root: str | None, out: str | None, **opts):
@@ -26,32 +62,43 @@ def build_teachers_for(data_root: str | None, out: str | None, **opts):
     given = {k: v for k, v in opts.items() if v is not None}
     if data_root is None:
         data_root = str(ensure_data())
+        if "weights_file" not in given and "pretrained" not in given:
+            ensure_pretrained()
         given = {**defaults.TEACHERS_OVERRIDES, **given}
     return build_teachers(TeacherConfig(data_root=data_root, out=out or str(defaults.TEACHERS), **given))
 
 
 def _default_teachers_current() -> bool:
-    """Whether the default teachers folder holds teachers built with today's default settings."""
+    """Whether the default teachers folder holds teachers built with today's default settings and data."""
     from core.files import read_json_object
     from core.provenance import settings_diff
+    from data.folders import fingerprint, load_metadata
     from precompute.teachers import TeacherConfig
 
-    record = defaults.TEACHERS / "teachers_config.json"
-    if not (defaults.TEACHERS / "manifest.json").is_file() or not record.is_file():
+    record = read_json_object(defaults.TEACHERS / "teachers_config.json") if (
+        defaults.TEACHERS / "teachers_config.json").is_file() else None
+    if not (defaults.TEACHERS / "manifest.json").is_file() or not record:
         return False
     want = TeacherConfig(data_root=str(defaults.DATA), out=str(defaults.TEACHERS), **defaults.TEACHERS_OVERRIDES)
-    return not settings_diff((read_json_object(record) or {}).get("config") or {}, want.identity())
+    return (not settings_diff(record.get("config") or {}, want.identity())
+            and record.get("dataset_fingerprint") == fingerprint(load_metadata(defaults.DATA)))
 
 
 def ensure_teachers() -> Path:
-    """The default teachers; rebuilt (with the cache made from them) when the default's settings changed
-    since they were built: that folder is the tool's own, not the user's."""
+    """The default teachers; rebuilt (with the cache made from them) when the default's settings or
+    data changed since they were built: that folder is the tool's own, not the user's. Prints the
+    scenario's numbers when it builds them."""
     manifest = defaults.TEACHERS / "manifest.json"
+    ensure_data()
+    ensure_pretrained()
     if not _default_teachers_current():
         stale = manifest.is_file()
         tqdm.write(f"{'the default teachers predate its current settings: rebuilding' if stale else 'no teachers yet: building'}"
                    f" the synthetic default's teachers in {defaults.TEACHERS}")
-        build_teachers_for(None, None, overwrite=stale or None)
+        man = build_teachers_for(None, None, overwrite=True)
+        from precompute.teachers import format_eval_table
+
+        tqdm.write(format_eval_table(man))
     return manifest
 
 
@@ -91,7 +138,7 @@ def run_default(epochs: int = defaults.DISTILL_EPOCHS, seeds=defaults.DEMO_SEEDS
     settled each row's validation WGA was, what the table shows in words, and the wall time."""
     import time
 
-    from experiments.report import format_table, verdicts, write_report
+    from experiments.report import format_table, verdicts, weights_found, write_report
     from experiments.runs import build_tables
     from experiments.sweep import preset_runs, run_sweep
 
@@ -106,6 +153,61 @@ def run_default(epochs: int = defaults.DISTILL_EPOCHS, seeds=defaults.DEMO_SEEDS
           + "; ".join(f"{r.label} {r.val_spread:.1f}" for r in table.rows if r.val_spread is not None))
     for line in verdicts(table):
         print(line)
+    print("Does the weighting find the debiased teachers?")
+    for line in weights_found(table.rows):
+        print("  " + line)
     print("Synthetic data, not Waterbirds. Report and plots: " + ", ".join(str(p) for p in paths.values()))
     print(f"demo wall time: {(time.time() - start) / 60:.1f} min")
     return paths
+
+
+def scenario_problems(man, summary: dict) -> list[str]:
+    """Every bound of ``defaults.SCENARIO`` that the teachers in ``man`` (with their ensemble's
+    ``summary``, precompute.teachers.ensemble_summary) miss, in words; [] when the scenario holds."""
+    b = defaults.SCENARIO
+    problems = []
+
+    def test(m):
+        return m.metrics["test"]
+
+    def worst_two(metrics):
+        order = sorted(range(len(metrics["group_acc"])), key=lambda g: metrics["group_acc"][g])
+        return {metrics["group_names"][g] for g in order[:2]}
+
+    minority = set(defaults.MINORITY_GROUPS)
+    biased = test(man.biased)
+    if biased["avg_acc"] < b["biased_avg_min"] or biased["wga"] > b["biased_wga_max"]:
+        problems.append(f"the biased model's test avg acc {100 * biased['avg_acc']:.1f} / WGA {100 * biased['wga']:.1f} "
+                        f"(wanted >= {100 * b['biased_avg_min']:.0f} / <= {100 * b['biased_wga_max']:.0f})")
+    if worst_two(biased) != minority:
+        problems.append(f"the biased model's two worst groups are {sorted(worst_two(biased))}, not the minority ones")
+    wga = [test(m)["wga"] for m in man.teachers]
+    strong = [w for w in wga if w >= b["strong_wga_min"]]
+    weak = [m for m in man.teachers if test(m)["wga"] <= b["weak_wga_max"] and worst_two(test(m)) & minority]
+    if len(strong) < 2 or len(weak) < 2:
+        problems.append(f"teachers' test WGA {' / '.join(f'{100 * w:.1f}' for w in wga)}: wanted two >= "
+                        f"{100 * b['strong_wga_min']:.0f} and two <= {100 * b['weak_wga_max']:.0f} failing a minority group")
+    aver = (summary.get("aver") or {}).get("test")
+    if strong and (aver is None or aver["wga"] > np.mean(strong) - b["aver_gap_min"]):
+        problems.append(f"the AVER ensemble's test WGA {100 * aver['wga']:.1f} is not {100 * b['aver_gap_min']:.0f} "
+                        f"points below the strong teachers' mean {100 * np.mean(strong):.1f}" if aver else
+                        "no AVER ensemble numbers")
+    probe = summary.get("attribute_probe")
+    if probe is None or probe["test"] < b["attribute_probe_min"]:
+        problems.append(f"the attribute probe reads {100 * probe['test']:.1f}% on test rows (wanted >= "
+                        f"{100 * b['attribute_probe_min']:.0f})" if probe else "no attribute probe")
+    return problems
+
+
+def scenario_report(man) -> str:
+    """One line: whether the default's teachers have the scenario's structure (defaults.SCENARIO)."""
+    import json
+
+    from precompute.teachers import ENSEMBLE
+
+    summary = json.loads((man.root / ENSEMBLE).read_text()) if (man.root / ENSEMBLE).is_file() else {}
+    problems = scenario_problems(man, summary)
+    if not problems:
+        return ("scenario: as intended (biased model relies on the background; strong and weak teachers; "
+                "the AVER ensemble far below the strong ones; the backbone's features carry the background)")
+    return "scenario NOT as intended: " + "; ".join(problems)

@@ -208,6 +208,22 @@ def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, hw: torch.Ten
     return state
 
 
+def pretrain_backbone(cfg: TeacherConfig, path: str | Path) -> Path:
+    """A backbone for ``cfg.weights_file``: ERM on ``cfg.data_root``'s training split with every group
+    (class x attribute) its own class, so that its features carry both the object and the background,
+    as ImageNet features carry birds and scenes. For a data set whose class and attribute are
+    independent (``data.synth.SynthSpec(independent=True)``): the synthetic default's stand-in for
+    ImageNet pretraining. Resumes after a kill, reuses a finished file; returns ``path``."""
+    path = Path(path)
+    meta = load_metadata(cfg.data_root, cfg.dataset, **cfg.dataset_options)
+    groups = dataclasses.replace(meta, y=meta.group, class_names=tuple(meta.group_names))
+    ensure_dir(path.parent, "pretrained backbone's folder")
+    with OutputLock(path.parent, "the pretrained backbone's folder"):
+        images, hw = _prepare_images(cfg, meta, path.parent, fingerprint(meta))
+        train_erm(cfg, cfg.seed, images, hw, groups, path, num_classes=groups.num_classes)
+    return path
+
+
 def dfr_proportions(meta: Metadata, bias: float):
     """Group shares of a teacher's DFR data: balanced (None) at bias 0, the training split's
     (spurious) proportions at bias 1, linear in between."""
@@ -236,6 +252,53 @@ def format_eval_table(man: Manifest) -> str:
     return format_table(["model", "role", "split", *groups, "WGA", "avg acc", "mean acc"], rows)
 
 
+ENSEMBLE = "ensemble.json"  # the ensemble's own numbers, beside the manifest
+
+
+def ensemble_summary(teacher_logits: list[torch.Tensor], emb: torch.Tensor, meta: Metadata) -> dict:
+    """What the ensemble holds before any student is trained, from the eval-view outputs of every
+    row: the AVER ensemble (the plain mean of the teachers' logits, evaluated directly) per split,
+    and how well a linear probe reads the spurious attribute from the backbone's pooled features
+    ``emb`` (logistic regression fit on the validation rows, scored on the test rows: the
+    background a feature loss could pass on)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    aver = evaluate_logits(torch.stack([z.double() for z in teacher_logits]).mean(0), meta)
+    val, test = meta.rows("val"), meta.rows("test")
+    probe = None
+    if len(np.unique(meta.attr[val])) > 1 and len(test):
+        fit = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        fit.fit(emb[val].double().numpy(), meta.attr[val])
+        chance = float(np.max(np.bincount(meta.attr[test])) / len(test))
+        probe = {"test": float(fit.score(emb[test].double().numpy(), meta.attr[test])), "chance": chance,
+                 "attribute": "/".join(meta.attr_names)}
+    return {"aver": aver, "attribute_probe": probe}
+
+
+def format_ensemble(man: Manifest, summary: dict) -> str:
+    """The ensemble's numbers in words: strong and weak teachers, the AVER ensemble, the probe."""
+    test = [100 * m.metrics["test"]["wga"] for m in man.teachers if "test" in m.metrics]
+    lines = []
+    aver = summary.get("aver", {}).get("test")
+    if aver and test:
+        groups = ", ".join(f"{n} {100 * a:.1f}" for n, a in zip(aver["group_names"], aver["group_acc"]))
+        lines.append(f"AVER ensemble (mean of the teachers' logits, no student): test WGA {100 * aver['wga']:.1f} "
+                     f"({groups}); the teachers' own test WGA {' / '.join(f'{w:.1f}' for w in test)}")
+    probe = summary.get("attribute_probe")
+    if probe:
+        lines.append(f"linear probe for the attribute ({probe['attribute']}) on the backbone's pooled features: "
+                     f"{100 * probe['test']:.1f}% on test rows (chance {100 * probe['chance']:.1f}%)")
+    return "\n".join(lines)
+
+
+def describe(man: Manifest) -> str:
+    """The teachers' table and, when ``build_teachers`` made them, the ensemble's numbers."""
+    summary = json.loads((man.root / ENSEMBLE).read_text()) if (man.root / ENSEMBLE).is_file() else {}
+    return "\n".join(filter(None, [format_eval_table(man), format_ensemble(man, summary)]))
+
+
 def _prepare_images(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str) -> tuple[Pixels, torch.Tensor]:
     """The data set through its image store: every image at its stored size, and the sizes [N, 2]."""
     size = store_size_for(cfg.image_size)
@@ -245,7 +308,7 @@ def _prepare_images(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str) -> t
 
 
 BUILT = ("erm_seed*.pt", "erm_seed*.pt.ckpt", "teacher_*_dfr_head.pt", "manifest.json", "eval.md",
-         "teachers_config.json")
+         "teachers_config.json", "ensemble.json")
 
 
 def _claim_folder(cfg: TeacherConfig, out: Path, fp: str) -> None:
@@ -300,7 +363,7 @@ def _build(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str, num_classes: 
     eval_box, eval_flip = sample_views(np.arange(len(meta)), ViewSpec(out_size=cfg.image_size), hw.numpy())
     eval_box, eval_flip = eval_box[:, 0], eval_flip[:, 0]
     val = meta.rows("val")
-    entries = []
+    entries, teacher_logits, first_emb = [], [], None
     for b in range(n_backbones):
         seed = cfg.seed + b
         erm_path = out / f"erm_seed{seed}.pt"
@@ -311,6 +374,7 @@ def _build(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str, num_classes: 
         logits, emb = embed(model, images, hw, eval_box, eval_flip, cfg.image_size, device,
                             progress=cfg.progress, desc=f"embeddings seed {seed}", dtype=PRECISIONS[cfg.precision])
         if b == 0:
+            first_emb = emb
             biased = make_entry("biased", "biased", erm_path, cfg.arch, num_classes, state=state, root=out)
             biased.metrics = evaluate_logits(logits, meta)
         heads = range(cfg.num_teachers) if cfg.shared_backbone else [b]
@@ -328,12 +392,14 @@ def _build(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str, num_classes: 
             dfr_logits = emb @ torch.from_numpy(head.weight).to(emb.dtype).T + torch.from_numpy(head.bias).to(emb.dtype)
             entry.metrics = evaluate_logits(dfr_logits, meta)
             entries.append(entry)
+            teacher_logits.append(dfr_logits)
         if cfg.progress:
             tqdm.write(f"backbone seed {seed}: ERM + DFR done in {time.time() - t0:.0f}s")
     man = Manifest(entries + [biased], num_classes, cfg.image_size, cfg.pretrained or bool(cfg.weights_file), out,
                    cfg.resize)
+    atomic_write_json(out / ENSEMBLE, ensemble_summary(teacher_logits, first_emb, meta))
     man.save(out / "manifest.json")
-    atomic_write_text(out / "eval.md", format_eval_table(man) + "\n")
+    atomic_write_text(out / "eval.md", describe(man) + "\n")
     return man
 
 

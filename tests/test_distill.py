@@ -133,6 +133,15 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cache, tmp_pa
     assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
+def test_a_finished_run_is_its_result_and_other_settings_are_refused(tiny_cache, tmp_path, capsys):
+    first = fit(_cfg(tiny_cache, tmp_path / "run", epochs=1), progress=False)
+    again = fit(_cfg(tiny_cache, tmp_path / "run", epochs=1), progress=True)  # no --resume needed
+    assert "already holds this run, finished" in capsys.readouterr().out
+    assert again == json.loads(json.dumps(first))  # the summary as written to summary.json
+    with pytest.raises(DistillError, match=r"other settings \(tau: was 4.0, now 2.0\)"):
+        fit(_cfg(tiny_cache, tmp_path / "run", epochs=1, tau=2.0), progress=False)
+
+
 def test_resume_refuses_other_settings_and_keeps_teacher_weights(tiny_cache, tmp_path):
     fit(_cfg(tiny_cache, tmp_path / "run", epochs=1), progress=False)
     w = np.load(tmp_path / "run" / "teacher_weights.npy")

@@ -1,41 +1,80 @@
-"""The embedded default's own folder: its teachers and cache are rebuilt when its settings change."""
+"""The embedded default: its scenario's structure (at a tenth of its size), and its own folder: teachers and
+cache reused, and rebuilt when its settings change."""
+import copy
 import json
 import shutil
 
+import pytest
+
+from core.manifest import read_manifest
 from experiments import defaults, pipeline
-from precompute.teachers import TeacherConfig
+from precompute.teachers import ENSEMBLE
 
 
-def _point_defaults_at(tmp_path, monkeypatch):
+SMALL = 0.1  # of the real group counts: 480 training images, 6 of them waterbirds on land
+
+
+def _point_defaults_at(tmp_path, monkeypatch, scale: float = SMALL):
+    """The embedded default in ``tmp_path``, at ``scale`` of its size (its other settings as they are)."""
     monkeypatch.setattr(defaults, "DATA", tmp_path / "data")
     monkeypatch.setattr(defaults, "TEACHERS", tmp_path / "teachers")
     monkeypatch.setattr(defaults, "CACHE", tmp_path / "cache.h5")
-    defaults.TEACHERS.mkdir()
+    monkeypatch.setattr(defaults, "PRETRAIN", tmp_path / "pretrain")
+    monkeypatch.setattr(defaults, "PRETRAINED", tmp_path / "pretrain" / "backbone.pt")
+    monkeypatch.setattr(defaults, "SYNTH", {**defaults.SYNTH, "scale": scale})
+    monkeypatch.setattr(defaults, "PRETRAIN_SYNTH", {**defaults.PRETRAIN_SYNTH, "scale": scale})
+    monkeypatch.setattr(defaults, "TEACHERS_OVERRIDES",
+                        {**defaults.TEACHERS_OVERRIDES, "weights_file": str(defaults.PRETRAINED), "progress": False})
+    monkeypatch.setattr(defaults, "PRETRAIN_OVERRIDES", {**defaults.PRETRAIN_OVERRIDES, "progress": False})
 
 
-def _record(config: dict):
-    (defaults.TEACHERS / "manifest.json").write_text("{}")
-    (defaults.TEACHERS / "teachers_config.json").write_text(json.dumps({"config": config}))
+@pytest.fixture(scope="module")
+def small_default(tmp_path_factory):
+    """The default's teachers built for real, at a tenth of its size."""
+    mp = pytest.MonkeyPatch()
+    _point_defaults_at(tmp_path_factory.mktemp("default"), mp)
+    manifest = pipeline.ensure_teachers()
+    yield read_manifest(manifest)
+    mp.undo()
 
 
-def test_default_teachers_are_rebuilt_when_the_defaults_changed(tmp_path, monkeypatch):
-    _point_defaults_at(tmp_path, monkeypatch)
-    calls = []
-    monkeypatch.setattr(pipeline, "build_teachers_for", lambda *a, **kw: calls.append((a, kw)))
-    pipeline.ensure_teachers()  # nothing there yet: built, nothing to overwrite
-    assert calls == [((None, None), {"overwrite": None})]
+def test_the_default_scenario_has_waterbirds_structure_at_a_tenth_of_its_size(small_default):
+    """The biased model relies on the background: its two worst test groups are the minority ones
+    (a landbird on water, a waterbird on land), while it gets the majority groups right."""
+    test = small_default.biased.metrics["test"]
+    worst_two = sorted(range(4), key=lambda g: test["group_acc"][g])[:2]
+    assert {test["group_names"][g] for g in worst_two} == set(defaults.MINORITY_GROUPS)
+    majority = [test["group_acc"][g] for g in range(4) if g not in worst_two]
+    assert min(majority) > max(test["group_acc"][g] for g in worst_two)
+    ensemble = json.loads((small_default.root / ENSEMBLE).read_text())
+    assert ensemble["attribute_probe"]["test"] > ensemble["attribute_probe"]["chance"]
 
-    today = TeacherConfig(str(defaults.DATA), str(defaults.TEACHERS), **defaults.TEACHERS_OVERRIDES).identity()
-    _record(json.loads(json.dumps(today)))
+
+def test_the_scenario_check_names_every_bound_missed(small_default):
+    summary = json.loads((small_default.root / ENSEMBLE).read_text())
+    man = copy.deepcopy(small_default)
+    man.biased.metrics["test"]["group_acc"] = [0.1, 1.0, 1.0, 0.2]  # fails the majority groups
+    for m in man.teachers:
+        m.metrics["test"]["wga"] = 0.7
+    summary["attribute_probe"]["test"] = 0.6
+    problems = " ".join(pipeline.scenario_problems(man, summary))
+    assert "two worst groups" in problems and "teachers' test WGA" in problems and "attribute probe" in problems
+
+
+def test_default_teachers_are_reused_and_rebuilt_when_the_defaults_change(small_default, monkeypatch):
+    root = small_default.root
+    _point_defaults_at(root.parent, monkeypatch)
+    overrides = defaults.TEACHERS_OVERRIDES
+    before = (root / "manifest.json").read_bytes()
     assert pipeline._default_teachers_current()
-    calls.clear()
-    pipeline.ensure_teachers()  # built with today's settings: reused
-    assert calls == []
+    pipeline.ensure_teachers()  # built with today's settings and data: reused as they are
+    assert (root / "manifest.json").read_bytes() == before
 
-    _record({**json.loads(json.dumps(today)), "precision": "float32"})  # built before the float64 default
+    monkeypatch.setattr(defaults, "TEACHERS_OVERRIDES", {**overrides, "dfr_bias": (0.0, 0.0, 0.0, 1.0, 1.0)})
     assert not pipeline._default_teachers_current()
-    pipeline.ensure_teachers()
-    assert calls == [((None, None), {"overwrite": True})]
+    pipeline.ensure_teachers()  # the default changed: its own folder rebuilt
+    assert (root / "manifest.json").read_bytes() != before
+    assert pipeline._default_teachers_current()
 
 
 def test_default_cache_is_stale_when_made_from_other_teachers(tmp_path, monkeypatch, tiny_cache, tiny_teachers):
