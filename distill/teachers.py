@@ -43,11 +43,12 @@ class CachedTeachers:
     def batch(self, data: SplitData, idx: torch.Tensor, epoch: int, share: float = 1.0) -> Batch:
         d = self.device
         x = render(data.images[idx].to(d, non_blocking=True), data.box[idx].to(d), data.flip[idx].to(d), self.image_size)
+        y = data.y[idx].to(d)
         feats = {l: data.feats[l][idx].to(d).index_select(1, self.backbone) for l in self.layers}
         if self.erase is not None:  # the spurious attribute erased from each teacher's features
-            feats = {l: self.erase(l, f) for l, f in feats.items()}
+            feats = {l: self.erase(l, f, y) for l, f in feats.items()}
         cached = data.cached[idx].to(d) if self.cfg.needs.cached_weights else None
-        return Batch(x, data.y[idx].to(d), data.logits[idx].to(d), data.biased[idx].to(d), feats, cached, share)
+        return Batch(x, y, data.logits[idx].to(d), data.biased[idx].to(d), feats, cached, share)
 
 
 class OnlineTeachers:
@@ -80,13 +81,14 @@ class OnlineTeachers:
         return torch.from_numpy(box[:, 1]), torch.from_numpy(flip[:, 1])
 
     @torch.no_grad()
-    def outputs(self, x: torch.Tensor):
-        """(teacher logits [b, T, C], biased logits [b, C], {layer: [b, T, D]}) on images ``x``."""
+    def outputs(self, x: torch.Tensor, y: torch.Tensor):
+        """(teacher logits [b, T, C], biased logits [b, C], {layer: [b, T, D]}) on images ``x`` of
+        classes ``y`` (the erasers are per class)."""
         with autocast(self.device):
             zt, zb, f = self.ensemble(x.contiguous(memory_format=memory_format_for(self.device)), self.layers or ("layer4",))
         feats = {l: f[l].float().index_select(1, self.backbone) for l in self.layers}
         if self.erase is not None:
-            feats = {l: self.erase(l, f) for l, f in feats.items()}
+            feats = {l: self.erase(l, f, y) for l, f in feats.items()}
         return zt.float(), zb.float(), feats
 
     def batch(self, data: SplitData, idx: torch.Tensor, epoch: int, share: float = 1.0) -> Batch:
@@ -94,9 +96,10 @@ class OnlineTeachers:
         box, flip = self.crops(data.rows[idx].cpu().numpy(), images.hw.cpu().numpy(), epoch)
         d = self.device
         x = render(images.to(d, non_blocking=True), box.to(d), flip.to(d), self.image_size)
-        zt, zb, feats = self.outputs(x)
+        y = data.y[idx].to(d)
+        zt, zb, feats = self.outputs(x, y)
         cached = cached_agre_weights(zt, zb, self.tau_cached) if self.cfg.weighting == "cached" else None
-        return Batch(x, data.y[idx].to(d), zt, zb, feats, cached, share)
+        return Batch(x, y, zt, zb, feats, cached, share)
 
 
 def teacher_source(meta: CacheMeta, cfg: DistillConfig, image_size: int, device):

@@ -12,6 +12,8 @@ import math
 import statistics
 from pathlib import Path
 
+import numpy as np
+
 from core.errors import ConfigError
 from core.files import atomic_write_text, ensure_dir
 from core.tables import format_table as text_table
@@ -253,6 +255,32 @@ def favour_section(rows: list[Row]) -> str:
             "teacher's mean weight in the last epoch and its validation WGA (+1: the better the teacher on "
             "validation, the larger its weight); n/a where it is undefined (uniform weights).\n\n"
             + text_table(header, body) + "\n")
+
+
+def weights_found(rows: list[Row]) -> list[str]:
+    """Does the weighting find the debiased teachers? One line per row whose weights are not uniform:
+    each teacher's weight in the last epoch (mean over seeds) beside its test WGA, and the Spearman
+    rank correlation of the two per run (mean ± std over seeds; +1: the better the teacher on test,
+    the larger its weight)."""
+    from experiments.runs import last_teacher_weights, weight_wga_spearman
+
+    lines = []
+    for row in rows:
+        per_run = [(r, last_teacher_weights(r)) for r in row.runs]
+        per_run = [(r, w) for r, w in per_run if w and np.ptp(w) > 1e-6 * max(w)]
+        if not per_run:
+            continue
+        test = per_run[0][0].summary.get("teacher_test") or {}
+        names = [t["name"] for t in per_run[0][0].summary.get("teachers", []) if t.get("role") == "teacher"]
+        mean_w = np.mean([w for _, w in per_run], axis=0)
+        rhos = [v for v in (weight_wga_spearman(r, "test") for r, _ in per_run) if v is not None]
+        pairs = ", ".join(f"{n} {w:.2f} (WGA {100 * (test.get(n) or {}).get('wga', float('nan')):.0f})"
+                          for n, w in zip(names, mean_w))
+        rho = (f"{np.mean(rhos):+.2f} ± {np.std(rhos, ddof=1):.2f}" if len(rhos) > 1 else
+               f"{rhos[0]:+.2f}" if rhos else NA)
+        lines.append(f"{row.label}: weights {pairs}; Spearman ρ with the teachers' test WGA {rho} "
+                     f"over {len(rhos)} run(s)")
+    return lines
 
 
 # ----------------------------------------------------------------------------- the report

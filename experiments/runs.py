@@ -112,17 +112,24 @@ def group_names_of(records: list["RunRecord"]) -> list[str]:
     return list(WATERBIRDS_GROUPS) if width == 4 else [f"g{g}" for g in range(width)]
 
 
-def weight_wga_spearman(rec: "RunRecord") -> float | None:
-    """See :attr:`RunRecord.weight_wga_spearman`."""
-    if not rec.finished or not rec.summary.get("teacher_val"):
+def last_teacher_weights(rec: "RunRecord") -> list[float] | None:
+    """Each teacher's mean weight in the run's last logged epoch (metrics.jsonl), or None."""
+    if not rec.finished:
         return None
     last = [m for m in read_jsonl(rec.path / METRICS) if m.get("teacher_weights")][-1:]
-    if not last:
+    return [float(w) for w in last[0]["teacher_weights"]] if last else None
+
+
+def weight_wga_spearman(rec: "RunRecord", split: str = "val") -> float | None:
+    """See :attr:`RunRecord.weight_wga_spearman`; ``split``: the teachers' WGA on val or test."""
+    key = f"teacher_{split}"
+    if not rec.finished or not rec.summary.get(key):
         return None
-    weights = [float(w) for w in last[0]["teacher_weights"]]
+    weights = last_teacher_weights(rec)
+    if not weights:
+        return None
     names = [t["name"] for t in rec.summary.get("teachers", []) if t.get("role", "teacher") == "teacher"]
-    val = rec.summary["teacher_val"]
-    wgas = [(val.get(n) or {}).get("wga") for n in names]
+    wgas = [(rec.summary[key].get(n) or {}).get("wga") for n in names]
     if len(names) != len(weights) or any(w is None for w in wgas) or len(weights) < 2:
         return None
     if np.ptp(weights) <= 1e-6 * max(abs(max(weights)), 1e-12) or np.ptp(wgas) == 0:

@@ -113,9 +113,9 @@ def test_raw_step_is_todays_and_erased_step_uses_the_erased_features(tiny_cache)
         today = data.feats[layer][idx].index_select(1, backbone)
         assert a.teacher_feats[layer].dtype == today.dtype
         torch.testing.assert_close(a.teacher_feats[layer], today, rtol=0, atol=0)
-    # the erased target: each teacher's backbone eraser, fit on the validation rows
+    # the erased target: the eraser of each teacher's backbone and each row's class
     eraser = teacher_eraser(tiny_cache, ("layer4",), meta.backbone_of_teacher, CPU)
-    want = eraser("layer4", data.feats["layer4"][idx].index_select(1, backbone))
+    want = eraser("layer4", data.feats["layer4"][idx].index_select(1, backbone), data.y[idx])
     torch.testing.assert_close(b.teacher_feats["layer4"], want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(b.teacher_feats["layer4"], a.teacher_feats["layer4"].float(), atol=1e-3)
 
@@ -153,9 +153,16 @@ def test_eraser_on_device_tensors_keeps_shape_and_needs_no_host_values():
     e = fit_leace(x, z)
     from distill.erasure import TeacherFeatureEraser
 
-    te = TeacherFeatureEraser({"layer4": [e, Eraser(e.mean * 0, e.left * 0, e.right * 0)]}, [0, 1, 0], CPU)
-    feats = torch.from_numpy(np.stack([x[:5]] * 3, 1)).half()           # [5, T=3, D]
-    out = te("layer4", feats)
+    e1 = fit_leace(x[::-1].copy() * 2, z[::-1].copy())  # class 1's eraser: another fit
+    identity = Eraser(e.mean * 0, e.left * 0, e.right * 0)
+    te = TeacherFeatureEraser({"layer4": [[e, identity], [e1, identity]]}, [0, 1, 0], CPU)
+    feats = torch.from_numpy(np.stack([x[:6]] * 3, 1)).half()           # [6, T=3, D]
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    out = te("layer4", feats, y)
     assert out.shape == feats.shape and out.dtype == torch.float32
-    torch.testing.assert_close(out[:, 0], e(feats[:, 0].double()).float(), rtol=1e-4, atol=1e-4)
+    # float32 on the device against float64: two D-term dot products, D u |x| = 16 * 6e-8 * O(10) << 1e-4
+    for row, c in enumerate(y.tolist()):  # each row: its class's eraser of its teacher's backbone
+        want = (e if c == 0 else e1)(feats[row, 0].double()).float()
+        torch.testing.assert_close(out[row, 0], want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out[row, 2], want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out[:, 1], feats[:, 1].float(), rtol=0, atol=0)   # backbone 1: identity eraser
