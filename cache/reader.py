@@ -8,10 +8,10 @@ import h5py
 import numpy as np
 
 from cache.integrity import DIGESTS_KEY, HEADER_KEY, digest_name, bad_blocks, digests_digest, header_digest
+from cache.limits import MAX_ID_BYTES
 from cache.samples import sample_problems, samples_message
-from cache.schema import (EVAL, MAX_ID_BYTES, RANDOM, SAMPLE_FIELDS, VIEW_FIELDS, CacheError, CacheMeta,
-                          check_schema, chunks_of, is_slotted, layout, meta_from_file, row_bytes,
-                          train_positions)
+from cache.schema import (EVAL, RANDOM, SAMPLE_FIELDS, VIEW_FIELDS, CacheError, CacheMeta, check_schema,
+                          chunks_of, is_slotted, layout, meta_from_file, row_bytes, train_positions)
 from core.h5safe import auto_chunk_limit, chunk_count
 from core.h5safe import check_structure as check_h5
 from data.folders import SPLIT_CODES

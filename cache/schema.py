@@ -34,19 +34,22 @@ The root digest of a file (:attr:`cache.reader.CacheReader.root_digest`) is its 
 it covers every root attribute, among them ``digests_sha256``, which covers every digest table,
 which covers every block of every dataset; a sender publishes it, a receiver checks it with
 ``verify(path, expect=DIGEST)``.
+
+What each header field may hold, its kind and its range (the ``MAX_*`` limits, checked on every
+open before anything is sized from them), is in :mod:`cache.limits`.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from cache.limits import field_problems, is_int, is_number
 from core.constants import ROLES
 from core.errors import ConfigError, ToolError
 from core.provenance import PROVENANCE_FIELDS, provenance
@@ -63,20 +66,6 @@ TRAIN = SPLIT_CODES["train"]
 CHUNK_BYTES = 256 * 1024
 MAX_CHUNK_ROWS = 64
 DEFAULT_GZIP_LEVEL = 1  # float data compresses about as well at level 1 as at 9, and far faster
-
-# What a header may declare (checked on every open, before any dataset is read): generous next to
-# the study (224 px views, 2 classes, 5 teachers, 10 slots, 3 layers of at most 2048), small enough
-# that nothing sized from them (a rendered batch, a layout, a group table) can ask for gigabytes.
-MAX_OUT_SIZE = 1024          # rendered view side: a batch of 64 views is 64 x 3 x 1024^2 float32 = 800 MB
-MAX_STORE_SIZE = 4096        # the image store's short side
-MAX_CLASSES = 10_000         # classes, and attribute values
-MAX_GROUPS = 100_000         # classes x attribute values
-MAX_MODELS = 256             # teachers + the biased model (and so distinct backbones)
-MAX_RANDOM_VIEWS = 1000      # K
-MAX_LAYERS = 16
-MAX_FEATURE_DIM = 1 << 16
-MAX_SAMPLES = 1 << 31        # dataset rows (the store's offsets and sizes stay far inside int64)
-MAX_ID_BYTES = 4096          # one image path, utf-8
 
 EVAL, RANDOM = "eval", "random"
 # What a view holds, by the names the reader returns -> dataset name under /eval or /random.
@@ -202,7 +191,7 @@ class CacheMeta:
 
     def validate(self) -> None:
         """Raise CacheError on a meta that could not describe a consistent file."""
-        problems = self._shape_problems()
+        problems = field_problems(self)
         if problems:  # the checks below assume the fields' shapes
             raise CacheError("invalid cache meta: " + "; ".join(problems))
         roles = [t.get("role") for t in self.teachers]
@@ -246,70 +235,6 @@ class CacheMeta:
         if problems:
             raise CacheError("invalid cache meta: " + "; ".join(problems))
 
-    def _shape_problems(self) -> list[str]:
-        """Each field of the kind and within the range the tool can use (a header is read from a
-        received file: its JSON may hold anything), naming the field."""
-        problems = []
-
-        def bad(field, what):
-            problems.append(f"field {field!r} {what}")
-        for i, t in enumerate(self.teachers):
-            keys = ("name", "role", "sha256", "backbone_id")
-            if not isinstance(t, dict) or not all(isinstance(t.get(k), str) for k in keys):
-                bad("teachers", f"entry {i} must be an object with string name, role, sha256 and "
-                                f"backbone_id, got {str(t)[:80]}")
-        if len(self.teachers) > MAX_MODELS:
-            bad("teachers", f"lists {len(self.teachers)} models (at most {MAX_MODELS})")
-        for name, lo, hi in (("num_classes", 2, MAX_CLASSES), ("num_samples", 1, MAX_SAMPLES),
-                             ("store_size", 1, MAX_STORE_SIZE)):
-            if not lo <= getattr(self, name) <= hi:
-                bad(name, f"is {getattr(self, name)}, not in {lo}..{hi}")
-        if not 1 <= len(self.attr_names) <= MAX_CLASSES or \
-                len(self.attr_names) * max(1, min(self.num_classes, MAX_CLASSES)) > MAX_GROUPS:
-            bad("attr_names", f"names {len(self.attr_names)} attribute values (1..{MAX_CLASSES}, at most "
-                              f"{MAX_GROUPS} groups with the classes)")
-        if len(self.layers) > MAX_LAYERS:
-            bad("layers", f"lists {len(self.layers)} layers (at most {MAX_LAYERS})")
-        for layer, d in self.feature_dims.items():
-            if not _is_int(d) or not 1 <= d <= MAX_FEATURE_DIM:
-                bad("feature_dims", f"gives layer {layer!r} width {str(d)[:40]}, not an integer in "
-                                    f"1..{MAX_FEATURE_DIM}")
-        if not math.isfinite(self.tau_cached) or self.tau_cached <= 0:
-            bad("tau_cached", f"is {self.tau_cached}, not a positive number")
-        if not all(isinstance(h, dict) for h in self.history):
-            bad("history", "must list objects")
-        problems += [f"field 'view_spec' {p}" for p in view_spec_problems(self.view_spec)]
-        return problems
-
-
-_VIEW_INTS = {"random_views": (0, MAX_RANDOM_VIEWS), "out_size": (1, MAX_OUT_SIZE),
-              "seed": (-(1 << 63), (1 << 64) - 1)}
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def view_spec_problems(spec: dict) -> list[str]:
-    """What is wrong with a header's view specification (a data.views.ViewSpec as a dict)."""
-    problems = []
-    for key, (lo, hi) in _VIEW_INTS.items():
-        if key in spec and not (_is_int(spec[key]) and lo <= spec[key] <= hi):
-            problems.append(f"{key} is {str(spec[key])[:40]}, not an integer in {lo}..{hi}")
-    for key in ("scale", "ratio"):
-        v = spec.get(key, [1.0, 1.0])
-        if not (isinstance(v, list) and len(v) == 2 and all(_is_number(x) and 0 < x < 1e6 for x in v)
-                and v[0] <= v[1]):
-            problems.append(f"{key} is {str(v)[:40]}, not two increasing positive numbers")
-    for key in ("resize", "random_rows"):
-        if key in spec and not isinstance(spec[key], str):
-            problems.append(f"{key} is {str(spec[key])[:40]}, not a string")
-    return problems
-
-
-def _is_number(v) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
-
 
 _SCALARS = {"int": int, "float": float, "bool": bool, "str": str}
 IDENTITY = tuple(f.name for f in dataclasses.fields(CacheMeta) if f.name not in PROVENANCE_FIELDS)
@@ -343,12 +268,12 @@ def _normalise(f, value):
                              f"got {type(value).__name__} {str(value)[:60]}")
         item = f.metadata.get("item")
         if item is not None:
-            wrong = [v for v in value if not (isinstance(v, item) and (item is not int or _is_int(v)))]
+            wrong = [v for v in value if not (isinstance(v, item) and (item is not int or is_int(v)))]
             if wrong:
                 raise CacheError(f"invalid cache meta: field {f.name!r} must list {item.__name__} values, "
                                  f"got {str(wrong[0])[:60]}")
         return value
-    ok = {"int": _is_int, "float": _is_number, "bool": lambda v: isinstance(v, bool),
+    ok = {"int": is_int, "float": is_number, "bool": lambda v: isinstance(v, bool),
           "str": lambda v: isinstance(v, str)}[f.type]
     if not ok(value):
         raise CacheError(f"invalid cache meta: field {f.name!r} must be {f.type}, "
@@ -463,8 +388,9 @@ def check_schema(attrs, path) -> None:
     except (TypeError, ValueError):
         version = None
     if version != SCHEMA_VERSION:
+        older = version is not None and version < SCHEMA_VERSION
         why = (" (row-major: every row kept K + 1 views; version 3 keeps the random views of the "
-               "training rows only, one slot per epoch)" if version is not None and version < SCHEMA_VERSION else "")
+               "training rows only, one slot per epoch)" if older else "")
         raise CacheError(f"{path}: cache schema version {version} found{why}; this tool reads version "
                          f"{SCHEMA_VERSION} only. Rebuild it with the arguments that made it (the same "
                          f"data folder, teachers and options) plus --overwrite: {rebuild_hint(attrs, path)}")

@@ -21,6 +21,9 @@ attrs: schema "gr-kd-images", schema_version 3, fingerprint, size (S), resize, s
        them, or one torchrun part's range, put together by ``merge_stores``)
 ```
 
+Every open checks what the file declares before its tables are used (a store is received with its
+cache): :mod:`data.store_checks` holds those checks and the format's names and limits.
+
 In memory the images are :class:`Pixels` (the same flat layout), rendered by
 ``data.views.render`` (HWC, not CHW: one gather fetches a pixel's three channels and its right
 neighbour's, 6x fewer gathers; ``benchmarks/bench_store.py`` measures it).
@@ -38,26 +41,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from core.errors import ConfigError, ToolError
-from core.h5safe import auto_chunk_limit, chunk_count, open_untrusted
-from core.h5safe import check_structure as check_h5
+from core.errors import ConfigError
 from data.folders import DataError, Metadata, read_image
 from data.pixels import Pixels
+from data.store_checks import (DATASETS, MAX_ASPECT, RESIZE_MODES, SCHEMA, SCHEMA_VERSION, StoreError,
+                               check_attrs, check_store, ends_of, open_checked, scalar_attr)
 
-SCHEMA = "gr-kd-images"
-SCHEMA_VERSION = 3
 CHUNK_ROWS = 64          # images decoded and marked done together
 COPY_BYTES = 64 << 20    # merge_stores and verify read at most this much at a time
-RESIZE_MODES = ("keep-aspect", "squash")
-MAX_ASPECT = 2.0  # a longer side is squashed to MAX_ASPECT * S (build_store says how many)
-DATASETS = ("pixels", "offset", "hw", "digest", "done")
-DTYPES = {"pixels": np.uint8, "offset": np.int64, "hw": np.int32, "digest": np.uint8, "done": np.bool_}
-MAX_SIZE = 4096          # the stored short side S at most (cache.schema.MAX_STORE_SIZE)
-MAX_ROWS = 1 << 31       # with sides <= 2 * MAX_SIZE, offsets stay far inside int64
-
-
-class StoreError(ToolError):
-    """An image store that cannot be used for the data asked for."""
 
 
 def store_size_for(out_size: int) -> int:
@@ -82,132 +73,13 @@ def _image_size(path: Path) -> tuple[int, int]:
             return im.size
     except (OSError, ValueError) as e:
         what = "missing image file" if isinstance(e, FileNotFoundError) else f"unreadable image ({e})"
-        raise DataError(path.parent, [f"{path}: {what}; run `python cli.py data check` on the folder"]) from None
-
-
-def _offsets(hw: np.ndarray) -> np.ndarray:
-    sizes = 3 * hw[:, 0].astype(np.int64) * hw[:, 1]
-    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # [N + 1]
-
-
-def _attr(f: h5py.File, key: str):
-    """A root attribute as a plain Python scalar (None when absent or not a scalar)."""
-    v = f.attrs.get(key)
-    if isinstance(v, bytes):
-        v = v.decode("utf-8", "replace")
-    v = v.item() if isinstance(v, np.generic) else v
-    return v if isinstance(v, (int, float, str)) else None
-
-
-def _check_attrs(f: h5py.File, path, fingerprint: str | None, size: int | None, resize: str | None) -> None:
-    if _attr(f, "schema") != SCHEMA:
-        raise StoreError(f"{path} is not an image store (schema {str(f.attrs.get('schema'))[:40]!r})")
-    version = _attr(f, "schema_version")
-    if isinstance(version, bool) or version != SCHEMA_VERSION:
-        raise StoreError(f"{path}: image store version {str(version)[:20]} is not supported (this tool "
-                         f"reads version {SCHEMA_VERSION}, images at their own size); delete it and "
-                         "`python cli.py precompute` rebuilds it")
-    if not isinstance(_attr(f, "fingerprint"), str):
-        raise StoreError(f"{path}: attribute fingerprint is missing or not a string; delete it to rebuild")
-    if fingerprint is not None and f.attrs["fingerprint"] != fingerprint:
-        raise StoreError(f"{path} was built from another data folder (fingerprint "
-                         f"{f.attrs['fingerprint'][:12]}, folder {fingerprint[:12]}); delete it to rebuild")
-    if size is not None and _attr(f, "size") != size:
-        raise StoreError(f"{path} holds {f.attrs['size']}px images, {size}px asked; use another path")
-    if resize is not None and _attr(f, "resize") != resize:
-        raise StoreError(f"{path} holds {f.attrs['resize']} images, {resize} asked; use another path")
-
-
-def _int_attr(f: h5py.File, path, key: str, lo: int, hi: int) -> int:
-    v = f.attrs.get(key)
-    v = v.item() if isinstance(v, np.generic) else v
-    if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
-        raise StoreError(f"{path}: attribute {key} is {str(v)[:40]}, not an integer in {lo}..{hi}: the store "
-                         "is damaged or was not written by this tool; delete it to rebuild")
-    return v
-
-
-def _written_as_built(name: str, ds: h5py.Dataset) -> bool:
-    """What a store being built may hold unwritten: the pixels, digests and done flags (the
-    sizes and offsets are written when it is made)."""
-    return name in ("pixels", "digest", "done")
-
-
-def _check_store(f: h5py.File, path, building: bool = False) -> dict:
-    """Everything an image store declares, checked before its tables are trusted (a store is
-    received with its cache): links, filters, sizes and chunk counts (core.h5safe; ``building``:
-    a store being built may hold unwritten pixels), then its attributes, the dtype, shape and
-    chunking of each table, and the range of every image size (at least 1, short side S and long
-    side at most ``MAX_ASPECT * S`` as :func:`resized_hw` makes them; S at most ``MAX_SIZE``),
-    its offsets, its rows and its pixel count. Returns ``{"hw": [N, 2] int64, "ends": [N + 1],
-    "row_start", "row_stop", "base"}``. Missing tables are a KeyError (killed while created)."""
-    names = set(f.keys())  # link names only: nothing is followed before check_h5 has seen the links
-    absent = [name for name in DATASETS if name not in names]
-    if absent:
-        raise KeyError(f"no {', '.join(absent)}: killed while being created?")
-    check_h5(f, path, StoreError, allow_sparse=_written_as_built if building else False)
-    if not all(isinstance(f[name], h5py.Dataset) for name in DATASETS):
-        raise KeyError(f"{', '.join(DATASETS)} must be datasets")
-    size = _int_attr(f, path, "size", 1, MAX_SIZE)
-    resize = _attr(f, "resize")
-    if resize not in RESIZE_MODES:
-        raise StoreError(f"{path}: attribute resize is {str(resize)[:40]}, not one of "
-                         f"{', '.join(RESIZE_MODES)}")
-    n = _int_attr(f, path, "num_rows", 0, MAX_ROWS)
-    lo = _int_attr(f, path, "row_start", 0, n)
-    hi = _int_attr(f, path, "row_stop", lo, n)
-    shapes = {"offset": (n,), "hw": (n, 2), "digest": (n, 32), "done": (n,)}
-    for name in DATASETS:
-        ds = f[name]
-        shape = shapes.get(name, (ds.shape or (0,))[:1])
-        if ds.dtype != DTYPES[name] or ds.shape != shape:
-            want = "[P]" if name == "pixels" else shape
-            raise StoreError(f"{path}: /{name} is {ds.dtype} {ds.shape}, an image store of {n} rows holds "
-                             f"{np.dtype(DTYPES[name])} {want}; delete it to rebuild")
-        if chunk_count(shape, ds.chunks) > auto_chunk_limit(shape, ds.dtype.itemsize):
-            raise StoreError(f"{path}: /{name} is split into {chunk_count(shape, ds.chunks):,} chunks "
-                             f"{ds.chunks}; the store is damaged or was not written by this tool; delete it "
-                             "to rebuild")
-    hw = f["hw"][:].astype(np.int64)
-    cap = size if resize == "squash" else round(MAX_ASPECT * size)
-    bad = np.flatnonzero((hw.min(axis=1, initial=size) != size) | (hw.max(axis=1, initial=size) > cap)) \
-        if n else np.zeros(0, np.int64)
-    if len(bad):
-        r = int(bad[0])
-        raise StoreError(f"{path}: image {r} has size {tuple(hw[r].tolist())}; {len(bad)} image(s) in all "
-                         f"are not {resize} {size} px images (short side {size}, long side at most {cap}): "
-                         "the store is damaged or was not written by this tool; delete it to rebuild")
-    ends = _offsets(hw)
-    if not np.array_equal(f["offset"][:], ends[:-1]):
-        raise StoreError(f"{path}: its offsets do not follow its image sizes; delete it to rebuild")
-    want = {"total_bytes": int(ends[-1]), "pixel_start": int(ends[lo]), "side": int(hw.max()) if n else 0}
-    for key, v in want.items():
-        _int_attr(f, path, key, v, v)
-    if f["pixels"].shape != (max(1, int(ends[hi] - ends[lo])),):
-        raise StoreError(f"{path}: {f['pixels'].shape[0]:,} pixel bytes, its images {lo}..{hi - 1} take "
-                         f"{int(ends[hi] - ends[lo]):,}; delete it to rebuild")
-    return {"hw": hw, "ends": ends, "row_start": lo, "row_stop": hi, "base": want["pixel_start"]}
-
-
-def _open_checked(path, building: bool = False, mode: str = "r") -> tuple[h5py.File, dict]:
-    """An existing store, opened through core.h5safe and :func:`_check_store` (closed again when
-    a check fails): every open of a store, merge parts included."""
-    f = open_untrusted(path, mode, StoreError, what="image store",
-                       allow_sparse=_written_as_built if building else False)
-    try:
-        _check_attrs(f, path, None, None, None)
-        return f, _check_store(f, path, building)
-    except KeyError as e:
-        f.close()
-        raise StoreError(f"{path} is not a readable image store ({e}); delete it to rebuild") from None
-    except BaseException:
-        f.close()
-        raise
+        raise DataError(path.parent,
+                        [f"{path}: {what}; run `python cli.py data check` on the folder"]) from None
 
 
 def _create(f: h5py.File, attrs: dict, hw: np.ndarray, lo: int, hi: int) -> None:
     """The datasets of a new store holding rows [lo, hi) of a data set of images ``hw``."""
-    ends = _offsets(hw)
+    ends = ends_of(hw)
     f.attrs.update(attrs, schema=SCHEMA, schema_version=SCHEMA_VERSION, num_rows=len(hw),
                    side=int(hw.max()) if len(hw) else 0, total_bytes=int(ends[-1]),
                    row_start=lo, row_stop=hi, pixel_start=int(ends[lo]))
@@ -215,7 +87,8 @@ def _create(f: h5py.File, attrs: dict, hw: np.ndarray, lo: int, hi: int) -> None
     f.create_dataset("offset", data=ends[:-1], fletcher32=True)
     # contiguous: a read of any image reads just its bytes (allocated on the first write)
     f.create_dataset("pixels", (max(1, int(ends[hi] - ends[lo])),), np.uint8)
-    f.create_dataset("digest", (len(hw), 32), np.uint8, fletcher32=True, chunks=(max(1, min(len(hw), 4096)), 32))
+    f.create_dataset("digest", (len(hw), 32), np.uint8, fletcher32=True,
+                     chunks=(max(1, min(len(hw), 4096)), 32))
     f.create_dataset("done", (len(hw),), bool, fillvalue=False)
 
 
@@ -242,20 +115,23 @@ def build_store(meta: Metadata, path: str | Path, size: int, fingerprint: str, r
     except OSError as e:
         raise StoreError(f"{path} is not a readable HDF5 file ({e}); delete it to rebuild") from None
     with f:
-        if len(f) == 0 and _attr(f, "schema") in (SCHEMA, None):  # new; anything else must match
+        # new; anything else must match
+        if len(f) == 0 and scalar_attr(f, "schema") in (SCHEMA, None):
             paths = [meta.root / name for name in meta.filenames]
             with ThreadPoolExecutor(8) as pool:  # headers only: sizes without decoding
                 hw = np.array([resized_hw(*wh, size, resize) for wh in pool.map(_image_size, paths)],
                               dtype=np.int64).reshape(-1, 2)
-            capped = int(sum(1 for (h, w) in hw if max(h, w) >= round(MAX_ASPECT * size) and resize != "squash"))
+            capped = int(sum(1 for (h, w) in hw
+                             if max(h, w) >= round(MAX_ASPECT * size) and resize != "squash"))
             if capped and progress:
-                tqdm.write(f"{capped} image(s) have an aspect ratio beyond {MAX_ASPECT:g}:1: their long side is "
-                           f"squashed to {round(MAX_ASPECT * size)} px (view 0 is no longer Resize({size}) + "
-                           "CenterCrop for them)")
+                cap = round(MAX_ASPECT * size)
+                tqdm.write(f"{capped} image(s) have an aspect ratio beyond {MAX_ASPECT:g}:1: their long side "
+                           f"is squashed to {cap} px (view 0 is no longer Resize({size}) + CenterCrop for "
+                           "them)")
             _create(f, dict(fingerprint=fingerprint, size=size, resize=resize), hw, wanted.start, wanted.stop)
-        _check_attrs(f, path, fingerprint, size, resize)
+        check_attrs(f, path, fingerprint, size, resize)
         try:  # a store this folder's may still be a received one: checked as any other
-            c = _check_store(f, path, building=True)
+            c = check_store(f, path, building=True)
         except KeyError:
             raise StoreError(f"{path} is a damaged image store (killed while being created?); "
                              "delete it to rebuild") from None
@@ -265,18 +141,21 @@ def build_store(meta: Metadata, path: str | Path, size: int, fingerprint: str, r
             raise StoreError(f"{path} holds rows {a0}..{b0 - 1} of {len(c['hw'])}, rows {lo}..{hi - 1} "
                              f"of {n} asked (another torchrun layout?); delete it to rebuild")
         done, hw, ends, base = f["done"][:], c["hw"], c["ends"], c["base"]
-        todo = [(a, min(a + CHUNK_ROWS, hi)) for a in range(lo, hi, CHUNK_ROWS) if not done[a:min(a + CHUNK_ROWS, hi)].all()]
+        todo = [(a, min(a + CHUNK_ROWS, hi)) for a in range(lo, hi, CHUNK_ROWS)
+                if not done[a:min(a + CHUNK_ROWS, hi)].all()]
         bar = tqdm(total=hi - lo, initial=hi - lo - sum(b - a for a, b in todo), desc="image store",
                    unit="img", disable=not progress or not todo)
 
         def decode(r):
-            img = np.ascontiguousarray(read_image(meta.root / meta.filenames[r], hw=tuple(hw[r])))  # [h, w, 3]
+            img = np.ascontiguousarray(read_image(meta.root / meta.filenames[r],
+                                                  hw=tuple(hw[r])))  # [h, w, 3]
             return img, np.frombuffer(hashlib.sha256(img).digest(), np.uint8)
 
         with ThreadPoolExecutor(workers) as pool:
             for start, stop in todo:
                 imgs, digests = zip(*pool.map(decode, range(start, stop)))
-                f["pixels"][ends[start] - base:ends[stop] - base] = np.concatenate([im.reshape(-1) for im in imgs])
+                f["pixels"][ends[start] - base:ends[stop] - base] = \
+                    np.concatenate([im.reshape(-1) for im in imgs])
                 f.flush()  # pixels on disk before the rows are marked done
                 f["digest"][start:stop] = np.stack(digests)
                 f["done"][start:stop] = True
@@ -298,9 +177,9 @@ def _is_complete(path: Path, fingerprint: str, size: int, resize: str, rows: ran
     with f:
         if "done" not in f:
             return False
-        _check_attrs(f, path, fingerprint, size, resize)
+        check_attrs(f, path, fingerprint, size, resize)
         try:
-            c = _check_store(f, path, building=True)
+            c = check_store(f, path, building=True)
         except KeyError:
             return False  # killed while being created: the writer path says so
         if rows.start < c["row_start"] or rows.stop > c["row_stop"]:
@@ -327,10 +206,10 @@ def _merge_stores(out: Path, parts: list[Path]) -> Path:
 
     from core.files import ensure_dir, fsync_dir, fsync_file
 
-    ref, c = _open_checked(parts[0])
+    ref, c = open_checked(parts[0])
     with ref:
         keep = ("fingerprint", "size", "resize")
-        attrs, hw = {k: _attr(ref, k) for k in keep}, c["hw"]
+        attrs, hw = {k: scalar_attr(ref, k) for k in keep}, c["hw"]
     n, ends = len(hw), c["ends"]
     ensure_dir(out.parent, "output folder")
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -353,9 +232,9 @@ def _copy_parts(tmp, parts: list[Path], attrs: dict, hw: np.ndarray, n: int, end
         _create(f, attrs, hw, 0, n)
         done = np.zeros(n, bool)
         for p in parts:  # each part checked as a received store: no bytes from outside it
-            src, c = _open_checked(p)
+            src, c = open_checked(p)
             with src:
-                _check_attrs(src, p, attrs["fingerprint"], attrs["size"], attrs["resize"])
+                check_attrs(src, p, attrs["fingerprint"], attrs["size"], attrs["resize"])
                 if not np.array_equal(c["hw"], hw):
                     raise StoreError(f"the store parts {parts[0]} and {p} disagree on the image sizes")
                 base = c["base"]
@@ -396,17 +275,18 @@ class ImageStore:
             raise StoreError(f"no image store at {self.path}; it is built by `python cli.py precompute`")
         try:
             with h5py.File(self.path, "r") as f:
-                _check_attrs(f, self.path, None, None, None)
-                c = _check_store(f, self.path)  # a received store: checked before its tables are used
-                _check_attrs(f, self.path, fingerprint, size, resize)
+                check_attrs(f, self.path, None, None, None)
+                c = check_store(f, self.path)  # a received store: checked before its tables are used
+                check_attrs(f, self.path, fingerprint, size, resize)
                 done = f["done"][:]
                 self.hw, self._ends = c["hw"], c["ends"]  # [N, 2] (height, width) of each image; [N + 1]
-                self.size, self.num_rows = _attr(f, "size"), len(self.hw)
-                self.side, self.resize = _attr(f, "side"), _attr(f, "resize")
-                self.fingerprint = _attr(f, "fingerprint")
+                self.size, self.num_rows = scalar_attr(f, "size"), len(self.hw)
+                self.side, self.resize = scalar_attr(f, "side"), scalar_attr(f, "resize")
+                self.fingerprint = scalar_attr(f, "fingerprint")
                 self.row_start, self.row_stop, self._base = c["row_start"], c["row_stop"], c["base"]
         except (OSError, KeyError) as e:
-            raise StoreError(f"{self.path} is not a readable image store ({e}); delete it to rebuild") from None
+            raise StoreError(f"{self.path} is not a readable image store ({e}); "
+                             "delete it to rebuild") from None
         lo, hi = (self.row_start, self.row_stop) if rows is None else (rows.start, rows.stop)
         if lo < self.row_start or hi > self.row_stop or not done[lo:hi].all():
             have = int(done[self.row_start:self.row_stop].sum())
@@ -489,7 +369,8 @@ class ImageStore:
         if self._digests is None:
             self._digests = self._open()["digest"][:]
         views = [buf[at[i]:at[i + 1]] for i in range(len(rows))]
-        if len(rows) > 8 and len(buf) > 64 * 1024 * len(rows) // 8:  # large images: hashlib lets go of the GIL
+        # large images: hashlib lets go of the GIL
+        if len(rows) > 8 and len(buf) > 64 * 1024 * len(rows) // 8:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(4)
             got = list(self._pool.map(lambda v: hashlib.sha256(v).digest(), views))
@@ -520,7 +401,8 @@ class ImageStore:
             f = self._open()
             extra = sorted(set(f) - set(DATASETS))
             if extra:
-                problems.append(f"{self.path}: objects that are no part of an image store: {', '.join(extra)}")
+                problems.append(f"{self.path}: objects that are no part of an image store: "
+                                f"{', '.join(extra)}")
             want = int(self._ends[self.row_stop] - self._ends[self.row_start])
             if f["pixels"].shape[0] != max(1, want):
                 problems.append(f"{self.path}: {f['pixels'].shape[0]} pixel bytes, its images take {want}")

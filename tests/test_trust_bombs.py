@@ -17,10 +17,11 @@ import pytest
 
 from cache.integrity import HEADER_KEY, header_digest
 from cache.reader import open_cache, read_checked
-from cache.schema import MAX_OUT_SIZE, MAX_STORE_SIZE, CacheError, store_path_for
+from cache.limits import MAX_OUT_SIZE, MAX_STORE_SIZE
+from cache.schema import CacheError, store_path_for
 from core.errors import ToolError
 from core.h5safe import FREE_CHUNKS, open_untrusted
-from data import store as store_module
+from data import store_checks as store_module
 from data.store import ImageStore, StoreError
 from test_trust_cache import DISTILL, copy_cache, invoke
 
