@@ -1,6 +1,7 @@
 """The embedded default: every stage on the generated synthetic data set, each step reused if done."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +44,9 @@ def ensure_pretrained() -> Path:
 
     data = _generated(defaults.PRETRAIN / "data", SynthSpec(**defaults.PRETRAIN_SYNTH))
     cfg = TeacherConfig(data_root=str(data), out=str(defaults.PRETRAIN), **defaults.PRETRAIN_OVERRIDES)
-    want = {"config": cfg.identity(), "dataset_fingerprint": fingerprint(load_metadata(data))}
+    want = json.loads(json.dumps({"config": cfg.identity(), "dataset_fingerprint": fingerprint(load_metadata(data))}))
     record = defaults.PRETRAIN / "backbone_config.json"
-    if defaults.PRETRAINED.is_file() and (read_json_object(record) or {}) == want:
+    if defaults.PRETRAINED.is_file() and record.is_file() and read_json_object(record) == want:
         return defaults.PRETRAINED
     for stale in (defaults.PRETRAINED, defaults.PRETRAINED.with_name(defaults.PRETRAINED.name + ".ckpt"), record):
         stale.unlink(missing_ok=True)
@@ -96,9 +97,9 @@ def ensure_teachers() -> Path:
         tqdm.write(f"{'the default teachers predate its current settings: rebuilding' if stale else 'no teachers yet: building'}"
                    f" the synthetic default's teachers in {defaults.TEACHERS}")
         man = build_teachers_for(None, None, overwrite=True)
-        from precompute.teachers import format_eval_table
+        from precompute.teachers import describe
 
-        tqdm.write(format_eval_table(man))
+        tqdm.write(describe(man) + "\n" + scenario_report(man))
     return manifest
 
 
@@ -201,8 +202,6 @@ def scenario_problems(man, summary: dict) -> list[str]:
 
 def scenario_report(man) -> str:
     """One line: whether the default's teachers have the scenario's structure (defaults.SCENARIO)."""
-    import json
-
     from precompute.teachers import ENSEMBLE
 
     summary = json.loads((man.root / ENSEMBLE).read_text()) if (man.root / ENSEMBLE).is_file() else {}

@@ -66,9 +66,11 @@ def test_default_teachers_are_reused_and_rebuilt_when_the_defaults_change(small_
     _point_defaults_at(root.parent, monkeypatch)
     overrides = defaults.TEACHERS_OVERRIDES
     before = (root / "manifest.json").read_bytes()
+    pretrained = defaults.PRETRAINED.stat().st_mtime_ns
     assert pipeline._default_teachers_current()
     pipeline.ensure_teachers()  # built with today's settings and data: reused as they are
     assert (root / "manifest.json").read_bytes() == before
+    assert defaults.PRETRAINED.stat().st_mtime_ns == pretrained  # the pretrained backbone too
 
     monkeypatch.setattr(defaults, "TEACHERS_OVERRIDES", {**overrides, "dfr_bias": (0.0, 0.0, 0.0, 1.0, 1.0)})
     assert not pipeline._default_teachers_current()
