@@ -117,8 +117,8 @@ PRESETS: dict[str, dict] = {
     ], baseline="All parameters (report) γ=0.00", agre_switch=False),
     "demo": _preset("Does AGRE-KD (+ features) beat AVER? The embedded synthetic default", [
         ("AVER γ=0", _core("aver", 0.0)),
-        ("AGRE-KD batch (report) γ=0", _agre(0.0)),
-        ("AGRE-KD batch (report) γ=0.5", _agre(0.5)),
+        ("AGRE-KD batch (study) γ=0", _agre(0.0)),
+        ("AGRE-KD batch (study) γ=0.5", _agre(0.5)),
         ("AGRE-KD per-sample (paper) γ=0", _core("agre", 0.0)),
     ], baseline="AVER γ=0", agre_switch=False),
     # The study's explanation of the small feature gain: DFR debiases the head only, the backbone
