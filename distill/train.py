@@ -38,17 +38,19 @@ from distill.teachers import teacher_source
 
 @torch.no_grad()
 def evaluate(model: Student, split, image_size: int, device, train_counts, batch_size: int = 512) -> dict:
-    """Group metrics of the student on view 0 of a split (in memory or streamed)."""
+    """Group metrics of the student on view 0 of a split (in memory or streamed), ECE included:
+    the softmax of the logits in float32, the prediction its argmax."""
     model.eval()
-    preds = []
+    probs = []
     for data in split.chunks():
         for s in range(0, len(data.y), batch_size):
             x = render(data.images[s:s + batch_size].to(device), data.box[s:s + batch_size],
                        data.flip[s:s + batch_size], image_size)
             with autocast(device):
                 logits, _, _ = model(x.contiguous(memory_format=memory_format_for(device)))
-            preds.append(logits.argmax(1).cpu())
-    return group_metrics(torch.cat(preds), split.y, split.group, train_counts)
+            probs.append(torch.softmax(logits.float(), 1).cpu())
+    p = torch.cat(probs)
+    return group_metrics(p.argmax(1), split.y, split.group, train_counts, probs=p)
 
 
 def train_one_epoch(model, opt, task: DistillTask, split, view, epoch: int,
@@ -261,10 +263,20 @@ def teacher_test_metrics(cache: CacheReader, split: str = "test") -> dict:
     """Each teacher's (and the biased model's) own metrics on ``split``, from cached view-0 logits."""
     d = cache.read_eval(fields=("logits", "biased"))  # every row: avg acc weights by the training split's groups
     names = [t["name"] for t in cache.meta.teacher_entries] + [cache.meta.biased_entry["name"]]
-    preds = list(d["logits"].argmax(-1).T) + [d["biased"].argmax(-1)]
+    logits = [np.asarray(d["logits"])[:, t] for t in range(len(names) - 1)] + [np.asarray(d["biased"])]
     wanted = {split: SPLIT_CODES[split]}
-    return {n: split_metrics(p, d["y"], d["group"], d["split"], wanted, cache.meta.num_groups)[split]
-            for n, p in zip(names, preds)}
+    out = {}
+    for n, z in zip(names, logits):
+        p = _softmax(z)
+        out[n] = split_metrics(p.argmax(-1), d["y"], d["group"], d["split"], wanted, cache.meta.num_groups,
+                               probs=p)[split]
+    return out
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
 
 
 def teacher_val_metrics(cache: CacheReader) -> dict:
