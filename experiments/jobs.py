@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -21,7 +20,7 @@ import traceback
 from pathlib import Path
 
 from core.errors import ConfigError, ToolError
-from core.files import atomic_write_json, ensure_dir
+from core.files import atomic_write_json, ensure_dir, read_json_object
 from core.provenance import settings_diff
 from distill.config import SUMMARY, DistillConfig, identity_of
 
@@ -54,11 +53,7 @@ _FREE_SHARE = 0.9  # of the free memory the jobs may count on (allocator fragmen
 
 def read_summary(run_dir: str | Path) -> dict | None:
     """The run's summary.json, or None when absent or unreadable (a crashed run)."""
-    path = Path(run_dir) / SUMMARY
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    return read_json_object(Path(run_dir) / SUMMARY)  # bounded in size and depth, an object or None
 
 
 def is_finished(run_dir: str | Path) -> bool:

@@ -26,8 +26,7 @@ from typing import Callable
 from core.errors import ConfigError
 from core.files import OutputLock, atomic_write_text, ensure_dir
 from distill.config import PLACEMENT_FIELDS, DistillConfig, run_name
-from experiments.jobs import (check_run, default_fit, is_finished, read_summary, record_failure,  # noqa: F401
-                              resolve_jobs, train_in_processes, train_run)
+from experiments.jobs import check_run, default_fit, read_summary, resolve_jobs, train_in_processes, train_run
 
 SEEDS = (42, 43, 44)
 SWEEP_FILE = "sweep.json"
@@ -288,9 +287,10 @@ def _write_plan(out_dir: Path, cache: str, base: dict, specs: list[dict]) -> Non
 
 
 def _update_plan(path: Path, cache: str, base: dict, specs: list[dict]) -> None:
-    plan = {"runs": []}
-    if path.exists():
-        plan = json.loads(path.read_text())
+    from experiments.runs import load_plan
+
+    # the existing plan as load_plan checks it (bounded, typed), re-keyed as written
+    plan = {"runs": load_plan(path.parent) or []} if path.exists() else {"runs": []}
     key = lambda e: (e["name"], e.get("table", e.get("preset")), e.get("label"))  # noqa: E731
     seen = {key(r) for r in plan["runs"]}
     for spec in specs:

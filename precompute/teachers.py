@@ -7,7 +7,6 @@ the validation set (``precompute.dfr``). The biased model is the first ERM model
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -21,8 +20,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from core.errors import ConfigError, ToolError
-from core.files import OutputLock, atomic_write_json, atomic_write_text, ensure_dir, save_checkpoint, sha256_file
-from core.models import FEATURE_DIMS, CheckpointError, build_model, load_checkpoint
+from core.files import (OutputLock, atomic_write_json, atomic_write_text, ensure_dir, read_json_object,
+                        save_checkpoint, sha256_file)
+from core.models import FEATURE_DIMS, CheckpointError, build_model, check_layout, load_checkpoint
 from core.provenance import settings_diff
 from core.runtime import autocast, epoch_seed, memory_format_for, pick_device
 from core.tables import format_table
@@ -157,7 +157,11 @@ def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, hw: torch.Ten
     run = {**{f: getattr(cfg, f) for f in ERM_FIELDS}, "seed": seed, "num_classes": num_classes}
     device = pick_device(cfg.device)
     resume = path.with_name(path.name + ".ckpt")
-    ck = torch.load(resume, map_location=device, weights_only=True) if resume.is_file() else None
+    ck = torch.load(resume, map_location="cpu", weights_only=True) if resume.is_file() else None
+    if ck is not None:  # bounded like any checkpoint before a value is read (the folder may be received)
+        if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict):
+            raise CheckpointError(f"{resume}: not an ERM resume checkpoint; delete it to start over")
+        check_layout(ck["model"], resume, resume.stat().st_size)
     # a checkpoint without a config predates this check; one without a precision, the float64 option
     started = {"precision": "float32", **(ck or {}).get("config", run)}
     changed = settings_diff(started, run)
@@ -295,7 +299,7 @@ def format_ensemble(man: Manifest, summary: dict) -> str:
 
 def describe(man: Manifest) -> str:
     """The teachers' table and, when ``build_teachers`` made them, the ensemble's numbers."""
-    summary = json.loads((man.root / ENSEMBLE).read_text()) if (man.root / ENSEMBLE).is_file() else {}
+    summary = (read_json_object(man.root / ENSEMBLE) if (man.root / ENSEMBLE).is_file() else None) or {}
     return "\n".join(filter(None, [format_eval_table(man), format_ensemble(man, summary)]))
 
 
@@ -318,10 +322,7 @@ def _claim_folder(cfg: TeacherConfig, out: Path, fp: str) -> None:
     identity = {"config": cfg.identity(), "dataset_fingerprint": fp}
     record = out / "teachers_config.json"
     if record.is_file() or any(out.glob("erm_seed*.pt*")):
-        try:
-            before = json.loads(record.read_text())
-        except (OSError, ValueError):
-            before = {}
+        before = (read_json_object(record) if record.is_file() else None) or {}  # bounded: may be received
         diff = settings_diff(before.get("config", {}), identity["config"])
         if before.get("dataset_fingerprint") != fp:
             diff.append("the data set differs (another folder, or its files changed)")
