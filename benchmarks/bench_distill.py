@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import platform
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ from core.constants import ARCHS  # noqa: E402
 from core.files import save_checkpoint  # noqa: E402
 from core.manifest import Manifest, make_entry  # noqa: E402
 from core.models import FEATURE_DIMS, FeatureResNet, build_model  # noqa: E402
-from core.runtime import autocast, keep_freed_memory, memory_format_for, pick_device  # noqa: E402
+from core.runtime import autocast, cpu_model, keep_freed_memory, memory_format_for, pick_device  # noqa: E402
 from core.weighting import agre_batch_weights_from_grads, kd_per_teacher  # noqa: E402
 from data.pixels import Pixels  # noqa: E402
 from data.store import store_size_for  # noqa: E402
@@ -65,13 +64,7 @@ def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model and the torch threads the steps use."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or "CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def stand_in_meta(n: int, T: int, D: int, store_size: int, out_size: int) -> CacheMeta:

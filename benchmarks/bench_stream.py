@@ -38,7 +38,6 @@ import gc
 import hashlib
 import json
 import os
-import platform
 import resource
 import shutil
 import sys
@@ -56,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cache.schema import RANDOM, EVAL, CacheMeta, store_path_for, view_datasets  # noqa: E402
 from cache.writer import CacheWriter  # noqa: E402
 from core.distributed import Dist  # noqa: E402
-from core.runtime import keep_freed_memory  # noqa: E402
+from core.runtime import cpu_model, keep_freed_memory  # noqa: E402
 from data.folders import SPLIT_CODES  # noqa: E402
 from data.store import SCHEMA as STORE_SCHEMA, SCHEMA_VERSION as STORE_VERSION, _create  # noqa: E402
 from distill.config import DistillConfig  # noqa: E402
@@ -75,12 +74,7 @@ MODES = ("memory", "stream")
 # the machine and the counters
 
 def machine() -> str:
-    model = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    model = cpu_model()
     load = " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else "?"
     return (f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch "
             f"{torch.__version__}, h5py {h5py.__version__}; load average at start {load}")
