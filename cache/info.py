@@ -38,13 +38,12 @@ def slot_bytes(meta, layers) -> int:
     return view_bytes(meta.num_teachers, meta.num_classes, meta.num_backbones, [meta.feature_dims[l] for l in layers])
 
 
-def _footprint(per_view: int, K: int, split_sizes: dict, store_bytes: dict, online: bool, version: int = 3) -> dict:
+def _footprint(per_view: int, K: int, split_sizes: dict, store_bytes: dict, online: bool) -> dict:
     train = int(split_sizes.get("train", 0))
     images = sum(int(store_bytes.get(s, 0)) for s in ("train", "val", "test"))
-    # v3: the slot this epoch trains on and the next (prefetched); v2 held and read all K + 1
-    slots_held, slots_read = (2, 1) if version >= 3 else (K + 1, K + 1)
-    teacher_held = 0 if online else min(slots_held, K + 1) * train * per_view
-    teacher_read = 0 if online else slots_read * train * per_view
+    # the slot this epoch trains on and the next (prefetched); the epoch reads one
+    teacher_held = 0 if online else min(2, K + 1) * train * per_view
+    teacher_read = 0 if online else train * per_view
     held = {"images": images, "teacher_outputs": teacher_held, "total": images + teacher_held}
     read = {"images_train": int(store_bytes.get("train", 0)), "teacher_outputs": teacher_read,
             "images_val": int(store_bytes.get("val", 0))}
@@ -69,57 +68,49 @@ def run_footprint(meta, split_sizes: dict, store_bytes: dict, layers, teachers_o
     return _footprint(slot_bytes(meta, layers), meta.random_views, split_sizes, store_bytes, teachers_online)
 
 
-def file_data_bytes(per_view: int, rows: int, train_rows: int, K: int, version: int = 3) -> int:
-    """Data bytes of a cache file (digests, index and samples aside): v3 keeps view 0 of every
-    row and K random views of the training rows; v2 kept K + 1 views of every row."""
-    return rows * (K + 1) * per_view if version < 3 else (rows + K * train_rows) * per_view
+def file_data_bytes(per_view: int, rows: int, train_rows: int, K: int) -> int:
+    """Data bytes of a cache file (digests, index and samples aside): view 0 of every row and K
+    random views of the training rows."""
+    return (rows + K * train_rows) * per_view
 
 
-# The study's settings, for before/after figures. Image bytes per stored image at short side 256:
-# Waterbirds (CUB photos, mostly 500 x 375) 256 x 341; CelebA (aligned 178 x 218) 256 x 313. The v2
-# image store padded every image to a square canvas of the data set's longest resized side (512
-# for the real Waterbirds mix, 313 for CelebA); since store v3 each image takes its own bytes.
+# The study's settings, for planning. Image bytes per stored image at short side 256: Waterbirds
+# (CUB photos, mostly 500 x 375) 256 x 341; CelebA (aligned 178 x 218) 256 x 313.
 REFERENCE = {
-    "Waterbirds": {"splits": {"train": 4795, "val": 1199, "test": 5794}, "image": 256 * 341 * 3, "canvas": 512 * 512 * 3},
-    "CelebA": {"splits": {"train": 162770, "val": 19867, "test": 19962}, "image": 256 * 313 * 3, "canvas": 313 * 313 * 3},
+    "Waterbirds": {"splits": {"train": 4795, "val": 1199, "test": 5794}, "image": 256 * 341 * 3},
+    "CelebA": {"splits": {"train": 162770, "val": 19867, "test": 19962}, "image": 256 * 313 * 3},
 }
 FEATURE_DIMS = {"layer2": 512, "layer3": 1024, "layer4": 2048}  # ResNet-50 (core.models.FEATURE_DIMS)
 
 
 def reference_settings(K: int = 30, T: int = 5, C: int = 2) -> list[dict]:
-    """File bytes, bytes a run holds and bytes a streamed epoch reads, under cache v2 (and its
-    canvas image store) and v3, for the study's settings: Waterbirds and CelebA, K = 30,
-    layer4 or layer2-4, one or five backbones."""
+    """File bytes, bytes a run holds and bytes a streamed epoch reads for the study's settings:
+    Waterbirds and CelebA, K = 30, layer4 or layer2-4, one or five backbones."""
     out = []
     for name, ref in REFERENCE.items():
         splits, rows = ref["splits"], sum(ref["splits"].values())
         for layers in (["layer4"], ["layer2", "layer3", "layer4"]):
             for B in (1, 5):
                 per = view_bytes(T, C, B, [FEATURE_DIMS[l] for l in layers])
-                row = {"setting": f"{name}, {'layer4' if len(layers) == 1 else 'layer2-4'}, "
-                                  f"{B} backbone{'s' if B > 1 else ''}", "slot_bytes": per}
-                for version, img in ((2, ref["canvas"]), (3, ref["image"])):
-                    fp = _footprint(per, K, splits, {s: n * img for s, n in splits.items()}, False, version)
-                    row[f"v{version}"] = {"file": file_data_bytes(per, rows, splits["train"], K, version),
-                                          "held": fp["held"]["total"], "held_teachers": fp["held"]["teacher_outputs"],
-                                          "epoch_read": fp["epoch_read"]["total"],
-                                          "epoch_read_teachers": fp["epoch_read"]["teacher_outputs"]}
-                out.append(row)
+                fp = _footprint(per, K, splits, {s: n * ref["image"] for s, n in splits.items()}, False)
+                out.append({"setting": f"{name}, {'layer4' if len(layers) == 1 else 'layer2-4'}, "
+                                       f"{B} backbone{'s' if B > 1 else ''}", "slot_bytes": per,
+                            "file": file_data_bytes(per, rows, splits["train"], K), "held": fp["held"]["total"],
+                            "held_teachers": fp["held"]["teacher_outputs"], "epoch_read": fp["epoch_read"]["total"],
+                            "epoch_read_teachers": fp["epoch_read"]["teacher_outputs"]})
     return out
 
 
 def format_reference(rows: list[dict] | None = None) -> str:
-    """The before/after table of :func:`reference_settings` (GiB)."""
+    """The table of :func:`reference_settings` (GiB)."""
     rows = reference_settings() if rows is None else rows
 
     def g(n):
         return f"{n / 2**30:.2f}"
-    body = [[r["setting"], f"{r['slot_bytes'] / 1024:.1f}",
-             f"{g(r['v2']['file'])} -> {g(r['v3']['file'])}",
-             f"{g(r['v2']['held'])} -> {g(r['v3']['held'])}",
-             f"{g(r['v2']['epoch_read'])} -> {g(r['v3']['epoch_read'])}"] for r in rows]
-    return format_table(["setting (K = 30, T = 5)", "KiB/slot", "cache file GiB v2 -> v3",
-                         "run holds GiB", "streamed epoch reads GiB"], body, style="text")
+    body = [[r["setting"], f"{r['slot_bytes'] / 1024:.1f}", g(r["file"]), g(r["held"]), g(r["epoch_read"])]
+            for r in rows]
+    return format_table(["setting (K = 30, T = 5)", "KiB/slot", "cache file GiB", "run holds GiB",
+                         "streamed epoch reads GiB"], body, style="text")
 
 
 def _store_bytes(store, rows: np.ndarray) -> int:
@@ -217,10 +208,10 @@ def format_summary(d: dict) -> str:
         f"views        view 0 (eval) of every row + {d['random_views']} random views of each training row at "
         f"{d['view_spec']['out_size']} px, from images resized with {_resize_words(d)}   classes "
         f"{d['num_classes']}   tau_cached {d['tau_cached']:g}",
-        f"features     " + (", ".join(f"{l} {D}" for l, D in d["layers"].items()) or "none")
+        "features     " + (", ".join(f"{l} {D}" for l, D in d["layers"].items()) or "none")
         + f"  ({d['feature_dtype']}, {len(d['backbone_ids'])} backbones)",
         f"data set     {d['dataset']}, groups {', '.join(d['group_names'])}; fingerprint {d['dataset_fingerprint']}",
-        f"splits       " + ", ".join(f"{k} {v}" for k, v in d["splits"].items()),
+        "splits       " + ", ".join(f"{k} {v}" for k, v in d["splits"].items()),
         f"made         {p['created']} by tool {p['tool_version']} (git {p['git_commit']}, "
         f"torch {p['torch_version']})",
         *(f"history      {h}" for h in _history_lines(d.get("history", []))),
@@ -251,5 +242,5 @@ def format_summary(d: dict) -> str:
                            for s in splits] for model, per in d["accuracy"].items()]
         lines.append(format_table(["model", *splits], body, style="text"))
     if d.get("reference", True):
-        lines += ["", "the study's settings, cache v2 (and its square-canvas image store) -> v3:", format_reference()]
+        lines += ["", "for planning, the study's settings:", format_reference()]
     return "\n".join(lines)

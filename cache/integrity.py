@@ -109,8 +109,3 @@ def write_digests(f: h5py.File, names: list[str], slab_rows, slotted, block: int
         f.create_dataset(path, data=tables[name], fletcher32=True)
     f.attrs[DIGESTS_KEY] = digests_digest(tables)
     f.attrs[HEADER_KEY] = header_digest(f.attrs)
-
-
-def read_digest_tables(f: h5py.File, names: list[str]) -> dict[str, np.ndarray]:
-    """The digest table of each dataset; raises KeyError naming a missing one."""
-    return {name: f[digest_name(name)][...] for name in names}

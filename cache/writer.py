@@ -85,6 +85,12 @@ def _nonfinite_source(meta: CacheMeta, key: str, a: np.ndarray) -> str:
     return "the view sampler"
 
 
+def made_for_other_inputs(path, diff: list[str]) -> CacheError:
+    """The one refusal of an existing cache made from other inputs, naming what differs."""
+    return CacheError(f"{path} already exists and was made for other inputs ({'; '.join(diff)}). Pass "
+                      "--overwrite to rebuild it, or choose another --out")
+
+
 class CacheWriter:
     """Writes rows of a cache file in place, resumable: a row is marked done only after its data
     is written and flushed, so an interrupted run restarts where it stopped.
@@ -163,8 +169,7 @@ class CacheWriter:
                 if not same:
                     diff.append("samples (ids, labels, attributes, groups or splits) differ")
             if diff:
-                raise CacheError(f"{path} already exists and was made for other inputs ("
-                                 + "; ".join(diff) + "). Pass --overwrite to rebuild it, or choose another --out")
+                raise made_for_other_inputs(path, diff)
         except BaseException:
             f.close()
             raise

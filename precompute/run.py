@@ -12,7 +12,7 @@ from tqdm import tqdm
 from cache.merge import merge
 from cache.reader import open_cache
 from cache.schema import CacheError, CacheMeta, parse_shard, shard_rows, store_path_for
-from cache.writer import CacheWriter
+from cache.writer import CacheWriter, made_for_other_inputs
 from core.constants import LAYERS
 from core.distributed import context
 from core.ensemble import Ensemble
@@ -136,17 +136,18 @@ def _existing(cfg: PrecomputeConfig, man, meta, out: Path) -> str:
         return f"{e} (or pass --overwrite)"
     if reader is None:
         return "absent"
-    diff = settings_diff(_unbound(reader.meta.identity()), _unbound(_cache_meta(cfg, man, meta, fingerprint(meta)).identity()),
-                         names=("file", "now"))
+    diff = _differs(reader.meta, _cache_meta(cfg, man, meta, fingerprint(meta)))
     if diff:
-        return (f"{out} already exists and was made for other inputs ({'; '.join(diff)}). Pass --overwrite to "
-                "rebuild it, or choose another --out")
+        return str(made_for_other_inputs(out, diff))
     return "finished" if reader.finished and not reader.shard else "absent"
 
 
-def _unbound(identity: dict) -> dict:
-    """A cache identity without its image store's digest (compared before the store is built)."""
-    return {k: v for k, v in identity.items() if k != "store_digest"}
+def _differs(old: CacheMeta, new: CacheMeta) -> list[str]:
+    """What differs between two caches' identities, their image stores' digests aside (compared
+    by the writer once the store is built)."""
+    def unbound(identity: dict) -> dict:
+        return {k: v for k, v in identity.items() if k != "store_digest"}
+    return settings_diff(unbound(old.identity()), unbound(new.identity()), names=("file", "now"))
 
 
 def _cache_meta(cfg: PrecomputeConfig, man, meta, fp: str, store_digest: str = "") -> CacheMeta:
@@ -221,10 +222,9 @@ def _refuse_other_inputs(out: Path, cmeta: CacheMeta, overwrite: bool) -> None:
             old = reader.meta
     except ToolError:
         return  # the writer says what is wrong with the file
-    diff = settings_diff(_unbound(old.identity()), _unbound(cmeta.identity()), names=("file", "now"))
+    diff = _differs(old, cmeta)
     if diff:
-        raise CacheError(f"{out} already exists and was made for other inputs ({'; '.join(diff)}). Pass "
-                         "--overwrite to rebuild it, or choose another --out")
+        raise made_for_other_inputs(out, diff)
 
 
 def _run_chunks(writer: CacheWriter, chunks, ens, store, rows, is_train, spec, cfg, device) -> None:
