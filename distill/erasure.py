@@ -22,10 +22,10 @@ labels). Per class, because the attribute moves the features of landbirds and wa
 different directions: erasing it over all rows equalises only the pooled means, and a probe on a
 landbird-heavy split then reads it from the landbirds' direction. Measured on the synthetic
 default's test rows (held-out probe, layer2/3/4; chance 50.4%): fit on validation only, over all
-rows, 59.5 / 68.1 / 75.8%; per class on training + validation rows 57.9 / 61.9 / 63.8%. The rest is
-not a mean difference (more rows, covariance shrinkage, 40 rounds of iterative nullspace
-projection and a per-attribute quadratic map left 58-76%): a linear eraser cannot remove what
-ReLU features carry in their higher moments. :func:`probe_attribute` measures how well a held-out
+rows, 59.5 / 68.1 / 75.8%; per class on training + validation rows 57.9 / 61.9 / 63.8%. The same
+per-class fit on half of the test rows leaves 47-50% on the other half: what is left is the error
+of directions estimated from few validation rows or shifted training rows (docs/method.md).
+:func:`probe_attribute` measures how well a held-out
 linear probe still recovers the attribute from raw and from erased features.
 """
 from __future__ import annotations
