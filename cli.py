@@ -9,6 +9,7 @@ import click
 
 from cli_cache import cache
 from core.constants import ARCHS
+from distill.config import SELECT_RULES
 from cli_options import dataset_options, default_of, floats, friendly, ints, main_process, setting, words
 from experiments import defaults
 
@@ -205,6 +206,11 @@ def distill_options(fn):
                      show_default=True, help="The teachers' features as cached (raw), or with the spurious attribute "
                                              "erased (LEACE fit on the validation split)."),
         click.option("--epochs", default=d("epochs"), show_default=True),
+        click.option("--select", type=click.Choice(SELECT_RULES), default=d("select"), show_default=True,
+                     help="Model selection: the epoch of the best validation WGA (the study's; needs "
+                          "validation group labels), worst-class accuracy or accuracy (class labels only), "
+                          "or the last epoch. The report adds the oracle (best test WGA) as a diagnostic, "
+                          "never as a rule."),
         click.option("--batch-size", default=d("batch_size"), show_default=True),
         click.option("--lr", default=d("lr"), show_default=True),
         click.option("--weight-decay", default=d("weight_decay"), show_default=True),
@@ -268,7 +274,8 @@ def distill(ctx, out, resume, overwrite, cache_path, layers, layer_gammas, sampl
     s = fit(cfg, resume=resume, overwrite=overwrite)
     if not main_process():
         return
-    click.echo(f"best epoch {s['best_epoch']}: test WGA {100 * s['test_best']['wga']:.2f}%  "
+    rule = s.get("select", {}).get("rule", "val-wga")
+    click.echo(f"selected epoch {s['best_epoch']} ({rule}): test WGA {100 * s['test_best']['wga']:.2f}%  "
                f"avg acc {100 * s['test_best']['avg_acc']:.2f}%  (last epoch: WGA {100 * s['test_last']['wga']:.2f}%)")
     click.echo(f"run folder: {cfg.out}")
 
@@ -294,10 +301,12 @@ def distill(ctx, out, resume, overwrite, cache_path, layers, layer_gammas, sampl
 @click.option("--seeds", default="42,43,44", show_default=True)
 @click.option("--epochs", default=None, type=int, help="Override epochs of every run.")
 @click.option("--lr", default=None, type=float, help="Override lr of every run.")
+@click.option("--select", default=None, type=click.Choice(SELECT_RULES),
+              help="Model selection of every run [default: val-wga, the study's]; see distill --select.")
 @click.option("--set", "extra", multiple=True, help="Any other DistillConfig field for every run, e.g. --set sample_views=off.")
 @friendly
 def sweep(cache_path, out, preset, agre_weighting, teachers_manifest, jobs, plan, gamma, weighting, alpha, seeds,
-          epochs, lr, extra):
+          epochs, lr, select, extra):
     """Run a grid or preset tables, skipping runs already finished (--set always wins)."""
     from core.errors import ConfigError
     from experiments.sweep import expand_grid, plan_json, preset_runs, run_sweep
@@ -307,7 +316,7 @@ def sweep(cache_path, out, preset, agre_weighting, teachers_manifest, jobs, plan
     if jobs != "auto" and not jobs.isdigit():
         raise ConfigError(f"--jobs takes a number of runs or auto, got {jobs!r}")
     seeds = ints(seeds, "--seeds")
-    base = {k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None}
+    base = {k: v for k, v in {"epochs": epochs, "lr": lr, "select": select}.items() if v is not None}
     base.update(setting(item) for item in extra)
     student, message = defaults.student_defaults_for(cache_path, base)
     base = {**student, **base}

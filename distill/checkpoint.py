@@ -1,4 +1,5 @@
-"""Run checkpoints: complete per-epoch state for an exact resume, and the settings check on resume."""
+"""Run checkpoints: complete per-epoch state for an exact resume, the settings check on resume, and
+model selection (which epoch's checkpoint is the run's result, by ``DistillConfig.select``)."""
 from __future__ import annotations
 
 import json
@@ -8,15 +9,47 @@ import torch
 
 from core.files import atomic_write_text, read_jsonl, save_checkpoint
 from core.provenance import settings_diff
-from distill.config import LAST, DistillConfig, identity_of
+from distill.config import LAST, SELECT_RULES, DistillConfig, identity_of
 from distill.data import DistillError
+
+
+# What each rule maximises: a key of the validation metrics (data.metrics.group_metrics), or the
+# epoch itself. worst_class_acc and mean_acc are computed from predictions and classes only.
+SELECT_KEY = {"val-wga": "wga", "val-worst-class": "worst_class_acc", "val-avg": "mean_acc", "last": "epoch"}
+ORACLE_NOTE = "diagnostic only, never a selection rule: the epoch with the best TEST WGA"
+
+
+def selection_score(rule: str, val: dict, epoch: int) -> float:
+    """The number ``rule`` maximises over the epochs; the earliest epoch wins a tie."""
+    return float(epoch) if rule == "last" else float(val[SELECT_KEY[rule]])
+
+
+def selection_epochs(history: list[dict]) -> dict[str, int]:
+    """The epoch every rule of SELECT_RULES picks from metrics.jsonl's lines (``{"epoch", "val"}``)."""
+    out = {}
+    for rule in SELECT_RULES:
+        scored = [(selection_score(rule, h["val"], h["epoch"]), -h["epoch"]) for h in history if "val" in h]
+        if scored:
+            out[rule] = -max(scored)[1]
+    return out
+
+
+def oracle(history: list[dict]) -> dict | None:
+    """The epoch of the best test WGA (the earliest on ties) and its test metrics, from
+    metrics.jsonl's lines; None when they hold no test metrics (runs of earlier versions)."""
+    lines = [h for h in history if isinstance(h.get("test"), dict)]
+    if not lines:
+        return None
+    best = max(lines, key=lambda h: (h["test"]["wga"], -h["epoch"]))
+    return {"epoch": best["epoch"], "test": best["test"], "note": ORACLE_NOTE}
 
 
 def save_last(path: Path, model, opt, sched, epoch: int, best: tuple[float, int], cfg: DistillConfig,
               cache_id: str) -> None:
-    """Everything a resume needs after ``epoch`` finished epochs."""
+    """Everything a resume needs after ``epoch`` finished epochs (``best``: the selection rule's
+    best score so far and its epoch)."""
     save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "epoch": epoch, "best_wga": best[0], "best_epoch": best[1], "config": cfg.to_dict(),
+                     "epoch": epoch, "best_score": best[0], "best_epoch": best[1], "config": cfg.to_dict(),
                      "cache_identity": cache_id}, path)
 
 

@@ -26,6 +26,13 @@ KEEP_CHECKPOINTS = ("best", "last", "all")
 PLACEMENT_FIELDS = ("cache", "out", "device", "data_root", "keep_checkpoints", "agre_compare", "data_mode",
                     "expect_cache")
 DATA_MODES = ("auto", "memory", "stream")
+# Model selection: which epoch's checkpoint is the run's result (docs/method.md, Model selection).
+# val-wga needs the validation split's group labels; val-worst-class and val-avg need its classes only.
+SELECT_RULES = ("val-wga", "val-worst-class", "val-avg", "last")
+SELECT_WORDS = {"val-wga": "best validation WGA (needs validation group labels)",
+                "val-worst-class": "best validation worst-class accuracy (no group labels)",
+                "val-avg": "best validation accuracy (no group labels)",
+                "last": "the last epoch"}
 # The files of a run folder, named once (distill writes them; experiments read them).
 CONFIG, METRICS, SUMMARY = "config.json", "metrics.jsonl", "summary.json"
 LAST, BEST, WEIGHTS = "last.pt", "best.pt", "teacher_weights.npy"
@@ -83,6 +90,7 @@ class DistillConfig:
                                         # sets on the same steps and log how they agree (no effect)
     feat_eps: float = 1e-6           # eps of the disagreement confidence 1 / (Var_t f + eps)
     expect_cache: str | None = None  # the cache's published root digest (`cache info`): refuse any other
+    select: str = "val-wga"          # model selection (SELECT_RULES): the study's, best validation WGA
 
     def __post_init__(self):
         # One canonical form per value: 0 and 0.0 or a list and a tuple are the same setting.
@@ -132,6 +140,8 @@ class DistillConfig:
             bad("agre_compare compares agre-batch weights; use it with --weighting agre-batch")
         if self.data_mode not in DATA_MODES:
             bad(f"--data-mode must be one of {', '.join(DATA_MODES)}, got {self.data_mode!r}")
+        if self.select not in SELECT_RULES:
+            bad(f"--select must be one of {', '.join(SELECT_RULES)}, got {self.select!r}")
         if self.keep_checkpoints not in KEEP_CHECKPOINTS:
             bad(f"--keep-checkpoints must be one of {', '.join(KEEP_CHECKPOINTS)}, got {self.keep_checkpoints!r}")
         _positive("--lr", self.lr)
@@ -261,7 +271,7 @@ _ABBREV = {"gamma": "g", "alpha": "a", "seed": "s", "epochs": "ep", "batch_size"
            "weight_decay": "wd", "momentum": "mom", "layer_gammas": "lg", "agre_params": "ap",
            "pretrained": "pre", "image_size": "img", "weights_file": "wf", "feat_eps": "eps",
            "teachers_online": "online", "warmup_epochs": "wu", "sample_views": "sv",
-           "feature_target": "ft", "student_arch": "arch"}
+           "feature_target": "ft", "student_arch": "arch", "select": "sel"}
 _DEFAULTS = canon({f.name: f.default for f in dataclasses.fields(DistillConfig)})
 
 

@@ -19,14 +19,15 @@ from tqdm import tqdm
 from cache.info import memory_needed
 from cache.reader import CacheReader
 from core.distributed import Dist, context, global_batch_norm
-from core.files import OutputLock, atomic_save_npy, atomic_write_json, ensure_dir, read_json_object
+from core.files import (OutputLock, atomic_save_npy, atomic_write_json, ensure_dir, read_json_object,
+                        read_jsonl)
 from core.provenance import provenance
 from core.runtime import autocast, memory_format_for, pick_device
 from data.folders import SPLIT_CODES
 from data.metrics import group_metrics, split_metrics
 from data.views import render
-from distill.checkpoint import (check_same_run, load_for_resume, save_best, save_last, trim_checkpoints,
-                                truncate_metrics)
+from distill.checkpoint import (SELECT_KEY, check_same_run, load_for_resume, oracle, save_best, save_last,
+                                selection_epochs, selection_score, trim_checkpoints, truncate_metrics)
 from distill.config import BEST, CONFIG, LAST, METRICS, RUN_FILES, SUMMARY, WEIGHTS, DistillConfig
 from distill.data import (DistillError, InMemorySplit, Slots, batch_bounds, epoch_order, load_split, open_inputs,
                           placement)
@@ -191,13 +192,14 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
     model = model.to(device).to(memory_format=memory_format_for(device))
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = schedule(opt, cfg)
-    start, best = 0, (-1.0, -1)
+    start, best = 0, (-math.inf, -1)  # the selection rule's best score and its epoch
     if last_path.is_file():
         ck = load_for_resume(last_path, cfg, cache_id, device)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        start, best = int(ck["epoch"]), (float(ck["best_wga"]), int(ck["best_epoch"]))
+        score = ck.get("best_score", ck.get("best_wga"))  # best_wga: checkpoints of earlier versions
+        start, best = int(ck["epoch"]), (float(score), int(ck["best_epoch"]))
         say(f"resuming {out} after epoch {start}")
     if d.is_main:
         cfg.save(out / CONFIG)
@@ -215,15 +217,19 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
         if not d.is_main:  # one process evaluates and writes; the models are the same everywhere
             continue
         vm = evaluate(model, val, image_size, device, train_counts)
-        if vm["wga"] > best[0]:
-            best = (vm["wga"], epoch + 1)
+        score = selection_score(cfg.select, vm, epoch + 1)
+        if score > best[0]:
+            best = (score, epoch + 1)
             save_best(best_path, model, epoch + 1, cfg)
         if epoch == cfg.epochs - 1:  # before the checkpoint that makes a resume skip this epoch
             atomic_save_npy(out / WEIGHTS, weights_out.cpu().numpy())
         save_last(last_path, model, opt, sched, epoch + 1, best, cfg, cache_id)
-        rec = {"epoch": epoch + 1, "lr": lr, "time_s": round(time.time() - t0, 3),
+        time_s = round(time.time() - t0, 3)  # training and validation, as before the oracle's test pass
+        # every epoch's test metrics: the oracle diagnostic (summary "oracle"), never a selection
+        rec = {"epoch": epoch + 1, "lr": lr, "time_s": time_s,
                "train": {k: tr[k] for k in ("loss", "ce", "kd", "feat")},
                "teacher_weights": tr["teacher_weights"], "val": vm,
+               "test": evaluate(model, test, image_size, device, train_counts),
                **({"agre_agreement": tr["agre_agreement"]} if "agre_agreement" in tr else {})}
         with open(out / METRICS, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -235,13 +241,17 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
         d.barrier()
         return d.broadcast_object(None)
     test_last = evaluate(model, test, image_size, device, train_counts)
+    history = read_jsonl(out / METRICS)
     model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
     summary = {
         "status": "finished", "config": cfg.to_dict(), "cache_fingerprint": meta.dataset_fingerprint,
         "cache_identity": cache_id, "cache": str(cfg.cache), "git_commit": provenance()["git_commit"],
         "group_names": meta.group_names,
         "teachers": teachers.names,
-        "best_epoch": best[1], "val_best": evaluate(model, val, image_size, device, train_counts),
+        "best_epoch": best[1],
+        "select": {"rule": cfg.select, "epoch": best[1], "metric": SELECT_KEY[cfg.select], "value": best[0]},
+        "selection_epochs": selection_epochs(history), "oracle": oracle(history),
+        "val_best": evaluate(model, val, image_size, device, train_counts),
         "test_best": evaluate(model, test, image_size, device, train_counts),
         "test_last": test_last, "teacher_test": teacher_test_metrics(cache),
         "teacher_val": teacher_val_metrics(cache),

@@ -1,7 +1,9 @@
 """Sweep folder -> the report (this tool's `report` command): Markdown tables, CSV and plots.
 
-Every number is the test metric of the best-validation-WGA checkpoint, in percent; "Mean ± Std" is
-over the seeds that finished (sample std). A run that was planned (``sweep.json``) but has no
+Every number is the test metric of the checkpoint each run's selection rule chose (``distill --select``,
+by default the best validation WGA; every table's caption names the rule), in percent; "Mean ± Std" is
+over the seeds that finished (sample std). The oracle (the epoch of the best test WGA) is a separate,
+marked diagnostic column, never a selection. A run that was planned (``sweep.json``) but has no
 finished summary is listed with its reason, never dropped.
 """
 from __future__ import annotations
@@ -38,9 +40,27 @@ def _minutes(value: float | None) -> str:
 
 
 def _mean_std(row: Row) -> str:
-    if row.mean is None:
+    return _pair((row.mean, row.std))
+
+
+def _pair(stats: tuple[float | None, float | None]) -> str:
+    """"mean ± std" (2 decimals), "mean ± n/a" for one seed, a dash for none."""
+    mean, std = stats
+    if mean is None:
         return DASH
-    return f"{row.mean:.2f} ± {NA if row.std is None else f'{row.std:.2f}'}"
+    return f"{mean:.2f} ± {NA if std is None else f'{std:.2f}'}"
+
+
+def _stats(by_seed: dict) -> tuple[float | None, float | None]:
+    vals = list(by_seed.values())
+    return (statistics.fmean(vals) if vals else None, statistics.stdev(vals) if len(vals) >= 2 else None)
+
+
+ORACLE = "Oracle WGA (diagnostic)"
+# The standard test metrics of the selected checkpoint (data.metrics), keys and column names.
+STANDARD = {"wga": "WGA", "avg_acc": "Avg Acc (train-weighted)", "mean_group_acc": "Mean Group Acc",
+            "worst_class_acc": "Worst-class Acc", "balanced_acc": "Balanced Acc", "mean_acc": "Mean Acc",
+            "ece": "ECE"}
 
 
 def format_table(table: Table | str | Path, preset: str | None = None, reference: bool = False) -> str:
@@ -49,8 +69,10 @@ def format_table(table: Table | str | Path, preset: str | None = None, reference
     ``table`` is a Table, or a sweep folder: then the table of ``preset`` (default "main" if
     planned there, else the first table). Columns: Method, "Seed 42"..., "Mean ± Std",
     "Δ vs Baseline", "Avg Acc" (test WGA and average accuracy in percent, 2 decimals), "Min / run"
-    (wall minutes of a run's epochs, mean over seeds). Under the title: the baseline row and the
-    teacher weighting(s) of the rows, in words. ``reference``: a preset's table also gets the
+    (wall minutes of a run's epochs, mean over seeds), "Epoch" (the selection rule and the chosen
+    epoch per seed), "Oracle WGA (diagnostic)" (test WGA at the epoch of the best test WGA, mean ±
+    std: what an oracle would pick, never a selection). Under the title: the baseline row, the
+    teacher weighting(s) of the rows and the model selection, in words. ``reference``: a preset's table also gets the
     column "Study" after "Mean ± Std" (the number the user's report printed for the row,
     :mod:`experiments.reference`) and footnotes under it naming the study's tables.
     """
@@ -66,15 +88,16 @@ def format_table(table: Table | str | Path, preset: str | None = None, reference
     seeds = table.seeds
     study = study_column(table) if reference else None
     header = (["Method"] + [f"Seed {s}" for s in seeds] + ["Mean ± Std"] + ([STUDY] if study else [])
-              + ["Δ vs Baseline", "Avg Acc", "Min / run"])
+              + ["Δ vs Baseline", "Avg Acc", "Min / run", "Epoch", ORACLE])
     body = []
     for i, row in enumerate(table.rows):
         by_seed = row.wga_by_seed
         body.append([row.label] + [_pct(by_seed.get(s)) for s in seeds] + [_mean_std(row)]
                     + ([study.cells[i]] if study else [])
-                    + [DASH if row.is_baseline else _signed(row.delta), _pct(row.avg_acc), _minutes(row.minutes)])
+                    + [DASH if row.is_baseline else _signed(row.delta), _pct(row.avg_acc), _minutes(row.minutes),
+                       row.selection, _pair(_stats(row.oracle_by_seed))])
     caption = (f"Baseline: {table.baseline}." if table.baseline else "No baseline row.")
-    caption += f" {table.caption}"
+    caption += f" {table.caption} {table.selection_caption}"
     notes = "".join(f"\n{line}\n" for line in study.footnotes) if study else ""
     return f"### {table.title}\n\n{caption}\n\n{text_table(header, body)}\n{notes}"
 
@@ -179,12 +202,15 @@ def _missing_section(missing: list[dict]) -> str:
 
 def write_csv(tables: list[Table], path: str | Path, group_names: list[str], reference: bool = False) -> Path:
     """All results tables in one CSV, numbers in percent (2 decimals), blank when absent;
-    ``min_per_run`` in wall minutes, ``weighting`` the row's teacher weighting in words.
+    ``min_per_run`` in wall minutes, ``weighting`` the row's teacher weighting in words,
+    ``selection`` the rule and the chosen epoch per seed, then mean and std over seeds of each
+    standard test metric (STANDARD: ECE in percent too) and of the oracle's test WGA (diagnostic).
     ``reference``: three more columns at the end, the study's ``study_wga_mean``,
     ``study_wga_std`` and ``study_source`` (its table), blank where it has no number."""
     seeds = sorted({s for t in tables for s in t.seeds})
     header = (["table", "row", "weighting", "is_baseline", "n_seeds"] + [f"seed_{s}" for s in seeds]
-              + ["wga_mean", "wga_std", "delta_vs_baseline", "avg_acc_mean", "min_per_run"]
+              + ["wga_mean", "wga_std", "delta_vs_baseline", "avg_acc_mean", "min_per_run", "selection"]
+              + [f"{k}_{s}" for k in STANDARD for s in ("mean", "std")] + ["oracle_wga_mean", "oracle_wga_std"]
               + [f"acc_{g.replace('/', '_').replace(' ', '_')}" for g in group_names]
               + (["study_wga_mean", "study_wga_std", "study_source"] if reference else []))
     study = load_study() if reference else None
@@ -202,7 +228,9 @@ def write_csv(tables: list[Table], path: str | Path, group_names: list[str], ref
             writer.writerow([t.name, row.label, weighting, int(row.is_baseline), row.n]
                             + [num(by_seed.get(s)) for s in seeds]
                             + [num(row.mean), num(row.std), num(row.delta), num(row.avg_acc),
-                               num(row.minutes)]
+                               num(row.minutes), row.selection if row.runs else ""]
+                            + [num(v) for k in STANDARD for v in row.metric(k)]
+                            + [num(v) for v in _stats(row.oracle_by_seed)]
                             + [num(a) if row.runs else "" for a in row.group_acc]
                             + (_study_cells(study, t, row) if reference else []))
     return atomic_write_text(path, f.getvalue())  # whole, atomically
@@ -323,10 +351,12 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, refere
     missing = missing_runs(records, load_plan(runs_dir))
 
     md = ["# Group-robust distillation: results", "",
-          "Test worst-group accuracy (%) of the best-validation-WGA checkpoint; Mean ± Std over "
+          "Test worst-group accuracy (%) of the checkpoint each run's model selection chose (every "
+          "table's caption names the rule; column Epoch gives the chosen epoch per seed); Mean ± Std over "
           "the seeds that finished (sample std, n/a for one seed); Δ in points vs the baseline "
           f"row; Min / run = wall minutes of a run's epochs (training and validation), mean over "
-          f"seeds; {DASH} = no finished run (see *Missing or failed runs*)."
+          f"seeds; {ORACLE} = test WGA at each run's epoch of best TEST WGA, a diagnostic of how much the "
+          f"selection costs, never a selection rule; {DASH} = no finished run (see *Missing or failed runs*)."
           + (f" {STUDY} = the test WGA the user's report printed for the row (experiments/study_tables.json; "
              "the footnotes under each table name the study's table)." if reference else ""), "",
           _provenance(records), "## Results", ""]

@@ -1,7 +1,7 @@
 """Run folders -> records and results tables: loading, grouping by configuration, aggregation.
 
-Every number is the test metric of the best-validation-WGA checkpoint (``summary["test_best"]``),
-in percent; "Mean ± Std" is over the seeds that finished, with the sample std (ddof=1). Runs are
+Every number is the test metric of the checkpoint the run's selection rule chose
+(``summary["test_best"]``; ``distill --select``, by default the best validation WGA), in percent; "Mean ± Std" is over the seeds that finished, with the sample std (ddof=1). Runs are
 grouped by the identity values of their ``config.json`` (:func:`distill.config.group_key`), never by
 their folder names.
 """
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from core.errors import ToolError
 from core.files import JSONFileError, load_json, read_jsonl
-from distill.config import (CONFIG, METRICS, SUMMARY, DistillConfig, group_key, identity_of, non_default_settings,
-                            setting_label)
+from distill.config import (CONFIG, METRICS, SELECT_WORDS, SUMMARY, DistillConfig, group_key, identity_of,
+                            non_default_settings, setting_label)
+from experiments.run_files import read_run_files, summary_problem  # noqa: F401 (summary_problem: re-export)
 from experiments.sweep import PRESETS, SWEEP_FILE
 
 RUN_FILES = (CONFIG, SUMMARY, METRICS)  # the files that make a folder a run
@@ -88,8 +88,23 @@ class RunRecord:
 
     @property
     def test(self) -> dict:
-        """Test metrics of the best-validation-WGA checkpoint (finished runs only)."""
+        """Test metrics of the selected checkpoint (finished runs only)."""
         return self.summary["test_best"]
+
+    @property
+    def select_rule(self) -> str:
+        """The run's model selection rule (runs of earlier versions: val-wga, the only one then)."""
+        rule = (self.summary or {}).get("select", {}).get("rule")
+        return rule or self.config.get("select", DistillConfig.select)
+
+    @property
+    def selected_epoch(self) -> int | None:
+        return (self.summary or {}).get("best_epoch")
+
+    @property
+    def oracle(self) -> dict | None:
+        """The diagnostic oracle (``{"epoch", "test"}``: the epoch of the best test WGA), or None."""
+        return (self.summary or {}).get("oracle")
 
     @property
     def weight_wga_spearman(self) -> float | None:
@@ -165,75 +180,6 @@ def _status(path: Path, summary: dict | None, epochs: int, planned_epochs) -> tu
     return "finished", ""
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _metrics_problem(m, where: str) -> str | None:
-    """What is wrong with a metrics object (``{"wga": 0.8, "group_acc": [...], ...}``), or None."""
-    if not isinstance(m, dict):
-        return f"{where} is not an object"
-    for k, v in m.items():
-        ok = v is None or _number(v) or isinstance(v, str) or (
-            isinstance(v, list) and all(x is None or _number(x) for x in v))
-        if not ok:
-            return f"{where}.{k} is not a number or a list of numbers"
-    return None
-
-
-def summary_problem(summary: dict) -> str | None:
-    """The first field of a run's summary.json whose type is not what the report reads, or None.
-    The file is written by ``distill`` but may come from anywhere (a copied runs folder)."""
-    kinds = {"status": str, "test_best": dict, "test_last": dict, "val_best": dict, "group_names": list,
-             "teachers": list, "teacher_val": dict, "teacher_test": dict, "config": dict}
-    for key, kind in kinds.items():
-        if key in summary and summary[key] is not None and not isinstance(summary[key], kind):
-            return f"field {key} is not {({dict: 'an object', list: 'a list'}).get(kind, 'a string')}"
-    for key in ("test_best", "test_last", "val_best"):
-        problem = _metrics_problem(summary[key], key) if summary.get(key) is not None else None
-        if problem:
-            return f"field {problem}"
-    if not all(isinstance(g, str) for g in summary.get("group_names") or []):
-        return "field group_names is not a list of names"
-    if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("role", ""), str)
-               for t in summary.get("teachers") or []):
-        return "field teachers is not a list of {name, role} objects"
-    for key in ("teacher_val", "teacher_test"):
-        for name, m in (summary.get(key) or {}).items():
-            problem = _metrics_problem(m, f"{key}[{name[:40]!r}]")
-            if problem:
-                return f"field {problem}"
-    return None
-
-
-def _read_object(path: Path) -> tuple[dict | None, str]:
-    """A run file's JSON object (bounded: :func:`core.files.load_json`), or None and why."""
-    if not path.exists():
-        return None, ""
-    try:
-        return load_json(path, path.name, kind=dict), ""
-    except JSONFileError as e:
-        return None, str(e).replace(f"{path.name} {path}: ", f"{path.name} is unreadable: ", 1)
-
-
-def read_run_files(path: Path) -> tuple[dict | None, dict, str]:
-    """A run folder's summary (None when absent or unusable), config ({} when unusable) and what
-    makes either unusable ("" when nothing): size, depth and top-level type bounded, the fields the
-    report reads type-checked, the config's values checked as DistillConfig checks them."""
-    summary, why = _read_object(path / SUMMARY)
-    if summary is not None and summary_problem(summary):
-        summary, why = None, f"{SUMMARY} is unreadable: {summary_problem(summary)}"
-    config, why_config = _read_object(path / CONFIG)
-    if config is None and not why_config:
-        config = (summary or {}).get("config") or {}
-    if config:
-        try:
-            identity_of(config)
-        except (ToolError, TypeError, ValueError) as e:
-            config, why_config = None, f"{CONFIG}: {str(e)[:300]}"
-    return summary, config or {}, why or why_config
-
-
 def load_run(path: str | Path) -> RunRecord:
     """Read one run folder (config.json, summary.json, metrics.jsonl) into a RunRecord. A file
     that cannot be used makes the run "failed", with the file and the field as its reason."""
@@ -272,6 +218,15 @@ def load_plan(runs_dir: str | Path) -> list[dict] | None:
 
 
 # ----------------------------------------------------------------------------- aggregation
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    return (statistics.fmean(values) if values else None,
+            statistics.stdev(values) if len(values) >= 2 else None)
+
 
 @dataclass
 class Row:
@@ -338,6 +293,34 @@ class Row:
         vals = [100 * r.test["avg_acc"] for r in self.runs if r.test.get("avg_acc") is not None]
         return statistics.fmean(vals) if vals else None
 
+    def metric_by_seed(self, key: str) -> dict[int, float]:
+        """A test metric of the selected checkpoint per seed, in percent (``wga``, ``avg_acc``,
+        ``balanced_acc``, ``ece``...); seeds whose run did not record it are left out."""
+        return {r.seed: 100 * r.test[key] for r in self.runs if _finite(r.test.get(key))}
+
+    def metric(self, key: str) -> tuple[float | None, float | None]:
+        """(mean, sample std or None) over seeds of :meth:`metric_by_seed`."""
+        return _mean_std(list(self.metric_by_seed(key).values()))
+
+    @property
+    def oracle_by_seed(self) -> dict[int, float]:
+        """Test WGA at each run's oracle epoch (a diagnostic, never a selection), percent."""
+        return {r.seed: 100 * r.oracle["test"]["wga"] for r in self.runs
+                if r.oracle and _finite((r.oracle.get("test") or {}).get("wga"))}
+
+    @property
+    def selection(self) -> str:
+        """The rule(s) and the chosen epoch per seed, e.g. "val-wga: 7/9/10" (seeds in order)."""
+        rules = sorted({r.select_rule for r in self.runs})
+        epochs = "/".join(str(r.selected_epoch) for r in sorted(self.runs, key=lambda r: r.seed or 0))
+        return f"{', '.join(rules)}: {epochs}" if self.runs else DASH
+
+    def group_stats(self) -> list[tuple[float | None, float | None]]:
+        """Per-group test accuracy (percent), (mean, sample std or None) over seeds per group."""
+        width = max((len(r.test.get("group_acc") or []) for r in self.runs), default=0)
+        return [_mean_std([100 * a for r in self.runs for a in (r.test.get("group_acc") or [])[g:g + 1]
+                           if _finite(a)]) for g in range(width)]
+
     @property
     def group_acc(self) -> list[float]:
         """Per-group test accuracy, mean over seeds (NaN for a group empty in every run)."""
@@ -372,6 +355,17 @@ class Table:
     @property
     def seeds(self) -> list[int]:
         return sorted({s for row in self.rows for s in row.seeds})
+
+    @property
+    def selection_caption(self) -> str:
+        """The model selection of the rows' numbers, in words (every table says it)."""
+        rules = list(dict.fromkeys(r.select_rule for row in self.rows for r in row.runs))
+        if not rules:
+            return "Model selection: none yet (no finished run)."
+        return ("Model selection: test metrics at the epoch of " + "; ".join(
+            f"{SELECT_WORDS.get(rule, rule)} ({rule})" for rule in rules) + ", the chosen epoch per seed "
+            "in column Epoch; Oracle WGA (diagnostic) = test WGA at the epoch of the best test WGA, never a "
+            "selection.")
 
 
 def describe(config: dict) -> str:

@@ -23,7 +23,8 @@ def raw() -> dict:
 def hand_row(label: str, wgas, minutes: float = 2.0) -> Row:
     """A Row of finished runs for seeds 42, 43, ... with these test WGAs (percent)."""
     row = Row(label)
-    row.runs = [SimpleNamespace(seed=s, test={"wga": w / 100, "avg_acc": 0.9}, epoch_seconds=60 * minutes)
+    row.runs = [SimpleNamespace(seed=s, test={"wga": w / 100, "avg_acc": 0.9}, epoch_seconds=60 * minutes,
+                                select_rule="val-wga", selected_epoch=1, oracle=None)
                 for s, w in zip((42, 43, 44), wgas)]
     row.seeds = [r.seed for r in row.runs]
     return row
