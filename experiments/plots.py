@@ -47,25 +47,51 @@ def plot_wga_vs_gamma(rows: list[Row], path: Path) -> str | None:
     return None
 
 
+def group_counts_of(rows: list[Row]) -> list[int]:
+    """Each group's test rows, from the first finished run that recorded them ([] when none)."""
+    return next((r.test["group_count"] for row in rows for r in row.runs if r.test.get("group_count")), [])
+
+
 def plot_group_accuracy(rows: list[Row], path: Path, group_names: list[str]) -> str | None:
-    """Per-group test accuracy (mean over seeds) per configuration, grouped bars."""
+    """Per-group test accuracy of the selected checkpoint per configuration: grouped bars of the
+    mean over seeds, error bars of the sample std, each seed's value as a dot, the worst group's
+    mean (WGA is the minimum per run, so it can lie below it) as a dash; the selection rule(s) in
+    the title, each group's test count in the legend."""
     rows = [r for r in rows if r.runs]
     if not rows:
         return "no finished runs"
-    accs = np.array([r.group_acc for r in rows])  # [configs, 4]
-    fig = _new_figure(max(6.0, 1.1 * len(rows) + 2), 4.5)
+    stats = [r.group_stats() for r in rows]
+    G = max(len(s) for s in stats)
+    mean = np.array([[(s[g][0] if g < len(s) and s[g][0] is not None else np.nan) for g in range(G)]
+                     for s in stats])
+    std = np.array([[(s[g][1] or 0.0) if g < len(s) else 0.0 for g in range(G)] for s in stats])
+    counts = group_counts_of(rows)
+    fig = _new_figure(max(8.0, 1.3 * len(rows) + 4.5), 4.8)
     ax = fig.add_subplot()
-    G = accs.shape[1]
     x, width = np.arange(len(rows)), 0.8 / max(G, 1)
-    for g, name in enumerate(group_names[:G]):
-        ax.bar(x + (g - (G - 1) / 2) * width, np.nan_to_num(accs[:, g]), width, label=name)
-    ax.set_xticks(x, [r.label for r in rows], rotation=30, ha="right", fontsize=8)
-    low = np.nanmin(accs) if np.isfinite(accs).any() else 0.0
-    ax.set(ylabel="test accuracy (%)", ylim=(max(0.0, low - 10), 100))
-    ax.set_title("Per-group test accuracy (best-val-WGA checkpoint; mean over seeds)", pad=24, fontsize=10)
-    # Above the axes: bars reach 100%, a legend inside would hide them.
-    ax.legend(fontsize=8, ncol=min(G, 4), loc="lower center", bbox_to_anchor=(0.5, 1.0),
-              frameon=False)
+    for g in range(G):
+        name = group_names[g] if g < len(group_names) else f"g{g}"
+        label = f"{name} (n={counts[g]})" if g < len(counts) else name
+        pos = x + (g - (G - 1) / 2) * width
+        ax.bar(pos, np.nan_to_num(mean[:, g]), width, yerr=std[:, g], capsize=2, label=label,
+                      error_kw={"elinewidth": 0.8, "alpha": 0.7})
+        for i, row in enumerate(rows):
+            seeds = [100 * r.test["group_acc"][g] for r in row.runs
+                     if len(r.test.get("group_acc") or []) > g and np.isfinite(r.test["group_acc"][g])]
+            ax.scatter([pos[i]] * len(seeds), seeds, s=7, color="black", alpha=0.5, zorder=3,
+                       linewidths=0)
+    wga = [row.metric("wga")[0] for row in rows]
+    ax.scatter(x, [np.nan if w is None else w for w in wga], marker="_", s=900, color="crimson", zorder=4,
+               label="WGA (mean over seeds)")
+    ax.set_xticks(x, [r.label for r in rows], rotation=25, ha="right", fontsize=8)
+    finite = mean[np.isfinite(mean)]
+    low = float(np.min(finite - std[np.isfinite(mean)])) if finite.size else 0.0
+    ax.set(ylabel="test accuracy (%)", ylim=(max(0.0, low - 10), 101))
+    rules = sorted({r.select_rule for row in rows for r in row.runs})
+    ax.set_title(f"Per-group test accuracy, checkpoint selected by {', '.join(rules)}\n"
+                 "bars: mean over seeds, whiskers: sample std, dots: seeds", fontsize=9)
+    # Beside the axes: bars reach 100%, a legend inside would hide them.
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, markerscale=0.4)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -19,7 +19,7 @@ import numpy as np
 from core.errors import ConfigError
 from core.files import atomic_write_text, ensure_dir
 from core.tables import format_table as text_table
-from experiments.plots import PLOTS, make_plots
+from experiments.plots import PLOTS, make_plots, group_counts_of
 from experiments.reference import COLUMN as STUDY
 from experiments.reference import load_study, preset_of, study_column
 from experiments.runs import (DASH, NA, WEIGHTING_CAPTIONS, Row, RunRecord, Table, aggregate, build_tables,
@@ -100,6 +100,36 @@ def format_table(table: Table | str | Path, preset: str | None = None, reference
     caption += f" {table.caption} {table.selection_caption}"
     notes = "".join(f"\n{line}\n" for line in study.footnotes) if study else ""
     return f"### {table.title}\n\n{caption}\n\n{text_table(header, body)}\n{notes}"
+
+
+def metrics_table(table: Table) -> str:
+    """The standard test metrics of each row's selected checkpoint (data.metrics; percent, ECE too),
+    mean ± std over seeds, with the selection rule and chosen epochs: "" when no row finished."""
+    rows = [r for r in table.rows if r.runs]
+    if not rows:
+        return ""
+    body = [[row.label, row.selection] + [_pair(row.metric(k)) for k in STANDARD] for row in rows]
+    return ("Standard metrics (test split, selected checkpoint; mean ± std over seeds, percent; Avg Acc "
+            "weights the groups by the training split's sizes, WILDS' convention; ECE over 15 equal-width "
+            f"bins; definitions in docs/method.md#metrics). {table.selection_caption}\n\n"
+            + text_table(["Method", "Epoch"] + list(STANDARD.values()), body) + "\n")
+
+
+def group_table(table: Table, group_names: list[str]) -> str:
+    """Per-group test accuracy of each row's selected checkpoint, mean ± std over seeds (percent);
+    each group's test count in its header: "" when no row finished."""
+    rows = [r for r in table.rows if r.runs]
+    if not rows:
+        return ""
+    stats = [row.group_stats() for row in rows]
+    width = max(len(s) for s in stats)
+    counts = group_counts_of(rows)
+    names = [(group_names[g] if g < len(group_names) else f"g{g}")
+             + (f" (n={counts[g]})" if g < len(counts) else "") for g in range(width)]
+    body = [[row.label] + [_pair(s[g]) if g < len(s) else DASH for g in range(width)]
+            for row, s in zip(rows, stats)]
+    return ("Per-group test accuracy (selected checkpoint; mean ± std over seeds, percent; n = the group's "
+            "test rows).\n\n" + text_table(["Method"] + names, body) + "\n")
 
 
 def verdicts(table: Table) -> list[str]:
@@ -361,7 +391,8 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, refere
              "the footnotes under each table name the study's table)." if reference else ""), "",
           _provenance(records), "## Results", ""]
     for t in tables:
-        md += [format_table(t, reference=reference), "In words: " + " ".join(verdicts(t)) + "\n"]
+        md += [format_table(t, reference=reference), "In words: " + " ".join(verdicts(t)) + "\n",
+               metrics_table(t), group_table(t, names)]
     if not tables:
         md.append("No finished runs.\n")
     md += [_pivot_section(rows), favour_section(rows), "## Teachers (test set)", "", _teacher_section(records),

@@ -293,3 +293,20 @@ def test_hypothesis_preset_rows_and_pairs_reach_its_table(tmp_path):
     table = next(t for t in build_tables(tmp_path) if t.name == "hypothesis")
     assert table.pairs == [tuple(p) for p in PRESETS["hypothesis"]["pairs"]]
     assert len(verdicts(table)) == len(table.pairs)
+
+
+def test_per_group_and_standard_metric_tables_give_mean_and_std_per_row(tmp_path):
+    from experiments.report import group_table, metrics_table
+
+    write_seeds(tmp_path, [0.80, 0.82, 0.84])  # group_acc [0.99, wga, wga + 0.05, 0.97] per seed
+    table = build_tables(tmp_path)[0]
+    groups = group_table(table, ["landbird/land", "landbird/water", "waterbird/land", "waterbird/water"])
+    row = next(line for line in groups.splitlines() if line.startswith("| AGRE-KD γ=0 |"))
+    # by hand: 82 ± 2 and 87 ± 2 points (sample std of -2, 0, +2), the others constant
+    assert row.split(" | ")[1:] == ["99.00 ± 0.00", "82.00 ± 2.00", "87.00 ± 2.00", "97.00 ± 0.00 |"]
+    assert "landbird/water (n=466)" in groups
+    standard = metrics_table(table)
+    assert "| Method | Epoch | WGA | Avg Acc (train-weighted) |" in standard and "| ECE |" in standard
+    assert "82.00 ± 2.00" in standard and "93.00 ± 0.00" in standard  # wga, avg_acc
+    md = write_report(tmp_path)["markdown"].read_text()
+    assert groups in md and standard in md

@@ -98,8 +98,8 @@ def swept(tiny_cache, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("sweep")
     base = dict(epochs=3, batch_size=64, lr=1e-2, device="cpu", pretrained=False, select="val-worst-class")
-    result = run_sweep(str(tiny_cache), str(out), expand_grid(weighting=["aver", "agre-batch"], seed=[42, 43]),
-                       base=base)
+    grid = expand_grid(weighting=["aver", "agre-batch"], seed=[42, 43])
+    result = run_sweep(str(tiny_cache), str(out), grid, base=base)
     assert result["finished"] == 4 and not result["failed"]
     return out, write_report(out)
 
@@ -122,3 +122,19 @@ def test_a_sweep_passes_the_rule_through_to_names_summaries_and_the_report(swept
     oracle = [100 * r.summary["oracle"]["test"]["wga"] for r in aver]
     assert all(o >= 100 * r.test["wga"] for o, r in zip(oracle, aver))  # the oracle is an upper bound
     assert f"{np.mean(oracle):.2f} ± {np.std(oracle, ddof=1):.2f}" in md
+
+
+def test_the_sweeps_report_has_the_per_group_table_the_metrics_and_the_plot(swept):
+    from matplotlib.image import imread
+
+    from experiments.runs import load_runs
+
+    out, paths = swept
+    md = paths["markdown"].read_text()
+    assert "Per-group test accuracy (selected checkpoint; mean ± std over seeds" in md
+    assert "| Balanced Acc | Mean Acc | ECE |" in md
+    records = load_runs(out)
+    for r in records:  # the recorded metrics are those of data.metrics, ECE and balanced accuracy present
+        assert 0 <= r.test["ece"] <= 1 and 0 <= r.test["balanced_acc"] <= 1
+    img = imread(paths["group_accuracy"])
+    assert img.shape[0] > 400 and img.shape[1] > 800
