@@ -114,25 +114,19 @@ class Objective:
             return torch.zeros((), dtype=dtype, device=student_logits.device)
 
         kd = (weights.to(dtype) * kd_per_teacher(student_logits, teacher_logits, self.tau)).sum(1).mean()
-        if self.alpha == 1:
-            ce, rest = zero(), zero()
-        else:
-            ce = F.cross_entropy(student_logits.to(dtype), y)
-            rest = (1.0 - self.alpha) * ce
+        ce = F.cross_entropy(student_logits.to(dtype), y) if self.alpha < 1 else zero()
+        feat = {l: self._feature_loss(l, projected, teacher_feats, weights) if g > 0 else zero()
+                for l, g in self.gammas.items()}
 
-        parts = {}
-        feat = zero()
-        for layer, gamma in self.gammas.items():
-            if gamma == 0:
-                parts[f"feat/{layer}"] = zero()
-                continue
-            if projected is None or teacher_feats is None or layer not in projected or layer not in teacher_feats:
-                raise ValueError(f"feature layer {layer!r} has gamma {gamma} but no projected student "
-                                 "or teacher features were given for it")
-            layer_loss = feature_loss(projected[layer], teacher_feats[layer], weights, self.disagree, self.eps)
-            rest = rest + gamma * layer_loss
-            parts[f"feat/{layer}"] = layer_loss.detach()
-            feat = feat + parts[f"feat/{layer}"]
+        non_kd = (1 - self.alpha) * ce + sum((g * feat[l] for l, g in self.gammas.items() if g > 0), zero())
+        loss = self.alpha * kd + non_kd  # L = (1 - alpha) CE + alpha KD + sum_l gamma_l L_feat_l
 
-        return {"loss": self.alpha * kd + rest, "non_kd": rest, "ce": ce.detach(), "kd": kd.detach(), "feat": feat,
-                "weights": weights, **parts}
+        return {"loss": loss, "non_kd": non_kd, "ce": ce.detach(), "kd": kd.detach(),
+                "feat": sum((f.detach() for f in feat.values()), zero()), "weights": weights,
+                **{f"feat/{l}": f.detach() for l, f in feat.items()}}
+
+    def _feature_loss(self, layer: str, projected, teacher_feats, weights: Tensor) -> Tensor:
+        if projected is None or teacher_feats is None or layer not in projected or layer not in teacher_feats:
+            raise ValueError(f"feature layer {layer!r} has gamma {self.gammas[layer]} but no projected student "
+                             "or teacher features were given for it")
+        return feature_loss(projected[layer], teacher_feats[layer], weights, self.disagree, self.eps)
