@@ -291,14 +291,13 @@ def _update_plan(path: Path, cache: str, base: dict, specs: list[dict]) -> None:
 
     # the existing plan as load_plan checks it (bounded, typed), re-keyed as written
     plan = {"runs": load_plan(path.parent) or []} if path.exists() else {"runs": []}
-    key = lambda e: (e["name"], e.get("table", e.get("preset")), e.get("label"))  # noqa: E731
-    seen = {key(r) for r in plan["runs"]}
+    # one entry per (run, table): a preset whose row was relabelled since keeps one row, the new label
+    entries = {(e["name"], e.get("table") or e.get("preset")): e for e in plan["runs"]}
     for spec in specs:
-        entry = {"name": spec["name"], "overrides": _jsonable(spec["overrides"]),
-                 "preset": spec["preset"], "table": spec["table"], "label": spec["label"]}
-        if key(entry) not in seen:
-            seen.add(key(entry))
-            plan["runs"].append(entry)
+        entries[(spec["name"], spec["table"])] = {"name": spec["name"], "overrides": _jsonable(spec["overrides"]),
+                                                  "preset": spec["preset"], "table": spec["table"],
+                                                  "label": spec["label"]}
+    plan["runs"] = list(entries.values())
     plan.update(version=SWEEP_VERSION, cache=str(cache), base=_jsonable(base))
     atomic_write_text(path, json.dumps(plan, indent=2, ensure_ascii=False) + "\n")
 

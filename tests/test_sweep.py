@@ -414,3 +414,18 @@ def test_auto_jobs_from_free_gpu_memory(tiny_cache, monkeypatch, capsys):
     assert jobs.resolve_jobs("auto", many) == 7  # 72 GiB // 10 GiB
     assert jobs.resolve_jobs("auto", many[:3]) == 3
     assert "jobs auto: 3 (Fake GPU: 80.0 GiB free, ~10.0 GiB per run)" in capsys.readouterr().out
+
+
+def test_a_relabelled_row_stays_one_row_under_its_new_label(tmp_path):
+    """A preset whose row label changed between two sweeps (a new release) plans one entry per run
+    and table, under the newest label, not the run twice."""
+    from experiments.runs import load_plan
+    from experiments.sweep import _update_plan
+
+    spec = {"name": "agre-batch_g0_a1_layer4_none_s42", "overrides": {"seed": 42}, "preset": "demo",
+            "table": "demo", "label": "AGRE-KD batch (report) γ=0"}
+    _update_plan(tmp_path / "sweep.json", "c.h5", {}, [spec])
+    _update_plan(tmp_path / "sweep.json", "c.h5", {}, [{**spec, "label": "AGRE-KD batch (study) γ=0"},
+                                                       {**spec, "table": "other", "label": "x"}])
+    plan = load_plan(tmp_path)
+    assert [(e["table"], e["label"]) for e in plan] == [("demo", "AGRE-KD batch (study) γ=0"), ("other", "x")]
