@@ -240,6 +240,13 @@ def distill_options(fn):
         click.option("--keep-checkpoints", type=click.Choice(KEEP_CHECKPOINTS), default=d("keep_checkpoints"),
                      show_default=True, help="What a finished run keeps: best weights, + last weights, + optimizer."),
         click.option("--device", default=d("device"), show_default=True),
+        click.option("--tensorboard", is_flag=True, default=False,
+                     help="Also log to TensorBoard event files in the run folder (RUN/tensorboard; needs "
+                          "pip install tensorboard). Only rank 0 logs under torchrun."),
+        click.option("--wandb", default=None, metavar="PROJECT",
+                     help="Also log to this Weights & Biases project: the config, every epoch's metrics and "
+                          "teacher weights, the summary (needs pip install wandb; WANDB_MODE=offline keeps "
+                          "the run in RUN/wandb)."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)

@@ -24,7 +24,7 @@ FEATURE_TARGETS = ("raw", "erased")  # erased: LEACE of the spurious attribute (
 KEEP_CHECKPOINTS = ("best", "last", "all")
 # Fields that say where or how a run executes, not what it computes: outside its identity.
 PLACEMENT_FIELDS = ("cache", "out", "device", "data_root", "keep_checkpoints", "agre_compare", "data_mode",
-                    "expect_cache")
+                    "expect_cache", "tensorboard", "wandb")
 DATA_MODES = ("auto", "memory", "stream")
 # Model selection: which epoch's checkpoint is the run's result (docs/method.md, Model selection).
 # val-wga needs the validation split's group labels; val-worst-class and val-avg need its classes only.
@@ -91,6 +91,8 @@ class DistillConfig:
     feat_eps: float = 1e-6           # eps of the disagreement confidence 1 / (Var_t f + eps)
     expect_cache: str | None = None  # the cache's published root digest (`cache info`): refuse any other
     select: str = "val-wga"          # model selection (SELECT_RULES): the study's, best validation WGA
+    tensorboard: bool = False        # also log to TensorBoard event files in <out>/tensorboard
+    wandb: str | None = None         # also log to this W&B project (WANDB_MODE=offline: in <out>/wandb)
 
     def __post_init__(self):
         # One canonical form per value: 0 and 0.0 or a list and a tuple are the same setting.
@@ -140,6 +142,8 @@ class DistillConfig:
             bad("agre_compare compares agre-batch weights; use it with --weighting agre-batch")
         if self.data_mode not in DATA_MODES:
             bad(f"--data-mode must be one of {', '.join(DATA_MODES)}, got {self.data_mode!r}")
+        if self.wandb is not None and not (isinstance(self.wandb, str) and self.wandb.strip()):
+            bad(f"--wandb takes a project name, got {self.wandb!r}")
         if self.select not in SELECT_RULES:
             bad(f"--select must be one of {', '.join(SELECT_RULES)}, got {self.select!r}")
         if self.keep_checkpoints not in KEEP_CHECKPOINTS:

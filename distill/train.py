@@ -35,6 +35,7 @@ from distill.stream import StreamedSplit, should_stream
 from distill.student import Student
 from distill.task import DistillTask
 from distill.teachers import teacher_source
+from distill.tracking import open_tracker
 
 
 @torch.no_grad()
@@ -205,61 +206,71 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
         cfg.save(out / CONFIG)
         truncate_metrics(out / METRICS, start)
 
-    weights_out = torch.zeros(len(train.y), task.num_teachers, device=device)
-    for epoch in range(start, cfg.epochs):
-        t0 = time.time()
-        lr = opt.param_groups[0]["lr"]
-        tr = train_one_epoch(model, opt, task, train, slots.get(epoch), epoch,
-                             weights_out if epoch == cfg.epochs - 1 else None)
-        if epoch == cfg.epochs - 1:
-            d.all_sum([weights_out])  # each process filled the rows it trained on
-        sched.step()
-        if not d.is_main:  # one process evaluates and writes; the models are the same everywhere
-            continue
-        vm = evaluate(model, val, image_size, device, train_counts)
-        score = selection_score(cfg.select, vm, epoch + 1)
-        if score > best[0]:
-            best = (score, epoch + 1)
-            save_best(best_path, model, epoch + 1, cfg)
-        if epoch == cfg.epochs - 1:  # before the checkpoint that makes a resume skip this epoch
-            atomic_save_npy(out / WEIGHTS, weights_out.cpu().numpy())
-        save_last(last_path, model, opt, sched, epoch + 1, best, cfg, cache_id)
-        time_s = round(time.time() - t0, 3)  # training and validation, as before the oracle's test pass
-        # every epoch's test metrics: the oracle diagnostic (summary "oracle"), never a selection
-        rec = {"epoch": epoch + 1, "lr": lr, "time_s": time_s,
-               "train": {k: tr[k] for k in ("loss", "ce", "kd", "feat")},
-               "teacher_weights": tr["teacher_weights"], "val": vm,
-               "test": evaluate(model, test, image_size, device, train_counts),
-               **({"agre_agreement": tr["agre_agreement"]} if "agre_agreement" in tr else {})}
-        with open(out / METRICS, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        say(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {tr['loss']:.4f}  val WGA {100 * vm['wga']:.2f}  "
-            f"avg {_avg(vm)}  ({rec['time_s']:.1f}s)")
+    teacher_names = [t["name"] for t in teachers.names if t["role"] != "biased"]
+    names = {"group_acc": meta.group_names, "group_count": meta.group_names, "teacher_weights": teacher_names}
+    tracker = open_tracker(cfg, out, d.is_main, names, start)  # TensorBoard / W&B when asked, rank 0 only
+    try:
+        weights_out = torch.zeros(len(train.y), task.num_teachers, device=device)
+        for epoch in range(start, cfg.epochs):
+            t0 = time.time()
+            lr = opt.param_groups[0]["lr"]
+            tr = train_one_epoch(model, opt, task, train, slots.get(epoch), epoch,
+                                 weights_out if epoch == cfg.epochs - 1 else None)
+            if epoch == cfg.epochs - 1:
+                d.all_sum([weights_out])  # each process filled the rows it trained on
+            sched.step()
+            if not d.is_main:  # one process evaluates and writes; the models are the same everywhere
+                continue
+            vm = evaluate(model, val, image_size, device, train_counts)
+            score = selection_score(cfg.select, vm, epoch + 1)
+            if score > best[0]:
+                best = (score, epoch + 1)
+                save_best(best_path, model, epoch + 1, cfg)
+            if epoch == cfg.epochs - 1:  # before the checkpoint that makes a resume skip this epoch
+                atomic_save_npy(out / WEIGHTS, weights_out.cpu().numpy())
+            save_last(last_path, model, opt, sched, epoch + 1, best, cfg, cache_id)
+            time_s = round(time.time() - t0, 3)  # training and validation, as before the oracle's test pass
+            # every epoch's test metrics: the oracle diagnostic (summary "oracle"), never a selection
+            rec = {"epoch": epoch + 1, "lr": lr, "time_s": time_s,
+                   "train": {k: tr[k] for k in ("loss", "ce", "kd", "feat")},
+                   "teacher_weights": tr["teacher_weights"], "val": vm,
+                   "test": evaluate(model, test, image_size, device, train_counts),
+                   **({"agre_agreement": tr["agre_agreement"]} if "agre_agreement" in tr else {})}
+            with open(out / METRICS, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            tracker.log_epoch(rec)  # the same numbers as the metrics.jsonl line
+            say(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {tr['loss']:.4f}  val WGA {100 * vm['wga']:.2f}  "
+                f"avg {_avg(vm)}  ({rec['time_s']:.1f}s)")
 
-    slots.close()
-    if not d.is_main:
-        d.barrier()
-        return d.broadcast_object(None)
-    test_last = evaluate(model, test, image_size, device, train_counts)
-    history = read_jsonl(out / METRICS)
-    model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
-    summary = {
-        "status": "finished", "config": cfg.to_dict(), "cache_fingerprint": meta.dataset_fingerprint,
-        "cache_identity": cache_id, "cache": str(cfg.cache), "git_commit": provenance()["git_commit"],
-        "group_names": meta.group_names,
-        "teachers": teachers.names,
-        "best_epoch": best[1],
-        "select": {"rule": cfg.select, "epoch": best[1], "metric": SELECT_KEY[cfg.select], "value": best[0]},
-        "selection_epochs": selection_epochs(history), "oracle": oracle(history),
-        "val_best": evaluate(model, val, image_size, device, train_counts),
-        "test_best": evaluate(model, test, image_size, device, train_counts),
-        "test_last": test_last, "teacher_test": teacher_test_metrics(cache),
-        "teacher_val": teacher_val_metrics(cache),
-    }
-    if cfg.feature_target == "erased" and cfg.active_layers:  # how much of the attribute is left
-        from distill.erasure import probe_attribute
-        summary["attribute_probe"] = probe_attribute(cache, cfg.active_layers)
-    atomic_write_json(out / SUMMARY, summary)
+        slots.close()
+        if not d.is_main:
+            d.barrier()
+            return d.broadcast_object(None)
+        test_last = evaluate(model, test, image_size, device, train_counts)
+        history = read_jsonl(out / METRICS)
+        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
+        summary = {
+            "status": "finished", "config": cfg.to_dict(), "cache_fingerprint": meta.dataset_fingerprint,
+            "cache_identity": cache_id, "cache": str(cfg.cache), "git_commit": provenance()["git_commit"],
+            "group_names": meta.group_names,
+            "teachers": teachers.names,
+            "best_epoch": best[1],
+            "select": {"rule": cfg.select, "epoch": best[1], "metric": SELECT_KEY[cfg.select],
+                       "value": best[0]},
+            "selection_epochs": selection_epochs(history), "oracle": oracle(history),
+            "val_best": evaluate(model, val, image_size, device, train_counts),
+            "test_best": evaluate(model, test, image_size, device, train_counts),
+            "test_last": test_last, "teacher_test": teacher_test_metrics(cache),
+            "teacher_val": teacher_val_metrics(cache),
+        }
+        if cfg.feature_target == "erased" and cfg.active_layers:  # how much of the attribute is left
+            from distill.erasure import probe_attribute
+            summary["attribute_probe"] = probe_attribute(cache, cfg.active_layers)
+        atomic_write_json(out / SUMMARY, summary)
+    except BaseException:
+        tracker.close()
+        raise
+    tracker.finish(summary)
     trim_checkpoints(out, cfg.keep_checkpoints)
     d.barrier()
     return d.broadcast_object(summary)
