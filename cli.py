@@ -346,12 +346,14 @@ def sweep(cache_path, out, preset, agre_weighting, teachers_manifest, jobs, plan
 @click.option("--out", type=click.Path(), default=None, help="Report folder [default: RUNS_DIR/report].")
 @click.option("--reference", is_flag=True, help="Next to every row of a preset's table, the WGA the user's "
               "report printed for it, and the table it comes from (experiments/study_tables.json).")
+@click.option("--latex", is_flag=True, help="Also report.tex: the tables as LaTeX tabulars (mean ± std; "
+              "the best row per column in bold only when beyond seed noise of the second, by the paired test).")
 @friendly
-def report(runs_dir, out, reference):
+def report(runs_dir, out, reference, latex):
     """Tables (Markdown, CSV: mean +- std over seeds) and plots of a sweep folder."""
     from experiments.report import format_table, write_report
 
-    paths = write_report(runs_dir, out, reference=reference)
+    paths = write_report(runs_dir, out, reference=reference, latex=latex)
     click.echo(format_table(runs_dir, reference=reference))
     click.echo("written: " + ", ".join(str(p) for p in paths.values()))
 

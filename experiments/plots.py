@@ -1,6 +1,7 @@
 """The report's plots (this tool's `report` command): WGA against gamma, per-group accuracy, teacher-weight histograms."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,8 @@ def plot_group_accuracy(rows: list[Row], path: Path, group_names: list[str]) -> 
     wga = [row.metric("wga")[0] for row in rows]
     ax.scatter(x, [np.nan if w is None else w for w in wga], marker="_", s=900, color="crimson", zorder=4,
                label="WGA (mean over seeds)")
-    ax.set_xticks(x, [r.label for r in rows], rotation=25, ha="right", fontsize=8)
+    # wrapped, not rotated: a long label (settings spelled out) would run off the figure's edge
+    ax.set_xticks(x, [textwrap.fill(r.label, 24, break_on_hyphens=False) for r in rows], fontsize=7)
     finite = mean[np.isfinite(mean)]
     low = float(np.min(finite - std[np.isfinite(mean)])) if finite.size else 0.0
     ax.set(ylabel="test accuracy (%)", ylim=(max(0.0, low - 10), 101))

@@ -24,6 +24,7 @@ from experiments.reference import COLUMN as STUDY
 from experiments.reference import load_study, preset_of, study_column
 from experiments.runs import (DASH, NA, WEIGHTING_CAPTIONS, Row, RunRecord, Table, aggregate, build_tables,
                               gamma_family, group_names_of, load_plan, load_runs, weighting_of)
+from experiments.stats import paired_difference
 
 # ----------------------------------------------------------------------------- formatting
 
@@ -151,20 +152,16 @@ def verdicts(table: Table) -> list[str]:
 
 
 def _paired_verdict(row, base) -> str:
-    from scipy.stats import t as student_t
-
-    seeds = sorted(set(row.wga_by_seed) & set(base.wga_by_seed))
-    diffs = [row.wga_by_seed[s] - base.wga_by_seed[s] for s in seeds]
-    n = len(diffs)
-    if n < 2:
-        return f"{row.label} vs {base.label}: {n} paired seed(s), too few to tell a difference from seed noise."
-    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
-    if abs(mean) > student_t.ppf(0.975, n - 1) * sd / math.sqrt(n):
-        verb = "beats" if mean > 0 else "trails"
-        return (f"{row.label} {verb} {base.label} by {abs(mean):.1f} ± {sd:.1f} WGA points over {n} seeds "
-                "(paired by seed, p < 0.05).")
-    return (f"{row.label} vs {base.label}: no difference beyond seed noise ({mean:+.1f} ± {sd:.1f} "
-            f"WGA points over {n} seeds, paired by seed).")
+    d = paired_difference(row.wga_by_seed, base.wga_by_seed)
+    if d.n < 2:
+        return (f"{row.label} vs {base.label}: {d.n} paired seed(s), too few to tell a difference from seed "
+                "noise.")
+    if d.significant:
+        verb = "beats" if d.mean > 0 else "trails"
+        return (f"{row.label} {verb} {base.label} by {abs(d.mean):.1f} ± {d.std:.1f} WGA points over "
+                f"{d.n} seeds (paired by seed, p < 0.05).")
+    return (f"{row.label} vs {base.label}: no difference beyond seed noise ({d.mean:+.1f} ± {d.std:.1f} "
+            f"WGA points over {d.n} seeds, paired by seed).")
 
 
 def _teacher_section(records: list[RunRecord]) -> str:
@@ -358,7 +355,8 @@ def _labelled_rows(tables: list[Table], records: list[RunRecord]) -> list[Row]:
     return sorted(rows, key=lambda r: (order.get(r.key, len(order)), r.label))
 
 
-def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, reference: bool = False) -> dict[str, Path]:
+def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, reference: bool = False,
+                 latex: bool = False) -> dict[str, Path]:
     """Write report.md, report.csv and the PNG plots for a sweep folder.
 
     Args:
@@ -366,8 +364,9 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, refere
         out_dir: where to write; default ``<runs_dir>/report``.
         reference: every preset table with the study's number next to each row (the column
             "Study", see :func:`format_table`; in the CSV, ``study_*`` columns).
+        latex: also report.tex, the tables as LaTeX (:mod:`experiments.latex`).
     Returns:
-        ``{"markdown", "csv", <plot name>...}`` -> path, for the files written. A plot whose
+        ``{"markdown", "csv", <plot name>..., "latex"}`` -> path, for the files written. A plot whose
         runs are absent is not written; report.md says why.
     """
     runs_dir = Path(runs_dir)
@@ -402,4 +401,8 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, refere
                   else f"- `{fname}` skipped: {skipped[name]}")
     paths = {"markdown": out / "report.md", "csv": write_csv(tables, out / "report.csv", names, reference)}
     atomic_write_text(paths["markdown"], "\n".join(md) + "\n")
+    if latex:
+        from experiments.latex import latex_document
+
+        paths["latex"] = atomic_write_text(out / "report.tex", latex_document(tables))
     return {**paths, **plots}

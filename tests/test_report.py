@@ -310,3 +310,48 @@ def test_per_group_and_standard_metric_tables_give_mean_and_std_per_row(tmp_path
     assert "82.00 ± 2.00" in standard and "93.00 ± 0.00" in standard  # wga, avg_acc
     md = write_report(tmp_path)["markdown"].read_text()
     assert groups in md and standard in md
+
+
+def _tabular_rows(tex: str) -> tuple[list[str], list[list[str]]]:
+    """Header and body cells of the one tabular in ``tex``, checked to be well formed on the way."""
+    assert tex.count("{") - tex.count(r"\{") == tex.count("}") - tex.count(r"\}")
+    for env in ("table", "tabular"):
+        assert tex.count(r"\begin{" + env + "}") == tex.count(r"\end{" + env + "}") == 1
+    spec = tex.split(r"\begin{tabular}{", 1)[1].split("}", 1)[0]
+    inner = tex.split(r"\begin{tabular}{" + spec + "}", 1)[1].split(r"\end{tabular}", 1)[0]
+    lines = [l.replace(r"\hline", "").strip() for l in inner.split(r"\\")]
+    rows = [[c.strip() for c in l.split(" & ")] for l in lines if l]
+    assert all(len(r) == len(spec) for r in rows), (spec, rows)
+    return rows[0], rows[1:]
+
+
+def test_latex_tables_bold_the_best_row_only_beyond_seed_noise(tmp_path):
+    from experiments.latex import latex_table
+
+    write_seeds(tmp_path / "a", [0.80, 0.82, 0.84])                  # AGRE-KD γ=0: 82 ± 2
+    write_seeds(tmp_path / "a", [0.70, 0.75, 0.72], weighting="aver")  # 10, 7, 12 below: beyond noise
+    header, body = _tabular_rows(latex_table(build_tables(tmp_path / "a")[0]))
+    assert header[:3] == ["Method", "WGA", "Avg Acc"] and header[-1] == r"Oracle WGA$^\dagger$"
+    cells = {row[0]: row for row in body}
+    assert cells[r"AGRE-KD $\gamma$=0"][1] == r"\textbf{82.00 $\pm$ 2.00}"
+    assert cells[r"AVER $\gamma$=0"][1] == r"72.33 $\pm$ 2.52"
+    assert sum(c.startswith(r"\textbf") for row in body for c in row) == 1  # equal Avg Acc: no winner
+    # a second row within seed noise of the best (differences -1, +1, +2 points): nothing in bold
+    write_seeds(tmp_path / "b", [0.80, 0.82, 0.84])
+    write_seeds(tmp_path / "b", [0.79, 0.83, 0.86], gamma=0.5)
+    _, body = _tabular_rows(latex_table(build_tables(tmp_path / "b")[0]))
+    assert not any(r"\textbf" in c for row in body for c in row)
+
+
+def test_report_latex_writes_a_document_of_every_table(tmp_path):
+    import shutil
+    import subprocess
+
+    write_seeds(tmp_path, [0.80, 0.82, 0.84])
+    paths = write_report(tmp_path, latex=True)
+    tex = paths["latex"].read_text()
+    assert tex.startswith(r"\documentclass{article}") and tex.rstrip().endswith(r"\end{document}")
+    assert r"\caption{" in tex and "val-wga" in tex and "diagnostic only, never a selection rule" in tex
+    if shutil.which("pdflatex"):  # compiles where a TeX installation is at hand
+        subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", paths["latex"].name],
+                       cwd=paths["latex"].parent, check=True, capture_output=True, timeout=120)

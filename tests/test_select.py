@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -101,7 +103,7 @@ def swept(tiny_cache, tmp_path_factory):
     grid = expand_grid(weighting=["aver", "agre-batch"], seed=[42, 43])
     result = run_sweep(str(tiny_cache), str(out), grid, base=base)
     assert result["finished"] == 4 and not result["failed"]
-    return out, write_report(out)
+    return out, write_report(out, latex=True)
 
 
 def test_a_sweep_passes_the_rule_through_to_names_summaries_and_the_report(swept):
@@ -138,3 +140,9 @@ def test_the_sweeps_report_has_the_per_group_table_the_metrics_and_the_plot(swep
         assert 0 <= r.test["ece"] <= 1 and 0 <= r.test["balanced_acc"] <= 1
     img = imread(paths["group_accuracy"])
     assert img.shape[0] > 400 and img.shape[1] > 800
+    tex = paths["latex"].read_text()
+    assert "val-worst-class" in tex and r"Oracle WGA$^\dagger$" in tex
+    if shutil.which("pdflatex"):  # the LaTeX compiles where a TeX installation is at hand
+        subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "report.tex"],
+                       cwd=paths["latex"].parent, check=True, capture_output=True, timeout=120)
+        assert (paths["latex"].parent / "report.pdf").stat().st_size > 0
