@@ -5,7 +5,9 @@
 keeps it in ``<run folder>/wandb``). Both get the run's configuration, every epoch's numbers as
 metrics.jsonl holds them (one scalar per tag: ``val/wga``, ``val/group_acc/landbird_water``,
 ``teacher_weights/teacher_1``, ...; step = epoch) and the final summary. The packages are optional
-and imported only when asked; under torchrun only rank 0 logs (:func:`open_tracker`).
+and imported only when asked; under torchrun only rank 0 logs (:func:`open_tracker`). A resumed run
+appends to its event files (what a killed run logged past its last checkpoint purged) and is a new
+W&B run holding the epochs from the resumed one on.
 """
 from __future__ import annotations
 
