@@ -144,8 +144,10 @@ def plot_teacher_weights(records: list[RunRecord], path: Path) -> str | None:
         for t, name in enumerate(_teacher_names(rec, weights.shape[1])):
             ax.hist(weights[:, t], bins=bins, histtype="step", linewidth=1.5,
                     label=f"{name} (mean {weights[:, t].mean():.2f})")
+        # the weighting, then the run folder wrapped to the panel (run names are long)
+        run = "\n".join(textwrap.wrap(rec.name, 48, break_on_hyphens=False))
         ax.set(xlabel="per-sample teacher weight", ylabel="training samples",
-               title=f"{weighting_label(rec.config)}: {rec.name}")
+               title=f"{weighting_label(rec.config)}\n{run}")
         ax.title.set_fontsize(8)
         ax.legend(fontsize=7)
     fig.tight_layout()
