@@ -17,10 +17,11 @@ import numpy as np
 from core.files import JSONFileError, load_json, read_jsonl
 from distill.config import (CONFIG, METRICS, SELECT_WORDS, SUMMARY, DistillConfig, group_key, identity_of,
                             non_default_settings, setting_label)
-from experiments.run_files import read_run_files, summary_problem  # noqa: F401 (summary_problem: re-export)
+from experiments.run_files import read_run_files
 from experiments.sweep import PRESETS, SWEEP_FILE
 
-RUN_FILES = (CONFIG, SUMMARY, METRICS)  # the files that make a folder a run
+# A folder holding any of these is a run (distill.config.RUN_FILES lists all a run writes).
+RUN_MARKERS = (CONFIG, SUMMARY, METRICS)
 # The reference configuration of the study: its AGRE-KD (batch weights from the gradients of all
 # student parameters), logits only, pure KD, layer4.
 BASELINE = {"weighting": "agre-batch", "agre_params": "all", "gamma": 0.0, "alpha": 1.0,
@@ -54,10 +55,6 @@ def weighting_label(config: dict) -> str:
     if key.startswith("agre-batch/") and key != "agre-batch/all":
         return f"AGRE-KD ({key.split('/')[1]})"
     return WEIGHTING_LABELS.get(config.get("weighting"), str(config.get("weighting")))
-
-
-def weighting_caption(config: dict) -> str:
-    return WEIGHTING_CAPTIONS.get(weighting_of(config), weighting_of(config))
 
 
 DASH, NA = "—", "n/a"
@@ -193,9 +190,9 @@ def load_run(path: str | Path) -> RunRecord:
 
 
 def load_runs(runs_dir: str | Path) -> list[RunRecord]:
-    """Every run folder directly under ``runs_dir`` (a folder with any of RUN_FILES), by name."""
+    """Every run folder directly under ``runs_dir`` (a folder with any of RUN_MARKERS), by name."""
     folders = [p for p in sorted(Path(runs_dir).iterdir())
-               if p.is_dir() and any((p / f).exists() for f in RUN_FILES)]
+               if p.is_dir() and any((p / f).exists() for f in RUN_MARKERS)]
     return [load_run(p) for p in folders]
 
 
