@@ -33,13 +33,16 @@ def data():
 @click.option("--scale", default=0.25, show_default=True, help="Fraction of the real group counts.")
 @click.option("--size", default=48, show_default=True, help="Image side in pixels.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--independent", is_flag=True, help="Birds independent of backgrounds (a pretraining set).")
 @friendly
-def data_synth(out, scale, size, seed):
-    """Write synthetic Waterbirds (metadata.csv + images) in the real layout."""
+def data_synth(out, scale, size, seed, independent):
+    """Write synthetic Waterbirds (metadata.csv + images) in the real layout, as the demo draws it
+    (birds by shape only, under pixel noise: experiments/defaults.py SYNTH)."""
     from data.synth import SynthSpec, generate
     from data.folders import count_table, load_metadata
 
-    generate(out, SynthSpec(scale=scale, size=size, seed=seed))
+    generate(out, SynthSpec(**{**defaults.SYNTH, "scale": scale, "size": size, "seed": seed,
+                               "independent": independent}))
     click.echo(f"wrote {out}\n{count_table(load_metadata(out))}")
 
 
