@@ -181,7 +181,8 @@ def test_data_synth_draws_the_demo_scenario(tmp_path):
     assert invoke("data", "synth", "--out", str(out), "--scale", "0.01", "--size", "16").exit_code == 0
     assert made_with(out, SynthSpec(**{**defaults.SYNTH, "scale": 0.01, "size": 16}))
     ind = tmp_path / "ind"
-    assert invoke("data", "synth", "--out", str(ind), "--scale", "0.05", "--size", "16", "--independent").exit_code == 0
+    made = invoke("data", "synth", "--out", str(ind), "--scale", "0.05", "--size", "16", "--independent")
+    assert made.exit_code == 0
     assert json.loads((ind / SPEC_FILE).read_text())["independent"] is True
     from data.folders import load_metadata
 
