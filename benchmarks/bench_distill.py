@@ -1,7 +1,8 @@
 """Benchmark: the distillation step of every weighting mode against a plain cross-entropy step.
 
 Each step is built as ``distill.train`` builds it (``teacher_source`` -> ``DistillTask``; per
-step ``task.batch`` then ``task.step``) on an in-memory stand-in of a cached training split
+step ``distill.data.make_batch``, what ``Batches.epoch`` yields, then ``task.step``) on an
+in-memory stand-in of a cached training split
 (random uint8 pixels at the store size, random teacher outputs), and includes rendering the
 batch's views from the stored pixels on the device. Prints, measured side by side in one run
 (interleaved passes, the best of each counts), the step time of:
@@ -47,7 +48,7 @@ from data.pixels import Pixels  # noqa: E402
 from data.store import store_size_for  # noqa: E402
 from data.views import eval_box, render  # noqa: E402
 from distill.config import DistillConfig  # noqa: E402
-from distill.data import SplitData  # noqa: E402
+from distill.data import SplitData, make_batch  # noqa: E402
 from distill.losses import Objective  # noqa: E402
 from distill.student import Student  # noqa: E402
 from distill.task import DistillTask  # noqa: E402
@@ -166,15 +167,16 @@ def main(argv=None):
     opt = torch.optim.SGD(student.parameters(), **sgd)
 
     def task_step(cfg: DistillConfig):
-        task = DistillTask(cfg, teacher_source(meta, cfg, S, device), device)
-        return lambda: task.step(student, opt, task.batch(data, next(batches), 0))
+        teachers = teacher_source(meta, cfg, S, device)
+        task = DistillTask(cfg, teachers, device)
+        return lambda: task.step(student, opt, make_batch(data, next(batches), 0, teachers, S, device))
 
     study_cfg = config(**MODES["batch-all"])
-    study_task = DistillTask(study_cfg, teacher_source(meta, study_cfg, S, device), device)
+    study_teachers = teacher_source(meta, study_cfg, S, device)
     objective = Objective.from_config(study_cfg)
 
     def study_loop():  # the study's code: T + 1 torch.autograd.grad calls, then the whole backward
-        batch = study_task.batch(data, next(batches), 0)
+        batch = make_batch(data, next(batches), 0, study_teachers, S, device)
         with autocast(device):
             logits, h, projected = student(batch.x.contiguous(**cl))
         logits = logits.float()
@@ -193,7 +195,7 @@ def main(argv=None):
     plain = build_model(args.student_arch, C).to(device).to(**cl)
     popt = torch.optim.SGD(plain.parameters(), **sgd)
 
-    def plain_step():  # the same rendering as CachedTeachers.batch, no teacher output
+    def plain_step():  # the same rendering as make_batch, no teacher output
         idx = next(batches)
         x = render(data.images[idx].to(device), data.box[idx].to(device), data.flip[idx].to(device), S)
         with autocast(device):

@@ -5,7 +5,8 @@ For each data set (the demo cache, when it exists, and a generated CelebA-size s
 teachers, C = 2, 10 x 8 px images, so the image store is ~49 MB), runs in one process,
 interleaved (memory, stream, memory, stream, ...; the best of each counts), one training epoch
 plus the validation pass of the distillation loop, built as ``distill.train._fit`` builds it
-(``open_inputs``, ``load_split`` / ``StreamedSplit``, ``Slots``, ``DistillTask``), and prints per mode:
+(``open_inputs``, ``load_split`` / ``StreamedSplit``, ``Slots``, ``Batches``, ``DistillTask``), and
+prints per mode:
 
   - setup: opening the inputs and, in memory, loading the splits' images (once per run);
   - epoch s: reading the epoch's slot + ``train_one_epoch`` + ``evaluate`` on the validation split;
@@ -59,7 +60,7 @@ from core.runtime import cpu_model, keep_freed_memory  # noqa: E402
 from data.folders import SPLIT_CODES  # noqa: E402
 from data.store import SCHEMA as STORE_SCHEMA, SCHEMA_VERSION as STORE_VERSION, _create  # noqa: E402
 from distill.config import DistillConfig  # noqa: E402
-from distill.data import InMemorySplit, Slots, load_split, open_inputs, placement  # noqa: E402
+from distill.data import Batches, InMemorySplit, Slots, load_split, open_inputs, placement  # noqa: E402
 from distill.stream import StreamedSplit  # noqa: E402
 from distill.student import Student  # noqa: E402
 from distill.task import DistillTask  # noqa: E402
@@ -246,23 +247,25 @@ def run_mode(cache_path: str, mode: str, args, out_dir: str) -> dict:
     slots = Slots(cache, cfg, place)
     train_counts = torch.bincount(train.group.cpu(), minlength=meta.num_groups).numpy()
     teachers = teacher_source(meta, cfg, image_size, device)
-    task = DistillTask(cfg, teachers, device, Dist(), progress=False)
+    batches = Batches(train, slots, teachers, image_size, device, seed=cfg.seed, batch_size=cfg.batch_size,
+                      epochs=cfg.epochs, dist=Dist())
+    task = DistillTask(cfg, teachers, device, Dist())
     model = student(args.student, meta.num_classes, {l: teachers.feature_dims[l] for l in cfg.active_layers})
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     setup_s, setup_read, cache0 = time.perf_counter() - t0, rchar() - io0, cache.bytes_read
 
     io1, t1, cpu1 = rchar(), time.perf_counter(), time.process_time()
     flt1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    view = slots.get(0)
+    slots.get(0)  # read here to time it; the epoch's batches see the slot held
     t_slot = time.perf_counter() - t1
-    tr = train_one_epoch(model, opt, task, train, view, 0)
+    tr = train_one_epoch(model, lambda batch: task.step(model, opt, batch), batches, 0)
     t_train = time.perf_counter() - t1 - t_slot
     vm = evaluate(model, val, image_size, device, train_counts)
     epoch_s, cpu_s = time.perf_counter() - t1, time.process_time() - cpu1
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - flt1
     epoch_read, cache_read = rchar() - io1, cache.bytes_read - cache0
     used = bytes_used(cache, store, slots, val)
-    slots.close()
+    batches.close()
     cache.close()
     store.close()
     return {"mode": mode, "setup_s": setup_s, "setup_read": setup_read, "epoch_s": epoch_s, "slot_s": t_slot,

@@ -1,20 +1,24 @@
-"""What a distillation run reads: the cache and its image store, checked, as tensors per split."""
+"""What a distillation run reads: the cache and its image store, checked, as tensors per split,
+and the batch source that makes an epoch's training batches of them (:class:`Batches`)."""
 from __future__ import annotations
 
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from cache.reader import CacheReader, open_cache
 from cache.schema import CacheError, store_path_for
+from core.distributed import Dist
 from core.errors import ToolError
 from core.runtime import epoch_seed
 from data.store import ImageStore, Pixels, StoreError
 from data.folders import fingerprint, load_metadata
+from data.views import render
 from distill.config import DistillConfig
 
 
@@ -55,6 +59,7 @@ class Batch:
     teacher_feats: dict                   # {layer: [b, T, D]} of the distilled layers
     cached_weights: torch.Tensor | None = None  # [b, T] (the ``cached`` weighting only)
     share: float = 1.0                    # this process's share of the global batch (1 alone)
+    positions: torch.Tensor | None = None  # [b] the rows' positions in the training split
 
 
 def open_inputs(cfg: DistillConfig) -> tuple[CacheReader, ImageStore]:
@@ -210,7 +215,55 @@ def batch_bounds(n: int, batch_size: int, min_size: int = 2) -> list[tuple[int, 
     return bounds
 
 
-def epoch_order(n: int, cfg: DistillConfig, epoch: int) -> torch.Tensor:
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The order of the training rows in one epoch, seeded by (seed, epoch) so that a resumed run
     replays it exactly (the view of the epoch is :func:`slot_of`)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch)))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
+
+
+def make_batch(data: SplitData, idx: torch.Tensor, epoch: int, teachers, image_size: int, device,
+               share: float = 1.0, positions: torch.Tensor | None = None) -> Batch:
+    """The rows ``idx`` of ``data`` as one training batch on ``device``: the student's input
+    rendered from the stored pixels through the view the teacher source picks (the epoch's slot,
+    or the online loop's fresh crop), and the teachers' outputs on exactly those pixels."""
+    images = data.images[idx]
+    box, flip = teachers.view(data, idx, images, epoch)
+    x = render(images.to(device, non_blocking=True), box.to(device), flip.to(device), image_size)
+    y = data.y[idx].to(device)
+    logits, biased, feats, cached = teachers.outputs(data, idx, x, y)
+    return Batch(x, y, logits, biased, feats, cached, share, positions)
+
+
+class Batches:
+    """The training batches of a run, one epoch at a time: ``for batch in batches.epoch(e)``.
+
+    Owns what makes an epoch's batches: its order (:func:`epoch_order`), the batch bounds, this
+    process's share of each global batch (every ``world``-th row under torchrun), the epoch's
+    slot (:class:`Slots`), rendering and the teacher outputs (``teachers``, a source of
+    :mod:`distill.teachers`). ``split`` is where the image bytes come from: in memory
+    (:class:`InMemorySplit`) or read as the epoch goes (:class:`distill.stream.StreamedSplit`)."""
+
+    def __init__(self, split, slots: Slots, teachers, image_size: int, device, *, seed: int, batch_size: int,
+                 epochs: int, dist: Dist = Dist()):
+        self.split, self.slots, self.teachers = split, slots, teachers
+        self.image_size, self.device = image_size, device
+        self.seed, self.epochs, self.dist = seed, epochs, dist
+        self.num_teachers = teachers.num_teachers
+        self.bounds = batch_bounds(len(split), batch_size, min_size=max(2, dist.world))
+
+    def __len__(self) -> int:
+        """Batches (optimiser steps) per epoch."""
+        return len(self.bounds)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """The batches of ``epoch``, this process's share of each global batch."""
+        view = self.slots.get(epoch)
+        order = epoch_order(len(self.split), self.seed, epoch)
+        dist = self.dist
+        parts = self.split.batches(order, view, self.bounds, lambda a: a[dist.rank::dist.world])
+        for (s, e), (data, idx, positions) in zip(self.bounds, parts):
+            yield make_batch(data, idx, epoch, self.teachers, self.image_size, self.device,
+                             share=len(idx) / (e - s), positions=positions)
+
+    def close(self) -> None:
+        self.slots.close()

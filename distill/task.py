@@ -138,24 +138,16 @@ def weighting_for(cfg: DistillConfig, dist: Dist, keep_graph: bool):
 class DistillTask:
     """Teachers, weighting and objective of one run (see the module docstring).
 
-    ``teachers``: a teacher source of :mod:`distill.teachers` (the cache, or live teachers);
-    ``progress``: whether the loop shows progress bars.
+    ``teachers``: the run's teacher source of :mod:`distill.teachers` (the cache, or live
+    teachers); the batches (:class:`distill.data.Batches`) come with its outputs.
     """
 
-    def __init__(self, cfg: DistillConfig, teachers, device, dist: Dist = Dist(), progress: bool = False):
-        self.cfg, self.teachers, self.device, self.dist, self.progress = cfg, teachers, device, dist, progress
+    def __init__(self, cfg: DistillConfig, teachers, device, dist: Dist = Dist()):
+        self.cfg, self.teachers, self.device, self.dist = cfg, teachers, device, dist
         self.objective = Objective.from_config(cfg)
         self.weighting = weighting_for(cfg, dist, keep_graph=self.objective.has_non_kd)
         # diagnostics: other parameter sets' batch weights on the same steps (no effect on training)
         self.compared = {name: BatchAgre(name, cfg.tau, dist) for name in cfg.agre_compare}
-
-    @property
-    def num_teachers(self) -> int:
-        return self.teachers.num_teachers
-
-    def batch(self, data, idx: Tensor, epoch: int, share: float = 1.0) -> Batch:
-        """The training rows ``idx`` of ``data`` (seen through the epoch's view) with their teachers' outputs."""
-        return self.teachers.batch(data, idx, epoch, share)
 
     def step(self, model, opt, batch: Batch) -> dict:
         """One SGD update on ``batch``. Returns the objective's parts (detached means over this

@@ -1,8 +1,11 @@
 """Where a training step gets its teacher outputs: the cache (the tool), or live teachers (the study).
 
-A teacher source gives, for the batch rows ``idx`` of the training split, the student's input
-images and the teachers' outputs on exactly those pixels: ``batch(data, idx, epoch, share) ->
-distill.data.Batch``; ``names`` lists its models (``{"name", "role"}``) for the run's summary.
+A teacher source says, for the batch rows ``idx`` of the training split, through which view
+the student sees them (``view(data, idx, images, epoch) -> (box, flip)``) and what the teachers
+output on exactly those pixels (``outputs(data, idx, x, y) -> (teacher logits, biased logits,
+{layer: features}, cached weights or None)``); :func:`distill.data.make_batch` renders the
+student's input between the two. ``names`` lists its models (``{"name", "role"}``) for the run's
+summary.
 
 - :class:`CachedTeachers` rebuilds the epoch's stored view (its slot) and reads its cached outputs;
 - :class:`OnlineTeachers` is the study's loop, the yardstick for what the cache changes: a fresh
@@ -15,6 +18,7 @@ import dataclasses
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from cache.schema import CacheMeta
 from core.ensemble import Ensemble
@@ -22,9 +26,9 @@ from core.manifest import read_manifest, verify_files
 from core.models import FEATURE_DIMS
 from core.runtime import autocast, epoch_seed, memory_format_for
 from core.weighting import cached_agre_weights
-from data.views import ViewSpec, render, sample_views
+from data.views import ViewSpec, sample_views
 from distill.config import DistillConfig
-from distill.data import Batch, DistillError, SplitData
+from distill.data import DistillError, SplitData
 from distill.erasure import eraser_for
 
 
@@ -40,15 +44,18 @@ class CachedTeachers:
         self.names = [{"name": t["name"], "role": t["role"]} for t in meta.teachers]
         self.erase = eraser_for(cfg, meta, device)  # None: raw features (feature_target raw)
 
-    def batch(self, data: SplitData, idx: torch.Tensor, epoch: int, share: float = 1.0) -> Batch:
+    def view(self, data: SplitData, idx: torch.Tensor, images, epoch: int) -> tuple[Tensor, Tensor]:
+        """The stored view of the epoch's slot (``data`` is seen through it): box [b, 4], flip [b]."""
+        return data.box[idx], data.flip[idx]
+
+    def outputs(self, data: SplitData, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
+        """The cached outputs of the rows ``idx`` on their slot's view, on the device."""
         d = self.device
-        x = render(data.images[idx].to(d, non_blocking=True), data.box[idx].to(d), data.flip[idx].to(d), self.image_size)
-        y = data.y[idx].to(d)
         feats = {l: data.feats[l][idx].to(d).index_select(1, self.backbone) for l in self.layers}
         if self.erase is not None:  # the spurious attribute erased from each teacher's features
             feats = {l: self.erase(l, f, y) for l, f in feats.items()}
         cached = data.cached[idx].to(d) if self.cfg.needs.cached_weights else None
-        return Batch(x, y, data.logits[idx].to(d), data.biased[idx].to(d), feats, cached, share)
+        return data.logits[idx].to(d), data.biased[idx].to(d), feats, cached
 
 
 class OnlineTeachers:
@@ -81,7 +88,7 @@ class OnlineTeachers:
         return torch.from_numpy(box[:, 1]), torch.from_numpy(flip[:, 1])
 
     @torch.no_grad()
-    def outputs(self, x: torch.Tensor, y: torch.Tensor):
+    def run(self, x: torch.Tensor, y: torch.Tensor):
         """(teacher logits [b, T, C], biased logits [b, C], {layer: [b, T, D]}) on images ``x`` of
         classes ``y`` (the erasers are per class)."""
         with autocast(self.device):
@@ -91,15 +98,15 @@ class OnlineTeachers:
             feats = {l: self.erase(l, f, y) for l, f in feats.items()}
         return zt.float(), zb.float(), feats
 
-    def batch(self, data: SplitData, idx: torch.Tensor, epoch: int, share: float = 1.0) -> Batch:
-        images = data.images[idx]
-        box, flip = self.crops(data.rows[idx].cpu().numpy(), images.hw.cpu().numpy(), epoch)
-        d = self.device
-        x = render(images.to(d, non_blocking=True), box.to(d), flip.to(d), self.image_size)
-        y = data.y[idx].to(d)
-        zt, zb, feats = self.outputs(x, y)
+    def view(self, data: SplitData, idx: torch.Tensor, images, epoch: int) -> tuple[Tensor, Tensor]:
+        """A fresh crop of every row of the batch (``images``: its pixels), per (seed, epoch, row)."""
+        return self.crops(data.rows[idx].cpu().numpy(), images.hw.cpu().numpy(), epoch)
+
+    def outputs(self, data: SplitData, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
+        """The teachers run live on the batch's pixels ``x``."""
+        zt, zb, feats = self.run(x, y)
         cached = cached_agre_weights(zt, zb, self.tau_cached) if self.cfg.weighting == "cached" else None
-        return Batch(x, y, zt, zb, feats, cached, share)
+        return zt, zb, feats, cached
 
 
 def teacher_source(meta: CacheMeta, cfg: DistillConfig, image_size: int, device):

@@ -29,8 +29,7 @@ from data.views import render
 from distill.checkpoint import (SELECT_KEY, check_same_run, load_for_resume, oracle, save_best, save_last,
                                 selection_epochs, selection_score, trim_checkpoints, truncate_metrics)
 from distill.config import BEST, CONFIG, LAST, METRICS, RUN_FILES, SUMMARY, WEIGHTS, DistillConfig
-from distill.data import (DistillError, InMemorySplit, Slots, batch_bounds, epoch_order, load_split, open_inputs,
-                          placement)
+from distill.data import Batches, DistillError, InMemorySplit, Slots, load_split, open_inputs, placement
 from distill.stream import StreamedSplit, should_stream
 from distill.student import Student
 from distill.task import DistillTask
@@ -55,50 +54,48 @@ def evaluate(model: Student, split, image_size: int, device, train_counts, batch
     return group_metrics(p.argmax(1), split.y, split.group, train_counts, probs=p)
 
 
-def train_one_epoch(model, opt, task: DistillTask, split, view, epoch: int,
-                    weights_out: torch.Tensor | None = None) -> dict:
-    """One pass over the training split seen through ``view`` (the epoch's slot: a SplitData of
-    its boxes, flips and teacher outputs), ``task.step`` on every batch. Returns the mean loss
-    parts and mean teacher weights; ``weights_out`` [N, T], when given, receives each row's weights.
+def train_one_epoch(model, step, batches: Batches, epoch: int, dist: Dist = Dist(),
+                    weights_out: torch.Tensor | None = None, progress: bool = False) -> dict:
+    """One epoch: ``out = step(batch)`` on every batch of ``batches.epoch(epoch)`` (``step``: one
+    optimiser step, :meth:`distill.task.DistillTask.step` on the model). Returns the mean loss
+    parts and mean teacher weights, and ``"non_finite"``: None, or (the first step whose loss was
+    not finite, whether that batch's teacher outputs were not); ``weights_out`` [N, T], when
+    given, receives each row's weights.
 
     Under torchrun every process walks the same global batches and trains on its share of each
     (every ``world``-th row); the sums are gathered at the end of the epoch."""
-    cfg, dist, device = task.cfg, task.dist, task.device
     model.train()
-    n = len(split)
-    order = epoch_order(n, cfg, epoch)
+    device, n = batches.device, len(batches.split)
     sums = {k: torch.zeros((), device=device) for k in ("loss", "ce", "kd", "feat")}
-    agree = {name: {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("abs_diff", "spearman", "top")}
-             for name in cfg.agre_compare}
-    wsum = torch.zeros(task.num_teachers, device=device)
+    agree = {}  # {parameter set: {measure: float64 sum}}, with agre_compare
+    zero64 = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
+    wsum = torch.zeros(batches.num_teachers, device=device)
     first_bad = torch.full((), -1, device=device)
     bad_inputs = torch.zeros((), dtype=torch.bool, device=device)
-    bounds = batch_bounds(n, cfg.batch_size, min_size=max(2, dist.world))
-    batches = split.batches(order, view, bounds, lambda a: a[dist.rank::dist.world])
-    for i, ((s, e), (data, idx, positions)) in enumerate(
-            tqdm(zip(bounds, batches), total=len(bounds), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                 disable=not task.progress or not dist.is_main)):
-        batch = task.batch(data, idx, epoch, share=len(idx) / (e - s))
-        out = task.step(model, opt, batch)
+    for i, batch in enumerate(tqdm(batches.epoch(epoch), total=len(batches), leave=False,
+                                   desc=f"epoch {epoch + 1}/{batches.epochs}", disable=not progress)):
+        out = step(batch)
         bad = ~torch.isfinite(out["loss"].detach())
         first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, i), first_bad)
         bad_inputs |= bad & ~(torch.isfinite(batch.teacher_logits).all() & torch.isfinite(batch.biased_logits).all())
         for k in sums:
-            sums[k] += out[k].detach().float() * len(idx)
+            sums[k] += out[k].detach().float() * len(batch.y)
         w = out["weights"].float()
         wsum += w.sum(0)
         for name, parts in out.get("agre_compare", {}).items():
+            acc = agree.setdefault(name, {k: zero64() for k in parts})
             for k, value in parts.items():
-                agree[name][k] += value
+                acc[k] += value
         if weights_out is not None:
-            weights_out[positions.to(weights_out.device)] = w.to(weights_out.device)
+            weights_out[batch.positions.to(weights_out.device)] = w.to(weights_out.device)
     bad_anywhere = (first_bad >= 0).to(wsum.dtype).reshape(1)
     dist.all_sum([*sums.values(), wsum, bad_anywhere])  # per-step agreement is already global
-    if int(bad_anywhere) > 0:  # one host sync per epoch
-        raise DistillError(_non_finite_message(cfg, epoch, int(first_bad), bool(bad_inputs)))
-    result = {**{k: float(v) / n for k, v in sums.items()}, "teacher_weights": (wsum / n).tolist()}
+    # one host sync per epoch
+    non_finite = (int(first_bad), bool(bad_inputs)) if int(bad_anywhere) > 0 else None
+    result = {**{k: float(v) / n for k, v in sums.items()}, "teacher_weights": (wsum / n).tolist(),
+              "non_finite": non_finite}
     if agree:  # per-step means: how a cheaper parameter set's weights agree with this run's
-        result["agre_agreement"] = {name: {k: float(v) / len(bounds) for k, v in parts.items()}
+        result["agre_agreement"] = {name: {k: float(v) / len(batches) for k, v in parts.items()}
                                     for name, parts in agree.items()}
     return result
 
@@ -181,10 +178,11 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
     else:
         place = placement(device, nbytes)
         train, val, test = (InMemorySplit(load_split(cache, store, s, place)) for s in ("train", "val", "test"))
-    slots = Slots(cache, cfg, place)
     train_counts = torch.bincount(train.group.cpu(), minlength=meta.num_groups).numpy()
     teachers = teacher_source(meta, cfg, image_size, device)
-    task = DistillTask(cfg, teachers, device, d, progress)
+    batches = Batches(train, Slots(cache, cfg, place), teachers, image_size, device, seed=cfg.seed,
+                      batch_size=cfg.batch_size, epochs=cfg.epochs, dist=d)
+    task = DistillTask(cfg, teachers, device, d)
 
     model = Student(meta.num_classes, {l: teachers.feature_dims[l] for l in cfg.active_layers}, pretrained,
                     cfg.weights_file, arch=cfg.student_arch)
@@ -210,13 +208,16 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
     names = {"group_acc": meta.group_names, "group_count": meta.group_names, "teacher_weights": teacher_names}
     tracker = open_tracker(cfg, out, d.is_main, names, start)  # TensorBoard / W&B when asked, rank 0 only
     try:
-        weights_out = torch.zeros(len(train.y), task.num_teachers, device=device)
+        weights_out = torch.zeros(len(train.y), batches.num_teachers, device=device)
+        step = lambda batch: task.step(model, opt, batch)  # noqa: E731
         for epoch in range(start, cfg.epochs):
             t0 = time.time()
             lr = opt.param_groups[0]["lr"]
-            tr = train_one_epoch(model, opt, task, train, slots.get(epoch), epoch,
-                                 weights_out if epoch == cfg.epochs - 1 else None)
-            if epoch == cfg.epochs - 1:
+            last = epoch == cfg.epochs - 1
+            tr = train_one_epoch(model, step, batches, epoch, d, weights_out if last else None, progress)
+            if tr["non_finite"] is not None:
+                raise DistillError(_non_finite_message(cfg, epoch, *tr["non_finite"]))
+            if last:
                 d.all_sum([weights_out])  # each process filled the rows it trained on
             sched.step()
             if not d.is_main:  # one process evaluates and writes; the models are the same everywhere
@@ -226,7 +227,7 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
             if score > best[0]:
                 best = (score, epoch + 1)
                 save_best(best_path, model, epoch + 1, cfg)
-            if epoch == cfg.epochs - 1:  # before the checkpoint that makes a resume skip this epoch
+            if last:  # before the checkpoint that makes a resume skip this epoch
                 atomic_save_npy(out / WEIGHTS, weights_out.cpu().numpy())
             save_last(last_path, model, opt, sched, epoch + 1, best, cfg, cache_id)
             time_s = round(time.time() - t0, 3)  # training and validation, as before the oracle's test pass
@@ -242,7 +243,7 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
             say(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {tr['loss']:.4f}  val WGA {100 * vm['wga']:.2f}  "
                 f"avg {_avg(vm)}  ({rec['time_s']:.1f}s)")
 
-        slots.close()
+        batches.close()
         if not d.is_main:
             d.barrier()
             return d.broadcast_object(None)

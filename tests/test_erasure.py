@@ -95,6 +95,7 @@ def _train_view(cfg):
 def test_raw_step_is_todays_and_erased_step_uses_the_erased_features(tiny_cache):
     """raw: the batch's features are bit for bit today's (cache features of each teacher's
     backbone) and the step equals a step on them; erased: they are the fitted eraser's output."""
+    from distill.data import make_batch
     from distill.student import Student
     from distill.task import DistillTask
     from distill.teachers import CachedTeachers
@@ -107,7 +108,7 @@ def test_raw_step_is_todays_and_erased_step_uses_the_erased_features(tiny_cache)
     idx = torch.arange(16)
     raw_src, er_src = CachedTeachers(meta, raw_cfg, size, CPU), CachedTeachers(meta, er_cfg, size, CPU)
     assert raw_src.erase is None
-    a, b = raw_src.batch(data, idx, 0), er_src.batch(data, idx, 0)
+    a, b = (make_batch(data, idx, 0, source, size, CPU) for source in (raw_src, er_src))
     backbone = torch.tensor(meta.backbone_of_teacher)
     for layer in ("layer3", "layer4"):
         today = data.feats[layer][idx].index_select(1, backbone)

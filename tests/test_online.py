@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from distill.config import DistillConfig
-from distill.data import load_split, open_inputs, view_data
+from distill.data import load_split, make_batch, open_inputs, view_data
 from distill.student import Student
 from distill.teachers import CachedTeachers, OnlineTeachers
 from distill.task import DistillTask
@@ -30,7 +30,7 @@ def test_online_step_equals_the_cached_step_on_the_same_crop(tiny_cache, tiny_te
     cached, online = CachedTeachers(cache.meta, cached_cfg, size, CPU), OnlineTeachers(cache.meta, online_cfg, size, CPU)
     idx = torch.arange(16)
     monkeypatch.setattr(online, "crops", lambda rows, hw, epoch: (data.box[idx], data.flip[idx]))
-    a, b = cached.batch(data, idx, 0), online.batch(data, idx, 0)
+    a, b = (make_batch(data, idx, 0, source, size, CPU) for source in (cached, online))
     torch.testing.assert_close(a.x, b.x, rtol=0, atol=0)                                      # the same pixels
     torch.testing.assert_close(a.teacher_logits, b.teacher_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(a.biased_logits, b.biased_logits, rtol=1e-4, atol=1e-4)
