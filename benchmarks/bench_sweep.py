@@ -98,10 +98,11 @@ def main(argv=None):
     n = resolve_jobs(args.jobs, configs)  # before this process holds GPU memory of its own
     stamp = time.strftime("%Y%m%d-%H%M%S")
     # jobs=N first: the jobs=1 pass trains in this process, whose allocator keeps its memory.
-    wall_n = timed_sweep(cache, work / f"jobs{n}_{stamp}", runs, base, n)
+    # each pass in its own folder (with jobs auto on a CPU both are jobs=1: one folder would skip the runs)
+    wall_n = timed_sweep(cache, work / f"pass1_jobs{n}_{stamp}", runs, base, n)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    wall_1 = timed_sweep(cache, work / f"jobs1_{stamp}", runs, base, 1)
+    wall_1 = timed_sweep(cache, work / f"pass2_jobs1_{stamp}", runs, base, 1)
 
     print(f"\nworkdir {work}; {args.runs} runs of {args.epochs} epoch(s), {args.image_size}px, batch "
           f"{args.batch_size}, data scale {args.scale}")

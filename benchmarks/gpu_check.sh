@@ -8,9 +8,23 @@
 #   last, `python3 cli.py demo` from scratch (it deletes artifacts/default first), its wall time.
 # CELEBA=1 adds precompute and one distill epoch at CelebA size (162,770 training images,
 # generated; about 10 more minutes).
+# TINY=1 runs every step at a toy size on whatever device there is (the suite runs it on the CPU,
+# tests/test_benchmarks.py), so that a refactor cannot break the script before a GPU is lent; it
+# skips the demo and keeps its scratch folders under ${TMPDIR:-/tmp}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+W=${TMPDIR:-/tmp}
+if [ "${TINY:-0}" = "1" ]; then
+  python3 benchmarks/bench_distill.py --image-size 16 --batch-size 8 --steps 1 --repeats 1 --warmup 0 \
+    --student-arch resnet18-w16 --teacher-arch resnet18-w16
+  python3 benchmarks/bench_precompute.py --image-size 16 --scale 0.02 --views 1 --repeats 1 --backbones 1 \
+    --workdir "$W/tiny_precompute"
+  python3 benchmarks/bench_full_run.py --scale 0.02 --image-size 16 --epochs 1 --views 1 --workdir "$W/tiny_full"
+  python3 benchmarks/bench_sweep.py --workdir "$W/tiny_sweep" --scale 0.02 --image-size 16 --epochs 1 --runs 2 \
+    --jobs 1
+  exit 0
+fi
 python3 -m pytest -q tests/test_step.py tests/test_online.py -x 2>&1 | tail -2
 python3 benchmarks/bench_distill.py --image-size 224 --batch-size 128 --steps 20
 python3 benchmarks/bench_precompute.py --image-size 224 --scale 0.1 --views 2 --repeats 3
