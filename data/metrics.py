@@ -53,7 +53,6 @@ def expected_calibration_error(probs, y, bins: int = ECE_BINS) -> float:
         raise ValueError(f"probs must be [N, C] with N = len(y) > 0, got {probs.shape} for {len(y)} labels")
     conf, correct = probs.max(1), (probs.argmax(1) == y).astype(np.float64)
     which = np.digitize(conf, np.linspace(0.0, 1.0, bins + 1)[1:-1], right=True)
-    size = np.bincount(which, minlength=bins)
     gap = np.bincount(which, weights=correct, minlength=bins) - np.bincount(which, weights=conf, minlength=bins)
     return float(np.abs(gap).sum() / len(y))  # |B_b| |acc_b - conf_b| = |sum correct - sum conf| per bin
 
@@ -131,3 +130,17 @@ def split_metrics(pred, y, group, split, splits: dict[str, int], num_groups: int
             out[name] = group_metrics(pred[sel], y[sel], group[sel], train_counts, num_groups,
                                       None if probs is None else probs[sel])
     return out
+
+
+def probe_accuracy(x_train, z_train, x_test, z_test, C: float = 1.0) -> float:
+    """Held-out accuracy of a linear probe (logistic regression on standardised features)
+    predicting ``z`` from features ``x``: fit on the train rows, scored on the test rows."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if len(np.unique(z_train)) < 2:
+        return float(np.mean(z_test == z_train[0]))
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+    probe.fit(np.asarray(x_train, dtype=np.float64), z_train)
+    return float(probe.score(np.asarray(x_test, dtype=np.float64), z_test))

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from data.metrics import probe_accuracy
+
 FIT_SPLITS = ("train", "val")  # the rows the erasers are fit on (eval view)
 
 
@@ -155,19 +157,6 @@ def teacher_eraser(cache_path, layers, backbone_of_teacher, device) -> TeacherFe
 
 
 # ----------------------------------------------------------------------------- the probe
-
-def probe_accuracy(x_train, z_train, x_test, z_test, C: float = 1.0) -> float:
-    """Held-out accuracy of a logistic regression (on standardised features) predicting z."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    if len(np.unique(z_train)) < 2:
-        return float(np.mean(z_test == z_train[0]))
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
-    probe.fit(np.asarray(x_train, dtype=np.float64), z_train)
-    return float(probe.score(np.asarray(x_test, dtype=np.float64), z_test))
-
 
 def probe_split_halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng(seed).permutation(n)

@@ -202,10 +202,9 @@ def scenario_problems(man, summary: dict) -> list[str]:
 
 def scenario_report(man) -> str:
     """One line: whether the default's teachers have the scenario's structure (defaults.SCENARIO)."""
-    from precompute.teachers import ENSEMBLE
+    from precompute.teachers import read_ensemble
 
-    summary = json.loads((man.root / ENSEMBLE).read_text()) if (man.root / ENSEMBLE).is_file() else {}
-    problems = scenario_problems(man, summary)
+    problems = scenario_problems(man, read_ensemble(man))
     if not problems:
         return ("scenario: as intended (biased model relies on the background; strong and weak teachers; "
                 "the AVER ensemble far below the strong ones; the backbone's features carry the background)")

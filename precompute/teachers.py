@@ -26,7 +26,7 @@ from core.models import FEATURE_DIMS, CheckpointError, build_model, check_layout
 from core.provenance import settings_diff
 from core.runtime import autocast, epoch_seed, memory_format_for, pick_device
 from core.tables import format_table
-from data.metrics import split_metrics
+from data.metrics import probe_accuracy, split_metrics
 from data.store import RESIZE_MODES, ImageStore, Pixels, build_store, store_size_for
 from data.views import ViewSpec, render, sample_views
 from data.folders import SPLIT_CODES, Metadata, fingerprint, load_metadata
@@ -265,19 +265,13 @@ def ensemble_summary(teacher_logits: list[torch.Tensor], emb: torch.Tensor, meta
     and how well a linear probe reads the spurious attribute from the backbone's pooled features
     ``emb`` (logistic regression fit on the validation rows, scored on the test rows: the
     background a feature loss could pass on)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     aver = evaluate_logits(torch.stack([z.double() for z in teacher_logits]).mean(0), meta)
     val, test = meta.rows("val"), meta.rows("test")
     probe = None
     if len(np.unique(meta.attr[val])) > 1 and len(test):
-        fit = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-        fit.fit(emb[val].double().numpy(), meta.attr[val])
         chance = float(np.max(np.bincount(meta.attr[test])) / len(test))
-        probe = {"test": float(fit.score(emb[test].double().numpy(), meta.attr[test])), "chance": chance,
-                 "attribute": "/".join(meta.attr_names)}
+        probe = {"test": probe_accuracy(emb[val].numpy(), meta.attr[val], emb[test].numpy(), meta.attr[test]),
+                 "chance": chance, "attribute": "/".join(meta.attr_names)}
     return {"aver": aver, "attribute_probe": probe}
 
 
@@ -297,10 +291,14 @@ def format_ensemble(man: Manifest, summary: dict) -> str:
     return "\n".join(lines)
 
 
+def read_ensemble(man: Manifest) -> dict:
+    """The ensemble's numbers ``build_teachers`` wrote beside the manifest ({} when there are none)."""
+    return (read_json_object(man.root / ENSEMBLE) if (man.root / ENSEMBLE).is_file() else None) or {}
+
+
 def describe(man: Manifest) -> str:
     """The teachers' table and, when ``build_teachers`` made them, the ensemble's numbers."""
-    summary = (read_json_object(man.root / ENSEMBLE) if (man.root / ENSEMBLE).is_file() else None) or {}
-    return "\n".join(filter(None, [format_eval_table(man), format_ensemble(man, summary)]))
+    return "\n".join(filter(None, [format_eval_table(man), format_ensemble(man, read_ensemble(man))]))
 
 
 def _prepare_images(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str) -> tuple[Pixels, torch.Tensor]:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from distill.config import DistillConfig
-from distill.erasure import Eraser, fit_leace, one_hot, probe_accuracy, teacher_eraser
+from data.metrics import probe_accuracy
+from distill.erasure import Eraser, fit_leace, one_hot, teacher_eraser
 
 CPU = torch.device("cpu")
 EPS = np.finfo(np.float64).eps
