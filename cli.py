@@ -8,9 +8,10 @@ from pathlib import Path
 import click
 
 from cli_cache import cache
-from core.constants import ARCHS
+from core.constants import ARCHS, DFR_ALIASES, DFR_VARIANTS
 from distill.config import SELECT_RULES
-from cli_options import dataset_options, default_of, floats, friendly, ints, main_process, setting, words
+from cli_options import (dataset_options, default_of, floats, friendly, ints, main_process, renamed, setting,
+                         words)
 from experiments import defaults
 
 
@@ -82,10 +83,11 @@ def data_check(root, dataset, dataset_options):
               help="First transform: Resize(256) keeping the aspect ratio (the study's) or Resize((256, 256)) "
                    "(DFR's) [default: keep-aspect].")
 @click.option("--shared-backbone", is_flag=True, default=None, help="One ERM backbone, T DFR heads.")
-@click.option("--dfr", type=click.Choice(["report", "reference", "tool"]), default=None,
+@click.option("--dfr", type=click.Choice([*DFR_VARIANTS, *DFR_ALIASES]), default=None,
+              metavar=f"[{'|'.join(DFR_VARIANTS)}]", callback=renamed(DFR_ALIASES),
               help="DFR protocol: the study's dfr.py (lbfgs, L2, C=1, one balanced subsample), the DFR "
                    "authors' reference (L1, C tuned, 20 subsamples, scaler fit on train), or the tool's "
-                   "earlier variant [default: report].")
+                   "earlier variant [default: study; 'report' is its deprecated name].")
 @click.option("--dfr-bias", default=None, help="Per teacher, how much of the training split's spurious "
               "correlation its DFR data keeps, e.g. 0,0,0,0.6,0.8 (0: balanced).")
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default=None,

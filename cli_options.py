@@ -34,6 +34,19 @@ def default_of(cls, name: str):
     return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
+def renamed(aliases: dict[str, str]):
+    """An option callback for a choice whose values were renamed: an old name (a key of
+    ``aliases``) becomes its new one, with a one-line note on stderr saying what to write."""
+    def callback(ctx, param, value):
+        new = aliases.get(value)
+        if new is None:
+            return value
+        option = param.opts[0]
+        click.echo(f"note: {option} {value} is deprecated, write {option} {new} (the same thing)", err=True)
+        return new
+    return callback
+
+
 def _comma_list(text: str | None, cast, kind: str, example: str, option: str):
     from core.errors import ConfigError
 

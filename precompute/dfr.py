@@ -6,7 +6,7 @@ validation-set penultimate embeddings ``emb [N, D]`` (D = 2048 for ResNet-50) wi
 ``DFR_VARIANTS``:
 
 - ``"tool"``: this tool's earlier protocol (``fit_dfr``'s default for back-compatibility; the
-  teachers stage defaults to ``"report"``). ``StandardScaler`` fit on all N embeddings; C tuned
+  teachers stage defaults to ``"study"``). ``StandardScaler`` fit on all N embeddings; C tuned
   on two random halves (L1 liblinear on one group-balanced subsample of the fit half, worst-group
   accuracy (WGA) on the other half, ties to the smallest C); ``coef_``/``intercept_`` averaged
   over ``num_retrains`` group-balanced subsamples of the whole set.
@@ -14,8 +14,9 @@ validation-set penultimate embeddings ``emb [N, D]`` (D = 2048 for ResNet-50) wi
   ``dfr_on_validation_tune`` + ``dfr_on_validation_eval`` with their main script's defaults): the
   tuning scaler is fit on the tuning subsample, the final scaler on the TRAINING split's
   embeddings, ties go to the first C of the grid. See :func:`_fit_reference`.
-- ``"report"``: the user's report's ``dfr.py``: one L2 lbfgs logistic regression (C = 1,
+- ``"study"``: the study's ``dfr.py``: one L2 lbfgs logistic regression (C = 1,
   ``class_weight="balanced"``) on one group-balanced subsample, no scaler, no tuning, no averaging.
+  Older versions called it ``"report"``; that name is still accepted (:func:`dfr_variant`).
 
 Every variant returns a :class:`DFRHead` with any scaler folded into its weight/bias: the
 parameters of the teacher's ``fc = nn.Linear(D, C)``, copied in as they are.
@@ -32,17 +33,26 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+from core.constants import DFR_ALIASES, DFR_VARIANTS
 from core.errors import ConfigError, ToolError
 from data.metrics import group_metrics
 
 # The DFR reference grid for Waterbirds (inverse L1 strength), largest C first as in the paper.
 DFR_CS = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
 DEFAULT_NUM_RETRAINS = 20
-DFR_VARIANTS = ("reference", "report", "tool")
 
 
 class DFRError(ToolError, ValueError):
     """Validation data DFR cannot fit a head on (a class or group too small or missing)."""
+
+
+def dfr_variant(name: str) -> str:
+    """The protocol's name as DFR_VARIANTS spells it: ``"report"``, the study's protocol under its
+    old name, is ``"study"``. ConfigError for an unknown name."""
+    name = DFR_ALIASES.get(name, name)
+    if name not in DFR_VARIANTS:
+        raise ConfigError(f"unknown DFR variant {name!r}; choose one of {', '.join(DFR_VARIANTS)}")
+    return name
 
 
 @dataclass
@@ -57,10 +67,10 @@ class DFRHead:
             ``logit_1 - logit_0`` equals the logistic decision function and the 2-way softmax equals
             the logistic probability. C > 2: one-vs-rest rows for "tool"/"reference" (argmax = OvR
             prediction; the softmax is not sklearn's normalised-sigmoid ``predict_proba``),
-            multinomial rows for "report" (softmax = its ``predict_proba``).
+            multinomial rows for "study" (softmax = its ``predict_proba``).
         bias: [C] float32, built the same way.
-        C: the inverse regularisation strength used (L1 for "tool"/"reference", L2 for "report").
-        tune_wga: held-out worst-group accuracy for every candidate C (empty for "report").
+        C: the inverse regularisation strength used (L1 for "tool"/"reference", L2 for "study").
+        tune_wga: held-out worst-group accuracy for every candidate C (empty for "study").
     """
 
     weight: np.ndarray
@@ -241,7 +251,7 @@ def _check_train_emb(train_emb, dim: int) -> np.ndarray:
             'DFR variant "reference" fits its final StandardScaler on the TRAINING split\'s '
             "embeddings, as the DFR reference code does: pass train_emb=[M, D] (eval-view "
             'embeddings of the training rows), or choose variant "tool" (scaler fit on the '
-            'validation embeddings) or "report" (no scaler)'
+            'validation embeddings) or "study" (no scaler)'
         )
     train_emb = np.asarray(train_emb, dtype=np.float64)
     if train_emb.ndim != 2 or train_emb.shape[1] != dim or len(train_emb) == 0:
@@ -274,15 +284,15 @@ def fit_dfr(emb, y, group, *, variant: str = "tool", train_emb=None, seed: int =
         y: [N] class labels in ``[0, num_classes)``.
         group: [N] group ids (Waterbirds: ``2 * y + place``).
         variant: one of ``DFR_VARIANTS``; the protocols are in :func:`_fit_tool`,
-            :func:`_fit_reference` and :func:`_fit_report`.
+            :func:`_fit_reference` and :func:`_fit_study`.
         train_emb: [M, D] training-split embeddings; required by "reference" (its final scaler),
             ignored by the others.
         seed: the only source of randomness; equal seeds give identical heads.
-        Cs: candidate inverse L1 strengths (default: the DFR Waterbirds grid); not used by "report".
-        num_retrains: balanced subsamples whose fits are averaged (DFR: 20); not used by "report".
+        Cs: candidate inverse L1 strengths (default: the DFR Waterbirds grid); not used by "study".
+        num_retrains: balanced subsamples whose fits are averaged (DFR: 20); not used by "study".
         num_classes: defaults to ``max(y) + 1``; every class needs samples.
         proportions: group shares of the subsamples instead of balanced ones ("tool" and
-            "report"; see :func:`balanced_subsample`), for a teacher that keeps part of the
+            "study"; see :func:`balanced_subsample`), for a teacher that keeps part of the
             spurious correlation.
     Returns:
         DFRHead with any scaler folded into weight [C, D] / bias [C].
@@ -293,14 +303,13 @@ def fit_dfr(emb, y, group, *, variant: str = "tool", train_emb=None, seed: int =
             train_emb.
         ValueError: mismatched lengths or shapes, bad Cs or num_retrains.
     """
-    if variant not in DFR_VARIANTS:
-        raise ConfigError(f"unknown DFR variant {variant!r}; choose one of {', '.join(DFR_VARIANTS)}")
+    variant = dfr_variant(variant)
     emb, y, group, num_classes, num_groups = _check_inputs(emb, y, group, num_classes)
     if proportions is not None and variant == "reference":
         raise ConfigError("the reference DFR protocol balances its data itself; skewed group proportions "
-                          "work with the 'tool' and 'report' variants")
-    if variant == "report":
-        return _fit_report(emb, y, group, seed=seed, num_classes=num_classes, num_groups=num_groups,
+                          "work with the 'tool' and 'study' variants")
+    if variant == "study":
+        return _fit_study(emb, y, group, seed=seed, num_classes=num_classes, num_groups=num_groups,
                            proportions=proportions)
     Cs = tuple(float(c) for c in Cs)
     if not Cs or any(not math.isfinite(c) or c <= 0 for c in Cs):
@@ -436,11 +445,11 @@ def _fit_reference(emb, y, group, train_emb, *, seed, Cs, num_retrains, num_clas
     return DFRHead(weight=weight, bias=bias, C=best_c, tune_wga=tune_wga)
 
 
-REPORT_C = 1.0  # the study's dfr.py; its other settings are scikit-learn's defaults
+STUDY_C = 1.0  # the study's dfr.py; its other settings are scikit-learn's defaults
 
 
-def _fit_report(emb, y, group, *, seed, num_classes, num_groups, proportions=None) -> DFRHead:
-    """Variant "report": the user's report's ``dfr.py``.
+def _fit_study(emb, y, group, *, seed, num_classes, num_groups, proportions=None) -> DFRHead:
+    """Variant "study": the study's ``dfr.py``.
 
     ``LogisticRegression(solver="lbfgs", L2, C=1, class_weight="balanced")`` on raw embeddings
     (no scaler) of ONE group-balanced subsample of the validation set:
@@ -454,10 +463,10 @@ def _fit_report(emb, y, group, *, seed, num_classes, num_groups, proportions=Non
     _require_all_classes(y[rows], num_classes)
     with warnings.catch_warnings(record=True) as caught:  # the study's heads stop at max_iter too
         warnings.simplefilter("always", ConvergenceWarning)
-        model = _logreg("l2", REPORT_C, solver="lbfgs", class_weight="balanced").fit(emb[rows], y[rows])
+        model = _logreg("l2", STUDY_C, solver="lbfgs", class_weight="balanced").fit(emb[rows], y[rows])
     weight, bias = _fold(model.coef_, model.intercept_, None)
     converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    return DFRHead(weight=weight, bias=bias, C=REPORT_C, tune_wga={}, converged=converged)
+    return DFRHead(weight=weight, bias=bias, C=STUDY_C, tune_wga={}, converged=converged)
 
 
 def apply_head(emb, head: DFRHead) -> np.ndarray:

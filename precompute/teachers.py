@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from core.constants import DFR_ALIASES, DFR_VARIANTS
 from core.errors import ConfigError, ToolError
 from core.files import (OutputLock, atomic_write_json, atomic_write_text, ensure_dir, read_json_object,
                         save_checkpoint, sha256_file)
@@ -30,7 +31,7 @@ from data.metrics import probe_accuracy, split_metrics
 from data.store import RESIZE_MODES, ImageStore, Pixels, build_store, store_size_for
 from data.views import ViewSpec, render, sample_views
 from data.folders import SPLIT_CODES, Metadata, fingerprint, load_metadata
-from precompute.dfr import DFR_VARIANTS, fit_dfr
+from precompute.dfr import dfr_variant, fit_dfr
 from core.manifest import Manifest, load_model, make_entry
 
 
@@ -64,7 +65,7 @@ class TeacherConfig:
     weight_decay: float = 1e-3
     batch_size: int = 32
     dfr_retrains: int = 20
-    dfr: str = "report"                 # DFR protocol (precompute.dfr.DFR_VARIANTS): report | reference | tool
+    dfr: str = "study"                  # DFR protocol (core.constants.DFR_VARIANTS): study | reference | tool
     dfr_bias: tuple[float, ...] = ()    # per teacher: how much of the training split's spurious
                                         # correlation its DFR data keeps (0: balanced; () all 0)
     precision: str = "float32"          # of ERM training and the DFR embeddings (PRECISIONS)
@@ -95,13 +96,15 @@ class TeacherConfig:
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise ConfigError(f"--out {self.out} is a file; the teachers need a folder")
         self.dfr_bias = tuple(float(b) for b in self.dfr_bias)
-        if self.dfr not in DFR_VARIANTS:
-            raise ConfigError(f"--dfr must be one of {', '.join(DFR_VARIANTS)}, got {self.dfr!r}")
+        try:
+            self.dfr = dfr_variant(self.dfr)  # "report", the study's protocol's old name, is "study"
+        except ConfigError:
+            raise ConfigError(f"--dfr must be one of {', '.join(DFR_VARIANTS)}, got {self.dfr!r}") from None
         if self.dfr_bias and (len(self.dfr_bias) != self.num_teachers or not all(0 <= b <= 1 for b in self.dfr_bias)):
             raise ConfigError(f"--dfr-bias takes one value in [0, 1] per teacher ({self.num_teachers}), got "
                               f"{','.join(f'{b:g}' for b in self.dfr_bias)}")
         if any(self.dfr_bias) and self.dfr == "reference":
-            raise ConfigError("--dfr-bias needs --dfr report or tool: the reference protocol balances its data itself")
+            raise ConfigError("--dfr-bias needs --dfr study or tool: the reference protocol balances its data itself")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.resize not in RESIZE_MODES:
@@ -115,6 +118,15 @@ class TeacherConfig:
         if self.weights_file:  # the weights, not where the file lies
             d["weights_file"] = sha256_file(self.weights_file)
         return d
+
+
+def recorded_identity(config):
+    """A teachers' identity as a record holds it (``teachers_config.json``, the default's
+    ``backbone_config.json``), in today's names: older versions recorded the study's DFR protocol
+    as ``"report"``, so that their teachers are still the same teachers. Not a dict: as it is."""
+    if isinstance(config, dict) and isinstance(config.get("dfr"), str) and config["dfr"] in DFR_ALIASES:
+        return {**config, "dfr": DFR_ALIASES[config["dfr"]]}
+    return config
 
 
 @torch.inference_mode()
@@ -321,7 +333,7 @@ def _claim_folder(cfg: TeacherConfig, out: Path, fp: str) -> None:
     record = out / "teachers_config.json"
     if record.is_file() or any(out.glob("erm_seed*.pt*")):
         before = (read_json_object(record) if record.is_file() else None) or {}  # bounded: may be received
-        diff = settings_diff(before.get("config", {}), identity["config"])
+        diff = settings_diff(recorded_identity(before.get("config", {})), identity["config"])
         if before.get("dataset_fingerprint") != fp:
             diff.append("the data set differs (another folder, or its files changed)")
         if diff and not cfg.overwrite:

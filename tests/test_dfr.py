@@ -13,7 +13,7 @@ from data.metrics import group_metrics
 from precompute import dfr
 from core.errors import ConfigError
 from precompute.dfr import (DFR_CS, DFR_VARIANTS, DFRError, DFRHead, apply_head, balanced_subsample,
-                            choose_c, fit_dfr)
+                            choose_c, dfr_variant, fit_dfr)
 
 D = 32
 CORE, SPUR = 0, 1
@@ -43,7 +43,7 @@ def sk_l1(C, random_state):
     return LogisticRegression(penalty="l1", C=C, solver="liblinear", random_state=random_state)
 
 
-def sk_report():
+def sk_study():
     """The study's fit: lbfgs, L2, C = 1, balanced class weights (sklearn's other defaults)."""
     if NEW_PENALTY_API:
         return LogisticRegression(l1_ratio=0.0, C=1.0, solver="lbfgs", class_weight="balanced")
@@ -337,8 +337,17 @@ def test_every_variant_recovers_core_direction(splits, variant):
 
 
 def test_unknown_variant_is_refused(splits):
-    with pytest.raises(ConfigError, match="unknown DFR variant 'paper'.*reference, report, tool"):
+    with pytest.raises(ConfigError, match="unknown DFR variant 'paper'.*reference, study, tool"):
         fit_dfr(*splits[1], variant="paper")
+
+
+def test_report_is_the_study_under_its_old_name(splits):
+    """Older versions called the study's protocol "report": the name still fits the same head."""
+    assert dfr_variant("report") == dfr_variant("study") == "study" and "report" not in DFR_VARIANTS
+    old, new = (fit_dfr(*splits[1], variant=v, seed=3) for v in ("report", "study"))
+    np.testing.assert_array_equal(old.weight, new.weight)
+    np.testing.assert_array_equal(old.bias, new.bias)
+    assert old.tune_wga == {} and old.C == 1.0  # the study's one fit, not the tool's tuning
 
 
 def reference_balanced(g_arr, rng):
@@ -430,11 +439,11 @@ def test_reference_needs_train_emb(splits):
         fit_dfr(emb[keep], y[keep], group[keep], variant="reference", train_emb=emb)
 
 
-def test_report_matches_independent_sklearn_fit(splits, spy):
+def test_study_matches_independent_sklearn_fit(splits, spy):
     _, (emb, y, group), (test_emb, _, _) = splits
-    head = fit_dfr(emb, y, group, variant="report", seed=7)
+    head = fit_dfr(emb, y, group, variant="study", seed=7)
     rows = balanced_subsample(group, np.random.default_rng(7))
-    model = sk_report().fit(emb[rows].astype(np.float64), y[rows])
+    model = sk_study().fit(emb[rows].astype(np.float64), y[rows])
     logits = apply_head(test_emb, head)
     np.testing.assert_allclose(logits[:, 1] - logits[:, 0], model.decision_function(test_emb),
                                rtol=1e-4, atol=1e-4)
@@ -449,15 +458,15 @@ def test_report_matches_independent_sklearn_fit(splits, spy):
     assert fitted.l1_ratio == 0.0 if NEW_PENALTY_API else fitted.penalty == "l2"
 
 
-def test_report_multiclass_is_multinomial():
+def test_study_multiclass_is_multinomial():
     rng = np.random.default_rng(5)
     y = np.repeat(np.arange(3), 100)
     emb = rng.normal(size=(300, 20))
     emb[np.arange(300), y] += 2.0
     group = 2 * y + np.tile([0, 1], 150)
-    head = fit_dfr(emb, y, group, variant="report", seed=1)
+    head = fit_dfr(emb, y, group, variant="study", seed=1)
     rows = balanced_subsample(group, np.random.default_rng(1))
-    model = sk_report().fit(emb[rows], y[rows])
+    model = sk_study().fit(emb[rows], y[rows])
     prob = torch.softmax(torch.from_numpy(apply_head(emb, head)).double(), 1).numpy()
     np.testing.assert_allclose(prob, model.predict_proba(emb), atol=1e-5)
 

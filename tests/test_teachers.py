@@ -671,11 +671,51 @@ def test_dfr_protocol_and_bias_reach_the_heads(data_root, tmp_path, monkeypatch)
     assert [c["variant"] for c in calls] == ["reference"] * 2
     assert calls[0]["train_emb"].shape == (len(meta.rows("train")), 512)
     calls.clear()
-    build_teachers(tiny_cfg(data_root, out, shared_backbone=True, num_teachers=2, dfr="report",
+    build_teachers(tiny_cfg(data_root, out, shared_backbone=True, num_teachers=2, dfr="study",
                             dfr_bias=(0.0, 0.8), overwrite=True))
+    assert [c["variant"] for c in calls] == ["study"] * 2
     assert calls[0]["proportions"] is None and calls[0]["train_emb"] is None
     np.testing.assert_allclose(calls[1]["proportions"], teachers.dfr_proportions(meta, 0.8))
     from core.errors import ToolError
 
     with pytest.raises(ToolError, match="--dfr-bias takes one value in \\[0, 1\\] per teacher"):
         tiny_cfg(data_root, out, num_teachers=2, dfr_bias=(0.5,))
+
+
+def test_dfr_report_is_the_study_protocol_under_its_old_name(data_root, tmp_path, monkeypatch):
+    """--dfr report (older versions' name) is --dfr study: in TeacherConfig, on the command line
+    with a one-line note, and its identity is the study's."""
+    old, new = tiny_cfg(data_root, tmp_path, dfr="report"), tiny_cfg(data_root, tmp_path, dfr="study")
+    assert old.dfr == "study" and old.identity() == new.identity()
+    got = {}
+
+    def build(data_root, out, **opts):
+        got.update(opts)
+        raise ConfigError("stop here")
+    monkeypatch.setattr("experiments.pipeline.build_teachers_for", build)
+    result = CliRunner().invoke(cli.cli, ["teachers", "--data-root", str(data_root), "--out", str(tmp_path),
+                                          "--dfr", "report"])
+    assert got["dfr"] == "study" and "stop here" in result.output
+    assert "--dfr report is deprecated, write --dfr study" in result.output
+
+
+def test_teachers_recorded_with_dfr_report_are_still_the_same_teachers(shared, data_root, tmp_path):
+    """A folder whose teachers_config.json an older version wrote ("dfr": "report") is reused by
+    the same settings today, not refused as teachers built otherwise; another protocol still is."""
+    import shutil
+
+    from core.errors import ToolError
+
+    folder = tmp_path / "teachers"
+    shutil.copytree(shared, folder)
+    record = folder / "teachers_config.json"
+    written = json.loads(record.read_text())
+    assert written["config"]["dfr"] == "study"
+    erm = (folder / "erm_seed0.pt").read_bytes()
+    record.write_text(json.dumps({**written, "config": {**written["config"], "dfr": "report"}}))
+    build_teachers(tiny_cfg(data_root, folder, shared_backbone=True, num_teachers=2))
+    assert (folder / "erm_seed0.pt").read_bytes() == erm  # reused, not rebuilt
+    assert json.loads(record.read_text())["config"]["dfr"] == "study"
+    record.write_text(json.dumps({**written, "config": {**written["config"], "dfr": "reference"}}))
+    with pytest.raises(ToolError, match=r"dfr: was \"reference\", now \"study\""):
+        build_teachers(tiny_cfg(data_root, folder, shared_backbone=True, num_teachers=2))
