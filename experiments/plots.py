@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.constants import STUDY_BASELINE
 from distill.config import WEIGHTS, group_key
-from experiments.runs import BASELINE, Row, RunRecord, gamma_family, weighting_label, weighting_of
+from experiments.runs import Row, RunRecord, gamma_family, weighting_label, weighting_of
 
 # ----------------------------------------------------------------------------- plots
 
@@ -121,8 +122,8 @@ def plot_teacher_weights(records: list[RunRecord], path: Path) -> str | None:
     layer4), then the lowest seed.
     """
     def preference(rec):
-        plain = {**rec.config, **BASELINE, "weighting": rec.config["weighting"],
-                 "agre_params": rec.config.get("agre_params", BASELINE["agre_params"])}
+        plain = {**rec.config, **STUDY_BASELINE, "weighting": rec.config["weighting"],
+                 "agre_params": rec.config.get("agre_params", STUDY_BASELINE["agre_params"])}
         return group_key(rec.config) != group_key(plain), rec.seed or 0, rec.name
 
     first = ("agre-batch/all", "aver", "agre", "cached")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.constants import STUDY_BASELINE
 from core.files import JSONFileError, load_json, read_jsonl
 from distill.config import (CONFIG, METRICS, SELECT_WORDS, SUMMARY, DistillConfig, group_key, identity_of,
                             non_default_settings, setting_label)
@@ -22,12 +23,8 @@ from experiments.sweep import PRESETS, SWEEP_FILE
 
 # A folder holding any of these is a run (distill.config.RUN_FILES lists all a run writes).
 RUN_MARKERS = (CONFIG, SUMMARY, METRICS)
-# The reference configuration of the study: its AGRE-KD (batch weights from the gradients of all
-# student parameters), logits only, pure KD, layer4.
-BASELINE = {"weighting": "agre-batch", "agre_params": "all", "gamma": 0.0, "alpha": 1.0,
-            "layers": ("layer4",), "layer_gammas": None, "feature_weighting": "none"}
 # Short names of the teacher weightings in row labels and legends ("AGRE-KD" alone is the
-# report's), and what each is, in words, for table captions. The cached weights are never called
+# study's), and what each is, in words, for table captions. The cached weights are never called
 # AGRE-KD without saying what they are: static, student-independent bias-disagreement weights.
 WEIGHTING_LABELS = {"agre-batch": "AGRE-KD", "agre": "AGRE-KD per-sample (paper)", "aver": "AVER",
                     "cached": "Cached bias-disagreement weights (static)"}
@@ -383,7 +380,7 @@ def describe(config: dict) -> str:
 def baseline_key(config: dict) -> str:
     """Group key of the paired baseline: the same settings with the study's AGRE-KD, γ=0, α=1,
     layer4."""
-    return group_key({**config, **BASELINE})
+    return group_key({**config, **STUDY_BASELINE})
 
 
 def aggregate(records: list[RunRecord]) -> list[Row]:

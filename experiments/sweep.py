@@ -1,4 +1,4 @@
-"""Sweeps of distillation runs: the user's report as presets, their plan, one run folder per configuration.
+"""Sweeps of distillation runs: the study's tables as presets, their plan, one run folder per configuration.
 
 A sweep folder holds one sub-folder per run, named by :func:`run_name`, and ``sweep.json``, the
 plan (every run asked for, with its table and row), so that `report` can list what is missing::
@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from core.constants import STUDY_AGRE, STUDY_BASELINE
 from core.errors import ConfigError
 from core.files import OutputLock, atomic_write_text, ensure_dir
 from distill.config import PLACEMENT_FIELDS, DistillConfig, run_name
@@ -32,25 +33,26 @@ SEEDS = (42, 43, 44)
 SWEEP_FILE = "sweep.json"
 SWEEP_VERSION = 2  # 2: plan entries name their "table" and hold the resolved overrides
 
-# The study's AGRE-KD: one weight per teacher per batch, from the gradients of all student
-# parameters (the original code; behind every AGRE-KD number of the study).
-REPORT_AGRE = {"weighting": "agre-batch", "agre_params": "all"}
-# The study splits a total gamma of 0.5 across layers (its notebook 03).
+# The study's AGRE-KD (core.constants.STUDY_AGRE: one weight per teacher per batch, from the
+# gradients of all student parameters) is behind every AGRE-KD number of the study; its baseline
+# row is core.constants.STUDY_BASELINE. The study splits a total gamma of 0.5 across layers (its
+# notebook 03).
 SPLIT_L34 = (0.15, 0.35)
 SPLIT_L234 = (0.10, 0.15, 0.25)
 TEACHERS = "<teachers manifest>"  # stands in a row for the manifest given to preset_runs
 
 
-def _core(weighting: str, gamma: float, alpha: float = 1.0, layers=("layer4",),
-          feature_weighting: str = "none", **more) -> dict:
-    """Overrides that spell every table axis, so presets do not hang on DistillConfig defaults."""
-    return {"weighting": weighting, "gamma": gamma, "alpha": alpha, "layers": tuple(layers),
-            "feature_weighting": feature_weighting, **more}
+def _core(weighting: str, gamma: float, **axes) -> dict:
+    """Overrides that spell every table axis, so presets do not hang on DistillConfig defaults:
+    ``alpha``, ``layers`` and ``feature_weighting`` the study's baseline's unless given."""
+    baseline = {k: STUDY_BASELINE[k] for k in ("alpha", "layers", "feature_weighting")}
+    row = {"weighting": weighting, "gamma": gamma, **baseline, **axes}
+    return {**row, "layers": tuple(row["layers"])}
 
 
 def _agre(gamma: float, **kw) -> dict:
     """A row of the study's AGRE-KD (agre-batch over all parameters, unless ``agre_params``)."""
-    return _core(REPORT_AGRE["weighting"], gamma, **{"agre_params": REPORT_AGRE["agre_params"], **kw})
+    return _core(STUDY_AGRE["weighting"], gamma, **{"agre_params": STUDY_AGRE["agre_params"], **kw})
 
 
 def _preset(title: str, rows: list[tuple[str, dict]], baseline: str, agre_switch: bool = True,
@@ -64,16 +66,21 @@ def _preset(title: str, rows: list[tuple[str, dict]], baseline: str, agre_switch
             "rows": [{"label": label, "overrides": ov} for label, ov in rows], "pairs": [list(p) for p in pairs]}
 
 
+def _gamma_label(name: str, gamma: float) -> str:
+    return f"{name} γ={gamma:.2f}"
+
+
+STUDY_WEIGHTING, STUDY_PARAMS = "AGRE-KD batch, all parameters (study)", "All parameters (study)"
 _L34 = ("layer3", "layer4")
 _L234 = ("layer2", "layer3", "layer4")
 _WEIGHTING_ROWS = (("AVER (uniform)", {"weighting": "aver"}),
-                   ("AGRE-KD batch, all parameters (report)", REPORT_AGRE),
+                   (STUDY_WEIGHTING, STUDY_AGRE),
                    ("AGRE-KD per-sample (paper)", {"weighting": "agre"}),
                    ("Cached bias-disagreement weights (static)", {"weighting": "cached"}))
-_PARAM_ROWS = (("All parameters (report)", "all"), ("layer4 + classifier", "layer4"),
+_PARAM_ROWS = ((STUDY_PARAMS, "all"), ("layer4 + classifier", "layer4"),
                ("Classifier only (closed form)", "last"))
 
-# The user's report, table by table, then the checks of what produced it. "baseline" names the
+# The study, table by table, then the checks of what produced it. "baseline" names the
 # row of the "Δ vs Baseline" column: AGRE-KD gamma 0 where the study compares against it,
 # otherwise the row the study's own finding is measured against (feature-only for labels,
 # layer4 for multi-layer, no weighting for disagreement, the cache for the online loop).
@@ -88,9 +95,9 @@ PRESETS: dict[str, dict] = {
         ("AVER Baseline", _core("aver", 0.0)),
     ], baseline="AGRE-KD Baseline"),
     "agre-vs-aver": _preset("AGRE-KD vs AVER across γ", [
-        (f"{name} γ={g:.2f}", _agre(g) if w == "agre" else _core("aver", g))
+        (_gamma_label(name, g), _agre(g) if w == "agre" else _core("aver", g))
         for g in (0.0, 0.25, 0.5, 1.0) for w, name in (("agre", "AGRE-KD"), ("aver", "AVER"))
-    ], baseline="AGRE-KD γ=0.00"),
+    ], baseline=_gamma_label("AGRE-KD", 0.0)),
     "gamma": _preset("Feature weight (γ) sensitivity, AGRE-KD", [
         (f"γ={g:.2f}", _agre(g)) for g in (0.0, 0.05, 0.25, 0.5, 0.75, 1.0)
     ], baseline="γ=0.00"),
@@ -108,12 +115,12 @@ PRESETS: dict[str, dict] = {
         ("Disagree-Weight Features", _agre(0.5, feature_weighting="disagree")),
     ], baseline="Standard AGRE-KD + Features"),
     "weighting": _preset("Teacher weighting: the study's, the paper's and the cached weights", [
-        (f"{name} γ={g:.2f}", _core(ov["weighting"], g, **{k: v for k, v in ov.items() if k != "weighting"}))
+        (_gamma_label(name, g), _core(ov["weighting"], g, **{k: v for k, v in ov.items() if k != "weighting"}))
         for name, ov in _WEIGHTING_ROWS for g in (0.0, 0.5)
-    ], baseline="AGRE-KD batch, all parameters (report) γ=0.00", agre_switch=False),
+    ], baseline=_gamma_label(STUDY_WEIGHTING, 0.0), agre_switch=False),
     "agre-params": _preset("AGRE-KD batch weights: gradients of which student parameters", [
-        (f"{name} γ={g:.2f}", _agre(g, agre_params=p)) for name, p in _PARAM_ROWS for g in (0.0, 0.5)
-    ], baseline="All parameters (report) γ=0.00", agre_switch=False),
+        (_gamma_label(name, g), _agre(g, agre_params=p)) for name, p in _PARAM_ROWS for g in (0.0, 0.5)
+    ], baseline=_gamma_label(STUDY_PARAMS, 0.0), agre_switch=False),
     "demo": _preset("Does AGRE-KD (+ features) beat AVER? The embedded synthetic default", [
         ("AVER γ=0", _core("aver", 0.0)),
         ("AGRE-KD batch (study) γ=0", _agre(0.0)),
@@ -162,7 +169,7 @@ def preset_runs(*names: str, seeds=None, agre_weighting: str | None = None,
         seeds: replace the presets' seeds (e.g. ``[42]`` for a quick pass).
         agre_weighting: "agre" (the paper's per-sample formula), "cached" (the static weights of
             the cache) or "agre-batch" (no change): the weighting of every row that uses the
-            report's AGRE-KD (agre-batch); AVER rows stay AVER, and the presets that compare
+            study's AGRE-KD (agre-batch); AVER rows stay AVER, and the presets that compare
             weightings ("weighting", "agre-params") are left as they are. The tables of a switched
             preset are named ``<preset> [agre_weighting=...]``, apart from the preset's own.
             (``--set weighting=...`` is another thing: it sets every row, AVER ones too.)

@@ -82,7 +82,7 @@ def rows_of(preset: str) -> dict:
     return {r["label"]: r["overrides"] for r in PRESETS[preset]["rows"]}
 
 
-def test_presets_mirror_the_report():
+def test_presets_mirror_the_study():
     assert set(PRESETS) == {"main", "agre-vs-aver", "gamma", "labels", "multilayer", "disagree",
                             "weighting", "agre-params", "cache-vs-online", "demo", "hypothesis"}
     hyp = rows_of("hypothesis")
@@ -119,6 +119,21 @@ def test_presets_mirror_the_report():
         assert preset["baseline"] in labels and len(set(labels)) == len(labels)
         for row in preset["rows"]:
             DistillConfig(**row["overrides"])  # every row is a valid config
+
+
+def test_the_study_baseline_is_one_run_for_the_presets_the_report_and_distill():
+    """core.constants.STUDY_BASELINE is the study's baseline run: DistillConfig's defaults, the
+    main table's baseline row and the row every report pairs a configuration with."""
+    from core.constants import STUDY_BASELINE
+    from experiments.runs import baseline_key
+
+    defaults = DistillConfig()
+    assert {k: getattr(defaults, k) for k in STUDY_BASELINE} == dict(STUDY_BASELINE)
+    assert DistillConfig(**rows_of("main")[PRESETS["main"]["baseline"]]).identity() == defaults.identity()
+    other = DistillConfig(weighting="aver", gamma=0.5, alpha=0.9, layers=("layer3", "layer4"),
+                          layer_gammas=(0.15, 0.35), feature_weighting="disagree", epochs=5, seed=43)
+    paired = DistillConfig(epochs=5, seed=43)  # the study's baseline, with the run's other settings
+    assert baseline_key(other.to_dict()) == group_key(paired.to_dict()) != group_key(other.to_dict())
 
 
 def test_new_presets_compare_weightings_parameters_and_the_online_loop(tmp_path):
@@ -200,7 +215,7 @@ def test_agre_weighting_switch_changes_the_agre_rows_only():
         preset_runs("main", agre_weighting="aver")
 
 
-def test_plan_shows_the_reports_settings_and_trains_nothing(tmp_path):
+def test_plan_shows_the_studys_settings_and_trains_nothing(tmp_path):
     out = tmp_path / "runs"
     plan = json.loads(plan_json("c.h5", out, preset_runs("main"), base={"epochs": 30}))
     assert not out.exists()
