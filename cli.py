@@ -349,8 +349,8 @@ def sweep(cache_path, out, preset, agre_weighting, teachers_manifest, jobs, plan
 @cli.command()
 @click.argument("runs_dir", type=click.Path(exists=True))
 @click.option("--out", type=click.Path(), default=None, help="Report folder [default: RUNS_DIR/report].")
-@click.option("--reference", is_flag=True, help="Next to every row of a preset's table, the WGA the user's "
-              "report printed for it, and the table it comes from (experiments/study_tables.json).")
+@click.option("--reference", is_flag=True, help="Next to every row of a preset's table, the WGA the study "
+              "printed for it, and the table it comes from (experiments/study_tables.json).")
 @click.option("--latex", is_flag=True, help="Also report.tex: the tables as LaTeX tabulars (mean ± std; "
               "the best row per column in bold only when beyond seed noise of the second, by the paired test).")
 @friendly

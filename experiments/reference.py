@@ -4,7 +4,7 @@
 agre-vs-aver, gamma, labels, multilayer, disagree), per row label exactly as in
 :data:`experiments.sweep.PRESETS`: the study's test WGA mean, its std (null where the study's
 table printed none), the study's table it comes from (``source``, the heading as written in the
-report), the row as that table names it (``study_row``) and an optional ``note`` (where another
+study), the row as that table names it (``study_row``) and an optional ``note`` (where another
 table of the study prints the same configuration, or prints it with other values). Each row is
 taken from the table the preset rebuilds. Rows the study does not report have no entry and show
 as a dash; so do the presets it has no table for (weighting, agre-params, demo, cache-vs-online).
@@ -189,7 +189,7 @@ def study_column(table: Table, study: StudyTables | None = None) -> StudyColumn 
         where = f'its table "{next(iter(sources))}"'
     else:
         where = "its tables " + "; ".join(f'"{s}" ({", ".join(labels)})' for s, labels in sources.items())
-    head = (f"{COLUMN}: test WGA (%) as the user's report printed it ({study.setup}), from {where}; "
+    head = (f"{COLUMN}: test WGA (%) as the study printed it ({study.setup}), from {where}; "
             f"std only where it printed one; {DASH} = not in the study.")
     if table.name != preset:
         head += (f" The study's numbers are for its own settings: this table's runs differ "

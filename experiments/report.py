@@ -65,7 +65,7 @@ STANDARD = {"wga": "WGA", "avg_acc": "Avg Acc (train-weighted)", "mean_group_acc
 
 
 def format_table(table: Table | str | Path, preset: str | None = None, reference: bool = False) -> str:
-    """Markdown of one results table (layout of the user's report).
+    """Markdown of one results table (laid out as the study's tables).
 
     ``table`` is a Table, or a sweep folder: then the table of ``preset`` (default "main" if
     planned there, else the first table). Columns: Method, "Seed 42"..., "Mean ± Std",
@@ -74,7 +74,7 @@ def format_table(table: Table | str | Path, preset: str | None = None, reference
     epoch per seed), "Oracle WGA (diagnostic)" (test WGA at the epoch of the best test WGA, mean ±
     std: what an oracle would pick, never a selection). Under the title: the baseline row, the
     teacher weighting(s) of the rows and the model selection, in words. ``reference``: a preset's table also gets the
-    column "Study" after "Mean ± Std" (the number the user's report printed for the row,
+    column "Study" after "Mean ± Std" (the number the study printed for the row,
     :mod:`experiments.reference`) and footnotes under it naming the study's tables.
     """
     if not isinstance(table, Table):
@@ -386,7 +386,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, refere
           f"row; Min / run = wall minutes of a run's epochs (training and validation), mean over "
           f"seeds; {ORACLE} = test WGA at each run's epoch of best TEST WGA, a diagnostic of how much the "
           f"selection costs, never a selection rule; {DASH} = no finished run (see *Missing or failed runs*)."
-          + (f" {STUDY} = the test WGA the user's report printed for the row (experiments/study_tables.json; "
+          + (f" {STUDY} = the test WGA the study printed for the row (experiments/study_tables.json; "
              "the footnotes under each table name the study's table)." if reference else ""), "",
           _provenance(records), "## Results", ""]
     for t in tables:
