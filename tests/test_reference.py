@@ -155,7 +155,7 @@ def test_report_reference_prints_and_writes_the_column(tmp_path):
     result = CliRunner().invoke(cli, ["report", str(runs), "--reference"])
     assert result.exit_code == 0, result.output
     assert "| Feature only (α=1.0, γ=0.25) | 82.50 | 82.50 ± n/a | 85.20 [1] | — |" in result.output
-    assert 'Study: test WGA (%) as the user\'s report printed it' in result.output
+    assert 'Study: test WGA (%) as the study printed it' in result.output
     md = (runs / "report" / "report.md").read_text()
     assert "| Combined (α=0.9, γ=0.25) | 82.50 | 82.50 ± n/a | 84.16 [2] |" in md
     assert "| AVER γ=0 | 80.00 | 80.00 ± n/a | — |" in md  # the demo: not in the study
