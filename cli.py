@@ -92,7 +92,7 @@ def data_check(root, dataset, dataset_options):
               "correlation its DFR data keeps, e.g. 0,0,0,0.6,0.8 (0: balanced).")
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default=None,
               help="Of ERM training and the DFR embeddings; float64 makes a from-scratch backbone the same on "
-                   "any machine (3x slower on a CPU) [default: float32; synthetic float64].")
+                   "any machine, at a cost (docs/method.md#dfr) [default: float32; synthetic float64].")
 @click.option("--overwrite", is_flag=True, default=None, help="Rebuild teachers that --out holds from other settings or data.")
 @click.option("--device", default="auto", show_default=True)
 @dataset_options

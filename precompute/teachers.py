@@ -35,13 +35,9 @@ from precompute.dfr import dfr_variant, fit_dfr
 from core.manifest import Manifest, load_model, make_entry
 
 
-# float32: the usual. float64: ERM (its loss included) and the embeddings DFR fits on in double
-# precision, so that a small from-scratch backbone does not depend on the machine's float rounding.
-# SGD from scratch amplifies a rounding difference step after step; measured with 1 vs 2 CPU threads
-# (benchmarks/bench_teacher_rounding.py), a float64 ResNet-18 on the synthetic default ends within
-# one float32 ulp with identical predictions, while a ResNet-50 at lr 1e-2 diverges even in float64
-# (a more stable recipe is needed there, not more bits). About 2-3x slower on a CPU, far slower on
-# most GPUs: for small from-scratch backbones (the synthetic default), not ImageNet-sized runs.
+# float64 (ERM, its loss and the DFR embeddings): from-scratch SGD amplifies float rounding, so a
+# small backbone is the same on any machine only in double; what was measured, and its cost and
+# limits: docs/method.md#dfr ("Precision of the backbone").
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 
