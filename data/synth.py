@@ -4,7 +4,12 @@ Each image is a "bird" (the core feature: its shape, disc for landbirds and a di
 "swan" with a neck for waterbirds, and a colour leaning warm or cool by class) pasted on a
 "land" or "water" background (the spurious feature: colour and texture). Group sizes follow real
 Waterbirds (Sagawa et al., 2020) scaled by ``scale``, so in training 95% of landbirds stand on
-land and 95% of waterbirds on water, while validation and test are group-balanced per class.
+land and 95% of waterbirds on water, while validation and test are group-balanced per class. The
+validation split can be drawn ``val_factor`` times larger than the others (to measure how the
+error of a concept eraser fit on it falls with its rows: docs/results.md#the-demo; the default
+keeps 1, as its teachers' DFR heads are fit on it): its extra images come after every other row,
+so the training and test images, and the first validation images of each group, are those of
+``val_factor`` 1, byte for byte.
 """
 from __future__ import annotations
 
@@ -47,19 +52,24 @@ class SynthSpec:
     pixel_noise: float = 12.0    # std of per-pixel Gaussian noise (0-255 scale)
     independent: bool = False    # every split's four groups of one size: birds independent of
                                  # backgrounds (a "pretraining" set, as ImageNet precedes Waterbirds)
+    val_factor: float = 1.0      # the validation split's size relative to the others' (scaled) counts
 
     def __post_init__(self):
         if not self.scale > 0:
             raise ConfigError(f"scale must be > 0 (a fraction of the real group counts), got {self.scale}")
         if self.size < 8:
             raise ConfigError(f"image size must be at least 8 px, got {self.size}")
+        if not self.val_factor > 0:
+            raise ConfigError(f"val_factor must be > 0 (the validation split's relative size), got {self.val_factor}")
 
 
-def group_counts(scale: float, independent: bool = False) -> dict[str, tuple[int, ...]]:
+def group_counts(scale: float, independent: bool = False, val_factor: float = 1.0) -> dict[str, tuple[int, ...]]:
     """Scaled group counts; every group keeps at least one image per split. ``independent``: each
-    split's images spread evenly over the four groups (class and background independent)."""
+    split's images spread evenly over the four groups (class and background independent).
+    ``val_factor``: the validation split's counts scaled by ``scale * val_factor``."""
     counts = {s: (sum(cs) / 4,) * 4 if independent else cs for s, cs in WATERBIRDS_COUNTS.items()}
-    return {s: tuple(max(1, round(c * scale)) for c in cs) for s, cs in counts.items()}
+    return {s: tuple(max(1, round(c * scale * (val_factor if s == "val" else 1.0))) for c in cs)
+            for s, cs in counts.items()}
 
 
 def _background(rng: np.random.Generator, place: int, n: int) -> np.ndarray:
@@ -104,32 +114,52 @@ def render_image(rng: np.random.Generator, y: int, place: int, spec: SynthSpec) 
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def _spec_json(spec: SynthSpec) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(spec)))
+
+
 def made_with(folder: str | Path, spec: SynthSpec) -> bool:
-    """Whether ``folder`` holds a complete data set generated with ``spec``."""
+    """Whether ``folder`` holds a complete data set generated with ``spec``. A spec file written
+    before a knob existed reads as that knob's default (the generator then made the same bytes)."""
     folder = Path(folder)
     try:
-        return ((folder / "metadata.csv").is_file()
-                and json.loads((folder / SPEC_FILE).read_text()) == json.loads(json.dumps(dataclasses.asdict(spec))))
-    except (OSError, ValueError):
+        stored = json.loads((folder / SPEC_FILE).read_text())
+        return (folder / "metadata.csv").is_file() and {**_spec_json(SynthSpec()), **stored} == _spec_json(spec)
+    except (OSError, ValueError, TypeError):
         return False
+
+
+def _rows(spec: SynthSpec) -> list[tuple[int, str, int, int]]:
+    """``(index, split, y, place)`` of every image: the rows of ``val_factor`` 1 in order of split,
+    then group (the index is the position there, and seeds the image), then the validation split's
+    extra images per group, indexed after them; with ``val_factor`` < 1 each validation group keeps
+    its first images."""
+    base = group_counts(spec.scale, spec.independent)
+    want = group_counts(spec.scale, spec.independent, spec.val_factor)["val"]
+    rows, extra, idx = [], [], 0
+    for split, counts in base.items():
+        for group, count in enumerate(counts):
+            y, place = divmod(group, 2)
+            keep = min(count, want[group]) if split == "val" else count
+            rows += [(idx + i, split, y, place) for i in range(keep)]
+            idx += count
+            if split == "val":
+                extra += [(split, y, place)] * max(0, want[group] - count)
+    return rows + [(idx + i, *r) for i, r in enumerate(extra)]
 
 
 def generate(out: str | Path, spec: SynthSpec = SynthSpec()) -> Path:
     """Write ``metadata.csv`` + PNG images under ``out`` (the real Waterbirds layout).
 
-    Deterministic: the same spec gives the same bytes. Rows are ordered by split, then group.
+    Deterministic: the same spec gives the same bytes. Rows are ordered by split, then group,
+    except the extra validation images of a ``val_factor`` above 1, which come last (``_rows``).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a folder; choose another --out")
     (out / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for split, counts in group_counts(spec.scale, spec.independent).items():
-        for group, count in enumerate(counts):
-            y, place = divmod(group, 2)
-            rows += [(split, y, place)] * count
     records = []
-    for idx, (split, y, place) in enumerate(rows):
+    for idx, split, y, place in _rows(spec):
         rng = np.random.default_rng([spec.seed, idx])
         species = "waterbird" if y else "landbird"
         rel = f"images/{species}/{idx:06d}.png"

@@ -22,9 +22,13 @@ labels). Per class, because the attribute moves the features of landbirds and wa
 different directions: erasing it over all rows equalises only the pooled means, and a probe on a
 landbird-heavy split then reads it from the landbirds' direction. Measured on the synthetic
 default's test rows (held-out probe, layer2/3/4; chance 50.4%): fit on validation only, over all
-rows, 59.5 / 68.1 / 75.8%; per class on training + validation rows 57.9 / 61.9 / 63.8%. The same
-per-class fit on half of the test rows leaves 47-50% on the other half: what is left is the error
-of directions estimated from few validation rows or shifted training rows (docs/method.md).
+rows, 59.5 / 68.1 / 75.8%; per class on training + validation rows 57.9 / 61.9 / 63.8%. What is
+left is the sampling error of each class's estimated attribute direction, which shrinks only as
+(dimensions / fit rows): the same per-class fit on a third of the TEST rows' own labels leaves
+57.3 / 61.2 / 63.1% on the other two thirds (a fit on the probe's own half reads 47-50%, but only
+because that half is erased exactly), and a validation split 4, 16 and 64 times the default's
+(``data.synth.SynthSpec.val_factor``; fit on training + validation) leaves 54.8 / 55.1 / 61.1%,
+53.9 / 55.1 / 60.4% and 54.3 / 53.2 / 57.2% (docs/results.md#the-demo).
 :func:`probe_attribute` measures how well a held-out
 linear probe still recovers the attribute from raw and from erased features.
 """

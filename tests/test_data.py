@@ -6,6 +6,7 @@ hand-written Waterbirds-layout folder of a few JPEGs), never on the session's te
 from __future__ import annotations
 
 import csv
+import json
 import math
 import pickle
 import shutil
@@ -17,9 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
+from core.errors import ConfigError
 from data.metrics import group_metrics
 from data.store import ImageStore, Pixels, StoreError, build_store, merge_stores, store_size_for
-from data.synth import WATERBIRDS_COUNTS, SynthSpec, generate, group_counts
+from data.synth import SPEC_FILE, WATERBIRDS_COUNTS, SynthSpec, generate, group_counts, made_with
 from data.views import (EVAL_CROP, EVAL_RESIZE, IMAGENET_MEAN, IMAGENET_STD, ViewSpec, eval_box,
                         pixel_box, pixel_boxes, render, sample_views)
 from data.folders import DataError, Metadata, check_folder, fingerprint, load_metadata, read_image
@@ -176,6 +178,52 @@ def test_synth_deterministic_bytes(synth, tmp_path):
     changed = [k for k in ref if k != "metadata.csv" and other_files[k] != ref[k]]
     assert len(changed) == len(ref) - 1
 
+
+
+def test_synth_val_factor_changes_only_the_validation_split(synth, tmp_path):
+    """A larger validation split (for estimating what a concept eraser removes) adds images after
+    every other row: the training and test images, and the first validation images of each group,
+    are those of val_factor 1, byte for byte; a smaller one keeps each group's first images."""
+    # val 4.67 * 3 = 14.01 -> 14, 4.66 * 3 = 13.98 -> 14, 1.33 * 3 = 3.99 -> 4; 0.5: 2.3 -> 2, 0.7 -> 1
+    assert group_counts(SCALE, val_factor=3) == {**COUNTS_1PCT, "val": (14, 14, 4, 4)}
+    assert group_counts(SCALE, val_factor=0.5) == {**COUNTS_1PCT, "val": (2, 2, 1, 1)}
+    base, base_files = load_metadata(synth), _files(synth)
+    for factor, added in ((3, 14 + 14 + 4 + 4 - 12), (0.5, 6 - 12)):
+        out = generate(tmp_path / f"val{factor}", SynthSpec(scale=SCALE, size=16, seed=0, val_factor=factor))
+        meta, files = load_metadata(out), _files(out)
+        assert len(meta) == len(base) + added
+        assert meta.group_counts("val").tolist() == list(group_counts(SCALE, val_factor=factor)["val"])
+        for split in ("train", "test"):
+            assert meta.group_counts(split).tolist() == list(COUNTS_1PCT[split])
+        images = {f for f in files if f.startswith("images/")}
+        shared = images & set(base_files)
+        assert all(files[f] == base_files[f] for f in shared)  # no image of val_factor 1 redrawn
+        gone = {f for f in base_files if f.startswith("images/")} - images
+        split_of = dict(zip(base.filenames, base.split))
+        assert all(split_of[f] == 1 for f in gone)  # only validation images dropped (split code 1)
+        if factor > 1:
+            new_split = dict(zip(meta.filenames, meta.split))
+            assert not gone and all(new_split[f] == 1 for f in images - shared)  # the added ones are validation images
+            # the first validation image of each group is the one of val_factor 1
+            for g in range(4):
+                first = lambda m: m.filenames[np.flatnonzero((m.split == 1) & (m.group == g))[0]]
+                assert first(meta) == first(base)
+        assert not made_with(out, SynthSpec(scale=SCALE, size=16, seed=0))
+
+
+def test_synth_spec_file_without_a_later_knob_reads_as_its_default(synth, tmp_path):
+    """A folder generated before ``val_factor`` existed (its spec file lacks it) holds the bytes of
+    val_factor 1: it is reused, not regenerated, and not taken for another val_factor."""
+    old = tmp_path / "old"
+    shutil.copytree(synth, old)
+    spec = json.loads((old / SPEC_FILE).read_text())
+    spec.pop("val_factor")
+    (old / SPEC_FILE).write_text(json.dumps(spec, sort_keys=True) + "\n")
+    assert made_with(old, SynthSpec(scale=SCALE, size=16, seed=0))
+    assert not made_with(old, SynthSpec(scale=SCALE, size=16, seed=0, val_factor=2))
+    assert not made_with(old, SynthSpec(scale=SCALE, size=16, seed=1))
+    with pytest.raises(ConfigError):
+        SynthSpec(val_factor=0)
 
 # ---------------------------------------------------------------- loader and folder checks
 @pytest.mark.parametrize("sub", KNOWN_SUBFOLDERS)
