@@ -49,9 +49,8 @@ from data.store import store_size_for  # noqa: E402
 from data.views import eval_box, render  # noqa: E402
 from distill.config import DistillConfig  # noqa: E402
 from distill.data import SplitData, make_batch  # noqa: E402
-from distill.losses import Objective  # noqa: E402
 from distill.student import Student  # noqa: E402
-from distill.task import DistillTask  # noqa: E402
+from distill.task import DistillTask, feature_loss  # noqa: E402
 from distill.teachers import teacher_source  # noqa: E402
 
 MODES = {"aver": dict(weighting="aver"), "agre": dict(weighting="agre"), "cached": dict(weighting="cached"),
@@ -169,16 +168,15 @@ def main(argv=None):
     def task_step(cfg: DistillConfig):
         teachers = teacher_source(meta, cfg, S, device)
         task = DistillTask(cfg, teachers, device)
-        return lambda: task.step(student, opt, make_batch(data, next(batches), 0, teachers, S, device))
+        return lambda: task.step(student, opt, make_batch(data, next(batches), 0, teachers, S, device, **cl))
 
     study_cfg = config(**MODES["batch-all"])
     study_teachers = teacher_source(meta, study_cfg, S, device)
-    objective = Objective.from_config(study_cfg)
 
     def study_loop():  # the study's code: T + 1 torch.autograd.grad calls, then the whole backward
-        batch = make_batch(data, next(batches), 0, study_teachers, S, device)
+        batch = make_batch(data, next(batches), 0, study_teachers, S, device, **cl)
         with autocast(device):
-            logits, h, projected = student(batch.x.contiguous(**cl))
+            logits, h, projected = student(batch.x)
         logits = logits.float()
         params = student.agre_params("all")
         zt, zb = batch.teacher_logits, batch.biased_logits
@@ -187,9 +185,10 @@ def main(argv=None):
         g_t = [torch.autograd.grad(l, params, retain_graph=True)
                for l in kd_per_teacher(logits, zt, study_cfg.tau).mean(0)]
         w = agre_batch_weights_from_grads(g_t, g_b, logits.dtype).unsqueeze(0).expand(len(batch.y), T)
-        out = objective(logits, projected, batch, w)
+        kd = (w * kd_per_teacher(logits, zt, study_cfg.tau)).sum(1).mean()  # alpha 1: no CE
+        loss = kd + study_cfg.gamma * feature_loss(projected["layer4"], batch.teacher_feats["layer4"], w)
         opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        loss.backward()
         opt.step()
 
     plain = build_model(args.student_arch, C).to(device).to(**cl)
@@ -197,7 +196,7 @@ def main(argv=None):
 
     def plain_step():  # the same rendering as make_batch, no teacher output
         idx = next(batches)
-        x = render(data.images[idx].to(device), data.box[idx].to(device), data.flip[idx].to(device), S)
+        x = render(data.images, data.box[idx].to(device), data.flip[idx].to(device), S, index=idx)
         with autocast(device):
             logits, _ = plain(x.contiguous(**cl), layers=())
         loss = F.cross_entropy(logits.float(), data.y[idx].to(device))

@@ -35,6 +35,7 @@ epoch's CPU time (all threads) and minor page faults.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import hashlib
 import json
@@ -244,7 +245,7 @@ def run_mode(cache_path: str, mode: str, args, out_dir: str) -> dict:
     else:
         place = placement(device, 0)
         train, val = (InMemorySplit(load_split(cache, store, s, place)) for s in ("train", "val"))
-    slots = Slots(cache, cfg, place)
+    slots = Slots(cache, cfg.needs, place, sample_views=cfg.sample_views, epochs=cfg.epochs)
     train_counts = torch.bincount(train.group.cpu(), minlength=meta.num_groups).numpy()
     teachers = teacher_source(meta, cfg, image_size, device)
     batches = Batches(train, slots, teachers, image_size, device, seed=cfg.seed, batch_size=cfg.batch_size,
@@ -256,9 +257,9 @@ def run_mode(cache_path: str, mode: str, args, out_dir: str) -> dict:
 
     io1, t1, cpu1 = rchar(), time.perf_counter(), time.process_time()
     flt1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    slots.get(0)  # read here to time it; the epoch's batches see the slot held
+    slots.view(0)  # read here to time it; the epoch's batches see the slot held
     t_slot = time.perf_counter() - t1
-    tr = train_one_epoch(model, lambda batch: task.step(model, opt, batch), batches, 0)
+    tr = train_one_epoch(model, functools.partial(task.step, model, opt), batches, 0)
     t_train = time.perf_counter() - t1 - t_slot
     vm = evaluate(model, val, image_size, device, train_counts)
     epoch_s, cpu_s = time.perf_counter() - t1, time.process_time() - cpu1

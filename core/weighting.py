@@ -39,11 +39,6 @@ def _wide_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def at_least_float32(x: Tensor) -> torch.dtype:
-    """dtype for results: float32 under half-precision inputs, float64 when the caller uses it."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 def _no_autocast(device: torch.device):
     try:
         return torch.autocast(device_type=device.type, enabled=False)
@@ -84,11 +79,6 @@ def _agre_normalised(p_ref: Tensor, p_t: Tensor, p_b: Tensor) -> Tensor:
     return torch.where(total > 0, W / total.clamp_min(_PARALLEL_TOL), uniform)
 
 
-def _batch_normalised(cos: Tensor) -> Tensor:
-    W = (1.0 - cos).clamp_min(BATCH_FLOOR)
-    return W / W.sum()
-
-
 def kd_per_teacher(student_logits: Tensor, teacher_logits: Tensor, tau: float) -> Tensor:
     """Per-sample, per-teacher KD loss ``l_t(i) = tau^2 KL(p_t(i) || p_s(i))``.
 
@@ -103,7 +93,7 @@ def kd_per_teacher(student_logits: Tensor, teacher_logits: Tensor, tau: float) -
         [B, T] losses in at least float32 (half-precision logits are upcast first).
     """
     _check_logits(student_logits, teacher_logits)
-    dtype = at_least_float32(student_logits)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
     log_ps = F.log_softmax(student_logits.to(dtype) / tau, dim=-1).unsqueeze(1)  # [B, 1, C]
     log_pt = F.log_softmax(teacher_logits.detach().to(dtype) / tau, dim=-1)      # [B, T, C]
     return (log_pt.exp() * (log_pt - log_ps)).sum(-1) * tau**2
@@ -130,7 +120,7 @@ def agre_weights(student_logits: Tensor, teacher_logits: Tensor, biased_logits: 
     wide = _wide_dtype(student_logits.device)
     w = _agre_normalised(_probs(student_logits, tau, wide), _probs(teacher_logits, tau, wide),
                          _probs(biased_logits, tau, wide))
-    return w.to(at_least_float32(student_logits))
+    return w.to(torch.promote_types(student_logits.dtype, torch.float32))
 
 
 @torch.no_grad()
@@ -155,7 +145,7 @@ def cached_agre_weights(teacher_logits: Tensor, biased_logits: Tensor, tau: floa
     p_b = _probs(biased_logits, tau, wide)
     u = torch.full_like(p_b, 1.0 / p_b.shape[-1])
     w = _agre_normalised(u, _probs(teacher_logits, tau, wide), p_b)
-    return w.to(at_least_float32(teacher_logits))
+    return w.to(torch.promote_types(teacher_logits.dtype, torch.float32))
 
 
 def aver_weights(teacher_logits: Tensor) -> Tensor:
@@ -163,7 +153,7 @@ def aver_weights(teacher_logits: Tensor) -> Tensor:
     if teacher_logits.ndim != 3:
         raise ValueError(f"teacher_logits must be [B, T, C], got shape {tuple(teacher_logits.shape)}")
     B, T, _ = teacher_logits.shape
-    return torch.full((B, T), 1.0 / T, dtype=at_least_float32(teacher_logits),
+    return torch.full((B, T), 1.0 / T, dtype=torch.promote_types(teacher_logits.dtype, torch.float32),
                       device=teacher_logits.device)
 
 
@@ -215,7 +205,8 @@ def agre_batch_weights_from_grads(teacher_grads: Sequence[Sequence[Tensor]],
         nonzero = (tt.sqrt() > _ZERO_NORM) & (bb.sqrt() > _ZERO_NORM)
         cos = (tb / (tt * bb).sqrt().clamp_min(_ZERO_NORM ** 2)).clamp(-1.0, 1.0)
         cos = torch.where(nonzero, cos, torch.zeros_like(cos))
-        return _batch_normalised(cos).to(dtype)
+        W = (1.0 - cos).clamp_min(BATCH_FLOOR)
+        return (W / W.sum()).to(dtype)
 
 
 def weight_agreement(reference: Tensor, other: Tensor) -> dict[str, Tensor]:

@@ -147,13 +147,22 @@ def _axis_taps(start, length, out_size: int):
 PIXEL_BLOCK = 1 << 20  # output pixels rendered at a time: bounds the index and blend tensors (~100 MB)
 
 
-def _as_flat(images, hw):
+def _as_flat(images, hw, index):
     """(flat HWC buffer, first pixel [B], pixels per row [B], (h, w) [B, 2] float, host pixels per
-    row) of Pixels, or of [B, 3, H, W] canvases holding images of ``hw`` [B, 2] in their top-left
-    corner (``hw`` None: the whole canvas; the canvases are made pixel-interleaved, a copy)."""
-    if hasattr(images, "flat"):  # data.store.Pixels
-        hwl = images.hw.to(images.flat.device)
-        return images.flat, images.offset.to(hwl.device) // 3, hwl[:, 1], hwl.float(), images._hw[:, 1]
+    row) of Pixels (the images ``index`` of them, or all), or of [B, 3, H, W] canvases holding
+    images of ``hw`` [B, 2] in their top-left corner (``hw`` None: the whole canvas; the canvases
+    are made pixel-interleaved, a copy)."""
+    if hasattr(images, "flat"):  # data.pixels.Pixels: drawn from in place, no copy of the images
+        dev = images.flat.device
+        if index is None:
+            hwl, first, host_row = images.hw.to(dev), images.offset.to(dev) // 3, images._hw[:, 1]
+        else:
+            pick = index.to(dev)
+            hwl, first = images.hw.to(dev)[pick], images.offset.to(dev)[pick] // 3
+            host_row = images._hw[index.cpu().numpy(), 1]
+        return images.flat, first, hwl[:, 1], hwl.float(), host_row
+    if index is not None:
+        raise ValueError("render: index selects among Pixels only; index the canvases instead")
     b, _, H, W = images.shape
     dev = images.device
     flat = images.permute(0, 2, 3, 1).contiguous().reshape(-1)
@@ -162,8 +171,8 @@ def _as_flat(images, hw):
     return flat, torch.arange(b, device=dev) * (H * W), torch.full((b,), W, device=dev), hw, np.full(b, W)
 
 
-def render(images, box: torch.Tensor, flip: torch.Tensor, out_size: int,
-           hw: torch.Tensor | None = None, normalize: bool = True) -> torch.Tensor:
+def render(images, box: torch.Tensor, flip: torch.Tensor, out_size: int, hw: torch.Tensor | None = None,
+           normalize: bool = True, index: torch.Tensor | None = None) -> torch.Tensor:
     """Rebuild views from stored images in one batched gather (CPU or GPU).
 
     Equals ``F.resized_crop(img, *pixel_box(box, (h, w)), [out, out], antialias=False)`` (+ hflip)
@@ -173,14 +182,16 @@ def render(images, box: torch.Tensor, flip: torch.Tensor, out_size: int,
     differ by float32 rounding only. Rendered in blocks of images of ``PIXEL_BLOCK`` output pixels.
 
     Args:
-        images: :class:`data.store.Pixels` of B images (each its own h x w), or [B, 3, L, L'] uint8
+        images: :class:`data.pixels.Pixels` (each image its own h x w), or [B, 3, L, L'] uint8
             (or float in [0, 255]) canvases, each image in its top-left ``hw`` pixels.
         box: [B, 4] relative boxes (of the h x w image); flip: [B] bool.
         hw: [B, 2] (h, w) of each canvas's image (None: the whole canvas); Pixels carry their own.
+        index: [B] the Pixels images to draw (None: all, B = len(images)), drawn where they are:
+            the result of ``render(images[index], ...)`` without the copy.
     Returns:
-        [B, 3, out_size, out_size] float32.
+        [B, 3, out_size, out_size] float32 on the images' device.
     """
-    flat, first, row, hwf, host_row = _as_flat(images, hw)
+    flat, first, row, hwf, host_row = _as_flat(images, hw, index)
     dev, b = flat.device, first.shape[0]
     if len(host_row) and (host_row < 2).any():  # a 1-pixel-wide image: its window may end past the buffer
         flat = torch.cat([flat, flat.new_zeros(3)])

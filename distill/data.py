@@ -15,11 +15,11 @@ from cache.reader import CacheReader, open_cache
 from cache.schema import CacheError, store_path_for
 from core.distributed import Dist
 from core.errors import ToolError
-from core.runtime import epoch_seed
+from core.runtime import epoch_seed, memory_format_for
 from data.store import ImageStore, Pixels, StoreError
 from data.folders import fingerprint, load_metadata
 from data.views import render
-from distill.config import DistillConfig
+from distill.config import CacheNeeds, DistillConfig
 
 
 class DistillError(ToolError):
@@ -132,25 +132,28 @@ def load_split(cache: CacheReader, store: ImageStore, split: str, device) -> Spl
     return dataclasses.replace(view, rows=torch.from_numpy(rows).to(device), images=store.load(rows).to(device))
 
 
-def slot_of(cfg: DistillConfig, random_views: int, epoch: int) -> int:
+def slot_of(sample_views: bool | None, random_views: int, epoch: int) -> int:
     """The slot every training row is seen through in ``epoch``: ``1 + epoch mod K`` with random
-    views (``cfg.sample_views``, or by default when the cache holds any), else 0, the eval view.
+    views (``sample_views``, ``DistillConfig.sample_views``: by default on when the cache holds
+    any), else 0, the eval view.
 
     The K stored crops of a row are independent draws, so their order is free: epoch e takes slot
     e mod K of every row, one contiguous read (docs/method.md#slots); with K >= epochs every row
     sees a distinct crop every epoch, like the online loop's fresh crop."""
-    use = random_views > 0 if cfg.sample_views is None else cfg.sample_views
+    use = random_views > 0 if sample_views is None else sample_views
     return 1 + epoch % random_views if use else 0
 
 
 class Slots:
     """The training rows' view of each epoch with its teacher outputs, one slot at a time: the
     epoch's slot is held, the next epoch's read in the background while this one trains, so a
-    run holds at most two slots (and reads each once per epoch it is used)."""
+    run holds at most two slots (and reads each once per epoch it is used).
 
-    def __init__(self, cache: CacheReader, cfg: DistillConfig, device):
-        self.cache, self.cfg, self.device = cache, cfg, device
-        needs = cfg.needs
+    ``needs``: what the run reads besides the view (``DistillConfig.needs``); ``sample_views`` and
+    ``epochs``: as in :class:`distill.config.DistillConfig`."""
+
+    def __init__(self, cache: CacheReader, needs: CacheNeeds, device, *, sample_views: bool | None, epochs: int):
+        self.cache, self.device, self.sample_views, self.epochs = cache, device, sample_views, epochs
         self.fields = ("box", "flip") + (("logits", "biased") if needs.teacher_outputs else ()) + \
             (("weights",) if needs.cached_weights else ())
         self.layers = needs.layers
@@ -160,10 +163,11 @@ class Slots:
     def _read(self, slot: int) -> SplitData:
         return view_data(self.cache.read_slot(slot, layers=self.layers, fields=self.fields), self.device)
 
-    def get(self, epoch: int) -> SplitData:
+    def view(self, epoch: int) -> SplitData:
         """The view of ``epoch`` (read now unless prefetched), and the next epoch's started."""
-        K, slot = self.cache.meta.random_views, slot_of(self.cfg, self.cache.meta.random_views, epoch)
-        nxt = slot_of(self.cfg, K, epoch + 1) if epoch + 1 < self.cfg.epochs else None
+        K = self.cache.meta.random_views
+        slot = slot_of(self.sample_views, K, epoch)
+        nxt = slot_of(self.sample_views, K, epoch + 1) if epoch + 1 < self.epochs else None
         if slot not in self._held:
             self._held[slot] = self._reader.submit(self._read, slot)
         self._held = {s: f for s, f in self._held.items() if s in (slot, nxt)}
@@ -186,12 +190,12 @@ class InMemorySplit:
     def __len__(self) -> int:
         return len(self.y)
 
-    def batches(self, order: torch.Tensor, view: SplitData, bounds, pick):
-        """``(data, idx, positions)`` per batch, the rows seen through ``view`` (this epoch's slot);
-        ``pick`` selects this process's share of a global batch."""
+    def batches(self, order: torch.Tensor, view: SplitData, bounds, rank: int = 0, world: int = 1):
+        """``(data, idx, positions)`` per batch, the rows seen through ``view`` (this epoch's
+        slot); this process's share of each global batch is every ``world``-th row from ``rank``."""
         data = self.data.seen_through(view)
         for s, e in bounds:
-            idx = pick(order[s:e])
+            idx = order[s:e][rank::world]
             yield data, idx, idx
 
     def chunks(self):
@@ -222,15 +226,33 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def make_batch(data: SplitData, idx: torch.Tensor, epoch: int, teachers, image_size: int, device,
-               share: float = 1.0, positions: torch.Tensor | None = None) -> Batch:
-    """The rows ``idx`` of ``data`` as one training batch on ``device``: the student's input
-    rendered from the stored pixels through the view the teacher source picks (the epoch's slot,
-    or the online loop's fresh crop), and the teachers' outputs on exactly those pixels."""
-    images = data.images[idx]
-    box, flip = teachers.view(data, idx, images, epoch)
-    x = render(images.to(device, non_blocking=True), box.to(device), flip.to(device), image_size)
-    y = data.y[idx].to(device)
-    logits, biased, feats, cached = teachers.outputs(data, idx, x, y)
+               share: float = 1.0, positions: torch.Tensor | None = None,
+               memory_format: torch.memory_format = torch.contiguous_format) -> Batch:
+    """The rows ``idx`` of ``data`` as one training batch on ``device``: the student's input,
+    rendered from the stored pixels, and the teachers' outputs on exactly those pixels.
+
+    ``teachers`` (:mod:`distill.teachers`) says where both come from: the cache (the epoch's
+    stored view, ``data`` seen through it, and its cached outputs) or, with ``teachers.live``, the
+    study's loop (a fresh crop of every row, the teachers run on it)."""
+    images = data.images
+    if teachers.live:
+        box, flip = teachers.crops(data.rows[idx].cpu().numpy(), images.hw[idx.to(images.hw.device)].cpu().numpy(),
+                                   epoch)
+    else:
+        box, flip = data.box[idx], data.flip[idx]
+    if images.flat.device.type == device.type:  # drawn in place (cuda:0 and cuda are one device)
+        x = render(images, box.to(device), flip.to(device), image_size, index=idx)
+    else:  # held in host memory for a GPU run: the batch's bytes cross, not its rendered views
+        x = render(images[idx].to(device, non_blocking=True), box.to(device), flip.to(device), image_size)
+    x, y = x.contiguous(memory_format=memory_format), data.y[idx].to(device)
+    if teachers.live:
+        logits, biased, feats, cached = teachers.outputs(x, y)
+    else:
+        logits, biased = data.logits[idx].to(device), data.biased[idx].to(device)
+        feats = {l: data.feats[l][idx].to(device).index_select(1, teachers.backbone) for l in teachers.layers}
+        cached = None if data.cached is None else data.cached[idx].to(device)
+    if teachers.erase is not None:  # the spurious attribute erased from each teacher's features
+        feats = {l: teachers.erase(l, f, y) for l, f in feats.items()}
     return Batch(x, y, logits, biased, feats, cached, share, positions)
 
 
@@ -239,15 +261,15 @@ class Batches:
 
     Owns what makes an epoch's batches: its order (:func:`epoch_order`), the batch bounds, this
     process's share of each global batch (every ``world``-th row under torchrun), the epoch's
-    slot (:class:`Slots`), rendering and the teacher outputs (``teachers``, a source of
-    :mod:`distill.teachers`). ``split`` is where the image bytes come from: in memory
+    slot (:class:`Slots`), rendering and the teacher outputs (:func:`make_batch`; ``teachers``:
+    the run's teachers, :mod:`distill.teachers`). ``split`` is where the image bytes come from: in memory
     (:class:`InMemorySplit`) or read as the epoch goes (:class:`distill.stream.StreamedSplit`)."""
 
     def __init__(self, split, slots: Slots, teachers, image_size: int, device, *, seed: int, batch_size: int,
                  epochs: int, dist: Dist = Dist()):
         self.split, self.slots, self.teachers = split, slots, teachers
-        self.image_size, self.device = image_size, device
-        self.seed, self.epochs, self.dist = seed, epochs, dist
+        self.image_size, self.device, self.memory_format = image_size, device, memory_format_for(device)
+        self.seed, self.epochs, self.rank, self.world = seed, epochs, dist.rank, dist.world
         self.num_teachers = teachers.num_teachers
         self.bounds = batch_bounds(len(split), batch_size, min_size=max(2, dist.world))
 
@@ -257,13 +279,11 @@ class Batches:
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of ``epoch``, this process's share of each global batch."""
-        view = self.slots.get(epoch)
         order = epoch_order(len(self.split), self.seed, epoch)
-        dist = self.dist
-        parts = self.split.batches(order, view, self.bounds, lambda a: a[dist.rank::dist.world])
+        parts = self.split.batches(order, self.slots.view(epoch), self.bounds, self.rank, self.world)
         for (s, e), (data, idx, positions) in zip(self.bounds, parts):
             yield make_batch(data, idx, epoch, self.teachers, self.image_size, self.device,
-                             share=len(idx) / (e - s), positions=positions)
+                             share=len(idx) / (e - s), positions=positions, memory_format=self.memory_format)
 
     def close(self) -> None:
         self.slots.close()

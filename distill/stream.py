@@ -66,14 +66,14 @@ class StreamedSplit:
         where[order] = np.arange(len(positions))
         return data, where
 
-    def batches(self, order: torch.Tensor, view: SplitData, bounds, pick) -> Iterator:
-        """``(data, idx, positions)`` per batch, as the in-memory path gives them; ``pick``
-        selects this process's share of a global batch."""
+    def batches(self, order: torch.Tensor, view: SplitData, bounds, rank: int = 0, world: int = 1) -> Iterator:
+        """``(data, idx, positions)`` per batch, as the in-memory path gives them: this process's
+        share of each global batch is every ``world``-th row from ``rank``."""
         groups = [bounds[i:i + GROUP_BATCHES] for i in range(0, len(bounds), GROUP_BATCHES)]
         order = order.cpu().numpy()
 
         def read(group):
-            parts = [pick(np.arange(s, e)) for s, e in group]
+            parts = [np.arange(s, e)[rank::world] for s, e in group]
             data, where = self._load(order[np.concatenate(parts)], view)
             return data, parts, where
 

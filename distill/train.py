@@ -7,6 +7,7 @@ teachers, take one SGD step on ``(1 - alpha) CE + alpha L_wKD + gamma L_feat``. 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -180,8 +181,9 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
         train, val, test = (InMemorySplit(load_split(cache, store, s, place)) for s in ("train", "val", "test"))
     train_counts = torch.bincount(train.group.cpu(), minlength=meta.num_groups).numpy()
     teachers = teacher_source(meta, cfg, image_size, device)
-    batches = Batches(train, Slots(cache, cfg, place), teachers, image_size, device, seed=cfg.seed,
-                      batch_size=cfg.batch_size, epochs=cfg.epochs, dist=d)
+    slots = Slots(cache, cfg.needs, place, sample_views=cfg.sample_views, epochs=cfg.epochs)
+    batches = Batches(train, slots, teachers, image_size, device, seed=cfg.seed, batch_size=cfg.batch_size,
+                      epochs=cfg.epochs, dist=d)
     task = DistillTask(cfg, teachers, device, d)
 
     model = Student(meta.num_classes, {l: teachers.feature_dims[l] for l in cfg.active_layers}, pretrained,
@@ -209,7 +211,7 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
     tracker = open_tracker(cfg, out, d.is_main, names, start)  # TensorBoard / W&B when asked, rank 0 only
     try:
         weights_out = torch.zeros(len(train.y), batches.num_teachers, device=device)
-        step = lambda batch: task.step(model, opt, batch)  # noqa: E731
+        step = functools.partial(task.step, model, opt)
         for epoch in range(start, cfg.epochs):
             t0 = time.time()
             lr = opt.param_groups[0]["lr"]

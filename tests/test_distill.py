@@ -178,10 +178,10 @@ def test_each_epoch_trains_on_one_slot(K, E):
     from distill.data import epoch_order, slot_of
 
     cfg = DistillConfig(seed=3, epochs=max(E, 2))
-    slots = [slot_of(cfg, K, e) for e in range(E)]
+    slots = [slot_of(cfg.sample_views, K, e) for e in range(E)]
     assert slots == [1 + e % K for e in range(E)] and len(set(slots)) == min(K, E)
-    assert all(slot_of(DistillConfig(sample_views=False), K, e) == 0 for e in range(E))
-    assert slot_of(DistillConfig(), 0, 3) == 0
+    assert all(slot_of(False, K, e) == 0 for e in range(E))
+    assert slot_of(None, 0, 3) == 0
     order = epoch_order(50, cfg.seed, 1)
     assert sorted(order.tolist()) == list(range(50))
     assert torch.equal(order, epoch_order(50, cfg.seed, 1))  # replayable
@@ -198,13 +198,13 @@ def test_slots_hold_at_most_two_and_give_the_cached_views(tiny_cache):
     cache = open_cache(tiny_cache)
     K = cache.meta.random_views
     assert K >= 2
-    slots = Slots(cache, cfg, torch.device("cpu"))
+    slots = Slots(cache, cfg.needs, torch.device("cpu"), sample_views=cfg.sample_views, epochs=cfg.epochs)
     try:
         seen = []
         for e in range(cfg.epochs):
-            view = slots.get(e)
+            view = slots.view(e)
             assert len(slots._held) <= 2
-            want = cache.read_slot(slot_of(cfg, K, e), layers=["layer4"])
+            want = cache.read_slot(slot_of(cfg.sample_views, K, e), layers=["layer4"])
             np.testing.assert_array_equal(view.box.numpy(), want["box"])
             np.testing.assert_array_equal(view.logits.numpy(), want["logits"])
             np.testing.assert_array_equal(view.feats["layer4"].numpy(), want["features"]["layer4"])

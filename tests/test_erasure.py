@@ -86,9 +86,9 @@ def _train_view(cfg):
 
     cache, store = open_inputs(cfg)
     train = load_split(cache, store, "train", CPU)
-    slots = Slots(cache, cfg, CPU)
+    slots = Slots(cache, cfg.needs, CPU, sample_views=cfg.sample_views, epochs=cfg.epochs)
     try:
-        return cache, train.seen_through(slots.get(0))
+        return cache, train.seen_through(slots.view(0))
     finally:
         slots.close()
 
@@ -99,7 +99,7 @@ def test_raw_step_is_todays_and_erased_step_uses_the_erased_features(tiny_cache)
     from distill.data import make_batch
     from distill.student import Student
     from distill.task import DistillTask
-    from distill.teachers import CachedTeachers
+    from distill.teachers import teacher_source
 
     base = dict(cache=str(tiny_cache), gamma=0.5, layers=("layer3", "layer4"), weighting="agre-batch",
                 device="cpu", pretrained=False, batch_size=16)
@@ -107,7 +107,7 @@ def test_raw_step_is_todays_and_erased_step_uses_the_erased_features(tiny_cache)
     cache, data = _train_view(raw_cfg)
     meta, size = cache.meta, cache.meta.out_size
     idx = torch.arange(16)
-    raw_src, er_src = CachedTeachers(meta, raw_cfg, size, CPU), CachedTeachers(meta, er_cfg, size, CPU)
+    raw_src, er_src = teacher_source(meta, raw_cfg, size, CPU), teacher_source(meta, er_cfg, size, CPU)
     assert raw_src.erase is None
     a, b = (make_batch(data, idx, 0, source, size, CPU) for source in (raw_src, er_src))
     backbone = torch.tensor(meta.backbone_of_teacher)

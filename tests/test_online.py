@@ -10,7 +10,7 @@ import torch
 from distill.config import DistillConfig
 from distill.data import load_split, make_batch, open_inputs, view_data
 from distill.student import Student
-from distill.teachers import CachedTeachers, OnlineTeachers
+from distill.teachers import teacher_source
 from distill.task import DistillTask
 from distill.train import fit
 
@@ -27,7 +27,7 @@ def test_online_step_equals_the_cached_step_on_the_same_crop(tiny_cache, tiny_te
     slot = view_data(cache.read_slot(1, layers=["layer4"]), CPU)  # a stored random view of the training rows
     data = load_split(cache, store, "train", CPU).seen_through(slot)
     size = cache.meta.out_size
-    cached, online = CachedTeachers(cache.meta, cached_cfg, size, CPU), OnlineTeachers(cache.meta, online_cfg, size, CPU)
+    cached, online = (teacher_source(cache.meta, c, size, CPU) for c in (cached_cfg, online_cfg))
     idx = torch.arange(16)
     monkeypatch.setattr(online, "crops", lambda rows, hw, epoch: (data.box[idx], data.flip[idx]))
     a, b = (make_batch(data, idx, 0, source, size, CPU) for source in (cached, online))
@@ -49,7 +49,7 @@ def test_online_step_equals_the_cached_step_on_the_same_crop(tiny_cache, tiny_te
 def test_online_crops_are_fresh_every_epoch_and_replayable(tiny_cache, tiny_teachers):
     cfg = DistillConfig(cache=str(tiny_cache), device="cpu", pretrained=False, teachers_online=str(tiny_teachers))
     cache, _ = open_inputs(cfg)
-    online = OnlineTeachers(cache.meta, cfg, cache.meta.out_size, CPU)
+    online = teacher_source(cache.meta, cfg, cache.meta.out_size, CPU)
     rows, hw = np.arange(20), np.full((20, 2), cache.meta.store_size)
     e0, e1 = online.crops(rows, hw, 0), online.crops(rows, hw, 1)
     assert not torch.equal(e0[0], e1[0])                       # a new crop each epoch

@@ -298,9 +298,10 @@ def test_weighting_strategies():
     torch.testing.assert_close(run(CachedAgre())[0], cached)
     w_last, grads = run(BatchAgre("last", tau, Dist()))
     assert w_last.shape == (B, T) and grads is None
-    w_all, grads = run(BatchAgre("all", tau, Dist()))  # "all" of this stand-in: the head, as "last"
+    w_all, (params, grads) = run(BatchAgre("all", tau, Dist()))  # "all" of this stand-in: the head, as "last"
     n = B * sum(p.numel() for p in head.parameters())  # closed form vs autograd: n u bounds the order
     torch.testing.assert_close(w_all, w_last.to(w_all.dtype), atol=n * torch.finfo(F64).eps, rtol=0)
+    assert params == list(head.parameters())
     assert len(grads) == T and [g.shape for g in grads[0]] == [p.shape for p in head.parameters()]
     for name, kind in (("aver", Uniform), ("agre", PerSampleAgre), ("cached", CachedAgre), ("agre-batch", BatchAgre)):
         assert isinstance(weighting_for(DistillConfig(weighting=name), Dist(), keep_graph=False), kind)
