@@ -25,7 +25,8 @@ def cache_info(path):
 
 @cache.command("verify")
 @click.argument("path", type=click.Path())
-@click.option("--data-root", type=click.Path(), default=None, help="Check the fingerprint against this folder.")
+@click.option("--data-root", type=click.Path(), default=None,
+              help="Check the fingerprint against this folder.")
 @click.option("--expect", default=None, help="The root digest its sender published (`cache info` prints it): "
               "anything else is refused.")
 @click.option("--recompute", type=click.IntRange(1), default=None, metavar="N",
@@ -87,7 +88,8 @@ def cache_merge(out, shards):
 @click.argument("path", type=click.Path())
 @click.option("--out", required=True, type=click.Path())
 @click.option("--layers", default=None, help="Comma list of the layers to keep [default: all].")
-@click.option("--views", type=click.IntRange(0), default=None, help="Keep the first K random views [default: all].")
+@click.option("--views", type=click.IntRange(0), default=None,
+              help="Keep the first K random views [default: all].")
 @click.option("--overwrite", is_flag=True)
 @friendly
 def cache_slim(path, out, layers, views, overwrite):
@@ -112,11 +114,14 @@ def cache_diff(a, b, atol, rtol):
 
 @cache.command("extend")
 @click.argument("path", type=click.Path())
-@click.option("--teachers", "manifest", required=True, type=click.Path(), help="Every model the new cache holds.")
+@click.option("--teachers", "manifest", required=True, type=click.Path(),
+              help="Every model the new cache holds.")
 @click.option("--out", required=True, type=click.Path())
-@click.option("--batch-size", type=int, default=128, show_default=True, help="The precompute's, for equal bits.")
+@click.option("--batch-size", type=int, default=128, show_default=True,
+              help="The precompute's, for equal bits.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--data-root", type=click.Path(), default=None, help="Check the fingerprint against this folder.")
+@click.option("--data-root", type=click.Path(), default=None,
+              help="Check the fingerprint against this folder.")
 @click.option("--overwrite", is_flag=True)
 @friendly
 def cache_extend(path, manifest, out, batch_size, device, data_root, overwrite):

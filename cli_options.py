@@ -88,7 +88,8 @@ def setting(item: str) -> tuple[str, object]:
 def dataset_options(fn):
     """``--dataset`` and the CelebA attribute choice, passed on as ``dataset`` and ``dataset_options``."""
     @click.option("--dataset", type=click.Choice(["waterbirds", "celeba", "csv"]), default="waterbirds",
-                  show_default=True, help="Layout of the data folder (csv: metadata.csv with image,label,attribute,split).")
+                  show_default=True,
+                  help="Layout of the data folder (csv: metadata.csv with image,label,attribute,split).")
     @click.option("--target", default=None, help="CelebA: the attribute to predict [default: Blond_Hair].")
     @click.option("--spurious", default=None, help="CelebA: the spurious attribute [default: Male].")
     @functools.wraps(fn)

@@ -35,7 +35,8 @@ def view_bytes(T: int, C: int, B: int, dims) -> int:
 
 def slot_bytes(meta, layers) -> int:
     """Bytes of one view slot of one row of ``meta``'s cache with the features of ``layers``."""
-    return view_bytes(meta.num_teachers, meta.num_classes, meta.num_backbones, [meta.feature_dims[l] for l in layers])
+    return view_bytes(meta.num_teachers, meta.num_classes, meta.num_backbones,
+                      [meta.feature_dims[l] for l in layers])
 
 
 def _footprint(per_view: int, K: int, split_sizes: dict, store_bytes: dict, online: bool) -> dict:
@@ -95,8 +96,10 @@ def reference_settings(K: int = 30, T: int = 5, C: int = 2) -> list[dict]:
                 fp = _footprint(per, K, splits, {s: n * ref["image"] for s, n in splits.items()}, False)
                 out.append({"setting": f"{name}, {'layer4' if len(layers) == 1 else 'layer2-4'}, "
                                        f"{B} backbone{'s' if B > 1 else ''}", "slot_bytes": per,
-                            "file": file_data_bytes(per, rows, splits["train"], K), "held": fp["held"]["total"],
-                            "held_teachers": fp["held"]["teacher_outputs"], "epoch_read": fp["epoch_read"]["total"],
+                            "file": file_data_bytes(per, rows, splits["train"], K),
+                            "held": fp["held"]["total"],
+                            "held_teachers": fp["held"]["teacher_outputs"],
+                            "epoch_read": fp["epoch_read"]["total"],
                             "epoch_read_teachers": fp["epoch_read"]["teacher_outputs"]})
     return out
 
@@ -210,7 +213,8 @@ def format_summary(d: dict) -> str:
         f"{d['num_classes']}   tau_cached {d['tau_cached']:g}",
         "features     " + (", ".join(f"{l} {D}" for l, D in d["layers"].items()) or "none")
         + f"  ({d['feature_dtype']}, {len(d['backbone_ids'])} backbones)",
-        f"data set     {d['dataset']}, groups {', '.join(d['group_names'])}; fingerprint {d['dataset_fingerprint']}",
+        f"data set     {d['dataset']}, groups {', '.join(d['group_names'])}; fingerprint "
+        f"{d['dataset_fingerprint']}",
         "splits       " + ", ".join(f"{k} {v}" for k, v in d["splits"].items()),
         f"made         {p['created']} by tool {p['tool_version']} (git {p['git_commit']}, "
         f"torch {p['torch_version']})",
@@ -227,9 +231,10 @@ def format_summary(d: dict) -> str:
     if d.get("memory"):
         for k, fp in d["memory"].items():
             h, e = fp["held"], fp["epoch_read"]
-            lines.append(f"  run, {k:<10} holds {_size(h['total'])} (images {_size(h['images'])}, two slots of "
-                         f"teacher outputs {_size(h['teacher_outputs'])}); a streamed epoch reads "
-                         f"{_size(e['total'])} (training images {_size(e['images_train'])}, one slot "
+            lines.append(f"  run, {k:<10} holds {_size(h['total'])} (images "
+                         f"{_size(h['images'])}, two slots of teacher outputs "
+                         f"{_size(h['teacher_outputs'])}); a streamed epoch reads {_size(e['total'])} "
+                         f"(training images {_size(e['images_train'])}, one slot "
                          f"{_size(e['teacher_outputs'])}, validation images {_size(e['images_val'])})")
     if d.get("root_digest"):
         lines.append(f"root digest  {d['root_digest']}  (publish it; receivers run "

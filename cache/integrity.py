@@ -60,11 +60,13 @@ def block_digests(array: np.ndarray, block: int = BLOCK_ROWS) -> np.ndarray:
     n = -(-len(array) // block)
     out = np.empty((n, 32), dtype=np.uint8)
     for b in range(n):
-        out[b] = np.frombuffer(hashlib.sha256(array[b * block:(b + 1) * block].tobytes()).digest(), dtype=np.uint8)
+        out[b] = np.frombuffer(hashlib.sha256(array[b * block:(b + 1) * block].tobytes()).digest(),
+                               dtype=np.uint8)
     return out
 
 
-def bad_blocks(array: np.ndarray, first_block: int, digests: np.ndarray, block: int = BLOCK_ROWS) -> list[int]:
+def bad_blocks(array: np.ndarray, first_block: int, digests: np.ndarray,
+               block: int = BLOCK_ROWS) -> list[int]:
     """The blocks of ``array`` (rows from block ``first_block`` on, whole blocks but maybe the
     last of the dataset) whose digest differs from ``digests`` ([n_blocks, 32], one slot's)."""
     got = block_digests(array, block)

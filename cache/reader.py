@@ -170,9 +170,10 @@ def read_samples(f: h5py.File, path, block: int, table_sha: dict | None) -> dict
             t = guarded(path, digest_name(name), lambda: f[digest_name(name)][...])
             bad = bad_blocks(a, 0, t, block) if _sha(t) == table_sha.get((name, None)) else [0]
             if bad:
-                raise CacheError(f"{path}: rows {bad[0] * block}..{min(len(a), (bad[0] + 1) * block)} of /{name} "
-                                 "do not match their digest: the file is damaged. Run `cache verify` on it, "
-                                 "then copy it again or rebuild it with precompute")
+                raise CacheError(f"{path}: rows "
+                                 f"{bad[0] * block}..{min(len(a), (bad[0] + 1) * block)} of /{name} do not "
+                                 "match their digest: the file is damaged. Run `cache verify` on it, then "
+                                 "copy it again or rebuild it with precompute")
         out[k] = a
     return out
 
@@ -293,7 +294,8 @@ class CacheReader:
 
     def __repr__(self) -> str:
         return (f"CacheReader({self.path!r}, rows={self.num_rows}, train rows={len(self.train_rows)}, "
-                f"random views={self.meta.random_views}, teachers={self.meta.num_teachers}, layers={self.meta.layers})")
+                f"random views={self.meta.random_views}, teachers={self.meta.num_teachers}, "
+                f"layers={self.meta.layers})")
 
     @property
     def num_rows(self) -> int:
@@ -311,8 +313,9 @@ class CacheReader:
             t = guarded(self.path, digest_name(name),
                         lambda: f[digest_name(name)][slot] if slot is not None else f[digest_name(name)][...])
             if _sha(t) != self._table_sha.get(key):
-                raise CacheError(f"{self.path}: the digest table of /{name} changed since the file was opened "
-                                 "or is damaged; run `cache verify` on it, then copy it again or rebuild it")
+                raise CacheError(f"{self.path}: the digest table of /{name} changed "
+                                 "since the file was opened or is damaged; run `cache verify` on it, then "
+                                 "copy it again or rebuild it")
             self.bytes_read += t.nbytes
             self._tables[key] = t
         return self._tables[key]
@@ -341,10 +344,10 @@ class CacheReader:
                 bad = (bad_blocks(slab, lo // block, digests, block) or [None])[0]
                 if bad is not None:
                     where = f"slot {slot} (view {slot + 1}) of " if slotted else ""
-                    raise CacheError(f"{self.path}: rows {bad * block}..{min(n_rows, (bad + 1) * block)} of {where}"
-                                     f"/{name} do not match their digest: the file is damaged "
-                                     "(its chunk index?). Run `cache verify` on it, then copy it again or rebuild "
-                                     "it with precompute")
+                    raise CacheError(f"{self.path}: rows "
+                                     f"{bad * block}..{min(n_rows, (bad + 1) * block)} of {where}/{name} do "
+                                     "not match their digest: the file is damaged (its chunk index?). Run "
+                                     "`cache verify` on it, then copy it again or rebuild it with precompute")
             pieces.append(slab[rows[a:b] - lo])
         if pieces:
             return np.concatenate(pieces)
@@ -428,7 +431,8 @@ class CacheReader:
         if not 0 <= int(slot) <= K:
             raise ValueError(f"slot must be in 0..{K} (0 the eval view, 1..{K} the random views), got {slot}")
         slot, train = int(slot), self.train_rows
-        positions = np.arange(len(train)) if positions is None else _increasing(positions, len(train), "positions")
+        positions = (np.arange(len(train)) if positions is None
+                     else _increasing(positions, len(train), "positions"))
         rows = train[positions]
         if slot == 0:
             d = self._view(EVAL, rows, None, rows, fields, layers)

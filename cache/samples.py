@@ -68,7 +68,8 @@ def sample_problems(samples: dict, meta, row_start: int, row_stop: int, shard: s
                            f"not an attribute value in 0..{A - 1} ({', '.join(meta.attr_names)})")
     if group is not None:
         out = (group < 0) | (group >= C * A)
-        problems += _first("group", group, out, row_start, f"not a group in 0..{C * A - 1} (num_groups {C * A})")
+        problems += _first("group", group, out, row_start,
+                           f"not a group in 0..{C * A - 1} (num_groups {C * A})")
         if y is not None and attr is not None and not out.any():
             ok = (y >= 0) & (y < C) & (attr >= 0) & (attr < A)
             wrong = ok & (group != y * A + attr)
@@ -89,8 +90,9 @@ def sample_problems(samples: dict, meta, row_start: int, row_stop: int, shard: s
         r = int(np.flatnonzero(dup)[0])
         first = int(np.flatnonzero(ids == ids[r])[0])
         shown = ids[r].decode("utf-8", "replace") if isinstance(ids[r], bytes) else str(ids[r])
-        problems.append(f"/samples/id {_where(r, row_start)} holds {shown!r}, the image of {_where(first, row_start)} "
-                        f"again ({int(dup.sum())} repeated ids): each image is one row")
+        problems.append(f"/samples/id {_where(r, row_start)} holds {shown!r}, the image of "
+                        f"{_where(first, row_start)} again ({int(dup.sum())} repeated "
+                        "ids): each image is one row")
     return problems
 
 

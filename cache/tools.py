@@ -121,16 +121,19 @@ def slim(path, out, layers=None, views: int | None = None, overwrite: bool = Fal
     r = open_cache(path)
     with r:
         if r.shard:
-            raise CacheError(f"{path} is shard {r.shard}; merge the shards (`cache merge`) and slim the full file")
+            raise CacheError(f"{path} is shard {r.shard}; merge the shards (`cache "
+                             "merge`) and slim the full file")
         m = r.meta
         keep = list(m.layers) if not layers else list(layers)
         unknown = [l for l in keep if l not in m.layers]
         if unknown or len(set(keep)) != len(keep):
-            raise ConfigError(f"--layers must name distinct layers of the cache ({', '.join(m.layers)}), got {','.join(keep)}")
+            raise ConfigError("--layers must name distinct layers of the cache "
+                              f"({', '.join(m.layers)}), got {','.join(keep)}")
         keep = [l for l in m.layers if l in keep]  # the file's order
         K = m.random_views if views is None else int(views)
         if not 0 <= K <= m.random_views:
-            raise ConfigError(f"--views must be in 0..{m.random_views} (the random views {path} holds), got {views}")
+            raise ConfigError(f"--views must be in 0..{m.random_views} (the random views "
+                              f"{path} holds), got {views}")
         dropped = {"layers": [l for l in m.layers if l not in keep],
                    "random_views": list(range(K + 1, m.random_views + 1))}
         entry = {"op": "slim", **origin(r), "dropped": dropped,
@@ -196,11 +199,13 @@ def diff(path_a, path_b, atol: float = 0.0, rtol: float = 0.0) -> dict:
         def key(t):
             return (t["name"], t["role"], t["sha256"], t.get("head_sha256"))
         ka, kb = [key(t) for t in ma.teachers], [key(t) for t in mb.teachers]
-        teachers = {"only_in_A": [k[0] for k in ka if k not in kb], "only_in_B": [k[0] for k in kb if k not in ka],
+        teachers = {"only_in_A": [k[0] for k in ka if k not in kb],
+                    "only_in_B": [k[0] for k in kb if k not in ka],
                     "same_order": ka == kb}
         rows = []
         if (A.row_start, A.row_stop, A.shard) != (B.row_start, B.row_stop, B.shard):
-            rows.append(f"row range: A {A.row_start}..{A.row_stop} {A.shard!r}, B {B.row_start}..{B.row_stop} {B.shard!r}")
+            rows.append(f"row range: A {A.row_start}..{A.row_stop} {A.shard!r}, B "
+                        f"{B.row_start}..{B.row_stop} {B.shard!r}")
         same_rows = A.num_rows == B.num_rows
         if same_rows:
             for k in SAMPLE_FIELDS:
@@ -244,10 +249,12 @@ def diff(path_a, path_b, atol: float = 0.0, rtol: float = 0.0) -> dict:
 
 
 def format_diff(d: dict) -> str:
-    lines = [f"A {d['a']}  (root digest {d['root_digests'][0]})", f"B {d['b']}  (root digest {d['root_digests'][1]})"]
+    lines = [f"A {d['a']}  (root digest {d['root_digests'][0]})",
+             f"B {d['b']}  (root digest {d['root_digests'][1]})"]
     if d["root_digests"][0] == d["root_digests"][1]:
         lines.append("the root digests are equal: the files hold the same bytes")
-    lines.append("header       " + ("same identity" if not d["header"] else f"{len(d['header'])} field(s) differ:"))
+    differ = f"{len(d['header'])} field(s) differ:"
+    lines.append("header       " + ("same identity" if not d["header"] else differ))
     lines += [f"  {x}" for x in d["header"]]
     if d["provenance"]:
         lines.append("provenance   (not counted) " + "; ".join(d["provenance"]))
@@ -275,6 +282,9 @@ def format_diff(d: dict) -> str:
 
 def format_history(history: list) -> list[str]:
     """Lines for ``cache info``: what was done to the file after precompute."""
+    def short(backbones):
+        return ", ".join(b[:12] for b in backbones) or "none"
+
     out = []
     for h in history:
         src = f"from {str(h.get('from'))[:16]} ({h.get('from_path', '?')})"
@@ -286,10 +296,11 @@ def format_history(history: list) -> list[str]:
             out.append(f"slim {src}: dropped {what or 'nothing'}")
         elif h.get("op") == "extend":
             out.append(f"extend {src}: computed {', '.join(h.get('computed', [])) or 'nothing'} "
-                       f"(ran backbones {', '.join(b[:12] for b in h.get('backbones_run', [])) or 'none'}, "
-                       f"new features of {', '.join(b[:12] for b in h.get('backbones_computed', [])) or 'none'}; on "
+                       f"(ran backbones {short(h.get('backbones_run', []))}, "
+                       f"new features of {short(h.get('backbones_computed', []))}; on "
                        f"{h.get('device', '?')}, batch {h.get('batch_size', '?')}); copied "
-                       f"{', '.join(h.get('copied', [])) or 'nothing'}; static weights {h.get('weights', '?')}")
+                       f"{', '.join(h.get('copied', [])) or 'nothing'}; static weights "
+                       f"{h.get('weights', '?')}")
         else:
             out.append(f"{h.get('op', '?')} {src}")
     return out

@@ -11,8 +11,8 @@ import torch
 from cache.integrity import bad_blocks
 from cache.reader import (H5_ERRORS, SLAB_BYTES, check_digest_tables, check_header, check_structure, guarded,
                           layout_problems, open_h5)
-from cache.schema import (SAMPLE_FIELDS, CacheError, check_schema, is_slotted, layout, meta_from_file, row_bytes,
-                          train_positions)
+from cache.schema import (SAMPLE_FIELDS, CacheError, check_schema, is_slotted, layout, meta_from_file,
+                          row_bytes, train_positions)
 from cache.integrity import digest_name
 from cache.samples import sample_problems, samples_message
 from cache.schema import store_path_for
@@ -33,7 +33,8 @@ def _verify_rows(read, n_rows: int, step: int, block: int, digests: np.ndarray |
                 try:
                     read(a, min(a + block, hi))
                 except H5_ERRORS:
-                    unreadable.append((where, a, min(a + block, hi), (str(e).splitlines() or [type(e).__name__])[0]))
+                    unreadable.append((where, a, min(a + block, hi),
+                                       (str(e).splitlines() or [type(e).__name__])[0]))
             continue
         if digests is not None:
             mismatched += [(where, b * block, min((b + 1) * block, hi)) for b in bad_blocks(slab, lo // block, digests, block)]
@@ -63,8 +64,9 @@ def _verify_dataset(ds: h5py.Dataset, name: str, table: np.ndarray | None, block
                         f"({where(unreadable)}; {unreadable[0][3]}): the file is corrupt; copy it again "
                         "or rebuild it with precompute")
     if mismatched:
-        problems.append(f"/{name}: {len(mismatched)} block(s) do not match their digest ({where(mismatched)}): "
-                        "the file is damaged; copy it again or rebuild it with precompute")
+        problems.append(f"/{name}: {len(mismatched)} block(s) do not match their digest "
+                        f"({where(mismatched)}): the file is damaged; copy it again or "
+                        "rebuild it with precompute")
     if nonfinite:
         problems.append(f"/{name}: {nonfinite} non-finite values")
     return problems
@@ -125,9 +127,10 @@ def _verify_open(f: h5py.File, path, fingerprint: str | None, expect: str | None
                         f"{meta.dataset_fingerprint[:16]}, data folder {fingerprint[:16]}; "
                         "rerun precompute on this data folder or point to the right one")
     if expect is not None and (root or "") != expect.strip().lower():
-        problems.append(f"root digest {root or '(none: the file is unfinished)'} is not the expected {expect.strip()}: "
-                        "this is not the file that was published (altered, re-digested or another build); "
-                        "do not use it, ask its sender for the file or the digest again")
+        problems.append(f"root digest {root or '(none: the file is unfinished)'} is not the "
+                        f"expected {expect.strip()}: this is not the file that was published (altered, "
+                        "re-digested or another build); do not use it, ask its sender for the "
+                        "file or the digest again")
     return problems + store_problems(path, meta)
 
 

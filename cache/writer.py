@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 def slab_rows(ds: h5py.Dataset) -> int:
     """Rows of ``ds`` (of one slot for a /random dataset) in one bulk read or write of SLAB_BYTES."""
-    return max(1, SLAB_BYTES // max(row_bytes(ds.shape, ds.dtype.itemsize, is_slotted(ds.name.lstrip("/"))), 1))
+    one_row = row_bytes(ds.shape, ds.dtype.itemsize, is_slotted(ds.name.lstrip("/")))
+    return max(1, SLAB_BYTES // max(one_row, 1))
 
 
 def create_file(path: str, meta: CacheMeta, samples: dict, row_start: int, row_stop: int,
@@ -56,8 +57,8 @@ def create_file(path: str, meta: CacheMeta, samples: dict, row_start: int, row_s
                 dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
                 dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
                 early = {"dcpl": dcpl, "fill_time": "alloc"}
-            ds = f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks_of(name, shape, dtype.itemsize),
-                                  **filters, **early)
+            chunks = chunks_of(name, shape, dtype.itemsize)
+            ds = f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, **filters, **early)
             if name.startswith("samples/"):
                 key = name.split("/")[1]
                 ds[...] = ids if key == "id" else np.asarray(samples[key], dtype=np.int64)
@@ -200,7 +201,8 @@ class CacheWriter:
         self._f.flush()
 
     def _layout(self, R: int | None = None, Rt: int | None = None) -> dict:
-        return layout(self.meta, self.num_rows if R is None else R, int(self._is_train.sum()) if Rt is None else Rt)
+        R = self.num_rows if R is None else R
+        return layout(self.meta, R, int(self._is_train.sum()) if Rt is None else Rt)
 
     @property
     def num_done(self) -> int:
@@ -246,11 +248,13 @@ class CacheWriter:
         parts = [(EVAL, eval, stop - start, p1 - p0)]
         if has_random(self.meta, p1 - p0):
             if random is None:
-                raise ValueError(f"rows {start}..{stop} hold {p1 - p0} training rows: their random views are needed")
+                raise ValueError(f"rows {start}..{stop} hold {p1 - p0} training rows: their random views "
+                                 "are needed")
             parts.append((RANDOM, random, stop - start, p1 - p0))
         arrays = {}
         for part, given, n, nt in parts:
-            unknown, missing = set(given.get("features", {})) - set(self.meta.layers), set(self.meta.layers) - set(given.get("features", {}))
+            layers, expected = set(given.get("features", {})), set(self.meta.layers)
+            unknown, missing = layers - expected, expected - layers
             if unknown or missing:
                 raise ValueError(f"{part}: features must hold exactly the layers {self.meta.layers}; "
                                  f"missing {sorted(missing)}, unknown {sorted(unknown)}")
@@ -267,8 +271,10 @@ class CacheWriter:
                     raise ValueError(f"{name}: shape {a.shape}, expected {shape}")
                 if dtype.kind == "f" and not np.isfinite(a).all():
                     hint = " (float16 overflow: |x| > 65504?)" if dtype == np.float16 else ""
-                    raise CacheError(f"{self.path}: /{name}: non-finite values from {_nonfinite_source(self.meta, key, a)} "
-                                     f"in file rows {start}..{stop}{hint}; the teachers produce NaN or inf on these images")
+                    source = _nonfinite_source(self.meta, key, a)
+                    raise CacheError(f"{self.path}: /{name}: non-finite values from {source} in file rows "
+                                     f"{start}..{stop}{hint}; the teachers produce NaN or inf on these "
+                                     "images")
                 arrays[name] = a
         for name, a in arrays.items():
             if is_slotted(name):

@@ -41,8 +41,8 @@ ALLOWED_FILTERS = {h5z.FILTER_DEFLATE: "gzip", h5z.FILTER_SHUFFLE: "shuffle",
 
 
 def _fail(error_cls, path, message: str):
-    return error_cls(f"{path}: {message}; this file is not one the tool wrote (damaged or crafted): do not use it, "
-                     f"get a fresh copy or rebuild it")
+    return error_cls(f"{path}: {message}; this file is not one the tool wrote (damaged or "
+                     f"crafted): do not use it, get a fresh copy or rebuild it")
 
 
 def chunk_count(shape, chunks) -> int:
@@ -188,7 +188,8 @@ def check_structure(f: h5py.File, path=None, error_cls: type[Exception] = ToolEr
             elif isinstance(obj, h5py.Group):
                 stack.append((f"{name}/", obj))
             else:
-                raise _fail(error_cls, path, f"/{name} is neither a group nor a dataset ({type(obj).__name__})")
+                raise _fail(error_cls, path,
+                            f"/{name} is neither a group nor a dataset ({type(obj).__name__})")
     return seen
 
 

@@ -211,18 +211,20 @@ def read_manifest(path: str | Path, allow_outside_paths: bool | None = None) -> 
     models = man.models
     roles = [m.role for m in models]
     if roles.count("biased") != 1 or "teacher" not in roles or any(r not in ROLES for r in roles):
-        raise ManifestError(f"{path}: needs at least one 'teacher' and exactly one 'biased' model, has roles {roles}")
+        raise ManifestError(f"{path}: needs at least one 'teacher' and exactly one 'biased' "
+                            f"model, has roles {roles}")
     if len({m.name for m in models}) != len(models):
         raise ManifestError(f"{path}: model names are not unique")
     if allow_outside_paths is None:
         allow_outside_paths = os.environ.get(ALLOW_OUTSIDE_ENV, "") == "1"
     outside = [] if allow_outside_paths else outside_paths(man)
     if outside:
+        shown = f"{', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}"
         raise ManifestError(f"{path}: {len(outside)} model file(s) lie outside the manifest's folder "
-                            f"{path.parent} ({', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}); a "
-                            f"received manifest could name any file on this machine, so this is refused. If "
-                            f"you wrote it (e.g. `teachers import` of checkpoints kept elsewhere) and trust "
-                            f"those paths, set {ALLOW_OUTSIDE_ENV}=1; or move the checkpoints into "
+                            f"{path.parent} ({shown}); a received "
+                            "manifest could name any file on this machine, so this is refused. If you wrote "
+                            "it (e.g. `teachers import` of checkpoints kept elsewhere) and trust those "
+                            f"paths, set {ALLOW_OUTSIDE_ENV}=1; or move the checkpoints into "
                             f"{path.parent} and import them again")
     return man
 
@@ -261,8 +263,9 @@ def check_finite(state: dict, source) -> None:
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             bad = int(t.numel() - torch.isfinite(t).sum())
             if bad:
-                raise CheckpointError(f"{source}: parameter {name} holds {bad} non-finite value(s) (NaN or inf) "
-                                      f"of {t.numel()}: a diverged or damaged checkpoint; use another one")
+                raise CheckpointError(f"{source}: parameter {name} holds {bad} "
+                                      f"non-finite value(s) (NaN or inf) of {t.numel()}: a diverged or "
+                                      "damaged checkpoint; use another one")
 
 
 def checked_state(state: dict, arch: str, num_classes: int, source) -> dict:

@@ -43,8 +43,9 @@ OFFICIAL_SPLIT_SIZES = {"train": 162_770, "val": 19_867, "test": 19_962}
 VALUES = {"1": 1, "-1": 0}  # the files' -1 / 1 -> 0 / 1
 PARTITIONS = {"0": 0, "1": 1, "2": 2}
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
-DOWNLOAD_HINT = ("download CelebA (Kaggle's celeba-dataset, or the official files as torchvision.datasets.CelebA "
-                 "fetches them) and give the folder holding list_attr_celeba.csv or list_attr_celeba.txt")
+DOWNLOAD_HINT = ("download CelebA (Kaggle's celeba-dataset, or the official files as "
+                 "torchvision.datasets.CelebA fetches them) and give the folder holding list_attr_celeba.csv "
+                 "or list_attr_celeba.txt")
 
 
 def _options(target=None, spurious=None, **other) -> tuple[str, str]:
@@ -56,7 +57,8 @@ def _options(target=None, spurious=None, **other) -> tuple[str, str]:
     spurious = DEFAULT_SPURIOUS if spurious is None else spurious
     for name, value in (("target", target), ("spurious", spurious)):
         if not isinstance(value, str) or not value:
-            raise ConfigError(f"--{name} must be a CelebA attribute name such as {DEFAULT_TARGET}, got {value!r}")
+            raise ConfigError(f"--{name} must be a CelebA attribute name such as "
+                              f"{DEFAULT_TARGET}, got {value!r}")
     return target, spurious
 
 
@@ -181,7 +183,8 @@ def _read_partition(path: Path, problems: list[str]) -> dict[str, tuple[str, int
             if n == 1 and not rec[0].strip().lower().endswith(IMAGE_EXTS):
                 continue  # a header (Kaggle's image_id,partition)
             if len(rec) != 2:
-                problems.append(f"{path.name} row {n}: {len(rec)} field(s), expected 2 (image id and partition)")
+                problems.append(f"{path.name} row {n}: {len(rec)} field(s), expected 2 "
+                                "(image id and partition)")
                 continue
             name = rec[0].strip()
             if name in out:

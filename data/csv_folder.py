@@ -53,8 +53,9 @@ def resolve_root(root: str | Path, **options) -> Path:
     if not root.exists():
         raise DataError(root, [f"folder {root} does not exist (a csv data folder holds {METADATA_FILE} "
                                f"with columns {','.join(COLUMNS)} and the images)"])
-    raise DataError(root, [f"no {METADATA_FILE} in {root}: a csv data folder holds {METADATA_FILE} with columns "
-                           f"{','.join(COLUMNS)} (image paths relative to the folder)"])
+    raise DataError(root, [f"no {METADATA_FILE} in {root}: a csv data folder holds "
+                           f"{METADATA_FILE} with columns {','.join(COLUMNS)} (image paths "
+                           "relative to the folder)"])
 
 
 def image_root(folder: str | Path, **options) -> Path:
@@ -85,21 +86,22 @@ def _codes(column: str, values: list[str], rows: list[int], where: list[str], pr
             problems.append(f"{w}: empty {column}")
     if first_int and first_name:
         problems.append(f"{METADATA_FILE}: column {column} mixes integers (e.g. {first_int[0]!r} at row "
-                        f"{first_int[1]}) and names (e.g. {first_name[0]!r} at row {first_name[1]}); use one kind")
+                        f"{first_int[1]}) and names (e.g. {first_name[0]!r} at row "
+                        f"{first_name[1]}); use one kind")
         return None, ()
     if first_int:
         bad = sorted({v for v, i in ints.items() if i < 0}, key=lambda v: ints[v])
         if bad:
-            problems.append(f"{METADATA_FILE}: column {column} has negative value(s) {', '.join(bad)}; integer "
-                            f"values must be 0, 1, ..., n-1 (or use names)")
+            problems.append(f"{METADATA_FILE}: column {column} has negative value(s) "
+                            f"{', '.join(bad)}; integer values must be 0, 1, ..., n-1 (or use names)")
             return None, ()
         present = set(ints.values())
         names = tuple(str(i) for i in range(max(present) + 1))
         empty = [n for n in names if int(n) not in present]
         if empty:
-            problems.append(f"{METADATA_FILE}: column {column} has no row with value(s) {', '.join(empty[:10])}"
-                            f"{', ...' if len(empty) > 10 else ''}; integer values must be 0, 1, ..., n-1 "
-                            f"with each used (or use names)")
+            problems.append(f"{METADATA_FILE}: column {column} has no row with value(s) "
+                            f"{', '.join(empty[:10])}{', ...' if len(empty) > 10 else ''}; integer values "
+                            f"must be 0, 1, ..., n-1 with each used (or use names)")
             return None, ()
         lookup = ints
     else:
@@ -139,7 +141,8 @@ def parse(folder: Path, **options) -> tuple[Metadata | None, list[str], list[str
                                 f"(expected {','.join(COLUMNS)}){hint}")
             if extra:
                 shown = ", ".join(c or repr(c) for c in extra)  # an empty name: a trailing comma
-                problems.append(f"{METADATA_FILE}: unexpected column(s) {shown} (expected only {','.join(COLUMNS)})")
+                problems.append(f"{METADATA_FILE}: unexpected column(s) {shown} (expected "
+                                f"only {','.join(COLUMNS)})")
             if twice:
                 problems.append(f"{METADATA_FILE}: column(s) {', '.join(twice)} given more than once")
             if missing:
@@ -182,7 +185,8 @@ def parse(folder: Path, **options) -> tuple[Metadata | None, list[str], list[str
     present = {s for s in splits if s is not None}
     for s, code in SPLIT_CODES.items():
         if code not in present:
-            problems.append(f"{METADATA_FILE}: no row in split {s}; each of train, val and test needs at least one")
+            problems.append(f"{METADATA_FILE}: no row in split {s}; each of train, val and "
+                            "test needs at least one")
     if problems:
         return None, files, problems
     meta = Metadata(folder, np.array(files), y, a, np.array(splits, dtype=np.int64), class_names, attr_names,

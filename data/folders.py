@@ -209,7 +209,8 @@ _EMPTY_MEANS = {
     "train": "training (ERM, the student) never sees it, and its accuracy is left to chance",
     "val": "validation WGA (model selection, DFR's balanced subsample) would be the minimum over the other "
            "groups only, hiding this one",
-    "test": "test WGA would be the minimum over the other groups only, so the reported WGA leaves this group out",
+    "test": "test WGA would be the minimum over the other groups only, so the reported "
+            "WGA leaves this group out",
 }
 
 
@@ -252,8 +253,12 @@ def read_image(path: Path, size: int | None = None, hw: tuple[int, int] | None =
                 im = im.resize((int(hw[1]), int(hw[0])), Image.BILINEAR)
             return np.asarray(im)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        what = "missing image file" if isinstance(e, FileNotFoundError) else f"unreadable image ({type(e).__name__}: {e})"
-        raise DataError(Path(path).parent, [f"{path}: {what}; run `python cli.py data check` on the folder"]) from None
+        if isinstance(e, FileNotFoundError):
+            what = "missing image file"
+        else:
+            what = f"unreadable image ({type(e).__name__}: {e})"
+        raise DataError(Path(path).parent,
+                        [f"{path}: {what}; run `python cli.py data check` on the folder"]) from None
 
 
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
@@ -277,7 +282,8 @@ def to_rgb(im: Image.Image, path=None) -> Image.Image:
         return Image.fromarray(a8, "L").convert("RGB")
     if im.mode == "F":
         raise DataError(Path(path).parent if path else ".",
-                        [f"{path}: floating-point (mode F) image: no defined 8-bit range; save it as 8-bit RGB"])
+                        [f"{path}: floating-point (mode F) image: no defined 8-bit "
+                         "range; save it as 8-bit RGB"])
     if im.mode in ("P", "PA") and ("transparency" in im.info or im.mode == "PA"):
         return im.convert("RGBA").convert("RGB")
     return im.convert("RGB")
@@ -350,8 +356,8 @@ def check_folder(root: str | Path, dataset: str = "waterbirds", workers: int = 8
         if j != k:
             (i0, f0), s0 = named[j], (meta.split[named[j][0]] if meta is not None else None)
             s1 = meta.split[i] if meta is not None else None
-            leak = (f" in two splits ({_split_of(s0)} and {_split_of(s1)}): a copy of one image on both sides "
-                    f"leaks it" if s0 is not None and s0 != s1 else "")
+            leak = (f" in two splits ({_split_of(s0)} and {_split_of(s1)}): a copy of "
+                    f"one image on both sides leaks it" if s0 is not None and s0 != s1 else "")
             warnings.append(f"row {i + offset}: {f}: the same bytes as row {i0 + offset} ({f0}){leak}")
     for w in warnings[:50]:
         warn(w)
@@ -360,7 +366,8 @@ def check_folder(root: str | Path, dataset: str = "waterbirds", workers: int = 8
     listed = {p.resolve() for p in paths}
     extra = sorted(p for p in _image_files(image_root) if p.resolve() not in listed)
     if extra and files:
-        problems.append(f"{len(extra)} image file(s) not listed in the metadata, e.g. {extra[0].relative_to(image_root)}")
+        problems.append(f"{len(extra)} image file(s) not listed in the metadata, e.g. "
+                        f"{extra[0].relative_to(image_root)}")
     return meta, problems
 
 
@@ -390,7 +397,8 @@ def _image_digest(path: Path) -> str:
         return sha256_file(path)
     except OSError as e:
         what = "missing image file" if isinstance(e, FileNotFoundError) else f"unreadable ({e.strerror or e})"
-        raise DataError(path.parent, [f"{path}: {what}; run `python cli.py data check` on the folder"]) from None
+        raise DataError(path.parent,
+                        [f"{path}: {what}; run `python cli.py data check` on the folder"]) from None
 
 
 def fingerprint(meta: Metadata, workers: int = 8) -> str:

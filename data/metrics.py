@@ -53,7 +53,8 @@ def expected_calibration_error(probs, y, bins: int = ECE_BINS) -> float:
         raise ValueError(f"probs must be [N, C] with N = len(y) > 0, got {probs.shape} for {len(y)} labels")
     conf, correct = probs.max(1), (probs.argmax(1) == y).astype(np.float64)
     which = np.digitize(conf, np.linspace(0.0, 1.0, bins + 1)[1:-1], right=True)
-    gap = np.bincount(which, weights=correct, minlength=bins) - np.bincount(which, weights=conf, minlength=bins)
+    gap = (np.bincount(which, weights=correct, minlength=bins)
+           - np.bincount(which, weights=conf, minlength=bins))
     return float(np.abs(gap).sum() / len(y))  # |B_b| |acc_b - conf_b| = |sum correct - sum conf| per bin
 
 

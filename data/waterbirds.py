@@ -31,7 +31,9 @@ def resolve_root(root: str | Path, **options) -> Path:
         if (root / sub / "metadata.csv").is_file():
             return root / sub
     if not root.exists():
-        raise DataError(root, [f"folder {root} does not exist (generate one with `python cli.py data synth --out {root}`)"])
+        raise DataError(root,
+                        [f"folder {root} does not exist (generate one with `python cli.py "
+                         f"data synth --out {root}`)"])
     raise DataError(root, [f"no metadata.csv in {root} nor in {' or '.join(KNOWN_SUBFOLDERS)} below it"])
 
 
@@ -63,7 +65,8 @@ def parse(root: Path, **options) -> tuple[Metadata | None, list[str], list[str]]
             missing = [c for c in METADATA_COLUMNS if c not in columns]
             extra = [c for c in columns if c not in METADATA_COLUMNS]
             if missing:
-                problems.append(f"metadata.csv: missing column(s) {', '.join(missing)} (expected {','.join(METADATA_COLUMNS)})")
+                problems.append(f"metadata.csv: missing column(s) {', '.join(missing)} (expected "
+                                f"{','.join(METADATA_COLUMNS)})")
             if extra:
                 problems.append(f"metadata.csv: unexpected column(s) {', '.join(extra)}")
             if missing:

@@ -200,7 +200,8 @@ def _outcome(proc, name: str, cfg: DistillConfig, tag: str) -> str:
         code = proc.exitcode
         why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
         error = record_failure(Path(cfg.out), cfg, f"the run's process ended without a result ({why}; "
-                               "out of memory?); its last finished epoch is kept, run the sweep again to resume")
+                               "out of memory?); its last finished epoch is kept, run "
+                               "the sweep again to resume")
         print(f"{tag} {name}: FAILED: {error}", file=sys.stderr, flush=True)
     return "failed"
 

@@ -130,9 +130,11 @@ def validate(data, where: str = str(STUDY_FILE)) -> StudyTables:
         labels = [row["label"] for row in PRESETS[preset]["rows"]]
         for label in rows:
             if label not in labels:
-                raise ConfigError(f"{where}: presets.{preset} has row {label!r}, which preset {preset!r} does not "
-                                  f"have (its rows: {', '.join(repr(x) for x in labels)}); rename it in the data file")
-        out[preset] = {label: _row(entry, f"{where}: presets.{preset}[{label!r}]") for label, entry in rows.items()}
+                raise ConfigError(f"{where}: presets.{preset} has row {label!r}, which "
+                                  f"preset {preset!r} does not have (its rows: "
+                                  f"{', '.join(repr(x) for x in labels)}); rename it in the data file")
+        out[preset] = {label: _row(entry,
+                                   f"{where}: presets.{preset}[{label!r}]") for label, entry in rows.items()}
     return StudyTables(_text(study.get("title"), f"{where}: study.title"),
                        _text(study.get("setup"), f"{where}: study.setup"), out)
 

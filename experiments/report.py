@@ -95,8 +95,8 @@ def format_table(table: Table | str | Path, preset: str | None = None, reference
         by_seed = row.wga_by_seed
         body.append([row.label] + [_pct(by_seed.get(s)) for s in seeds] + [_mean_std(row)]
                     + ([study.cells[i]] if study else [])
-                    + [DASH if row.is_baseline else _signed(row.delta), _pct(row.avg_acc), _minutes(row.minutes),
-                       row.selection, _pair(_stats(row.oracle_by_seed))])
+                    + [DASH if row.is_baseline else _signed(row.delta), _pct(row.avg_acc),
+                       _minutes(row.minutes), row.selection, _pair(_stats(row.oracle_by_seed))])
     caption = (f"Baseline: {table.baseline}." if table.baseline else "No baseline row.")
     caption += f" {table.caption} {table.selection_caption}"
     notes = "".join(f"\n{line}\n" for line in study.footnotes) if study else ""
@@ -237,7 +237,8 @@ def write_csv(tables: list[Table], path: str | Path, group_names: list[str], ref
     seeds = sorted({s for t in tables for s in t.seeds})
     header = (["table", "row", "weighting", "is_baseline", "n_seeds"] + [f"seed_{s}" for s in seeds]
               + ["wga_mean", "wga_std", "delta_vs_baseline", "avg_acc_mean", "min_per_run", "selection"]
-              + [f"{k}_{s}" for k in STANDARD for s in ("mean", "std")] + ["oracle_wga_mean", "oracle_wga_std"]
+              + [f"{k}_{s}" for k in STANDARD for s in ("mean", "std")]
+              + ["oracle_wga_mean", "oracle_wga_std"]
               + [f"acc_{g.replace('/', '_').replace(' ', '_')}" for g in group_names]
               + (["study_wga_mean", "study_wga_std", "study_source"] if reference else []))
     study = load_study() if reference else None
@@ -394,7 +395,8 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, refere
                metrics_table(t), group_table(t, names)]
     if not tables:
         md.append("No finished runs.\n")
-    md += [_pivot_section(rows), favour_section(rows), "## Teachers (test set)", "", _teacher_section(records),
+    md += [_pivot_section(rows), favour_section(rows), "## Teachers (test set)", "",
+           _teacher_section(records),
            "## Missing or failed runs", "", _missing_section(missing), "## Plots", ""]
     for name, fname in PLOTS.items():
         md.append(f"![{name}]({fname})" if name in plots

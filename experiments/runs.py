@@ -29,7 +29,8 @@ RUN_MARKERS = (CONFIG, SUMMARY, METRICS)
 WEIGHTING_LABELS = {"agre-batch": "AGRE-KD", "agre": "AGRE-KD per-sample (paper)", "aver": "AVER",
                     "cached": "Cached bias-disagreement weights (static)"}
 WEIGHTING_CAPTIONS = {
-    "agre-batch/all": "AGRE-KD: batch weights from the gradients of all student parameters (the study's method)",
+    "agre-batch/all": "AGRE-KD: batch weights from the gradients of all student "
+                      "parameters (the study's method)",
     "agre-batch/layer4": "AGRE-KD: batch weights from the gradients of layer4 and the classifier",
     "agre-batch/last": "AGRE-KD: batch weights from the gradients of the classifier (closed form)",
     "agre": "per-sample AGRE-KD (the paper's formula)",
@@ -337,7 +338,8 @@ class Table:
     rows: list[Row]
     baseline: str | None = None
     weightings: list[str] = field(default_factory=list)  # WEIGHTING_CAPTIONS keys, in row order
-    pairs: list[tuple[str, str]] = field(default_factory=list)  # (row, against) verdicts; [] = all vs baseline
+    # (row, against) verdicts; [] = all vs baseline
+    pairs: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def caption(self) -> str:

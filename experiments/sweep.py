@@ -63,7 +63,8 @@ def _preset(title: str, rows: list[tuple[str, dict]], baseline: str, agre_switch
     assert baseline in labels and len(set(labels)) == len(labels), baseline
     assert all(a in labels and b in labels and a != b for a, b in pairs), pairs
     return {"title": title, "baseline": baseline, "seeds": list(SEEDS), "agre_switch": agre_switch,
-            "rows": [{"label": label, "overrides": ov} for label, ov in rows], "pairs": [list(p) for p in pairs]}
+            "rows": [{"label": label, "overrides": ov} for label, ov in rows],
+            "pairs": [list(p) for p in pairs]}
 
 
 def _gamma_label(name: str, gamma: float) -> str:
@@ -115,7 +116,8 @@ PRESETS: dict[str, dict] = {
         ("Disagree-Weight Features", _agre(0.5, feature_weighting="disagree")),
     ], baseline="Standard AGRE-KD + Features"),
     "weighting": _preset("Teacher weighting: the study's, the paper's and the cached weights", [
-        (_gamma_label(name, g), _core(ov["weighting"], g, **{k: v for k, v in ov.items() if k != "weighting"}))
+        (_gamma_label(name, g),
+         _core(ov["weighting"], g, **{k: v for k, v in ov.items() if k != "weighting"}))
         for name, ov in _WEIGHTING_ROWS for g in (0.0, 0.5)
     ], baseline=_gamma_label(STUDY_WEIGHTING, 0.0), agre_switch=False),
     "agre-params": _preset("AGRE-KD batch weights: gradients of which student parameters", [
@@ -301,7 +303,8 @@ def _update_plan(path: Path, cache: str, base: dict, specs: list[dict]) -> None:
     # one entry per (run, table): a preset whose row was relabelled since keeps one row, the new label
     entries = {(e["name"], e.get("table") or e.get("preset")): e for e in plan["runs"]}
     for spec in specs:
-        entries[(spec["name"], spec["table"])] = {"name": spec["name"], "overrides": _jsonable(spec["overrides"]),
+        entries[(spec["name"], spec["table"])] = {"name": spec["name"],
+                                                  "overrides": _jsonable(spec["overrides"]),
                                                   "preset": spec["preset"], "table": spec["table"],
                                                   "label": spec["label"]}
     plan["runs"] = list(entries.values())
@@ -336,7 +339,8 @@ def plan_sweep(cache: str, out_dir: str, runs: list[dict], base: dict | None = N
         preset = PRESETS.get(spec["preset"], {})
         table = tables.setdefault(spec["table"] or "ad-hoc grid", {
             "table": spec["table"] or "ad-hoc grid", "preset": spec["preset"],
-            "title": preset.get("title", "Runs of no preset") + (spec["table"] or "")[len(spec["preset"] or ""):],
+            "title": preset.get("title",
+                                "Runs of no preset") + (spec["table"] or "")[len(spec["preset"] or ""):],
             "baseline": preset.get("baseline"), "rows": {}})
         label = spec["label"] or run_name(cfg, with_seed=False)
         row = table["rows"].setdefault(label, {"label": label, "settings": settings, "runs": []})

@@ -60,14 +60,16 @@ def check_fit(cache, man, manifest_path, data_root=None) -> None:
     sizes, view size or resize, or teachers built from another data set."""
     m, problems = cache.meta, []
     if man.num_classes != m.num_classes or any(e.num_classes != m.num_classes for e in man.models):
-        problems.append(f"the models have {sorted({man.num_classes, *(e.num_classes for e in man.models)})} classes, "
-                        f"the cache {m.num_classes} ({', '.join(m.class_names)})")
+        problems.append("the models have "
+                        f"{sorted({man.num_classes, *(e.num_classes for e in man.models)})} classes, the "
+                        f"cache {m.num_classes} ({', '.join(m.class_names)})")
     for e in man.models:
         dims = FEATURE_DIMS.get(e.arch, {})
         bad = [l for l in m.layers if dims.get(l) != m.feature_dims[l]]
         if bad:
-            problems.append(f"model {e.name} ({e.arch}) has features of {', '.join(f'{l} {dims.get(l)}' for l in bad)}, "
-                            f"the cache {', '.join(f'{l} {m.feature_dims[l]}' for l in bad)}")
+            problems.append(f"model {e.name} ({e.arch}) has features of "
+                            f"{', '.join(f'{l} {dims.get(l)}' for l in bad)}, the cache "
+                            f"{', '.join(f'{l} {m.feature_dims[l]}' for l in bad)}")
     if man.image_size != m.out_size:
         problems.append(f"the models see {man.image_size} px views, the cache's views are {m.out_size} px")
     if man.resize != m.view_spec.get("resize", man.resize):
@@ -176,7 +178,8 @@ def extend(path, manifest, out, batch_size: int = 128, device: str = "auto", dat
     r = open_cache(path)
     with r:
         if r.shard:
-            raise CacheError(f"{path} is shard {r.shard}; merge the shards (`cache merge`) and extend the full file")
+            raise CacheError(f"{path} is shard {r.shard}; merge the shards (`cache merge`) "
+                             "and extend the full file")
         m = r.meta
         check_fit(r, man, manifest, data_root)
         verify_files(man)
@@ -186,10 +189,11 @@ def extend(path, manifest, out, batch_size: int = 128, device: str = "auto", dat
         dev = pick_device(device)
         store = None
         if p["run"]:
-            store = ImageStore(store_path_for(path), m.dataset_fingerprint, m.store_size, m.view_spec.get("resize"))
+            store = ImageStore(store_path_for(path), m.dataset_fingerprint, m.store_size,
+                               m.view_spec.get("resize"))
             if m.store_digest and store.store_digest() != m.store_digest:
-                raise CacheError(f"{store.path} is not the image store {path} was computed from (its digest differs); "
-                                 "copy the cache's own store beside it")
+                raise CacheError(f"{store.path} is not the image store {path} was computed "
+                                 "from (its digest differs); copy the cache's own store beside it")
         runner = None
         if p["run"]:
             runner = _Runner(man, p["run"], p["compute"], load, seen).to(dev).eval()
@@ -203,8 +207,9 @@ def extend(path, manifest, out, batch_size: int = 128, device: str = "auto", dat
                  "backbones_copied": [b for b in man.backbone_ids if b in m.backbone_ids],
                  "weights": "copied" if p["same_weights"] else "recomputed",
                  "batch_size": batch_size, "device": dev.type}
-        meta = fresh(m, teachers=[{"name": e.name, "role": e.role, "sha256": e.sha256, "head_sha256": e.head_sha256,
-                                   "backbone_id": e.backbone_id, "arch": e.arch} for e in man.teachers + [man.biased]],
+        models = [{"name": e.name, "role": e.role, "sha256": e.sha256, "head_sha256": e.head_sha256,
+                   "backbone_id": e.backbone_id, "arch": e.arch} for e in man.teachers + [man.biased]]
+        meta = fresh(m, teachers=models,
                      backbone_ids=man.backbone_ids, backbone_of_teacher=man.teacher_backbone,
                      biased_backbone=man.biased_backbone, history=[*m.history, entry])
         is_train = r.split == 0
@@ -234,8 +239,8 @@ def extend(path, manifest, out, batch_size: int = 128, device: str = "auto", dat
                 computed, feats = [], {}
                 if runner is not None:
                     images = store.load(np.arange(a, b) + r.row_start)
-                    logits, feats = _forward(runner, images, {**ev, "train": np.flatnonzero(is_train[a:b])}, rnd,
-                                             m.layers, m.out_size, batch_size, dev)
+                    logits, feats = _forward(runner, images, {**ev, "train": np.flatnonzero(is_train[a:b])},
+                                             rnd, m.layers, m.out_size, batch_size, dev)
                     computed = logits
                 # pair order: n rows of view 0, then K * nt slot-major random views
                 nt = 0 if rnd is None else rnd["flip"].shape[1]
@@ -261,7 +266,8 @@ def extend(path, manifest, out, batch_size: int = 128, device: str = "auto", dat
                     zb_all = np.concatenate([written["eval"]["biased"]] + (
                         [written["random"]["biased"].reshape(-1, written["random"]["biased"].shape[-1])]
                         if "random" in written else []))
-                    wts = cached_agre_weights(torch.from_numpy(zt_all), torch.from_numpy(zb_all), m.tau_cached).numpy()
+                    wts = cached_agre_weights(torch.from_numpy(zt_all), torch.from_numpy(zb_all),
+                                              m.tau_cached).numpy()
                     written["eval"]["weights"] = wts[:n]
                     if "random" in written:
                         written["random"]["weights"] = wts[n:].reshape(K, nt, -1)

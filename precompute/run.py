@@ -55,7 +55,8 @@ class PrecomputeConfig:
         self.layers = tuple(self.layers)
         bad = [l for l in self.layers if l not in LAYERS]
         if bad or not self.layers or len(set(self.layers)) != len(self.layers):
-            raise ConfigError(f"--layers takes distinct names from {', '.join(LAYERS)}, got {','.join(self.layers)!r}")
+            raise ConfigError(f"--layers takes distinct names from {', '.join(LAYERS)}, got "
+                              f"{','.join(self.layers)!r}")
         import math
 
         def whole(option, value, low):  # an integer (1.5, NaN and inf are not counts) >= low
@@ -82,7 +83,8 @@ class PrecomputeConfig:
         if self.shard:
             parse_shard(self.shard)
         if Path(self.out).is_dir():
-            raise ConfigError(f"--out {self.out} is a folder; give the cache file's path, e.g. {Path(self.out) / 'cache.h5'}")
+            raise ConfigError(f"--out {self.out} is a folder; give the cache file's path, e.g. "
+                              f"{Path(self.out) / 'cache.h5'}")
         pick_device(self.device)
 
 
@@ -104,7 +106,8 @@ def run_precompute(cfg: PrecomputeConfig) -> Path:
     if not d.active:
         return _compute(cfg, man, meta, out, cfg.shard)
     if cfg.shard:
-        raise ConfigError("--shard splits the rows by hand; under torchrun the processes split them: use one or the other")
+        raise ConfigError("--shard splits the rows by hand; under torchrun the processes split "
+                          "them: use one or the other")
     status = d.broadcast_object(_existing(cfg, man, meta, out) if d.is_main else None)
     if status == "finished":
         if d.is_main:
@@ -249,7 +252,8 @@ def _run_chunks(writer: CacheWriter, chunks, ens, store, rows, is_train, spec, c
                     ahead.append(reader.submit(load, chunks[i + cfg.prefetch]))
             else:
                 (a, b), images = load(chunk)
-            arrays = _forward_chunk(ens, images, store.hw[rows[a:b]], rows[a:b], is_train[a:b], spec, cfg, device)
+            arrays = _forward_chunk(ens, images, store.hw[rows[a:b]], rows[a:b], is_train[a:b], spec, cfg,
+                                    device)
             if pending is not None:
                 pending.result()
             pending = writer_pool.submit(writer.write_rows, a, b, **arrays)
@@ -262,8 +266,8 @@ def _run_chunks(writer: CacheWriter, chunks, ens, store, rows, is_train, spec, c
 
 
 @torch.inference_mode()
-def _forward_chunk(ens: Ensemble, images: torch.Tensor, hw: np.ndarray, rows: np.ndarray, is_train: np.ndarray,
-                   spec: ViewSpec, cfg: PrecomputeConfig, device: torch.device) -> dict:
+def _forward_chunk(ens: Ensemble, images: torch.Tensor, hw: np.ndarray, rows: np.ndarray,
+                   is_train: np.ndarray, spec: ViewSpec, cfg: PrecomputeConfig, device: torch.device) -> dict:
     """Teacher outputs of one chunk of rows, as :meth:`cache.writer.CacheWriter.write_rows` takes
     them: ``{"eval": view 0 of every row, "random": views 1..K of its training rows, [K, nt, ...]}``
     (evaluation rows have no random views).
@@ -302,6 +306,7 @@ def _forward_chunk(ens: Ensemble, images: torch.Tensor, hw: np.ndarray, rows: np
     out = {"eval": {"box": box[:, 0], "flip": flip[:, 0], "logits": view0(zt), "biased": view0(zb),
                     "weights": view0(weights), "features": {l: view0(v) for l, v in feats.items()}}}
     out["random"] = None if K == 0 or nt == 0 else {
-        "box": box[train, 1:].transpose(1, 0, 2), "flip": flip[train, 1:].T, "logits": slots(zt), "biased": slots(zb),
+        "box": box[train, 1:].transpose(1, 0, 2), "flip": flip[train, 1:].T, "logits": slots(zt),
+        "biased": slots(zb),
         "weights": slots(weights), "features": {l: slots(v) for l, v in feats.items()}}
     return out

@@ -76,12 +76,14 @@ class TeacherConfig:
     def __post_init__(self):
         """Every argument checked before any expensive work."""
         if self.num_teachers < 1 or self.epochs < 0 or self.dfr_retrains < 1 or self.batch_size < 1:
-            raise ConfigError("--num-teachers, DFR retrains and the batch size must be >= 1 and --epochs >= 0 "
-                              f"(got {self.num_teachers}, {self.dfr_retrains}, {self.batch_size}, {self.epochs})")
+            raise ConfigError("--num-teachers, DFR retrains and the batch size must be "
+                              f">= 1 and --epochs >= 0 (got {self.num_teachers}, {self.dfr_retrains}, "
+                              f"{self.batch_size}, {self.epochs})")
         if self.epochs == 0 and not (self.pretrained or self.weights_file):
             raise ConfigError("--epochs 0 with --no-pretrained would make teachers from an untrained, random "
                               "backbone; train at least one epoch (--epochs 0 means DFR on ImageNet features)")
-        for option, value in (("--lr", self.lr), ("weight decay", self.weight_decay), ("momentum", self.momentum)):
+        for option, value in (("--lr", self.lr), ("weight decay", self.weight_decay),
+                              ("momentum", self.momentum)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"{option} must be a finite number, got {value!r}")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
@@ -100,7 +102,8 @@ class TeacherConfig:
             raise ConfigError(f"--dfr-bias takes one value in [0, 1] per teacher ({self.num_teachers}), got "
                               f"{','.join(f'{b:g}' for b in self.dfr_bias)}")
         if any(self.dfr_bias) and self.dfr == "reference":
-            raise ConfigError("--dfr-bias needs --dfr study or tool: the reference protocol balances its data itself")
+            raise ConfigError("--dfr-bias needs --dfr study or tool: the reference protocol "
+                              "balances its data itself")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.resize not in RESIZE_MODES:
@@ -157,8 +160,8 @@ ERM_FIELDS = ("arch", "image_size", "resize", "pretrained", "weights_file", "lr"
               "batch_size", "precision")
 
 
-def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, hw: torch.Tensor, meta: Metadata, path: Path,
-              num_classes: int = 2) -> dict[str, torch.Tensor]:
+def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, hw: torch.Tensor, meta: Metadata,
+              path: Path, num_classes: int = 2) -> dict[str, torch.Tensor]:
     """ERM on the training split; resumes from ``path.ckpt`` after a kill. Returns the state dict."""
     if path.is_file():
         return load_checkpoint(path)
@@ -194,12 +197,14 @@ def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, hw: torch.Ten
         box, flip = _epoch_views(rows, hw[rows].numpy(), seed, epoch)
         box, flip = torch.from_numpy(box), torch.from_numpy(flip)
         total, correct, seen = 0.0, 0, 0
-        bar = tqdm(range(0, len(rows), cfg.batch_size), desc=f"ERM seed {seed} epoch {epoch + 1}/{cfg.epochs}",
+        bar = tqdm(range(0, len(rows), cfg.batch_size),
+                   desc=f"ERM seed {seed} epoch {epoch + 1}/{cfg.epochs}",
                    disable=not cfg.progress, leave=False)
         for s in bar:
             idx = order[s:s + cfg.batch_size]
             r = torch.from_numpy(rows)[idx]
-            x = render(images[r].to(device, non_blocking=True), box[idx], flip[idx], cfg.image_size, hw[r]).to(dtype)
+            x = render(images[r].to(device, non_blocking=True), box[idx], flip[idx], cfg.image_size,
+                       hw[r]).to(dtype)
             target = y[r].to(device)
             with autocast(device):
                 logits, _ = model(x.contiguous(memory_format=memory_format_for(device)), layers=())
@@ -213,7 +218,8 @@ def train_erm(cfg: TeacherConfig, seed: int, images: torch.Tensor, hw: torch.Ten
             bar.set_postfix(loss=f"{total / seen:.3f}", acc=f"{correct / seen:.3f}")
         save_checkpoint({"model": model.net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
                          "config": run}, resume)
-    # float32 like any checkpoint (the teachers run in float32 from here on; embeddings for DFR in cfg.precision)
+    # float32 like any checkpoint (the teachers run in float32 from here on; embeddings for DFR in
+    # cfg.precision)
     state = {k: v.cpu().float() if v.is_floating_point() else v.cpu() for k, v in model.net.state_dict().items()}
     save_checkpoint(state, path)
     resume.unlink(missing_ok=True)
@@ -290,12 +296,14 @@ def format_ensemble(man: Manifest, summary: dict) -> str:
     aver = summary.get("aver", {}).get("test")
     if aver and test:
         groups = ", ".join(f"{n} {100 * a:.1f}" for n, a in zip(aver["group_names"], aver["group_acc"]))
-        lines.append(f"AVER ensemble (mean of the teachers' logits, no student): test WGA {100 * aver['wga']:.1f} "
-                     f"({groups}); the teachers' own test WGA {' / '.join(f'{w:.1f}' for w in test)}")
+        lines.append("AVER ensemble (mean of the teachers' logits, no student): test WGA "
+                     f"{100 * aver['wga']:.1f} ({groups}); the teachers' own test WGA "
+                     f"{' / '.join(f'{w:.1f}' for w in test)}")
     probe = summary.get("attribute_probe")
     if probe:
-        lines.append(f"linear probe for the attribute ({probe['attribute']}) on the backbone's pooled features: "
-                     f"{100 * probe['test']:.1f}% on test rows (chance {100 * probe['chance']:.1f}%)")
+        lines.append(f"linear probe for the attribute ({probe['attribute']}) on the "
+                     f"backbone's pooled features: {100 * probe['test']:.1f}% on test rows (chance "
+                     f"{100 * probe['chance']:.1f}%)")
     return "\n".join(lines)
 
 
@@ -312,7 +320,8 @@ def describe(man: Manifest) -> str:
 def _prepare_images(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str) -> tuple[Pixels, torch.Tensor]:
     """The data set through its image store: every image at its stored size, and the sizes [N, 2]."""
     size = store_size_for(cfg.image_size)
-    path = build_store(meta, out / f"images_{size}px_{cfg.resize}.h5", size, fp, cfg.resize, progress=cfg.progress)
+    path = build_store(meta, out / f"images_{size}px_{cfg.resize}.h5", size, fp, cfg.resize,
+                       progress=cfg.progress)
     store = ImageStore(path, fp, size, cfg.resize)
     return store.load_all(), torch.from_numpy(store.hw)
 
@@ -379,7 +388,8 @@ def _build(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str, num_classes: 
         model = build_model(cfg.arch, num_classes)
         model.net.load_state_dict(state)
         logits, emb = embed(model, images, hw, eval_box, eval_flip, cfg.image_size, device,
-                            progress=cfg.progress, desc=f"embeddings seed {seed}", dtype=PRECISIONS[cfg.precision])
+                            progress=cfg.progress, desc=f"embeddings seed {seed}",
+                            dtype=PRECISIONS[cfg.precision])
         if b == 0:
             first_emb = emb
             biased = make_entry("biased", "biased", erm_path, cfg.arch, num_classes, state=state, root=out)
@@ -391,9 +401,11 @@ def _build(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str, num_classes: 
                            seed=seed + 1000 * t, num_retrains=cfg.dfr_retrains, num_classes=num_classes,
                            proportions=dfr_proportions(meta, cfg.dfr_bias[t] if cfg.dfr_bias else 0.0))
             if not head.converged and cfg.progress:
-                tqdm.write(f"teacher {t + 1}: lbfgs stopped at its iteration limit (as the study's dfr.py does)")
+                tqdm.write(f"teacher {t + 1}: lbfgs stopped at its iteration limit (as "
+                           "the study's dfr.py does)")
             head_path = out / f"teacher_{t + 1}_dfr_head.pt"
-            save_checkpoint({"fc.weight": torch.from_numpy(head.weight), "fc.bias": torch.from_numpy(head.bias)}, head_path)
+            save_checkpoint({"fc.weight": torch.from_numpy(head.weight),
+                             "fc.bias": torch.from_numpy(head.bias)}, head_path)
             entry = make_entry(f"teacher_{t + 1}", "teacher", erm_path, cfg.arch, num_classes,
                                head_file=head_path, state=state, root=out)
             dfr_logits = emb @ torch.from_numpy(head.weight).to(emb.dtype).T + torch.from_numpy(head.bias).to(emb.dtype)
@@ -402,8 +414,8 @@ def _build(cfg: TeacherConfig, meta: Metadata, out: Path, fp: str, num_classes: 
             teacher_logits.append(dfr_logits)
         if cfg.progress:
             tqdm.write(f"backbone seed {seed}: ERM + DFR done in {time.time() - t0:.0f}s")
-    man = Manifest(entries + [biased], num_classes, cfg.image_size, cfg.pretrained or bool(cfg.weights_file), out,
-                   cfg.resize)
+    man = Manifest(entries + [biased], num_classes, cfg.image_size, cfg.pretrained or bool(cfg.weights_file),
+                   out, cfg.resize)
     atomic_write_json(out / ENSEMBLE, ensemble_summary(teacher_logits, first_emb, meta))
     man.save(out / "manifest.json")
     atomic_write_text(out / "eval.md", describe(man) + "\n")
@@ -434,18 +446,21 @@ def _bring_in(out: Path, file: str | Path, sha256: str) -> str:
 def import_teachers(out: str | Path, teacher_files: list[str], biased_file: str, arch: str = "resnet50",
                     num_classes: int = 2, image_size: int = 224, pretrained: bool = True,
                     data_root: str | None = None, resize: str = "keep-aspect", device: str = "auto",
-                    progress: bool = True, dataset: str = "waterbirds", dataset_options: dict | None = None) -> Manifest:
+                    progress: bool = True, dataset: str = "waterbirds",
+                    dataset_options: dict | None = None) -> Manifest:
     """Declare existing checkpoints as the ensemble (optionally evaluating them on a data folder)."""
     out = ensure_dir(out, "teachers folder")
     with OutputLock(out, "the teachers folder"):
         meta = load_metadata(data_root, dataset, **(dataset_options or {})) if data_root is not None else None
         if meta is not None and meta.num_classes != num_classes:
-            raise ConfigError(f"--num-classes {num_classes} but the data set {meta.root} has {meta.num_classes} "
-                              f"classes ({', '.join(meta.class_names)}): a teacher's head needs one output per "
-                              f"class of the data it is evaluated and distilled on; import heads with "
-                              f"{meta.num_classes} outputs (nothing was written)")
+            raise ConfigError(f"--num-classes {num_classes} but the data set {meta.root} "
+                              f"has {meta.num_classes} classes ({', '.join(meta.class_names)}): a teacher's "
+                              "head needs one output per class of the data it is evaluated and "
+                              f"distilled on; import heads with {meta.num_classes} "
+                              "outputs (nothing was written)")
         named = [(f"teacher_{i + 1}", "teacher", f) for i, f in enumerate(teacher_files)] + [("biased", "biased", biased_file)]
-        entries = [make_entry(name, role, f, arch, num_classes, root=out) for name, role, f in named]  # all checked first
+        # all checked first
+        entries = [make_entry(name, role, f, arch, num_classes, root=out) for name, role, f in named]
         entries = [dataclasses.replace(e, file=_bring_in(out, f, e.sha256)) for e, (_, _, f) in zip(entries, named)]
         man = Manifest(entries, num_classes, image_size, pretrained, out, resize)
         if data_root is not None:
