@@ -20,7 +20,8 @@ import conftest
 N, V, T, NC, B = 20, 4, 3, 2, 2   # V = K + 1 views: slot 0 the eval view, K = 3 random slots
 K = V - 1
 DIMS = {"layer3": 6, "layer4": 8}
-FIELDS = {"box": "box", "flip": "flip", "logits": "teacher_logits", "biased": "biased_logits", "weights": "agre_cached"}
+FIELDS = {"box": "box", "flip": "flip", "logits": "teacher_logits", "biased": "biased_logits",
+          "weights": "agre_cached"}
 
 
 def make_meta(**over) -> CacheMeta:
@@ -207,9 +208,12 @@ def test_resume(tmp_path, data):
         assert w.resumed and w.num_done == 10
         assert w.pending_chunks(5) == [(10, 15), (15, 20)]
         assert w.pending_chunks(4) == [(10, 12), (12, 16), (16, 20)]  # aligned to multiples of 4
-    for other in (make_meta(dataset_fingerprint="fp-other"), make_meta(view_spec={"random_views": V - 1, "out_size": 16, "seed": 5}),
+    for other in (make_meta(dataset_fingerprint="fp-other"),
+                  make_meta(view_spec={"random_views": V - 1, "out_size": 16, "seed": 5}),
                   make_meta(tau_cached=2.0), make_meta(layers=["layer4"], feature_dims={"layer4": 8})):
-        with pytest.raises(CacheError, match="(?i)made for other inputs.*pass --overwrite to rebuild it, or choose another --out"):
+        with pytest.raises(CacheError,
+                           match="(?i)made for other inputs.*pass --overwrite to rebuild it, "
+                                 "or choose another --out"):
             CacheWriter.create_or_resume(path, other, data["samples"])
     y = 1 - data["samples"]["y"]  # other labels (their groups with them: a consistent, other data set)
     changed = {**data["samples"], "y": y, "group": 2 * y + data["samples"]["attr"]}
@@ -369,7 +373,8 @@ def test_reader_pickles_and_works_in_workers(full, data):
     r.read_eval(rows=np.array([1]))  # the handle is open now
     r2 = pickle.loads(pickle.dumps(r))
     train = r.train_rows
-    np.testing.assert_array_equal(r2.read_slot(1, positions=[3, 4])["biased"], data["biased_logits"][train[[3, 4]], 1])
+    np.testing.assert_array_equal(r2.read_slot(1, positions=[3, 4])["biased"],
+                                  data["biased_logits"][train[[3, 4]], 1])
 
     class Rows(torch.utils.data.Dataset):
         def __len__(self):
@@ -417,7 +422,8 @@ def test_write_rows_refuses_bad_input(tmp_path, data):
             w.write_rows(0, 4, ev, None)
         bad = ev["biased"].copy()
         bad[0, 0] = np.nan
-        with pytest.raises(CacheError, match=r"/eval/logits/biased: non-finite values from the biased model 'erm0'"):
+        with pytest.raises(CacheError,
+                           match=r"/eval/logits/biased: non-finite values from the biased model 'erm0'"):
             w.write_rows(0, 4, {**ev, "biased": bad}, rnd)
         bad = rnd["logits"].copy()
         bad[2, 1, 1, 0] = np.inf
@@ -425,8 +431,9 @@ def test_write_rows_refuses_bad_input(tmp_path, data):
             w.write_rows(0, 4, ev, {**rnd, "logits": bad})
         bad = rnd["features"]["layer3"].copy()
         bad[0, 0, 1, 0] = 1e6  # float16 overflow
-        with pytest.raises(CacheError, match=r"random/features/layer3: non-finite values from backbone 'erm1' "
-                                             r"\(of t1, t2\).*float16 overflow"):
+        with pytest.raises(CacheError,
+                           match=r"random/features/layer3: non-finite values from backbone 'erm1' "
+                                 r"\(of t1, t2\).*float16 overflow"):
             w.write_rows(0, 4, ev, {**rnd, "features": {**rnd["features"], "layer3": bad}})
         assert w.num_done == 0
 
@@ -445,7 +452,7 @@ def test_meta_validation_and_provenance():
         S.parse_shard("3/3")
 
 
-# ---------------------------------------------------------------- v3: one slot at a time, per-slot digests, root digest
+# ------------------------------------------------ v3: one slot at a time, per-slot digests, root digest
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
     d = make_data(400, seed=5)
@@ -501,9 +508,11 @@ def test_damage_in_slot_3_leaves_slot_2_readable(tmp_path, big):
     with h5py.File(edited, "r+") as f:
         f["random/logits/teachers"][2, 70, 1, 0] += 1.0  # slot 3, row 70: its second block
     r = open_cache(edited)
-    with pytest.raises(CacheError, match=r"rows 64..128 of slot 2 \(view 3\) of /random/logits/teachers do not match"):
+    with pytest.raises(CacheError,
+                       match=r"rows 64..128 of slot 2 \(view 3\) of /random/logits/teachers do not match"):
         r.read_slot(3)
-    np.testing.assert_array_equal(r.read_slot(3, positions=np.arange(64))["logits"], d["teacher_logits"][train[:64], 3])
+    np.testing.assert_array_equal(r.read_slot(3, positions=np.arange(64))["logits"],
+                                  d["teacher_logits"][train[:64], 3])
     np.testing.assert_array_equal(r.read_slot(2)["logits"], d["teacher_logits"][train, 2])
     problems = VF.verify(edited)
     assert len(problems) == 1 and "slot 2 (view 3) rows 64..128" in problems[0] and "digest" in problems[0]
@@ -562,12 +571,16 @@ def test_header_fields_come_from_the_dataclass(full):
     import dataclasses
 
     fields = [f.name for f in dataclasses.fields(CacheMeta)]
-    assert S.IDENTITY == tuple(k for k in fields if k not in ("created", "tool_version", "git_commit", "torch_version"))
+    assert S.IDENTITY == tuple(k for k in fields if k not in ("created", "tool_version",
+                                                              "git_commit", "torch_version"))
     with h5py.File(full, "r") as f:
         assert set(fields) <= set(f.attrs)
     m = open_cache(full).meta
-    assert m == dataclasses.replace(make_meta(), **{k: getattr(m, k) for k in ("created", "tool_version", "git_commit", "torch_version")})
-    assert make_meta(backbone_of_teacher=(np.int64(0), 1, 1), feature_dims={"layer3": np.int64(6), "layer4": 8}) \
+    assert m == dataclasses.replace(make_meta(),
+                                    **{k: getattr(m, k) for k in ("created", "tool_version",
+                                                                  "git_commit", "torch_version")})
+    assert make_meta(backbone_of_teacher=(np.int64(0), 1, 1),
+                     feature_dims={"layer3": np.int64(6), "layer4": 8}) \
         .identity() == make_meta().identity()
 
 
@@ -606,7 +619,7 @@ def test_links_out_of_the_file_are_refused(tmp_path, full, data):
         CacheWriter.create_or_resume(path, make_meta(), data["samples"])
 
 
-# ---------------------------------------------------------------- samples out of range (a received file is untrusted)
+# ------------------------------------------------ samples out of range (a received file is untrusted)
 def _planted(src, dst, name, row, value, redigest=True):
     """A copy of ``src`` with ``name[row] = value``; ``redigest``: digests rewritten, as a sender's
     buggy tool (or a tamperer) would leave them, so that the range check, not the digest, has to see it."""
@@ -634,7 +647,8 @@ ADVICE = "ask its sender for a fresh copy, or rebuild it with precompute"
 
 
 @pytest.mark.parametrize("name, row, value, message", [
-    ("samples/y", 7, 2, r"/samples/y row 7 holds 2, not a class in 0\.\.1 \(num_classes 2: landbird, waterbird\)"),
+    ("samples/y", 7, 2,
+     r"/samples/y row 7 holds 2, not a class in 0\.\.1 \(num_classes 2: landbird, waterbird\)"),
     ("samples/y", 3, -1, r"/samples/y row 3 holds -1, not a class in 0\.\.1"),
     ("samples/attr", 5, 9, r"/samples/attr row 5 holds 9, not an attribute value in 0\.\.1 \(land, water\)"),
     ("samples/group", 4, 4, r"/samples/group row 4 holds 4, not a group in 0\.\.3 \(num_groups 4\)"),
@@ -664,7 +678,8 @@ def test_samples_out_of_range_are_refused(tmp_path, full, data, name, row, value
 
 def test_planted_sample_without_new_digests_is_named_as_damage(tmp_path, full):
     path = _planted(full, tmp_path / "bad.h5", "samples/y", 7, 5, redigest=False)
-    with pytest.raises(CacheError, match=r"rows 0\.\.20 of /samples/y do not match their digest: the file is damaged"):
+    with pytest.raises(CacheError,
+                       match=r"rows 0\.\.20 of /samples/y do not match their digest: the file is damaged"):
         open_cache(path)
     problems = VF.verify(path)
     assert len(problems) == 1 and problems[0].startswith("/samples/y: 1 block(s) do not match their digest"), problems
@@ -698,10 +713,13 @@ def test_writer_refuses_samples_out_of_range(tmp_path, data):
     s = data["samples"]
     bad = {**s, "y": s["y"].copy()}
     bad["y"][7] = 2
-    with pytest.raises(ValueError, match=r"samples to write: /samples/y row 1 \(dataset row 7\) holds 2, not a class"):
-        CacheWriter.create_or_resume(tmp_path / "s1.h5", make_meta(), {k: v[6:13] for k, v in bad.items()}, 6, 13, "1/3")
-    with pytest.raises(ValueError, match=r"/samples/group row 0 holds 1, but its class 0 and attribute 0 make group 0"):
-        CacheWriter.create_or_resume(tmp_path / "c.h5", make_meta(), {**s, "y": np.zeros(N, np.int64),
-                                                                       "attr": np.zeros(N, np.int64),
-                                                                       "group": np.r_[1, np.zeros(N - 1, np.int64)]})
+    with pytest.raises(ValueError,
+                       match=r"samples to write: /samples/y row 1 \(dataset row 7\) holds 2, not a class"):
+        CacheWriter.create_or_resume(tmp_path / "s1.h5", make_meta(), {k: v[6:13] for k, v in bad.items()},
+                                     6, 13, "1/3")
+    with pytest.raises(ValueError,
+                       match=r"/samples/group row 0 holds 1, but its class 0 and attribute 0 make group 0"):
+        samples = {**s, "y": np.zeros(N, np.int64), "attr": np.zeros(N, np.int64),
+                   "group": np.r_[1, np.zeros(N - 1, np.int64)]}
+        CacheWriter.create_or_resume(tmp_path / "c.h5", make_meta(), samples)
     assert not list(tmp_path.iterdir())

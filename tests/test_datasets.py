@@ -78,7 +78,8 @@ def make_celeba(folder: Path, layout: str, images: str | None = None, table=None
     else:
         images = images or "img_align_celeba"
         lines = [str(len(table)), " ".join(attrs) + " "]
-        lines += [name + "".join(f" {v:2d}" for v in values) for name, values, _ in table]  # "000001.jpg -1  1 ..."
+        # "000001.jpg -1  1 ..."
+        lines += [name + "".join(f" {v:2d}" for v in values) for name, values, _ in table]
         (folder / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
         (folder / "list_eval_partition.txt").write_text("".join(f"{name} {part}\n" for name, _, part in table))
     for i, (name, _, _) in enumerate(table):
@@ -106,7 +107,8 @@ def test_celeba_kaggle_default_groups(tmp_path):
                                 "Blond_Hair/Male")
     assert meta.root == root / "img_align_celeba" / "img_align_celeba"
     assert meta.dataset == "celeba" and meta.options == {"target": "Blond_Hair", "spurious": "Male"}
-    assert list(meta.filenames) == [f"{i:06d}.jpg" for i in range(1, N_CELEBA + 1)]  # the attribute file's order
+    # the attribute file's order
+    assert list(meta.filenames) == [f"{i:06d}.jpg" for i in range(1, N_CELEBA + 1)]
     assert meta.y.dtype == meta.attr.dtype == meta.split.dtype == np.int64
     assert meta.y.tolist() == [int(r[1] == 1) for r in CELEBA_ROWS]
     assert meta.split.tolist() == [r[0] for r in CELEBA_ROWS]
@@ -117,7 +119,8 @@ def test_celeba_target_and_spurious_choice(tmp_path):
     root = make_celeba(tmp_path / "kaggle", "kaggle")
     meta = load_metadata(root, "celeba", target="Smiling", spurious="Young")
     assert counts(meta) == SMILING_YOUNG
-    assert meta.group_names == ("not Smiling/not Young", "not Smiling/Young", "Smiling/not Young", "Smiling/Young")
+    assert meta.group_names == ("not Smiling/not Young", "not Smiling/Young",
+                                "Smiling/not Young", "Smiling/Young")
     assert meta.options == {"target": "Smiling", "spurious": "Young"}
     # swapped roles: group = 2 * Male + Blond_Hair
     swapped = load_metadata(root, "celeba", target="Male", spurious="Blond_Hair")
@@ -164,8 +167,8 @@ def test_celeba_missing_files(tmp_path):
     (root / "list_eval_partition.csv").unlink()
     with pytest.raises(DataError) as e:
         load_metadata(root, "celeba")
-    assert problems_of(e) == (f"missing partition file (the official splits): looked for list_eval_partition.csv "
-                              f"and list_eval_partition.txt in {root}")
+    assert problems_of(e) == ("missing partition file (the official splits): looked for "
+                              f"list_eval_partition.csv and list_eval_partition.txt in {root}")
     # the images are still checked
     (root / "img_align_celeba" / "img_align_celeba" / "000003.jpg").unlink()
     meta, problems = check_folder(root, "celeba", progress=False)
@@ -207,7 +210,8 @@ def test_celeba_attribute_names(tmp_path):
     with pytest.raises(DataError) as e:
         load_metadata(root, "celeba")
     assert problems_of(e).startswith("list_attr_celeba.txt: no attribute 'Male' for --spurious")
-    # group = 2 * Blond_Hair + Young: train -> 3,1,0,3,1,2,1; val -> 2,1,1; test -> 3,0,1,2; rows 15-18 -> 3,0,0,2
+    # group = 2 * Blond_Hair + Young: train -> 3,1,0,3,1,2,1; val -> 2,1,1; test -> 3,0,1,2; rows 15-18 ->
+    # 3,0,0,2
     assert counts(load_metadata(root, "celeba", spurious="Young")) == {
         "train": [2, 3, 1, 2], "val": [1, 2, 1, 1], "test": [1, 1, 2, 1]}
 
@@ -230,8 +234,10 @@ def test_celeba_bad_values_rows_and_ids(tmp_path):
         "1 (val) or 2 (test)",
         "row 8: 000007.jpg: 39 attribute value(s), expected 40",
         "row 11: 000009.jpg: duplicate image id (first at row 10)",
-        f"list_eval_partition.csv row {N_CELEBA - 9 + 2}: 000009.jpg: listed again (first at row {N_CELEBA - 10 + 2})",
-        f"list_eval_partition.csv: 1 image(s) not in list_attr_celeba.csv, e.g. 999999.jpg (row {N_CELEBA + 2})",
+        f"list_eval_partition.csv row {N_CELEBA - 9 + 2}: 000009.jpg: listed again (first at "
+        f"row {N_CELEBA - 10 + 2})",
+        "list_eval_partition.csv: 1 image(s) not in list_attr_celeba.csv, e.g. "
+        f"999999.jpg (row {N_CELEBA + 2})",
     ])
     # the Male column was fine everywhere: only the Blond_Hair value is named
     assert table[1][1][m] in (-1, 1)
@@ -250,9 +256,10 @@ def test_celeba_original_row_numbers_and_count(tmp_path):
     with pytest.raises(DataError) as e:
         load_metadata(root, "celeba")
     assert e.value.problems == [
-        f"list_attr_celeba.txt: line 1 announces {N_CELEBA} images but 9 are listed (a truncated or edited file?)",
-        f"list_eval_partition.txt: {N_CELEBA - 9} image(s) not in list_attr_celeba.txt, e.g. 000003.jpg (row 3), "
-        "000011.jpg (row 11), 000012.jpg (row 12)"]
+        f"list_attr_celeba.txt: line 1 announces {N_CELEBA} images but 9 are listed (a "
+        "truncated or edited file?)",
+        f"list_eval_partition.txt: {N_CELEBA - 9} image(s) not in list_attr_celeba.txt, "
+        "e.g. 000003.jpg (row 3), 000011.jpg (row 11), 000012.jpg (row 12)"]
 
 
 def test_celeba_original_missing_image(tmp_path):
@@ -276,13 +283,15 @@ def test_celeba_image_in_attributes_only_and_missing_image(tmp_path):
     (root / "img_align_celeba" / "img_align_celeba" / "000012.jpg").unlink()
     meta, problems = check_folder(root, "celeba", progress=False)
     assert meta is None
-    assert problems == ["row 5: 000004.jpg: not in list_eval_partition.csv", "row 13: 000012.jpg: missing image file"]
+    assert problems == ["row 5: 000004.jpg: not in list_eval_partition.csv",
+                        "row 13: 000012.jpg: missing image file"]
 
 
 def test_celeba_empty_split(tmp_path):
     rows = [r if r[0] != 1 else (0, *r[1:]) for r in CELEBA_ROWS]
     root = make_celeba(tmp_path / "k", "kaggle", table=celeba_table(rows))
-    with pytest.raises(DataError, match=r"no image in split val \(partition 1\); the official files have 19867"):
+    with pytest.raises(DataError,
+                       match=r"no image in split val \(partition 1\); the official files have 19867"):
         load_metadata(root, "celeba")
 
 
@@ -392,7 +401,8 @@ def test_csv_label_kinds_classes_and_splits(tmp_path):
     rows = [list(r) for r in CSV_INT_ROWS]
     rows[5][1] = "cat"
     assert csv_problems(make_csv(tmp_path / "mixed", rows)) == [
-        "metadata.csv: column label mixes integers (e.g. '0' at row 2) and names (e.g. 'cat' at row 7); use one kind"]
+        "metadata.csv: column label mixes integers (e.g. '0' at row 2) and names (e.g. 'cat' "
+        "at row 7); use one kind"]
     one_class = [(f, 0, a, s) for f, _, a, s in CSV_INT_ROWS]
     assert csv_problems(make_csv(tmp_path / "one", one_class)) == [
         "metadata.csv: column label has only 1 distinct value ('0'); at least 2 are needed"]
@@ -405,7 +415,8 @@ def test_csv_label_kinds_classes_and_splits(tmp_path):
     rows[2][2] = ""
     assert csv_problems(make_csv(tmp_path / "empty_attr", rows)) == ["row 4: x/3.jpg: empty attribute"]
     # one attribute value is allowed: the groups are the classes
-    meta = load_metadata(make_csv(tmp_path / "one_attr", [(f, y, "any", s) for f, y, _, s in CSV_STR_ROWS]), "csv")
+    meta = load_metadata(make_csv(tmp_path / "one_attr", [(f, y, "any", s) for f, y, _, s in CSV_STR_ROWS]),
+                         "csv")
     assert meta.attr_names == ("any",) and meta.group_counts("train").tolist() == [4, 3]
 
 
@@ -423,7 +434,8 @@ def test_csv_missing_image_and_folders(tmp_path):
     root = make_csv(tmp_path / "both", rows)
     (root / "img" / "a9.png").unlink()
     meta, problems = check_folder(root, "csv", progress=False)
-    assert meta is None and problems == ["row 2: img/a0.png: split='dev' is not one of train, val, test (or 0, 1, 2)",
+    assert meta is None and problems == ["row 2: img/a0.png: split='dev' is not one of "
+                                         "train, val, test (or 0, 1, 2)",
                                          "row 11: img/a9.png: missing image file"]
     with pytest.raises(DataError, match="does not exist"):
         load_metadata(tmp_path / "nowhere", "csv")
@@ -441,5 +453,6 @@ def test_celeba_attribute_file_without_names_line(tmp_path):
     (root / "list_attr_celeba.csv").write_text("\n".join(lines[1:]) + "\n")  # header row dropped
     with pytest.raises(DataError) as e:
         load_metadata(root, "celeba")
-    assert e.value.problems[0] == ("list_attr_celeba.csv: the line naming the attributes is missing (expected "
+    assert e.value.problems[0] == ("list_attr_celeba.csv: the line naming the "
+                                   "attributes is missing (expected "
                                    "image_id,5_o_Clock_Shadow,Arched_Eyebrows,... before the first image)")

@@ -82,7 +82,8 @@ def test_read_only_output_is_a_message_not_a_traceback(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(Path, "mkdir", denied)  # as a read-only --out does (even for root)
-    with pytest.raises(OutputError, match=r"cannot write output folder .*Permission denied; choose a writable"):
+    with pytest.raises(OutputError,
+                       match=r"cannot write output folder .*Permission denied; choose a writable"):
         with OutputLock(tmp_path / "ro" / "run", "run folder"):
             pass
 

@@ -63,8 +63,10 @@ def test_cache_equals_model_outputs(tiny_data, tiny_teachers, tiny_cache):
     v0 = cache.read_eval(rows=rows)
     with torch.no_grad():
         for t, m in enumerate(man.teachers):
-            np.testing.assert_allclose(v0["logits"][:, t], load_model(man, m).eval()(x)[0], rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(v0["biased"], load_model(man, man.biased).eval()(x)[0], rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(v0["logits"][:, t], load_model(man, m).eval()(x)[0],
+                                       rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(v0["biased"], load_model(man, man.biased).eval()(x)[0],
+                                   rtol=1e-4, atol=1e-4)
     # teacher t's logits are its own head on its backbone, not another teacher's
     assert not np.allclose(v0["logits"][:, 0], v0["logits"][:, 1])
 
@@ -104,7 +106,8 @@ def test_shared_backbone_runs_once_per_view(tiny_data, tiny_teachers, tmp_path, 
             bb.register_forward_hook(lambda *a: calls.append(1))
 
     monkeypatch.setattr(Ensemble, "__init__", counting_init)
-    out = run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(tmp_path / "c.h5"), random_views=1,
+    out = run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers),
+                                          str(tmp_path / "c.h5"), random_views=1,
                                           layers=("layer4",), batch_size=200, device="cpu", progress=False))
     n = open_cache(out).num_rows
     split = open_cache(out).split
@@ -130,7 +133,8 @@ def test_resume_after_kill_equals_uninterrupted(tiny_data, tiny_teachers, tmp_pa
     from cache import writer as cache_mod
 
     cfg = dict(random_views=1, layers=("layer3", "layer4"), batch_size=128, device="cpu", progress=False)
-    full = run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(tmp_path / "full.h5"), **cfg))
+    full = run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers),
+                                           str(tmp_path / "full.h5"), **cfg))
 
     written = []
     real_write = cache_mod.CacheWriter.write_rows
@@ -158,7 +162,8 @@ def test_shards_merge_to_the_single_run(tiny_data, tiny_teachers, tiny_cache, tm
     shards = []
     for i in range(3):
         p = tmp_path / f"cache.shard{i}.h5"
-        run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(p), random_views=2, batch_size=64,
+        run_precompute(PrecomputeConfig(str(tiny_data), str(tiny_teachers), str(p),
+                                        random_views=2, batch_size=64,
                                         shard=f"{i}/3", device="cpu", progress=False))
         shards.append(str(p))
     for shard in shards:  # a shard's own metrics never fail a valid shard

@@ -98,8 +98,8 @@ def test_a_file_that_is_not_json_or_not_there(tmp_path):
 # ----------------------------------------------------------------------------- the column
 
 def test_the_column_sits_after_mean_and_std_with_footnotes():
-    rows = [hand_row("AGRE-KD + Features", [85.0, 86.0, 87.0]), hand_row("AGRE-KD Baseline", [84.0, 84.0, 85.0]),
-            hand_row("AVER + Features", [84.0, 85.0, 86.0])]
+    rows = [hand_row("AGRE-KD + Features", [85.0, 86.0, 87.0]),
+            hand_row("AGRE-KD Baseline", [84.0, 84.0, 85.0]), hand_row("AVER + Features", [84.0, 85.0, 86.0])]
     table = Table("main", "Main Results", rows, baseline="AGRE-KD Baseline")
     rows[1].is_baseline = True
     plain = format_table(table)

@@ -132,12 +132,14 @@ def test_extend_equals_a_fresh_precompute(tiny_data, tiny_teachers, tiny_cache, 
     from cli import cli
 
     manifest2, third = two_teachers
-    small = run_precompute(PrecomputeConfig(str(tiny_data), str(manifest2), str(tmp_path / "two.h5"), random_views=2,
+    small = run_precompute(PrecomputeConfig(str(tiny_data), str(manifest2),
+                                            str(tmp_path / "two.h5"), random_views=2,
                                             batch_size=64, device="cpu", progress=False))
     assert open_cache(small).meta.num_teachers == 2
     out = tmp_path / "ext" / "three.h5"
     out.parent.mkdir()
-    res = CliRunner().invoke(cli, ["cache", "extend", str(small), "--teachers", str(tiny_teachers), "--out", str(out),
+    res = CliRunner().invoke(cli, ["cache", "extend", str(small), "--teachers", str(tiny_teachers),
+                                   "--out", str(out),
                                    "--batch-size", "64", "--device", "cpu", "--data-root", str(tiny_data)])
     assert res.exit_code == 0, res.output
     assert verify(out) == []
@@ -172,16 +174,16 @@ def test_extend_refuses_models_that_do_not_fit(tiny_data, tiny_cache, tiny_teach
     for m in man["models"]:
         m["num_classes"] = 3
     (folder / "manifest.json").write_text(json.dumps(man))
-    res = CliRunner().invoke(cli, ["cache", "extend", str(tiny_cache), "--teachers", str(folder / "manifest.json"),
-                                   "--out", str(tmp_path / "x.h5")])
+    res = CliRunner().invoke(cli, ["cache", "extend", str(tiny_cache), "--teachers",
+                                   str(folder / "manifest.json"), "--out", str(tmp_path / "x.h5")])
     assert res.exit_code != 0 and "does not fit" in res.output and "classes" in res.output, res.output
     shutil.rmtree(folder)
     shutil.copytree(tiny_teachers.parent, folder)
     record = json.loads((folder / "teachers_config.json").read_text())
     record["dataset_fingerprint"] = "0" * 64
     (folder / "teachers_config.json").write_text(json.dumps(record))
-    res = CliRunner().invoke(cli, ["cache", "extend", str(tiny_cache), "--teachers", str(folder / "manifest.json"),
-                                   "--out", str(tmp_path / "x.h5")])
+    res = CliRunner().invoke(cli, ["cache", "extend", str(tiny_cache), "--teachers",
+                                   str(folder / "manifest.json"), "--out", str(tmp_path / "x.h5")])
     assert res.exit_code != 0 and "another data set" in res.output and "Traceback" not in res.output, res.output
     other = generate(tmp_path / "other", SynthSpec(scale=0.05, size=24, seed=2))
     res = CliRunner().invoke(cli, ["cache", "extend", str(tiny_cache), "--teachers", str(tiny_teachers),

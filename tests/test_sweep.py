@@ -86,7 +86,8 @@ def test_presets_mirror_the_study():
     assert set(PRESETS) == {"main", "agre-vs-aver", "gamma", "labels", "multilayer", "disagree",
                             "weighting", "agre-params", "cache-vs-online", "demo", "hypothesis"}
     hyp = rows_of("hypothesis")
-    assert [ov.get("feature_target", "raw") for ov in hyp.values()] == ["raw", "raw", "erased", "raw", "erased"]
+    assert [ov.get("feature_target", "raw") for ov in hyp.values()] == ["raw", "raw", "erased",
+                                                                        "raw", "erased"]
     assert hyp["L2+L3+L4, raw"] == rows_of("multilayer")["L2 + L3 + L4"]  # the study's own row
     demo = PRESETS["demo"]
     assert [r["overrides"]["weighting"] for r in demo["rows"]] == ["aver", "agre-batch", "agre-batch", "agre"]
@@ -150,7 +151,8 @@ def test_new_presets_compare_weightings_parameters_and_the_online_loop(tmp_path)
     with pytest.raises(ConfigError, match="--teachers"):
         preset_runs("cache-vs-online")
     manifest = str(tmp_path / "teachers" / "manifest.json")
-    cached, online = (s["overrides"] for s in preset_runs("cache-vs-online", seeds=[42], teachers_manifest=manifest))
+    cached, online = (s["overrides"] for s in preset_runs("cache-vs-online", seeds=[42],
+                                                          teachers_manifest=manifest))
     assert PRESETS["cache-vs-online"]["baseline"] == "Cached teachers (stored views)"
     assert cached == {k: v for k, v in online.items() if k != "teachers_online"} == rows_of("main")["AGRE-KD + Features"] | {"seed": 42}
     assert online["teachers_online"] == manifest
@@ -175,7 +177,8 @@ def test_set_wins_over_every_preset_value(tmp_path):
     plan = plan_sweep("c.h5", tmp_path, preset_runs("main"), base={"weighting": "agre"})
     assert {row["settings"]["weighting"] for row in plan["tables"][0]["rows"]} == {"agre"}
     # A sweep-wide gamma rescales a row's split of gamma over layers; sweep-wide layers drop it.
-    resolved = {s["label"]: s["overrides"] for s in resolve_specs(preset_runs("multilayer", seeds=[42]), {"gamma": 1})}
+    resolved = {s["label"]: s["overrides"] for s in resolve_specs(preset_runs("multilayer", seeds=[42]),
+                                                                  {"gamma": 1})}
     assert resolved["L3 + L4"]["layer_gammas"] == (0.3, 0.7)
     assert resolved["L2 + L3 + L4"]["layer_gammas"] == (0.2, 0.3, 0.5)
     assert resolved["L4 only"]["gamma"] == 1 and resolved["L4 only"].get("layer_gammas") is None
@@ -185,7 +188,8 @@ def test_set_wins_over_every_preset_value(tmp_path):
     assert split["layer_gammas"] == [0.25, 0.25]
     # What a sweep trains follows the same rule.
     calls = []
-    run_sweep("c.h5", tmp_path / "sw", preset_runs("main", seeds=[42]), base={"alpha": 0.7}, fit=fake_fit(calls))
+    run_sweep("c.h5", tmp_path / "sw", preset_runs("main", seeds=[42]), base={"alpha": 0.7},
+              fit=fake_fit(calls))
     assert {c.alpha for c in calls} == {0.7} and len(calls) == 7
 
 
@@ -234,7 +238,8 @@ def test_plan_shows_the_studys_settings_and_trains_nothing(tmp_path):
         assert all(r["status"] == "not started" and r["folder"] == str(out / r["name"]) for r in row["runs"])
     feat = rows["AGRE-KD + Features"]["settings"]
     assert (feat["weighting"], feat["agre_params"], feat["gamma"], feat["alpha"], feat["tau"],
-            feat["epochs"], feat["lr"], feat["batch_size"]) == ("agre-batch", "all", 0.5, 1.0, 4.0, 30, 1e-3, 128)
+            feat["epochs"], feat["lr"],
+            feat["batch_size"]) == ("agre-batch", "all", 0.5, 1.0, 4.0, 30, 1e-3, 128)
     multi = rows["Multi-Layer (L3+L4)"]["settings"]
     assert multi["layers"] == ["layer3", "layer4"] and multi["layer_gammas"] == [0.15, 0.35]
     assert rows["AVER Baseline"]["settings"]["weighting"] == "aver"

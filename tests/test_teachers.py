@@ -142,7 +142,8 @@ def toy_entry(name, role, file="erm_seed0.pt", **kw):
 
 def toy_manifest(root: Path) -> Manifest:
     models = [toy_entry("teacher_1", "teacher", head_file="teacher_1_head.pt", head_sha256="1" * 64,
-                        metrics={"val": {"wga": 0.5, "avg_acc": 0.75, "group_acc": [1.0, 0.5, float("nan"), 0.5]}}),
+                        metrics={"val": {"wga": 0.5, "avg_acc": 0.75,
+                                         "group_acc": [1.0, 0.5, float("nan"), 0.5]}}),
               toy_entry("teacher_2", "teacher", file="/abs/erm_seed1.pt"),
               toy_entry("biased", "biased")]
     return Manifest(models, num_classes=2, image_size=224, pretrained=True, root=root)
@@ -224,7 +225,8 @@ def test_verify_files_missing_and_altered(tmp_path):
     for name, data in (("erm_seed0.pt", b"backbone"), ("head.pt", b"head")):
         (tmp_path / name).write_bytes(data)
     sha = {n: file_sha256(tmp_path / n) for n in ("erm_seed0.pt", "head.pt")}
-    entry = lambda name, role, **kw: ModelEntry(name, role, "resnet18", 2, "erm_seed0.pt", sha["erm_seed0.pt"], "b", **kw)
+    entry = lambda name, role, **kw: ModelEntry(name, role, "resnet18", 2, "erm_seed0.pt",
+                                                sha["erm_seed0.pt"], "b", **kw)
     man = Manifest([entry("teacher_1", "teacher", head_file="head.pt", head_sha256=sha["head.pt"]),
                     entry("biased", "biased")], 2, SIZE, False, tmp_path)
     verify_files(man)  # all present and unchanged
@@ -408,9 +410,10 @@ def test_load_model_applies_head_file(tmp_path, r18):
     torch.manual_seed(3)
     head = {"fc.weight": torch.randn(2, 512), "fc.bias": torch.randn(2)}
     torch.save(head, tmp_path / "teacher_1_dfr_head.pt")
-    man = Manifest([make_entry("teacher_1", "teacher", path, "resnet18", 2,
-                               head_file=tmp_path / "teacher_1_dfr_head.pt", root=tmp_path),
-                    make_entry("biased", "biased", path, "resnet18", 2, root=tmp_path)], 2, SIZE, False, tmp_path)
+    models = [make_entry("teacher_1", "teacher", path, "resnet18", 2,
+                         head_file=tmp_path / "teacher_1_dfr_head.pt", root=tmp_path),
+              make_entry("biased", "biased", path, "resnet18", 2, root=tmp_path)]
+    man = Manifest(models, 2, SIZE, False, tmp_path)
     assert man.teachers[0].head_file == "teacher_1_dfr_head.pt"  # relative to the manifest folder
     assert man.teachers[0].head_sha256 == file_sha256(tmp_path / "teacher_1_dfr_head.pt")
     assert man.teachers[0].backbone_id == man.biased.backbone_id
@@ -426,8 +429,10 @@ def test_load_model_applies_head_file(tmp_path, r18):
     torch.testing.assert_close(biased_logits, emb @ state["fc.weight"].T + state["fc.bias"])
     assert not torch.allclose(teacher_logits, biased_logits)
 
-    torch.save({"fc.weight": torch.randn(3, 512), "fc.bias": torch.randn(3)}, tmp_path / "teacher_1_dfr_head.pt")
-    with pytest.raises(CheckpointError, match=r"teacher_1_dfr_head\.pt: not a head for resnet18 with 2 classes"):
+    torch.save({"fc.weight": torch.randn(3, 512), "fc.bias": torch.randn(3)},
+               tmp_path / "teacher_1_dfr_head.pt")
+    with pytest.raises(CheckpointError,
+                       match=r"teacher_1_dfr_head\.pt: not a head for resnet18 with 2 classes"):
         load_model(man, man.teachers[0])
 
 
@@ -485,7 +490,8 @@ def test_train_erm_resume_is_exact(tmp_path, monkeypatch, data_root, images):
     assert_state_equal(train_erm(cfg, 0, *images, meta, path), full)
 
 
-def test_float64_erm_trains_in_double_and_leaves_a_float32_checkpoint(tmp_path, monkeypatch, data_root, images):
+def test_float64_erm_trains_in_double_and_leaves_a_float32_checkpoint(tmp_path, monkeypatch,
+                                                                      data_root, images):
     """--precision float64: ERM steps in double precision (its resume checkpoints hold float64
     parameters), the finished backbone is a float32 checkpoint like any other, and two builds
     whose only difference is the thread count (another reduction order) agree to float32 rounding:
@@ -561,7 +567,8 @@ def test_build_teachers_metrics_match_recomputation(shared, data_root, images):
             preds[m.name] = load_model(man, m)(x)[0].argmax(1).numpy()
         for split in ("val", "test"):
             rows = meta.rows(split)
-            expected = group_metrics(preds[m.name][rows], meta.y[rows], meta.group[rows], meta.group_counts("train"))
+            expected = group_metrics(preds[m.name][rows], meta.y[rows], meta.group[rows],
+                                     meta.group_counts("train"))
             got = m.metrics[split]
             assert got["group_count"] == expected["group_count"]
             assert got["group_acc"] == pytest.approx(expected["group_acc"], abs=1e-12, nan_ok=True), (m.name, split)
@@ -633,7 +640,8 @@ def test_cli_teachers_with_weights_file(offline, tmp_path, data_root, imagenet_r
     and makes the backbone checkable: it must be the file's, tensor for tensor."""
     out = tmp_path / "teachers"
     r = invoke("teachers", "--data-root", data_root, "--out", out, "--epochs", 0, "--image-size", SIZE,
-               "--num-teachers", 1, "--shared-backbone", "--weights-file", imagenet_r50_file, "--device", "cpu")
+               "--num-teachers", 1, "--shared-backbone", "--weights-file", imagenet_r50_file,
+               "--device", "cpu")
     assert r.exit_code == 0, r.output
     man = read_manifest(out)
     assert man.pretrained is True and [m.arch for m in man.models] == ["resnet50", "resnet50"]

@@ -106,7 +106,8 @@ def test_cross_split_leakage_refused_csv(tmp_path):
     for i in range(12):
         Image.fromarray(np.full((4, 4, 3), i * 20, np.uint8)).save((root / "img").mkdir(exist_ok=True) or
                                                                    root / f"img/{i}.png")
-    with pytest.raises(DataError, match=r"row 14: img/\./0\.png: the same image as row 2 .* \(train and test\)"):
+    with pytest.raises(DataError,
+                       match=r"row 14: img/\./0\.png: the same image as row 2 .* \(train and test\)"):
         load_metadata(root, "csv")
 
 

@@ -40,7 +40,8 @@ def test_head_class_count_must_match_the_data_set(tmp_path):
     three = tmp_path / "three.pt"
     torch.save(state(num_classes=3), three)
     out = tmp_path / "teachers"
-    r = invoke("teachers", "import", "--out", out, "--teacher", three, "--biased", three, "--arch", "resnet18",
+    r = invoke("teachers", "import", "--out", out, "--teacher", three, "--biased", three,
+               "--arch", "resnet18",
                "--num-classes", 3, "--image-size", 16, "--no-pretrained", "--data-root", data)
     assert r.exit_code == 1, r.output
     assert "--num-classes 3 but the data set" in r.output and "has 2 classes (landbird, waterbird)" in r.output
