@@ -48,7 +48,7 @@ from data.pixels import Pixels  # noqa: E402
 from data.store import store_size_for  # noqa: E402
 from data.views import eval_box, render  # noqa: E402
 from distill.config import DistillConfig  # noqa: E402
-from distill.data import SplitData, make_batch  # noqa: E402
+from distill.data import SplitData, View, make_batch  # noqa: E402
 from distill.student import Student  # noqa: E402
 from distill.task import DistillTask, feature_loss  # noqa: E402
 from distill.teachers import teacher_source  # noqa: E402
@@ -92,12 +92,12 @@ def stand_in_split(n: int, store_size: int, T: int, D: int, device) -> SplitData
         rows=torch.arange(n, device=device), images=images.to(device),
         y=torch.randint(0, C, (n,), generator=g).to(device),
         group=torch.zeros(n, dtype=torch.long, device=device),
-        box=torch.tensor(eval_box()).repeat(n, 1).to(device),
-        flip=torch.zeros(n, dtype=torch.bool, device=device),
-        logits=(3 * torch.randn(n, T, C, generator=g)).to(device),
-        biased=(3 * torch.randn(n, C, generator=g)).to(device),
-        cached=torch.full((n, T), 1.0 / T, device=device),
-        feats={"layer4": torch.randn(n, T, D, generator=g).half().to(device)})
+        view=View(box=torch.tensor(eval_box()).repeat(n, 1).to(device),
+                  flip=torch.zeros(n, dtype=torch.bool, device=device),
+                  logits=(3 * torch.randn(n, T, C, generator=g)).to(device),
+                  biased=(3 * torch.randn(n, C, generator=g)).to(device),
+                  cached=torch.full((n, T), 1.0 / T, device=device),
+                  feats={"layer4": torch.randn(n, T, D, generator=g).half().to(device)}))
 
 
 def online_manifest(folder: Path, T: int, arch: str, image_size: int) -> Path:
@@ -196,7 +196,7 @@ def main(argv=None):
 
     def plain_step():  # the same rendering as make_batch, no teacher output
         idx = next(batches)
-        x = render(data.images, data.box[idx].to(device), data.flip[idx].to(device), S, index=idx)
+        x = render(data.images, data.view.box[idx].to(device), data.view.flip[idx].to(device), S, index=idx)
         with autocast(device):
             logits, _ = plain(x.contiguous(**cl), layers=())
         loss = F.cross_entropy(logits.float(), data.y[idx].to(device))

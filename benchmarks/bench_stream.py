@@ -61,7 +61,7 @@ from core.runtime import cpu_model, keep_freed_memory  # noqa: E402
 from data.folders import SPLIT_CODES  # noqa: E402
 from data.store import SCHEMA as STORE_SCHEMA, SCHEMA_VERSION as STORE_VERSION, _create  # noqa: E402
 from distill.config import DistillConfig  # noqa: E402
-from distill.data import Batches, InMemorySplit, Slots, load_split, open_inputs, placement  # noqa: E402
+from distill.data import Batches, InMemorySplit, Slots, load_split, open_inputs, data_device  # noqa: E402
 from distill.stream import StreamedSplit  # noqa: E402
 from distill.student import Student  # noqa: E402
 from distill.task import DistillTask  # noqa: E402
@@ -240,10 +240,10 @@ def run_mode(cache_path: str, mode: str, args, out_dir: str) -> dict:
     np.random.seed(cfg.seed)
     image_size = cfg.image_size or meta.out_size
     if mode == "stream":
-        place = placement(device, 0)
+        place = data_device(device, 0)
         train, val = (StreamedSplit(cache, store, s, device) for s in ("train", "val"))
     else:
-        place = placement(device, 0)
+        place = data_device(device, 0)
         train, val = (InMemorySplit(load_split(cache, store, s, place)) for s in ("train", "val"))
     slots = Slots(cache, cfg.needs, place, sample_views=cfg.sample_views, epochs=cfg.epochs)
     train_counts = torch.bincount(train.group.cpu(), minlength=meta.num_groups).numpy()

@@ -27,25 +27,38 @@ class DistillError(ToolError):
 
 
 @dataclass
+class View:
+    """One view of each row of a split (a slot of the cache: the eval view or one random crop) and
+    what the teachers output on it; the fields a run does not read are None."""
+
+    box: torch.Tensor                     # [N, 4] relative crop box
+    flip: torch.Tensor                    # [N] horizontal flip
+    logits: torch.Tensor | None = None    # [N, T, C]
+    biased: torch.Tensor | None = None    # [N, C]
+    cached: torch.Tensor | None = None    # [N, T] the ``cached`` weighting's weights
+    feats: dict | None = None             # {layer: [N, B, D] float16}, per backbone
+
+    def take(self, at: torch.Tensor, device) -> "View":
+        """The rows ``at`` of this view, on ``device``."""
+        pick = lambda a: None if a is None else a[at].to(device)  # noqa: E731
+        return View(pick(self.box), pick(self.flip), pick(self.logits), pick(self.biased), pick(self.cached),
+                    {l: pick(v) for l, v in (self.feats or {}).items()})
+
+
+@dataclass
 class SplitData:
-    """Rows of one split as tensors, in cache order: their images and labels, and the one view
-    they are seen through (the eval view, or this epoch's slot) with its teacher outputs."""
+    """Rows of one split as tensors, in cache order: their images and labels, seen through ``view``
+    (the eval view, or this epoch's slot)."""
 
     rows: torch.Tensor        # [N] dataset rows (they seed the online loop's crops)
     images: Pixels            # the N images, each at its own stored size
     y: torch.Tensor           # [N]
     group: torch.Tensor       # [N]
-    box: torch.Tensor | None = None       # [N, 4] relative crop box of the view
-    flip: torch.Tensor | None = None      # [N] horizontal flip of the view
-    logits: torch.Tensor | None = None    # [N, T, C]
-    biased: torch.Tensor | None = None    # [N, C]
-    cached: torch.Tensor | None = None    # [N, T]
-    feats: dict | None = None             # {layer: [N, B, D] float16}
+    view: View
 
-    def seen_through(self, view: "SplitData") -> "SplitData":
-        """These rows with the view (and teacher outputs) of ``view``, a SplitData of the same rows."""
-        return dataclasses.replace(self, box=view.box, flip=view.flip, logits=view.logits, biased=view.biased,
-                                   cached=view.cached, feats=view.feats)
+    def seen_through(self, view: View) -> "SplitData":
+        """These rows seen through ``view`` (a view of the same rows)."""
+        return dataclasses.replace(self, view=view)
 
 
 @dataclass
@@ -110,26 +123,26 @@ def open_inputs(cfg: DistillConfig) -> tuple[CacheReader, ImageStore]:
     return cache, store
 
 
-def _tensors(d: dict, device) -> dict:
+def _tensors(read: dict, device) -> dict:
     """Arrays of a cache read as tensors on ``device`` (``features`` a dict of them)."""
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
-    return {k: ({l: t(a) for l, a in v.items()} if k == "features" else t(v)) for k, v in d.items()
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    return {k: ({l: t(a) for l, a in v.items()} if k == "features" else t(v)) for k, v in read.items()
             if k not in ("id",)}
 
 
-def view_data(d: dict, device) -> SplitData:
-    """The view part of a SplitData (images, rows and labels left empty) from a cache read."""
-    t = _tensors(d, device)
-    return SplitData(rows=t["rows"], images=None, y=t["y"], group=t["group"], box=t.get("box"), flip=t.get("flip"),
-                     logits=t.get("logits"), biased=t.get("biased"), cached=t.get("weights"), feats=t["features"])
+def view_of(read: dict, device) -> View:
+    """The :class:`View` of a cache read (``CacheReader.read_eval`` or ``read_slot``)."""
+    t = _tensors(read, device)
+    return View(t["box"], t["flip"], t.get("logits"), t.get("biased"), t.get("weights"), t["features"])
 
 
 def load_split(cache: CacheReader, store: ImageStore, split: str, device) -> SplitData:
-    """A split's images and labels in memory on ``device``, with the eval view of its rows."""
-    d = cache.read_eval(split=split, fields=("box", "flip"))
-    rows = d["rows"] + cache.row_start
-    view = view_data(d, device)
-    return dataclasses.replace(view, rows=torch.from_numpy(rows).to(device), images=store.load(rows).to(device))
+    """A split's images and labels in memory on ``device``, seen through the eval view."""
+    read = cache.read_eval(split=split, fields=("box", "flip"))
+    rows = read["rows"] + cache.row_start
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    return SplitData(rows=t(rows), images=store.load(rows).to(device), y=t(read["y"]), group=t(read["group"]),
+                     view=view_of(read, device))
 
 
 def slot_of(sample_views: bool | None, random_views: int, epoch: int) -> int:
@@ -158,12 +171,12 @@ class Slots:
             (("weights",) if needs.cached_weights else ())
         self.layers = needs.layers
         self._reader = ThreadPoolExecutor(1)
-        self._held: dict[int, object] = {}  # slot -> future of its SplitData
+        self._held: dict[int, object] = {}  # slot -> future of its View
 
-    def _read(self, slot: int) -> SplitData:
-        return view_data(self.cache.read_slot(slot, layers=self.layers, fields=self.fields), self.device)
+    def _read(self, slot: int) -> View:
+        return view_of(self.cache.read_slot(slot, layers=self.layers, fields=self.fields), self.device)
 
-    def view(self, epoch: int) -> SplitData:
+    def view(self, epoch: int) -> View:
         """The view of ``epoch`` (read now unless prefetched), and the next epoch's started."""
         K = self.cache.meta.random_views
         slot = slot_of(self.sample_views, K, epoch)
@@ -190,7 +203,7 @@ class InMemorySplit:
     def __len__(self) -> int:
         return len(self.y)
 
-    def batches(self, order: torch.Tensor, view: SplitData, bounds, rank: int = 0, world: int = 1):
+    def batches(self, order: torch.Tensor, view: View, bounds, rank: int = 0, world: int = 1):
         """``(data, idx, positions)`` per batch, the rows seen through ``view`` (this epoch's
         slot); this process's share of each global batch is every ``world``-th row from ``rank``."""
         data = self.data.seen_through(view)
@@ -202,7 +215,7 @@ class InMemorySplit:
         yield self.data
 
 
-def placement(device: torch.device, nbytes: int) -> torch.device:
+def data_device(device: torch.device, nbytes: int) -> torch.device:
     """Keep the data on the GPU when it fits comfortably, else in host memory."""
     if device.type == "cuda" and nbytes < 0.5 * torch.cuda.mem_get_info(device)[0]:
         return device
@@ -234,12 +247,12 @@ def make_batch(data: SplitData, idx: torch.Tensor, epoch: int, teachers, image_s
     ``teachers`` (:mod:`distill.teachers`) says where both come from: the cache (the epoch's
     stored view, ``data`` seen through it, and its cached outputs) or, with ``teachers.live``, the
     study's loop (a fresh crop of every row, the teachers run on it)."""
-    images = data.images
+    images, view = data.images, data.view
     if teachers.live:
         box, flip = teachers.crops(data.rows[idx].cpu().numpy(), images.hw[idx.to(images.hw.device)].cpu().numpy(),
                                    epoch)
     else:
-        box, flip = data.box[idx], data.flip[idx]
+        box, flip = view.box[idx], view.flip[idx]
     if images.flat.device.type == device.type:  # drawn in place (cuda:0 and cuda are one device)
         x = render(images, box.to(device), flip.to(device), image_size, index=idx)
     else:  # held in host memory for a GPU run: the batch's bytes cross, not its rendered views
@@ -248,9 +261,9 @@ def make_batch(data: SplitData, idx: torch.Tensor, epoch: int, teachers, image_s
     if teachers.live:
         logits, biased, feats, cached = teachers.outputs(x, y)
     else:
-        logits, biased = data.logits[idx].to(device), data.biased[idx].to(device)
-        feats = {l: data.feats[l][idx].to(device).index_select(1, teachers.backbone) for l in teachers.layers}
-        cached = None if data.cached is None else data.cached[idx].to(device)
+        logits, biased = view.logits[idx].to(device), view.biased[idx].to(device)
+        feats = {l: view.feats[l][idx].to(device).index_select(1, teachers.backbone) for l in teachers.layers}
+        cached = None if view.cached is None else view.cached[idx].to(device)
     if teachers.erase is not None:  # the spurious attribute erased from each teacher's features
         feats = {l: teachers.erase(l, f, y) for l, f in feats.items()}
     return Batch(x, y, logits, biased, feats, cached, share, positions)

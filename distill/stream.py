@@ -21,7 +21,7 @@ import torch
 from cache.reader import CacheReader
 from data.store import ImageStore
 from distill.config import DistillConfig
-from distill.data import SplitData, view_data
+from distill.data import SplitData, View, view_of
 
 GROUP_BATCHES = 16      # training batches read together
 EVAL_CHUNK_ROWS = 4096  # evaluation rows read together
@@ -43,30 +43,28 @@ class StreamedSplit:
 
     def __init__(self, cache: CacheReader, store: ImageStore, split: str, device):
         self.store, self.device = store, device
-        d = cache.read_eval(split=split, fields=("box", "flip"))  # the eval view: 20 bytes a row
-        self.eval_view = view_data(d, "cpu")
-        self.dataset_rows = d["rows"] + cache.row_start
-        self.y, self.group = self.eval_view.y, self.eval_view.group
+        read = cache.read_eval(split=split, fields=("box", "flip"))  # the eval view: 20 bytes a row
+        self.eval_view = view_of(read, "cpu")
+        self.dataset_rows = read["rows"] + cache.row_start
+        self.y, self.group = (torch.from_numpy(np.ascontiguousarray(read[k])) for k in ("y", "group"))
 
     def __len__(self) -> int:
         return len(self.y)
 
-    def _load(self, positions: np.ndarray, view: SplitData) -> tuple[SplitData, np.ndarray]:
+    def _load(self, positions: np.ndarray, view: View) -> tuple[SplitData, np.ndarray]:
         """Rows at split ``positions`` (any order) -> (their SplitData in increasing row order, seen
         through ``view``, and where each position landed in it)."""
         order = np.argsort(positions, kind="stable")
         at = torch.from_numpy(positions[order])
         rows = self.dataset_rows[positions[order]]
-        pick = lambda a: None if a is None else a[at].to(self.device)
         data = SplitData(rows=torch.from_numpy(rows).to(self.device), images=self.store.load(rows).to(self.device),
-                         y=pick(self.y), group=pick(self.group), box=pick(view.box), flip=pick(view.flip),
-                         logits=pick(view.logits), biased=pick(view.biased), cached=pick(view.cached),
-                         feats={l: pick(v) for l, v in (view.feats or {}).items()})
+                         y=self.y[at].to(self.device), group=self.group[at].to(self.device),
+                         view=view.take(at, self.device))
         where = np.empty(len(positions), dtype=np.int64)
         where[order] = np.arange(len(positions))
         return data, where
 
-    def batches(self, order: torch.Tensor, view: SplitData, bounds, rank: int = 0, world: int = 1) -> Iterator:
+    def batches(self, order: torch.Tensor, view: View, bounds, rank: int = 0, world: int = 1) -> Iterator:
         """``(data, idx, positions)`` per batch, as the in-memory path gives them: this process's
         share of each global batch is every ``world``-th row from ``rank``."""
         groups = [bounds[i:i + GROUP_BATCHES] for i in range(0, len(bounds), GROUP_BATCHES)]

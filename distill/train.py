@@ -30,7 +30,7 @@ from data.views import render
 from distill.checkpoint import (SELECT_KEY, check_same_run, load_for_resume, oracle, save_best, save_last,
                                 selection_epochs, selection_score, trim_checkpoints, truncate_metrics)
 from distill.config import BEST, CONFIG, LAST, METRICS, RUN_FILES, SUMMARY, WEIGHTS, DistillConfig
-from distill.data import Batches, DistillError, InMemorySplit, Slots, load_split, open_inputs, placement
+from distill.data import Batches, DistillError, InMemorySplit, Slots, load_split, open_inputs, data_device
 from distill.stream import StreamedSplit, should_stream
 from distill.student import Student
 from distill.task import DistillTask
@@ -46,8 +46,8 @@ def evaluate(model: Student, split, image_size: int, device, train_counts, batch
     probs = []
     for data in split.chunks():
         for s in range(0, len(data.y), batch_size):
-            x = render(data.images[s:s + batch_size].to(device), data.box[s:s + batch_size],
-                       data.flip[s:s + batch_size], image_size)
+            x = render(data.images[s:s + batch_size].to(device), data.view.box[s:s + batch_size],
+                       data.view.flip[s:s + batch_size], image_size)
             with autocast(device):
                 logits, _, _ = model(x.contiguous(memory_format=memory_format_for(device)))
             probs.append(torch.softmax(logits.float(), 1).cpu())
@@ -134,7 +134,7 @@ def fit(cfg: DistillConfig, resume: bool = False, overwrite: bool = False, progr
     must have been made with the same settings from the same cache, or it is refused.
     """
     out = Path(cfg.out)
-    d = context(pick_device(cfg.device).type)
+    dist = context(pick_device(cfg.device).type)
     existing = [f for f in RUN_FILES if (out / f).exists()]  # seen alike by every process
     # A finished run of these settings is a result, not an obstacle (as make treats a built target):
     # _fit checks that it is this run and returns its summary. An unfinished one needs a decision.
@@ -142,17 +142,17 @@ def fit(cfg: DistillConfig, resume: bool = False, overwrite: bool = False, progr
     if existing and not (resume or overwrite or finished):
         raise DistillError(f"{out} already holds an unfinished run; pass --resume to continue it, --overwrite "
                            "to start it again, or choose another --out")
-    d.barrier()
+    dist.barrier()
     ensure_dir(out, "run folder")
-    with OutputLock(out, "the run folder") if d.is_main else contextlib.nullcontext():
-        if existing and overwrite and d.is_main:
+    with OutputLock(out, "the run folder") if dist.is_main else contextlib.nullcontext():
+        if existing and overwrite and dist.is_main:
             for f in existing:
                 (out / f).unlink()
-        d.barrier()
-        return _fit(cfg, out, progress and d.is_main, d)
+        dist.barrier()
+        return _fit(cfg, out, progress and dist.is_main, dist)
 
 
-def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
+def _fit(cfg: DistillConfig, out: Path, progress: bool, dist: Dist) -> dict:
     last_path, best_path = out / LAST, out / BEST
     cache, store = open_inputs(cfg)
     meta = cache.meta
@@ -174,21 +174,21 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
     nbytes = footprint["held"]["total"]
     if should_stream(cfg, nbytes):
         say(f"streaming the images from {store.path} ({nbytes / 2**30:.1f} GiB would not fit comfortably in memory)")
-        place = placement(device, footprint["held"]["teacher_outputs"])
+        place = data_device(device, footprint["held"]["teacher_outputs"])
         train, val, test = (StreamedSplit(cache, store, s, device) for s in ("train", "val", "test"))
     else:
-        place = placement(device, nbytes)
+        place = data_device(device, nbytes)
         train, val, test = (InMemorySplit(load_split(cache, store, s, place)) for s in ("train", "val", "test"))
     train_counts = torch.bincount(train.group.cpu(), minlength=meta.num_groups).numpy()
     teachers = teacher_source(meta, cfg, image_size, device)
     slots = Slots(cache, cfg.needs, place, sample_views=cfg.sample_views, epochs=cfg.epochs)
     batches = Batches(train, slots, teachers, image_size, device, seed=cfg.seed, batch_size=cfg.batch_size,
-                      epochs=cfg.epochs, dist=d)
-    task = DistillTask(cfg, teachers, device, d)
+                      epochs=cfg.epochs, dist=dist)
+    task = DistillTask(cfg, teachers, device, dist)
 
     model = Student(meta.num_classes, {l: teachers.feature_dims[l] for l in cfg.active_layers}, pretrained,
                     cfg.weights_file, arch=cfg.student_arch)
-    if d.active:  # statistics of the global batch, as one process holding it would compute
+    if dist.active:  # statistics of the global batch, as one process holding it would compute
         model = global_batch_norm(model)
     model = model.to(device).to(memory_format=memory_format_for(device))
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -202,13 +202,13 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
         score = ck.get("best_score", ck.get("best_wga"))  # best_wga: checkpoints of earlier versions
         start, best = int(ck["epoch"]), (float(score), int(ck["best_epoch"]))
         say(f"resuming {out} after epoch {start}")
-    if d.is_main:
+    if dist.is_main:
         cfg.save(out / CONFIG)
         truncate_metrics(out / METRICS, start)
 
     teacher_names = [t["name"] for t in teachers.names if t["role"] != "biased"]
     names = {"group_acc": meta.group_names, "group_count": meta.group_names, "teacher_weights": teacher_names}
-    tracker = open_tracker(cfg, out, d.is_main, names, start)  # TensorBoard / W&B when asked, rank 0 only
+    tracker = open_tracker(cfg, out, dist.is_main, names, start)  # TensorBoard / W&B when asked, rank 0 only
     try:
         weights_out = torch.zeros(len(train.y), batches.num_teachers, device=device)
         step = functools.partial(task.step, model, opt)
@@ -216,13 +216,13 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
             t0 = time.time()
             lr = opt.param_groups[0]["lr"]
             last = epoch == cfg.epochs - 1
-            tr = train_one_epoch(model, step, batches, epoch, d, weights_out if last else None, progress)
+            tr = train_one_epoch(model, step, batches, epoch, dist, weights_out if last else None, progress)
             if tr["non_finite"] is not None:
                 raise DistillError(_non_finite_message(cfg, epoch, *tr["non_finite"]))
             if last:
-                d.all_sum([weights_out])  # each process filled the rows it trained on
+                dist.all_sum([weights_out])  # each process filled the rows it trained on
             sched.step()
-            if not d.is_main:  # one process evaluates and writes; the models are the same everywhere
+            if not dist.is_main:  # one process evaluates and writes; the models are the same everywhere
                 continue
             vm = evaluate(model, val, image_size, device, train_counts)
             score = selection_score(cfg.select, vm, epoch + 1)
@@ -246,9 +246,9 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
                 f"avg {_avg(vm)}  ({rec['time_s']:.1f}s)")
 
         batches.close()
-        if not d.is_main:
-            d.barrier()
-            return d.broadcast_object(None)
+        if not dist.is_main:
+            dist.barrier()
+            return dist.broadcast_object(None)
         test_last = evaluate(model, test, image_size, device, train_counts)
         history = read_jsonl(out / METRICS)
         model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
@@ -275,8 +275,8 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, d: Dist) -> dict:
         raise
     tracker.finish(summary)
     trim_checkpoints(out, cfg.keep_checkpoints)
-    d.barrier()
-    return d.broadcast_object(summary)
+    dist.barrier()
+    return dist.broadcast_object(summary)
 
 
 def _avg(metrics: dict) -> str:
@@ -285,14 +285,14 @@ def _avg(metrics: dict) -> str:
 
 def teacher_test_metrics(cache: CacheReader, split: str = "test") -> dict:
     """Each teacher's (and the biased model's) own metrics on ``split``, from cached view-0 logits."""
-    d = cache.read_eval(fields=("logits", "biased"))  # every row: avg acc weights by the training split's groups
+    rows = cache.read_eval(fields=("logits", "biased"))  # every row: avg acc weights by the training split's groups
     names = [t["name"] for t in cache.meta.teacher_entries] + [cache.meta.biased_entry["name"]]
-    logits = [np.asarray(d["logits"])[:, t] for t in range(len(names) - 1)] + [np.asarray(d["biased"])]
+    logits = [np.asarray(rows["logits"])[:, t] for t in range(len(names) - 1)] + [np.asarray(rows["biased"])]
     wanted = {split: SPLIT_CODES[split]}
     out = {}
     for n, z in zip(names, logits):
         p = _softmax(z)
-        out[n] = split_metrics(p.argmax(-1), d["y"], d["group"], d["split"], wanted, cache.meta.num_groups,
+        out[n] = split_metrics(p.argmax(-1), rows["y"], rows["group"], rows["split"], wanted, cache.meta.num_groups,
                                probs=p)[split]
     return out
 

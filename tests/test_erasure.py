@@ -112,12 +112,12 @@ def test_raw_step_is_todays_and_erased_step_uses_the_erased_features(tiny_cache)
     a, b = (make_batch(data, idx, 0, source, size, CPU) for source in (raw_src, er_src))
     backbone = torch.tensor(meta.backbone_of_teacher)
     for layer in ("layer3", "layer4"):
-        today = data.feats[layer][idx].index_select(1, backbone)
+        today = data.view.feats[layer][idx].index_select(1, backbone)
         assert a.teacher_feats[layer].dtype == today.dtype
         torch.testing.assert_close(a.teacher_feats[layer], today, rtol=0, atol=0)
     # the erased target: the eraser of each teacher's backbone and each row's class
     eraser = teacher_eraser(tiny_cache, ("layer4",), meta.backbone_of_teacher, CPU)
-    want = eraser("layer4", data.feats["layer4"][idx].index_select(1, backbone), data.y[idx])
+    want = eraser("layer4", data.view.feats["layer4"][idx].index_select(1, backbone), data.y[idx])
     torch.testing.assert_close(b.teacher_feats["layer4"], want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(b.teacher_feats["layer4"], a.teacher_feats["layer4"].float(), atol=1e-3)
 
@@ -127,7 +127,7 @@ def test_raw_step_is_todays_and_erased_step_uses_the_erased_features(tiny_cache)
     twin = __import__("copy").deepcopy(model)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, twin)]
     today = Batch(a.x, a.y, a.teacher_logits, a.biased_logits,
-                  {l: data.feats[l][idx].index_select(1, backbone) for l in raw_cfg.active_layers})
+                  {l: data.view.feats[l][idx].index_select(1, backbone) for l in raw_cfg.active_layers})
     out_raw = DistillTask(raw_cfg, raw_src, CPU).step(model, opts[0], a)
     out_today = DistillTask(raw_cfg, raw_src, CPU).step(twin, opts[1], today)
     for k in ("loss", "kd", "feat"):

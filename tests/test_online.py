@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from distill.config import DistillConfig
-from distill.data import load_split, make_batch, open_inputs, view_data
+from distill.data import load_split, make_batch, open_inputs, view_of
 from distill.student import Student
 from distill.teachers import teacher_source
 from distill.task import DistillTask
@@ -24,12 +24,12 @@ def test_online_step_equals_the_cached_step_on_the_same_crop(tiny_cache, tiny_te
                 pretrained=False, batch_size=16)
     cached_cfg, online_cfg = DistillConfig(**base), DistillConfig(**base, teachers_online=str(tiny_teachers))
     cache, store = open_inputs(cached_cfg)
-    slot = view_data(cache.read_slot(1, layers=["layer4"]), CPU)  # a stored random view of the training rows
+    slot = view_of(cache.read_slot(1, layers=["layer4"]), CPU)  # a stored random view of the training rows
     data = load_split(cache, store, "train", CPU).seen_through(slot)
     size = cache.meta.out_size
     cached, online = (teacher_source(cache.meta, c, size, CPU) for c in (cached_cfg, online_cfg))
     idx = torch.arange(16)
-    monkeypatch.setattr(online, "crops", lambda rows, hw, epoch: (data.box[idx], data.flip[idx]))
+    monkeypatch.setattr(online, "crops", lambda rows, hw, epoch: (data.view.box[idx], data.view.flip[idx]))
     a, b = (make_batch(data, idx, 0, source, size, CPU) for source in (cached, online))
     torch.testing.assert_close(a.x, b.x, rtol=0, atol=0)                                      # the same pixels
     torch.testing.assert_close(a.teacher_logits, b.teacher_logits, rtol=1e-4, atol=1e-4)
