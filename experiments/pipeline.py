@@ -40,13 +40,16 @@ def ensure_pretrained() -> Path:
     from core.files import read_json_object
     from data.folders import fingerprint, load_metadata
     from data.synth import SynthSpec
-    from precompute.teachers import TeacherConfig, pretrain_backbone
+    from precompute.teachers import TeacherConfig, pretrain_backbone, recorded_identity
 
     data = _generated(defaults.PRETRAIN / "data", SynthSpec(**defaults.PRETRAIN_SYNTH))
     cfg = TeacherConfig(data_root=str(data), out=str(defaults.PRETRAIN), **defaults.PRETRAIN_OVERRIDES)
     want = json.loads(json.dumps({"config": cfg.identity(), "dataset_fingerprint": fingerprint(load_metadata(data))}))
     record = defaults.PRETRAIN / "backbone_config.json"
-    if defaults.PRETRAINED.is_file() and record.is_file() and read_json_object(record) == want:
+    held = read_json_object(record) if record.is_file() else None
+    if held is not None:  # recorded by an older version: the same identity in today's names
+        held = {**held, "config": recorded_identity(held.get("config"))}
+    if defaults.PRETRAINED.is_file() and held == want:
         return defaults.PRETRAINED
     for stale in (defaults.PRETRAINED, defaults.PRETRAINED.with_name(defaults.PRETRAINED.name + ".ckpt"), record):
         stale.unlink(missing_ok=True)
@@ -74,14 +77,14 @@ def _default_teachers_current() -> bool:
     from core.files import read_json_object
     from core.provenance import settings_diff
     from data.folders import fingerprint, load_metadata
-    from precompute.teachers import TeacherConfig
+    from precompute.teachers import TeacherConfig, recorded_identity
 
     record = read_json_object(defaults.TEACHERS / "teachers_config.json") if (
         defaults.TEACHERS / "teachers_config.json").is_file() else None
     if not (defaults.TEACHERS / "manifest.json").is_file() or not record:
         return False
     want = TeacherConfig(data_root=str(defaults.DATA), out=str(defaults.TEACHERS), **defaults.TEACHERS_OVERRIDES)
-    return (not settings_diff(record.get("config") or {}, want.identity())
+    return (not settings_diff(recorded_identity(record.get("config")) or {}, want.identity())
             and record.get("dataset_fingerprint") == fingerprint(load_metadata(defaults.DATA)))
 
 

@@ -72,6 +72,16 @@ def test_default_teachers_are_reused_and_rebuilt_when_the_defaults_change(small_
     assert (root / "manifest.json").read_bytes() == before
     assert defaults.PRETRAINED.stat().st_mtime_ns == pretrained  # the pretrained backbone too
 
+    # records of an older version name the study's DFR protocol "report": the same teachers
+    for record in (root / "teachers_config.json", defaults.PRETRAIN / "backbone_config.json"):
+        held = json.loads(record.read_text())
+        assert held["config"]["dfr"] == "study"
+        record.write_text(json.dumps({**held, "config": {**held["config"], "dfr": "report"}}))
+    assert pipeline._default_teachers_current()
+    pipeline.ensure_teachers()
+    assert (root / "manifest.json").read_bytes() == before
+    assert defaults.PRETRAINED.stat().st_mtime_ns == pretrained
+
     monkeypatch.setattr(defaults, "TEACHERS_OVERRIDES", {**overrides, "dfr_bias": (0.0, 0.0, 0.0, 1.0, 1.0)})
     assert not pipeline._default_teachers_current()
     pipeline.ensure_teachers()  # the default changed: its own folder rebuilt
