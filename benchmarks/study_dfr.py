@@ -1,4 +1,4 @@
-"""Study: which DFR protocol ("reference", "report", "tool") should the teachers use by default?
+"""Study: which DFR protocol ("reference", "study", formerly "report", "tool") should the teachers use by default?
 
 For each of two synthetic data sets (``data.synth``), train ONE small from-scratch ERM backbone
 with the tool's own ``precompute.teachers.train_erm``, extract eval-view penultimate embeddings of

@@ -51,7 +51,7 @@ class CacheNeeds:
 
 @dataclass
 class DistillConfig:
-    """One run of ``fit``. Defaults are those of the user's report: its AGRE-KD (batch weights from
+    """One run of ``fit``. Defaults are those of the study: its AGRE-KD (batch weights from
     the gradients of all student parameters), alpha 1, tau 4, 30 epochs, lr 1e-3."""
 
     cache: str = "artifacts/default/cache.h5"

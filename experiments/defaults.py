@@ -67,7 +67,7 @@ def student_defaults_for(cache, given: dict) -> tuple[dict, str]:
     On the embedded default's cache (``CACHE``), the settings of ``DISTILL_OVERRIDES`` and
     ``epochs`` (``DISTILL_EPOCHS``) that the user did not set (``given``: the options set on the
     command line, by DistillConfig field name) are the demo's from-scratch students', not the
-    report's real-data ones; the message says so in one line. Any other cache: ``({}, "")``.
+    study's real-data ones; the message says so in one line. Any other cache: ``({}, "")``.
     """
     if Path(cache).resolve() != CACHE.resolve():
         return {}, ""
