@@ -263,8 +263,9 @@ class OutputLock:
         except OSError as e:
             if os.path.islink(self.file):
                 raise OutputError(f"the lock file {self.file} is a symbolic link (to "
-                                  f"{os.readlink(self.file)}): refusing to follow it (a received folder may "
-                                  f"plant one to overwrite another file); remove the link and run again") from None
+                                  f"{os.readlink(self.file)}): refusing to follow it (a received folder "
+                                  "may plant one to overwrite another file); remove the link and run "
+                                  "again") from None
             raise _cannot("the lock file", self.file, e) from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)

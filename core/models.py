@@ -82,7 +82,8 @@ def _narrow_resnet(base: str, width: int, num_classes: int) -> torchvision.model
     net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
     net.bn1 = nn.BatchNorm2d(width)
     for i, depth in enumerate(depths):
-        setattr(net, f"layer{i + 1}", net._make_layer(block, width * 2 ** i, depth, stride=1 if i == 0 else 2))
+        setattr(net, f"layer{i + 1}",
+                net._make_layer(block, width * 2 ** i, depth, stride=1 if i == 0 else 2))
     net.fc = nn.Linear(width * 8 * block.expansion, num_classes)
     for m in net.modules():  # torchvision's own initialisation of the rebuilt modules
         if isinstance(m, nn.Conv2d):
@@ -333,7 +334,8 @@ def load_into(model: FeatureResNet, state: dict[str, torch.Tensor], source: str,
     model.net.load_state_dict(state, strict=strict_head, assign=assign)
 
 
-def model_from_state(arch: str, num_classes: int, state: dict[str, torch.Tensor], source: str) -> FeatureResNet:
+def model_from_state(arch: str, num_classes: int, state: dict[str, torch.Tensor],
+                     source: str) -> FeatureResNet:
     """A FeatureResNet holding ``state`` (as float32), with :func:`load_into`'s checks and errors.
 
     Built on the meta device and filled by assignment: no random initialisation of weights that
@@ -344,12 +346,14 @@ def model_from_state(arch: str, num_classes: int, state: dict[str, torch.Tensor]
     with torch.device("meta"):
         model = FeatureResNet(arch, num_classes)
     state = check_state(state, model.net.state_dict(), arch, num_classes, source)
-    owned = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()}
+    owned = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
+             for k, v in state.items()}
     load_into(model, owned, source, assign=True)
     return model
 
 
-def imagenet_state(arch: str, weights_file: str | None = None, timeout: float = 20.0) -> dict[str, torch.Tensor]:
+def imagenet_state(arch: str, weights_file: str | None = None,
+                   timeout: float = 20.0) -> dict[str, torch.Tensor]:
     """ImageNet weights from a local file, or from torchvision's weight enum (download/cache).
 
     Fails fast (no hang) when the download cannot be done, saying what to pass instead.
@@ -367,8 +371,9 @@ def imagenet_state(arch: str, weights_file: str | None = None, timeout: float = 
     except Exception as e:
         raise CheckpointError(
             f"could not download ImageNet weights {IMAGENET_WEIGHTS[arch]} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:160] if str(e) else ''}). Pass --weights-file PATH with a local "
-            f"torchvision {arch} state dict ({weights.url.rsplit('/', 1)[-1]}), or --no-pretrained.") from None
+            f"{str(e).splitlines()[0][:160] if str(e) else ''}). Pass --weights-file PATH with a "
+            f"local torchvision {arch} state dict ({weights.url.rsplit('/', 1)[-1]}), "
+            "or --no-pretrained.") from None
     finally:
         socket.setdefaulttimeout(old)
 

@@ -65,7 +65,8 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # musl and other libcs: nothing to tune
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return (bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX))
+            and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)))
 
 
 def cpu_model() -> str:

@@ -181,7 +181,8 @@ def last_layer_gradients(student_logits: Tensor, penultimate: Tensor, teacher_lo
 
 
 def agre_batch_weights_from_grads(teacher_grads: Sequence[Sequence[Tensor]],
-                                  biased_grads: Sequence[Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
+                                  biased_grads: Sequence[Tensor],
+                                  dtype: torch.dtype = torch.float32) -> Tensor:
     """``w_t = max(1 - cos(g_t, g_b), 0.01)`` normalised to sum 1, from the gradients as lists of
     per-parameter tensors (the cosine of the flattened, concatenated vectors; with a zero vector
     it is 0). Returns [T] in ``dtype``.

@@ -83,7 +83,8 @@ def group_metrics(pred, y, group, train_group_counts=None, num_groups: int | Non
     """
     pred, y, group = as_numpy(pred).ravel(), as_numpy(y).ravel(), as_numpy(group).ravel()
     if num_groups is None:
-        num_groups = len(train_group_counts) if train_group_counts is not None else int(group.max(initial=0)) + 1
+        num_groups = (len(train_group_counts) if train_group_counts is not None
+                      else int(group.max(initial=0)) + 1)
     if not (len(pred) == len(y) == len(group)):
         raise ValueError(f"pred, y and group differ in length: {len(pred)}, {len(y)}, {len(group)}")
     if len(y) == 0:
@@ -114,7 +115,8 @@ def group_metrics(pred, y, group, train_group_counts=None, num_groups: int | Non
 TRAIN_SPLIT = 0  # split code of the training rows (Waterbirds metadata: 0 train, 1 val, 2 test)
 
 
-def split_metrics(pred, y, group, split, splits: dict[str, int], num_groups: int, probs=None) -> dict[str, dict]:
+def split_metrics(pred, y, group, split, splits: dict[str, int], num_groups: int,
+                  probs=None) -> dict[str, dict]:
     """``group_metrics`` of each named split present, e.g. ``splits={"val": 1, "test": 2}``.
 
     All arrays are [N] over the whole data set (``probs`` [N, C], optional); "avg_acc" weights

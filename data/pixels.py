@@ -12,7 +12,8 @@ class Pixels:
 
     def __init__(self, flat: torch.Tensor, offset, hw, _host=None):
         self.flat, self.offset, self.hw = flat, torch.as_tensor(offset), torch.as_tensor(hw)
-        self._off, self._hw = _host if _host is not None else (self.offset.cpu().numpy(), self.hw.cpu().numpy())
+        self._off, self._hw = (_host if _host is not None
+                               else (self.offset.cpu().numpy(), self.hw.cpu().numpy()))
 
     @classmethod
     def from_images(cls, images) -> "Pixels":
@@ -27,8 +28,10 @@ class Pixels:
     def _pack(cls, flat, hw: np.ndarray) -> "Pixels":
         hw = np.asarray(hw, np.int64).reshape(-1, 2)
         sizes = 3 * hw[:, 0] * hw[:, 1]
-        off = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(hw) else np.zeros(0, np.int64)
-        return cls(flat, torch.from_numpy(off).to(flat.device), torch.from_numpy(hw).to(flat.device), (off, hw))
+        off = (np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(hw)
+               else np.zeros(0, np.int64))
+        return cls(flat, torch.from_numpy(off).to(flat.device), torch.from_numpy(hw).to(flat.device),
+                   (off, hw))
 
     def __len__(self) -> int:
         return len(self._off)
@@ -79,7 +82,8 @@ class Pixels:
         return Pixels(t(self.flat), t(self.offset), t(self.hw), (self._off, self._hw))
 
     def pin_memory(self) -> "Pixels":
-        return Pixels(self.flat.pin_memory(), self.offset.pin_memory(), self.hw.pin_memory(), (self._off, self._hw))
+        return Pixels(self.flat.pin_memory(), self.offset.pin_memory(), self.hw.pin_memory(),
+                      (self._off, self._hw))
 
     def __repr__(self) -> str:
         return f"Pixels({len(self)} images, {self.flat.numel()} bytes, {self.device})"

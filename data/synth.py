@@ -60,10 +60,12 @@ class SynthSpec:
         if self.size < 8:
             raise ConfigError(f"image size must be at least 8 px, got {self.size}")
         if not self.val_factor > 0:
-            raise ConfigError(f"val_factor must be > 0 (the validation split's relative size), got {self.val_factor}")
+            raise ConfigError(f"val_factor must be > 0 (the validation split's relative size), "
+                              f"got {self.val_factor}")
 
 
-def group_counts(scale: float, independent: bool = False, val_factor: float = 1.0) -> dict[str, tuple[int, ...]]:
+def group_counts(scale: float, independent: bool = False,
+                 val_factor: float = 1.0) -> dict[str, tuple[int, ...]]:
     """Scaled group counts; every group keeps at least one image per split. ``independent``: each
     split's images spread evenly over the four groups (class and background independent).
     ``val_factor``: the validation split's counts scaled by ``scale * val_factor``."""
@@ -124,7 +126,8 @@ def made_with(folder: str | Path, spec: SynthSpec) -> bool:
     folder = Path(folder)
     try:
         stored = json.loads((folder / SPEC_FILE).read_text())
-        return (folder / "metadata.csv").is_file() and {**_spec_json(SynthSpec()), **stored} == _spec_json(spec)
+        return ((folder / "metadata.csv").is_file()
+                and {**_spec_json(SynthSpec()), **stored} == _spec_json(spec))
     except (OSError, ValueError, TypeError):
         return False
 

@@ -57,7 +57,8 @@ def eval_boxes(hw: np.ndarray, out_size: int) -> np.ndarray:
     return np.concatenate([offset / hw, crop / hw], axis=1).astype(np.float32).reshape(-1, 4)
 
 
-def _random_box(rng: np.random.Generator, scale, ratio, aspect: float = 1.0) -> tuple[float, float, float, float]:
+def _random_box(rng: np.random.Generator, scale, ratio,
+                aspect: float = 1.0) -> tuple[float, float, float, float]:
     # RandomResizedCrop.get_params in relative units of an image of aspect ratio W / H: area
     # fraction in scale, log-uniform aspect ratio of the crop in pixels, ten tries, then the
     # whole image clamped to the ratio range as fallback.
@@ -77,7 +78,8 @@ def _random_box(rng: np.random.Generator, scale, ratio, aspect: float = 1.0) -> 
     return ((1 - h) / 2, (1 - w) / 2, h, w)
 
 
-def sample_views(rows: np.ndarray, spec: ViewSpec, hw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def sample_views(rows: np.ndarray, spec: ViewSpec,
+                 hw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Boxes and flips for dataset rows.
 
     Args:
@@ -92,7 +94,8 @@ def sample_views(rows: np.ndarray, spec: ViewSpec, hw: np.ndarray | None = None)
     box = np.empty((len(rows), spec.random_views + 1, 4), dtype=np.float32)
     flip = np.zeros((len(rows), spec.random_views + 1), dtype=bool)
     box[:, 0] = eval_box() if hw is None else eval_boxes(hw, spec.out_size)
-    aspect = np.ones(len(rows)) if hw is None else np.asarray(hw, dtype=np.float64)[:, 1] / np.asarray(hw)[:, 0]
+    aspect = (np.ones(len(rows)) if hw is None
+              else np.asarray(hw, dtype=np.float64)[:, 1] / np.asarray(hw)[:, 0])
     for i, row in enumerate(rows):
         for v in range(1, spec.random_views + 1):
             rng = np.random.default_rng([spec.seed, int(row), v])

@@ -48,9 +48,9 @@ def save_last(path: Path, model, opt, sched, epoch: int, best: tuple[float, int]
               cache_id: str) -> None:
     """Everything a resume needs after ``epoch`` finished epochs (``best``: the selection rule's
     best score so far and its epoch)."""
-    save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "epoch": epoch, "best_score": best[0], "best_epoch": best[1], "config": cfg.to_dict(),
-                     "cache_identity": cache_id}, path)
+    save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "epoch": epoch, "best_score": best[0],
+                     "best_epoch": best[1], "config": cfg.to_dict(), "cache_identity": cache_id}, path)
 
 
 def save_best(path: Path, model, epoch: int, cfg: DistillConfig) -> None:
@@ -74,7 +74,8 @@ def load_for_resume(path: Path, cfg: DistillConfig, cache_id: str, device) -> di
     try:
         ck = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch raises several types for a damaged file
-        raise DistillError(f"{path} cannot be read ({type(e).__name__}); pass --overwrite to start the run again") from None
+        raise DistillError(f"{path} cannot be read ({type(e).__name__}); "
+                           "pass --overwrite to start the run again") from None
     check_same_run(path.parent, ck.get("config", {}), ck.get("cache_identity"), cfg, cache_id)
     return ck
 

@@ -135,7 +135,8 @@ class DistillConfig:
         if self.layer_gammas is not None and len(self.layer_gammas) != len(self.layers):
             bad(f"--layer-gammas has {len(self.layer_gammas)} values for {len(self.layers)} layers")
         if self.layer_gammas is not None and not all(_finite(g) and g >= 0 for g in self.layer_gammas):
-            bad(f"--layer-gammas must be >= 0 (finite numbers), got {','.join(f'{g:g}' for g in self.layer_gammas)}")
+            bad(f"--layer-gammas must be >= 0 (finite numbers), "
+                f"got {','.join(f'{g:g}' for g in self.layer_gammas)}")
         if any(p not in AGRE_PARAMS for p in self.agre_compare):
             bad(f"agre_compare takes names from {', '.join(AGRE_PARAMS)}, got {','.join(self.agre_compare)}")
         if self.agre_compare and self.weighting != "agre-batch":
@@ -147,7 +148,8 @@ class DistillConfig:
         if self.select not in SELECT_RULES:
             bad(f"--select must be one of {', '.join(SELECT_RULES)}, got {self.select!r}")
         if self.keep_checkpoints not in KEEP_CHECKPOINTS:
-            bad(f"--keep-checkpoints must be one of {', '.join(KEEP_CHECKPOINTS)}, got {self.keep_checkpoints!r}")
+            bad(f"--keep-checkpoints must be one of {', '.join(KEEP_CHECKPOINTS)}, "
+                f"got {self.keep_checkpoints!r}")
         _positive("--lr", self.lr)
         _positive("--tau", self.tau)
         _positive("feat_eps", self.feat_eps)
@@ -259,7 +261,8 @@ def _check_type(name: str, value, default) -> None:
         ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
         want = "an integer or null"
     elif name == "layer_gammas":
-        ok = value is None or (isinstance(value, (list, tuple)) and all(_number(g) and _finite(g) for g in value))
+        ok = value is None or (isinstance(value, (list, tuple))
+                               and all(_number(g) and _finite(g) for g in value))
         want = "a list of finite numbers or null"
     else:
         return

@@ -86,15 +86,17 @@ def open_inputs(cfg: DistillConfig) -> tuple[CacheReader, ImageStore]:
     meta = cache.meta
     if cfg.expect_cache is not None and (cache.root_digest or "") != cfg.expect_cache.strip().lower():
         cache.close()
-        raise DistillError(f"{cfg.cache} has root digest {cache.root_digest}, not the expected {cfg.expect_cache.strip()} "
-                           "(--expect-cache): this is not the cache that was published (altered, re-digested or "
-                           "another build); do not train on it, ask its sender for the file or the digest again")
+        raise DistillError(f"{cfg.cache} has root digest {cache.root_digest}, not the expected "
+                           f"{cfg.expect_cache.strip()} (--expect-cache): this is not the cache that was "
+                           "published (altered, re-digested or another build); do not train on it, ask its "
+                           "sender for the file or the digest again")
     if cache.shard:
         raise DistillError(f"{cfg.cache} is shard {cache.shard} of a cache; merge the shards first with "
                            "`python cli.py cache merge CACHE.h5 SHARD...`")
     empty = [name for name in ("train", "val", "test") if len(cache.split_rows(name)) == 0]
     if empty:
-        raise DistillError(f"{cfg.cache} has no {' or '.join(empty)} samples; distillation needs all three splits")
+        raise DistillError(f"{cfg.cache} has no {' or '.join(empty)} samples; "
+                           "distillation needs all three splits")
     missing = [l for l in cfg.needs.layers if l not in meta.layers]
     if missing:
         raise DistillError(f"gamma > 0 for {', '.join(missing)} but {cfg.cache} holds features of "
@@ -117,9 +119,10 @@ def open_inputs(cfg: DistillConfig) -> tuple[CacheReader, ImageStore]:
         got = store.store_digest()
         store.close()  # opened lazily again where it is read (a handle must not cross a fork)
         if got != meta.store_digest:
-            raise DistillError(f"{store.path} is not the image store {cfg.cache} was computed from (store digest "
-                               f"{got[:16]}, the cache's header records {meta.store_digest[:16]}); copy the "
-                               f"cache's own {store.path.name} beside it, or rebuild both with precompute")
+            raise DistillError(f"{store.path} is not the image store {cfg.cache} was computed from "
+                               f"(store digest {got[:16]}, the cache's header records "
+                               f"{meta.store_digest[:16]}); copy the cache's own {store.path.name} beside "
+                               "it, or rebuild both with precompute")
     return cache, store
 
 
@@ -165,7 +168,8 @@ class Slots:
     ``needs``: what the run reads besides the view (``DistillConfig.needs``); ``sample_views`` and
     ``epochs``: as in :class:`distill.config.DistillConfig`."""
 
-    def __init__(self, cache: CacheReader, needs: CacheNeeds, device, *, sample_views: bool | None, epochs: int):
+    def __init__(self, cache: CacheReader, needs: CacheNeeds, device, *, sample_views: bool | None,
+                 epochs: int):
         self.cache, self.device, self.sample_views, self.epochs = cache, device, sample_views, epochs
         self.fields = ("box", "flip") + (("logits", "biased") if needs.teacher_outputs else ()) + \
             (("weights",) if needs.cached_weights else ())
@@ -249,8 +253,8 @@ def make_batch(data: SplitData, idx: torch.Tensor, epoch: int, teachers, image_s
     study's loop (a fresh crop of every row, the teachers run on it)."""
     images, view = data.images, data.view
     if teachers.live:
-        box, flip = teachers.crops(data.rows[idx].cpu().numpy(), images.hw[idx.to(images.hw.device)].cpu().numpy(),
-                                   epoch)
+        box, flip = teachers.crops(data.rows[idx].cpu().numpy(),
+                                   images.hw[idx.to(images.hw.device)].cpu().numpy(), epoch)
     else:
         box, flip = view.box[idx], view.flip[idx]
     if images.flat.device.type == device.type:  # drawn in place (cuda:0 and cuda are one device)

@@ -114,7 +114,8 @@ class TeacherFeatureEraser:
             right = torch.zeros(C, B, k, D, dtype=torch.float64)
             for c, per_backbone in enumerate(per_class):  # an eraser of lower rank: zero padding
                 for b, e in enumerate(per_backbone):
-                    mean[c, b], left[c, b, :, :e.left.shape[1]], right[c, b, :e.right.shape[0]] = e.mean, e.left, e.right
+                    mean[c, b], left[c, b, :, :e.left.shape[1]], right[c, b, :e.right.shape[0]] = \
+                        e.mean, e.left, e.right
             self.params[layer] = tuple(t.index_select(1, idx).float().to(device) for t in (mean, left, right))
 
     def __call__(self, layer: str, feats: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -136,8 +137,8 @@ def fit_erasers(cache, layers) -> dict[str, list[list[Eraser]]]:
     if all(len(np.unique(attr[y == c])) < 2 for c in classes):
         from distill.data import DistillError
 
-        raise DistillError(f"{cache.path}: no class of the {' and '.join(FIT_SPLITS)} splits holds both attribute "
-                           "values; nothing to erase (--feature-target erased needs them)")
+        raise DistillError(f"{cache.path}: no class of the {' and '.join(FIT_SPLITS)} splits holds both "
+                           "attribute values; nothing to erase (--feature-target erased needs them)")
     out = {}
     for l in layers:
         f = np.concatenate([d["features"][l] for d in parts])
@@ -200,8 +201,8 @@ def probe_attribute(cache, layers=None, split: str = "test", seed: int = 0) -> d
 
 def format_probe(result: dict) -> str:
     """The probe's table: one line per layer and backbone, accuracies in percent."""
-    lines = [f"Linear probe for the spurious attribute (erasers fit per class on {result['fit_split']}; probe trained on "
-             f"half of {result['probe_split']}, scored on the other half)",
+    lines = [f"Linear probe for the spurious attribute (erasers fit per class on {result['fit_split']}; "
+             f"probe trained on half of {result['probe_split']}, scored on the other half)",
              "layer    backbone  raw %   erased %  chance %  (train/test rows)"]
     for layer, rows in result["layers"].items():
         for r in rows:
@@ -212,14 +213,15 @@ def format_probe(result: dict) -> str:
 
 def eraser_for(cfg, meta, device, num_teachers: int | None = None) -> TeacherFeatureEraser | None:
     """The run's feature eraser: None for ``feature_target`` raw or no distilled layer (the teacher
-    features are then used as they are, bit for bit); else fit on ``cfg.cache``'s training and validation rows,
-    one per layer, class and backbone of the cache's teachers (the online loop's teachers must be the
-    cache's: same count, same order)."""
+    features are then used as they are, bit for bit); else fit on ``cfg.cache``'s training and
+    validation rows, one per layer, class and backbone of the cache's teachers (the online loop's
+    teachers must be the cache's: same count, same order)."""
     if cfg.feature_target == "raw" or not cfg.active_layers:
         return None
     if num_teachers is not None and num_teachers != meta.num_teachers:
         from distill.data import DistillError
 
-        raise DistillError(f"--feature-target erased fits its erasers on the cache's teachers ({meta.num_teachers}); "
-                           f"the online teachers are {num_teachers}: use the cache's own manifest")
+        raise DistillError(f"--feature-target erased fits its erasers on the cache's teachers "
+                           f"({meta.num_teachers}); the online teachers are {num_teachers}: use the "
+                           "cache's own manifest")
     return teacher_eraser(cfg.cache, cfg.active_layers, meta.backbone_of_teacher, device)

@@ -57,7 +57,8 @@ class StreamedSplit:
         order = np.argsort(positions, kind="stable")
         at = torch.from_numpy(positions[order])
         rows = self.dataset_rows[positions[order]]
-        data = SplitData(rows=torch.from_numpy(rows).to(self.device), images=self.store.load(rows).to(self.device),
+        data = SplitData(rows=torch.from_numpy(rows).to(self.device),
+                         images=self.store.load(rows).to(self.device),
                          y=self.y[at].to(self.device), group=self.group[at].to(self.device),
                          view=view.take(at, self.device))
         where = np.empty(len(positions), dtype=np.int64)

@@ -73,7 +73,8 @@ def feature_loss(projected: Tensor, teacher_feats: Tensor, weights: Tensor,
     return sq.mean()
 
 
-def loss_gradients(losses: Sequence[Tensor], params: Sequence[Tensor], keep_graph: bool = True) -> list[list[Tensor]]:
+def loss_gradients(losses: Sequence[Tensor], params: Sequence[Tensor],
+                   keep_graph: bool = True) -> list[list[Tensor]]:
     """``grad_theta loss`` for each scalar loss, one backward pass each, as lists over ``params``;
     a parameter a loss does not reach gets zeros. The graph is kept after the last pass only with
     ``keep_graph`` (for a further backward); ``.grad`` of the parameters is left as it was.
@@ -153,7 +154,8 @@ class BatchAgre:
         else:  # through the network (and the global BatchNorm): scaled before the backward passes
             if self._model is not model:
                 self._model, self._params = model, model.agre_params(self.params)
-            losses = [kd_per_teacher(logits, zb[:, None], self.tau).mean(), *kd_per_teacher(logits, zt, self.tau).mean(0)]
+            losses = [kd_per_teacher(logits, zb[:, None], self.tau).mean(),
+                      *kd_per_teacher(logits, zt, self.tau).mean(0)]
             g_b, *g_t = loss_gradients([l * share for l in losses] if self.distributed else losses,
                                        self._params, keep_graph=self.keep_graph)
         if self.distributed:
@@ -213,7 +215,8 @@ class DistillTask:
         kd = (w.to(dtype) * kd_per_teacher(z_kd, batch.teacher_logits, self.tau)).sum(1).mean()
         feat = {l: feature_loss(projected[l], batch.teacher_feats[l], w, self.disagree, self.feat_eps)
                 for l in self.gammas}
-        loss = (1 - self.alpha) * ce + self.alpha * kd + sum((g * feat[l] for l, g in self.gammas.items()), zero)
+        loss = ((1 - self.alpha) * ce + self.alpha * kd
+                + sum((g * feat[l] for l, g in self.gammas.items()), zero))
 
         self.backward(model, loss, batch.share, kd_grads, w[0])
         opt.step()

@@ -70,8 +70,10 @@ class OnlineTeachers:
         self.backbone = torch.tensor(man.teacher_backbone, device=device)
         self.names = [{"name": m.name, "role": m.role} for m in man.models]
         spec = meta.view_spec  # the cache's crop distribution, eval geometry and tau
-        self.spec = ViewSpec(random_views=1, out_size=image_size, scale=tuple(spec.get("scale", (0.7, 1.0))),
-                             ratio=tuple(spec.get("ratio", (3 / 4, 4 / 3))), resize=spec.get("resize", "keep-aspect"))
+        self.spec = ViewSpec(random_views=1, out_size=image_size,
+                             scale=tuple(spec.get("scale", (0.7, 1.0))),
+                             ratio=tuple(spec.get("ratio", (3 / 4, 4 / 3))),
+                             resize=spec.get("resize", "keep-aspect"))
         self.cached_weights, self.tau_cached = cached_weights, meta.tau_cached
         self.erase = None
 
@@ -86,7 +88,8 @@ class OnlineTeachers:
         """(teacher logits [b, T, C], biased logits [b, C], {layer: [b, T, D]}, the ``cached``
         weighting's weights [b, T] or None) on images ``x`` of classes ``y``."""
         with autocast(self.device):
-            zt, zb, f = self.ensemble(x.contiguous(memory_format=self.memory_format), self.layers or ("layer4",))
+            zt, zb, f = self.ensemble(x.contiguous(memory_format=self.memory_format),
+                                      self.layers or ("layer4",))
         feats = {l: f[l].float().index_select(1, self.backbone) for l in self.layers}
         zt, zb = zt.float(), zb.float()
         cached = cached_agre_weights(zt, zb, self.tau_cached) if self.cached_weights else None
@@ -97,8 +100,8 @@ def teacher_source(meta: CacheMeta, cfg: DistillConfig, image_size: int, device)
     """The teachers of a run of ``cfg`` on the cache of ``meta``: the live ones of
     ``cfg.teachers_online``, else the cache's; with the run's feature eraser."""
     if cfg.teachers_online:
-        teachers = OnlineTeachers(meta, cfg.teachers_online, cfg.active_layers, image_size, device, seed=cfg.seed,
-                                  cached_weights=cfg.weighting == "cached")
+        teachers = OnlineTeachers(meta, cfg.teachers_online, cfg.active_layers, image_size, device,
+                                  seed=cfg.seed, cached_weights=cfg.weighting == "cached")
         teachers.erase = eraser_for(cfg, meta, device, teachers.num_teachers)
     else:
         teachers = CachedTeachers(meta, cfg.active_layers, device)

@@ -78,7 +78,8 @@ def train_one_epoch(model, step, batches: Batches, epoch: int, dist: Dist = Dist
         out = step(batch)
         bad = ~torch.isfinite(out["loss"].detach())
         first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, i), first_bad)
-        bad_inputs |= bad & ~(torch.isfinite(batch.teacher_logits).all() & torch.isfinite(batch.biased_logits).all())
+        bad_inputs |= bad & ~(torch.isfinite(batch.teacher_logits).all()
+                              & torch.isfinite(batch.biased_logits).all())
         for k in sums:
             sums[k] += out[k].detach().float() * len(batch.y)
         w = out["weights"].float()
@@ -110,7 +111,8 @@ def _non_finite_message(cfg: DistillConfig, epoch: int, first_bad: int, bad_inpu
         cause = (f"the teacher outputs of that batch are not finite: {source} produce NaN or inf "
                  "(check the teachers' weights, or run `python cli.py cache verify` on the cache)")
     else:
-        cause = f"the teacher outputs were finite, so the optimisation diverged: try a lower --lr (now {cfg.lr:g})"
+        cause = ("the teacher outputs were finite, so the optimisation diverged: "
+                 f"try a lower --lr (now {cfg.lr:g})")
     return f"non-finite loss at epoch {epoch + 1}{where}; stopped: {kept}. Cause: {cause}"
 
 
@@ -138,10 +140,11 @@ def fit(cfg: DistillConfig, resume: bool = False, overwrite: bool = False, progr
     existing = [f for f in RUN_FILES if (out / f).exists()]  # seen alike by every process
     # A finished run of these settings is a result, not an obstacle (as make treats a built target):
     # _fit checks that it is this run and returns its summary. An unfinished one needs a decision.
-    finished = SUMMARY in existing and (read_json_object(out / SUMMARY) or {}).get("status") == "finished"
+    finished = (SUMMARY in existing
+                and (read_json_object(out / SUMMARY) or {}).get("status") == "finished")
     if existing and not (resume or overwrite or finished):
-        raise DistillError(f"{out} already holds an unfinished run; pass --resume to continue it, --overwrite "
-                           "to start it again, or choose another --out")
+        raise DistillError(f"{out} already holds an unfinished run; pass --resume to continue it, "
+                           "--overwrite to start it again, or choose another --out")
     dist.barrier()
     ensure_dir(out, "run folder")
     with OutputLock(out, "the run folder") if dist.is_main else contextlib.nullcontext():
@@ -173,12 +176,14 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, dist: Dist) -> dict:
     footprint = memory_needed(cache, store, cfg.needs.layers, cfg.teachers_online is not None)
     nbytes = footprint["held"]["total"]
     if should_stream(cfg, nbytes):
-        say(f"streaming the images from {store.path} ({nbytes / 2**30:.1f} GiB would not fit comfortably in memory)")
+        say(f"streaming the images from {store.path} "
+            f"({nbytes / 2**30:.1f} GiB would not fit comfortably in memory)")
         place = data_device(device, footprint["held"]["teacher_outputs"])
         train, val, test = (StreamedSplit(cache, store, s, device) for s in ("train", "val", "test"))
     else:
         place = data_device(device, nbytes)
-        train, val, test = (InMemorySplit(load_split(cache, store, s, place)) for s in ("train", "val", "test"))
+        train, val, test = (InMemorySplit(load_split(cache, store, s, place))
+                            for s in ("train", "val", "test"))
     train_counts = torch.bincount(train.group.cpu(), minlength=meta.num_groups).numpy()
     teachers = teacher_source(meta, cfg, image_size, device)
     slots = Slots(cache, cfg.needs, place, sample_views=cfg.sample_views, epochs=cfg.epochs)
@@ -285,15 +290,16 @@ def _avg(metrics: dict) -> str:
 
 def teacher_test_metrics(cache: CacheReader, split: str = "test") -> dict:
     """Each teacher's (and the biased model's) own metrics on ``split``, from cached view-0 logits."""
-    rows = cache.read_eval(fields=("logits", "biased"))  # every row: avg acc weights by the training split's groups
+    # every row: avg acc weights by the training split's groups
+    rows = cache.read_eval(fields=("logits", "biased"))
     names = [t["name"] for t in cache.meta.teacher_entries] + [cache.meta.biased_entry["name"]]
     logits = [np.asarray(rows["logits"])[:, t] for t in range(len(names) - 1)] + [np.asarray(rows["biased"])]
     wanted = {split: SPLIT_CODES[split]}
     out = {}
     for n, z in zip(names, logits):
         p = _softmax(z)
-        out[n] = split_metrics(p.argmax(-1), rows["y"], rows["group"], rows["split"], wanted, cache.meta.num_groups,
-                               probs=p)[split]
+        out[n] = split_metrics(p.argmax(-1), rows["y"], rows["group"], rows["split"], wanted,
+                               cache.meta.num_groups, probs=p)[split]
     return out
 
 

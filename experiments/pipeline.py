@@ -44,14 +44,16 @@ def ensure_pretrained() -> Path:
 
     data = _generated(defaults.PRETRAIN / "data", SynthSpec(**defaults.PRETRAIN_SYNTH))
     cfg = TeacherConfig(data_root=str(data), out=str(defaults.PRETRAIN), **defaults.PRETRAIN_OVERRIDES)
-    want = json.loads(json.dumps({"config": cfg.identity(), "dataset_fingerprint": fingerprint(load_metadata(data))}))
+    want = json.loads(json.dumps({"config": cfg.identity(),
+                                  "dataset_fingerprint": fingerprint(load_metadata(data))}))
     record = defaults.PRETRAIN / "backbone_config.json"
     held = read_json_object(record) if record.is_file() else None
     if held is not None:  # recorded by an older version: the same identity in today's names
         held = {**held, "config": recorded_identity(held.get("config"))}
     if defaults.PRETRAINED.is_file() and held == want:
         return defaults.PRETRAINED
-    for stale in (defaults.PRETRAINED, defaults.PRETRAINED.with_name(defaults.PRETRAINED.name + ".ckpt"), record):
+    for stale in (defaults.PRETRAINED, defaults.PRETRAINED.with_name(defaults.PRETRAINED.name + ".ckpt"),
+                  record):
         stale.unlink(missing_ok=True)
     tqdm.write(f"pretraining the default's backbone on {data} (bird x background, independent)")
     pretrain_backbone(cfg, defaults.PRETRAINED)
@@ -83,7 +85,8 @@ def _default_teachers_current() -> bool:
         defaults.TEACHERS / "teachers_config.json").is_file() else None
     if not (defaults.TEACHERS / "manifest.json").is_file() or not record:
         return False
-    want = TeacherConfig(data_root=str(defaults.DATA), out=str(defaults.TEACHERS), **defaults.TEACHERS_OVERRIDES)
+    want = TeacherConfig(data_root=str(defaults.DATA), out=str(defaults.TEACHERS),
+                         **defaults.TEACHERS_OVERRIDES)
     return (not settings_diff(recorded_identity(record.get("config")) or {}, want.identity())
             and record.get("dataset_fingerprint") == fingerprint(load_metadata(defaults.DATA)))
 
@@ -97,8 +100,9 @@ def ensure_teachers() -> Path:
     ensure_pretrained()
     if not _default_teachers_current():
         stale = manifest.is_file()
-        tqdm.write(f"{'the default teachers predate its current settings: rebuilding' if stale else 'no teachers yet: building'}"
-                   f" the synthetic default's teachers in {defaults.TEACHERS}")
+        doing = ("the default teachers predate its current settings: rebuilding" if stale
+                 else "no teachers yet: building")
+        tqdm.write(f"{doing} the synthetic default's teachers in {defaults.TEACHERS}")
         man = build_teachers_for(None, None, overwrite=True)
         from precompute.teachers import describe
 
@@ -114,8 +118,9 @@ def ensure_cache() -> Path:
 
     data = ensure_data()
     manifest = ensure_teachers()
-    return run_precompute(PrecomputeConfig(data_root=str(data), teachers=str(manifest), out=str(defaults.CACHE),
-                                           random_views=defaults.RANDOM_VIEWS, overwrite=_cache_stale(manifest)))
+    return run_precompute(PrecomputeConfig(data_root=str(data), teachers=str(manifest),
+                                           out=str(defaults.CACHE), random_views=defaults.RANDOM_VIEWS,
+                                           overwrite=_cache_stale(manifest)))
 
 
 def _cache_stale(manifest: Path) -> bool:
@@ -181,20 +186,24 @@ def scenario_problems(man, summary: dict) -> list[str]:
     minority = set(defaults.MINORITY_GROUPS)
     biased = test(man.biased)
     if biased["avg_acc"] < b["biased_avg_min"] or biased["wga"] > b["biased_wga_max"]:
-        problems.append(f"the biased model's test avg acc {100 * biased['avg_acc']:.1f} / WGA {100 * biased['wga']:.1f} "
-                        f"(wanted >= {100 * b['biased_avg_min']:.0f} / <= {100 * b['biased_wga_max']:.0f})")
+        problems.append(f"the biased model's test avg acc {100 * biased['avg_acc']:.1f} / WGA "
+                        f"{100 * biased['wga']:.1f} (wanted >= {100 * b['biased_avg_min']:.0f} / <= "
+                        f"{100 * b['biased_wga_max']:.0f})")
     if worst_two(biased) != minority:
-        problems.append(f"the biased model's two worst groups are {sorted(worst_two(biased))}, not the minority ones")
+        problems.append(f"the biased model's two worst groups are {sorted(worst_two(biased))}, "
+                        "not the minority ones")
     wga = [test(m)["wga"] for m in man.teachers]
     strong = [w for w in wga if w >= b["strong_wga_min"]]
     weak = [m for m in man.teachers if test(m)["wga"] <= b["weak_wga_max"] and worst_two(test(m)) & minority]
     if len(strong) < 2 or len(weak) < 2:
         problems.append(f"teachers' test WGA {' / '.join(f'{100 * w:.1f}' for w in wga)}: wanted two >= "
-                        f"{100 * b['strong_wga_min']:.0f} and two <= {100 * b['weak_wga_max']:.0f} failing a minority group")
+                        f"{100 * b['strong_wga_min']:.0f} and two <= {100 * b['weak_wga_max']:.0f} "
+                        "failing a minority group")
     aver = (summary.get("aver") or {}).get("test")
     if strong and (aver is None or aver["wga"] > np.mean(strong) - b["aver_gap_min"]):
-        problems.append(f"the AVER ensemble's test WGA {100 * aver['wga']:.1f} is not {100 * b['aver_gap_min']:.0f} "
-                        f"points below the strong teachers' mean {100 * np.mean(strong):.1f}" if aver else
+        problems.append(f"the AVER ensemble's test WGA {100 * aver['wga']:.1f} is not "
+                        f"{100 * b['aver_gap_min']:.0f} points below the strong teachers' mean "
+                        f"{100 * np.mean(strong):.1f}" if aver else
                         "no AVER ensemble numbers")
     probe = summary.get("attribute_probe")
     if probe is None or probe["test"] < b["attribute_probe_min"]:
