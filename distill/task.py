@@ -209,14 +209,13 @@ class DistillTask:
         w, kd_grads = self.weighting(model, logits, h, batch)  # [b, T], no gradient
         w = w.detach()
 
-        zero = torch.zeros((), dtype=dtype, device=logits.device)
-        ce = F.cross_entropy(logits, batch.y) if self.alpha < 1 else zero
+        a, gammas, zero = self.alpha, self.gammas, torch.zeros((), dtype=dtype, device=logits.device)
+        ce = F.cross_entropy(logits, batch.y) if a < 1 else zero
         z_kd = logits if kd_grads is None else logits.detach()  # its gradient is known: kd_grads
         kd = (w.to(dtype) * kd_per_teacher(z_kd, batch.teacher_logits, self.tau)).sum(1).mean()
         feat = {l: feature_loss(projected[l], batch.teacher_feats[l], w, self.disagree, self.feat_eps)
-                for l in self.gammas}
-        loss = ((1 - self.alpha) * ce + self.alpha * kd
-                + sum((g * feat[l] for l, g in self.gammas.items()), zero))
+                for l in gammas}
+        loss = (1 - a) * ce + a * kd + sum((g * feat[l] for l, g in gammas.items()), zero)  # the objective
 
         self.backward(model, loss, batch.share, kd_grads, w[0])
         opt.step()
