@@ -41,8 +41,7 @@ def autocast(device: torch.device):
 
 def memory_format_for(device: torch.device) -> torch.memory_format:
     """channels_last (NHWC) on CUDA, where cuDNN's tensor-core kernels want it; the default layout
-    elsewhere: on a 2-core CPU the student's agre-batch step (24 px, batch 128) measured 1.4x
-    slower in channels_last, the mkldnn backward reordering every small feature map."""
+    elsewhere, where channels_last made the CPU step slower (docs/results.md#speed)."""
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 

@@ -188,10 +188,9 @@ def agre_batch_weights_from_grads(teacher_grads: Sequence[Sequence[Tensor]],
     it is 0). Returns [T] in ``dtype``.
 
     The 2T + 1 inner products are taken per parameter by ``torch.dot`` in the gradients' dtype (no
-    temporary, no concatenated copy of the whole gradient) and summed over parameters in float64:
-    for ResNet-18's 11.2M parameters and 6 gradients, 26-33 ms instead of 143-218 ms for an
-    elementwise product summed in float64 (2-core CPU, best of 5), and within 1e-6 of the
-    all-float64 weights for float32 gradients (tests/test_weighting.py)."""
+    temporary, no concatenated copy of the whole gradient; several times faster than a float64
+    elementwise product, docs/results.md#speed) and summed over parameters in float64: within
+    1e-6 of the all-float64 weights for float32 gradients (tests/test_weighting.py)."""
     wide = _wide_dtype(biased_grads[0].device)
     with torch.no_grad():
         per_param = []
