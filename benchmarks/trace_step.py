@@ -5,7 +5,7 @@ Runs a tiny distillation (cached teachers, the study's batch AGRE-KD over all pa
 between the return of the first and of the second optimiser step of the first epoch: the loop's
 bookkeeping, the next batch (order, slot, rendering, teacher outputs), the step (forward,
 weights, objective, backward) and ``opt.step()``. Prints the files and functions in the order
-they were first entered. docs/usage.md#reading-the-code quotes the result.
+they were first entered. docs/usage.md#reading-the-code-one-training-step quotes the result.
 
     python benchmarks/trace_step.py [--cache CACHE.h5]   # without --cache: a tiny one in a temp folder
 """
