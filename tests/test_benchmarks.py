@@ -24,8 +24,9 @@ def test_gpu_check_runs_every_benchmark_at_a_tiny_size(tmp_path):
 
 
 def test_one_training_step_stays_within_eight_files_and_twenty_functions(tiny_cache, tmp_path):
-    """The bound of issue 28, traced as docs/usage.md#reading-the-code-one-training-step says (cached teachers,
-    the study's batch AGRE-KD, gamma 0.5): what a reader follows from the loop to opt.step()."""
+    """The bound of issue 28, traced as docs/usage.md#reading-the-code-one-training-step says
+    (cached teachers, the study's batch AGRE-KD, gamma 0.5): what a reader follows from the loop
+    to opt.step()."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from trace_step import count, trace_one_step
 
