@@ -104,8 +104,8 @@ def main() -> None:
         return
     before = json.loads(Path(args.compare).read_text())
     moved = [k for k in CONFIGS if before.get(k) != digests[k]]
-    print(f"{len(CONFIGS) - len(moved)} of {len(CONFIGS)} runs bit-identical" + (f"; moved: {', '.join(moved)}"
-                                                                                 if moved else ""))
+    said = f"; moved: {', '.join(moved)}" if moved else ""
+    print(f"{len(CONFIGS) - len(moved)} of {len(CONFIGS)} runs bit-identical{said}")
     sys.exit(1 if moved else 0)
 
 

@@ -95,7 +95,8 @@ def main() -> None:
     print(f"one training step (cached teachers, agre-batch all, gamma 0.5): {len(files)} files, "
           f"{len(functions)} functions (and {len(inline)} comprehensions or generator expressions)")
     for f in files:
-        print(f"  {f}: " + (", ".join(name for g, name in functions if g == f) or "(the loop: calls the step)"))
+        entered = ", ".join(name for g, name in functions if g == f)
+        print(f"  {f}: {entered or '(the loop: calls the step)'}")
 
 
 def count(calls: list[tuple[str, str | None]]) -> tuple[list, list, list]:
@@ -104,7 +105,8 @@ def count(calls: list[tuple[str, str | None]]) -> tuple[list, list, list]:
     they are listed apart; lambdas and nested functions count as functions."""
     files = list(dict.fromkeys(f for f, _ in calls))
     named = [(f, n) for f, n in calls if n is not None]
-    inline = [(f, n) for f, n in named if n.rsplit(".", 1)[-1] in ("<listcomp>", "<dictcomp>", "<setcomp>", "<genexpr>")]
+    expressions = ("<listcomp>", "<dictcomp>", "<setcomp>", "<genexpr>")
+    inline = [(f, n) for f, n in named if n.rsplit(".", 1)[-1] in expressions]
     return files, [c for c in named if c not in inline], inline
 
 
