@@ -168,15 +168,15 @@ def main(argv=None):
     def task_step(cfg: DistillConfig):
         teachers = teacher_source(meta, cfg, S, device)
         task = DistillTask(cfg, teachers, device)
-        return lambda: task.step(student, opt, make_batch(data, next(batches), 0, teachers, S, device, **cl))
+        return lambda: task.step(student, opt, make_batch(data, next(batches), 0, teachers, S, device))
 
     study_cfg = config(**MODES["batch-all"])
     study_teachers = teacher_source(meta, study_cfg, S, device)
 
     def study_loop():  # the study's code: T + 1 torch.autograd.grad calls, then the whole backward
-        batch = make_batch(data, next(batches), 0, study_teachers, S, device, **cl)
+        batch = make_batch(data, next(batches), 0, study_teachers, S, device)
         with autocast(device):
-            logits, h, projected = student(batch.x)
+            logits, h, projected = student(batch.x.contiguous(**cl))
         logits = logits.float()
         params = student.agre_params("all")
         zt, zb = batch.teacher_logits, batch.biased_logits

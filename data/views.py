@@ -151,19 +151,18 @@ PIXEL_BLOCK = 1 << 20  # output pixels rendered at a time: bounds the index and 
 
 
 def _as_flat(images, hw, index):
-    """(flat HWC buffer, first pixel [B], pixels per row [B], (h, w) [B, 2] float, host pixels per
-    row) of Pixels (the images ``index`` of them, or all), or of [B, 3, H, W] canvases holding
-    images of ``hw`` [B, 2] in their top-left corner (``hw`` None: the whole canvas; the canvases
-    are made pixel-interleaved, a copy)."""
+    """(flat HWC buffer, first pixel [B], pixels per row [B], (h, w) [B, 2] float, the width of the
+    buffer's last image) of Pixels (the images ``index`` of them, or all), or of [B, 3, H, W]
+    canvases holding images of ``hw`` [B, 2] in their top-left corner (``hw`` None: the whole
+    canvas; the canvases are made pixel-interleaved, a copy)."""
     if hasattr(images, "flat"):  # data.pixels.Pixels: drawn from in place, no copy of the images
         dev = images.flat.device
-        if index is None:
-            hwl, first, host_row = images.hw.to(dev), images.offset.to(dev) // 3, images._hw[:, 1]
-        else:
+        hwl, first = images.hw.to(dev), images.offset.to(dev) // 3
+        if index is not None:
             pick = index.to(dev)
-            hwl, first = images.hw.to(dev)[pick], images.offset.to(dev)[pick] // 3
-            host_row = images._hw[index.cpu().numpy(), 1]
-        return images.flat, first, hwl[:, 1], hwl.float(), host_row
+            hwl, first = hwl[pick], first[pick]
+        last_width = int(images._hw[-1, 1]) if len(images._hw) else 2
+        return images.flat, first, hwl[:, 1], hwl.float(), last_width
     if index is not None:
         raise ValueError("render: index selects among Pixels only; index the canvases instead")
     b, _, H, W = images.shape
@@ -171,7 +170,7 @@ def _as_flat(images, hw, index):
     flat = images.permute(0, 2, 3, 1).contiguous().reshape(-1)
     hw = torch.tensor([[H, W]], device=dev, dtype=torch.float32).expand(b, 2) if hw is None else \
         hw.to(dev, torch.float32)
-    return flat, torch.arange(b, device=dev) * (H * W), torch.full((b,), W, device=dev), hw, np.full(b, W)
+    return flat, torch.arange(b, device=dev) * (H * W), torch.full((b,), W, device=dev), hw, W
 
 
 def render(images, box: torch.Tensor, flip: torch.Tensor, out_size: int, hw: torch.Tensor | None = None,
@@ -194,9 +193,9 @@ def render(images, box: torch.Tensor, flip: torch.Tensor, out_size: int, hw: tor
     Returns:
         [B, 3, out_size, out_size] float32 on the images' device.
     """
-    flat, first, row, hwf, host_row = _as_flat(images, hw, index)
+    flat, first, row, hwf, last_width = _as_flat(images, hw, index)
     dev, b = flat.device, first.shape[0]
-    if len(host_row) and (host_row < 2).any():  # a 1-pixel-wide image: its window may end past the buffer
+    if last_width < 2:  # the buffer's last pixel, of a 1-pixel-wide image, starts a window: pad it
         flat = torch.cat([flat, flat.new_zeros(3)])
     npix = flat.numel() // 3
     # window k: pixels k and k + 1 (6 bytes), a view (no copy)

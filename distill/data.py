@@ -15,7 +15,7 @@ from cache.reader import CacheReader, open_cache
 from cache.schema import CacheError, store_path_for
 from core.distributed import Dist
 from core.errors import ToolError
-from core.runtime import epoch_seed, memory_format_for
+from core.runtime import epoch_seed
 from data.store import ImageStore, Pixels, StoreError
 from data.folders import fingerprint, load_metadata
 from data.views import render
@@ -243,25 +243,23 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def make_batch(data: SplitData, idx: torch.Tensor, epoch: int, teachers, image_size: int, device,
-               share: float = 1.0, positions: torch.Tensor | None = None,
-               memory_format: torch.memory_format = torch.contiguous_format) -> Batch:
+               share: float = 1.0, positions: torch.Tensor | None = None) -> Batch:
     """The rows ``idx`` of ``data`` as one training batch on ``device``: the student's input,
     rendered from the stored pixels, and the teachers' outputs on exactly those pixels.
 
     ``teachers`` (:mod:`distill.teachers`) says where both come from: the cache (the epoch's
     stored view, ``data`` seen through it, and its cached outputs) or, with ``teachers.live``, the
     study's loop (a fresh crop of every row, the teachers run on it)."""
-    images, view = data.images, data.view
-    if teachers.live:
-        box, flip = teachers.crops(data.rows[idx].cpu().numpy(),
-                                   images.hw[idx.to(images.hw.device)].cpu().numpy(), epoch)
+    images, view, device = data.images, data.view, torch.device(device)
+    if teachers.live:  # the images' sizes from their host copy: no device sync
+        box, flip = teachers.crops(data.rows[idx].cpu().numpy(), images._hw[idx.cpu().numpy()], epoch)
     else:
         box, flip = view.box[idx], view.flip[idx]
-    if images.flat.device.type == device.type:  # drawn in place (cuda:0 and cuda are one device)
-        x = render(images, box.to(device), flip.to(device), image_size, index=idx)
+    if images.flat.device.type == device.type:  # drawn in place, then on the run's device
+        x = render(images, box.to(device), flip.to(device), image_size, index=idx).to(device)
     else:  # held in host memory for a GPU run: the batch's bytes cross, not its rendered views
         x = render(images[idx].to(device, non_blocking=True), box.to(device), flip.to(device), image_size)
-    x, y = x.contiguous(memory_format=memory_format), data.y[idx].to(device)
+    y = data.y[idx].to(device)
     if teachers.live:
         logits, biased, feats, cached = teachers.outputs(x, y)
     else:
@@ -285,7 +283,7 @@ class Batches:
     def __init__(self, split, slots: Slots, teachers, image_size: int, device, *, seed: int, batch_size: int,
                  epochs: int, dist: Dist = Dist()):
         self.split, self.slots, self.teachers = split, slots, teachers
-        self.image_size, self.device, self.memory_format = image_size, device, memory_format_for(device)
+        self.image_size, self.device = image_size, device
         self.seed, self.epochs, self.rank, self.world = seed, epochs, dist.rank, dist.world
         self.num_teachers = teachers.num_teachers
         self.bounds = batch_bounds(len(split), batch_size, min_size=max(2, dist.world))
@@ -300,7 +298,7 @@ class Batches:
         parts = self.split.batches(order, self.slots.view(epoch), self.bounds, self.rank, self.world)
         for (s, e), (data, idx, positions) in zip(self.bounds, parts):
             yield make_batch(data, idx, epoch, self.teachers, self.image_size, self.device,
-                             share=len(idx) / (e - s), positions=positions, memory_format=self.memory_format)
+                             share=len(idx) / (e - s), positions=positions)
 
     def close(self) -> None:
         self.slots.close()

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from core.distributed import Dist
-from core.runtime import autocast
+from core.runtime import autocast, memory_format_for
 from core.weighting import (agre_batch_weights_from_grads, agre_weights, aver_weights, kd_per_teacher,
                             last_layer_gradients, weight_agreement)
 from distill.config import DistillConfig
@@ -183,9 +183,10 @@ class DistillTask:
     """The weighting and the objective of one run (see the module docstring), from the fields of
     ``cfg`` they use: weighting, agre_params, agre_compare, tau, alpha, the distilled layers'
     gammas, feature_weighting and feat_eps. The batches (:class:`distill.data.Batches`) bring the
-    teacher outputs; ``teachers`` is not used (the callers that pass their teacher source may)."""
+    teacher outputs; ``teachers``, the run's teacher source, is not used here. ``device``: the
+    run's (its autocast and memory layout)."""
 
-    def __init__(self, cfg: DistillConfig, teachers=None, device=torch.device("cpu"), dist: Dist = Dist()):
+    def __init__(self, cfg: DistillConfig, teachers, device, dist: Dist = Dist()):
         self.tau, self.alpha = cfg.tau, cfg.alpha
         self.gammas = {l: cfg.gammas[l] for l in cfg.active_layers}  # every gamma_l > 0
         self.disagree, self.feat_eps = cfg.feature_weighting == "disagree", cfg.feat_eps
@@ -195,13 +196,14 @@ class DistillTask:
         self.compared = {name: BatchAgre(name, cfg.tau, dist) for name in cfg.agre_compare}
         self.dist, self.distributed = dist, dist.active
         self.autocast = autocast(device)  # bf16 on a GPU, nothing on the CPU
+        self.memory_format = memory_format_for(device)  # channels_last on a GPU
 
     def step(self, model, opt, batch: Batch) -> dict:
         """One SGD update on ``batch``. Returns the objective's parts (detached means over this
         process's rows: "loss", "ce", "kd", "feat", "feat/<layer>"), "weights" [b, T] and, with
         ``cfg.agre_compare``, "agre_compare"."""
         with self.autocast:
-            logits, h, projected = model(batch.x)
+            logits, h, projected = model(batch.x.contiguous(memory_format=self.memory_format))
         dtype = torch.promote_types(logits.dtype, torch.float32)  # float32 under bf16 autocast
         logits, h = logits.to(dtype), h.to(dtype)
         opt.zero_grad(set_to_none=True)

@@ -509,6 +509,22 @@ def test_render_edges_canvases_and_one_pixel_wide_images():
                                        got, rtol=0, atol=0)
 
 
+def test_render_with_index_draws_in_place_what_a_copy_draws():
+    """render(pixels, ..., index=i) is render(pixels[i], ...) bit for bit, with repeated rows and
+    1-pixel-wide images, the buffer's last among them (its window ends past the buffer), and
+    without it."""
+    gen = torch.Generator().manual_seed(4)
+    for shapes in ([(9, 14), (5, 1), (12, 7), (6, 1)], [(6, 1), (9, 14), (12, 7)]):
+        pixels = Pixels.from_images([torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen)
+                                     for h, w in shapes])
+        index = torch.tensor([len(shapes) - 1, 0, 1, 1, len(shapes) - 1])
+        box = torch.rand(len(index), 4, generator=gen) * 0.5 + torch.tensor([0.0, 0.0, 0.5, 0.5])
+        flip = torch.tensor([True, False, True, False, False])
+        for out_size in (3, 8):
+            want = render(pixels[index], box, flip, out_size)
+            torch.testing.assert_close(render(pixels, box, flip, out_size, index=index), want, rtol=0, atol=0)
+
+
 def test_pixels_index_copy_and_move():
     gen = torch.Generator().manual_seed(1)
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) for h, w in CUB_LIKE]

@@ -81,8 +81,8 @@ def distillation_loss(z_s, y, zt, w, tau, alpha, projected=None, teacher_feats=N
                         layer_gammas=tuple(gammas.values()) or None)
     leaves = [z_s, *(projected or {}).values()]
     opt = torch.optim.SGD(leaves, lr=0.0)
-    batch = Batch(None, y, zt, None, teacher_feats or {}, cached_weights=w)
-    return DistillTask(cfg).step(GivenOutputs(z_s, projected or {}), opt, batch)
+    batch = Batch(torch.zeros(len(y), 1), y, zt, None, teacher_feats or {}, cached_weights=w)
+    return DistillTask(cfg, None, torch.device("cpu")).step(GivenOutputs(z_s, projected or {}), opt, batch)
 
 
 def test_distillation_loss_golden_alpha_one():
