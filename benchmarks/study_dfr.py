@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from sklearn.exceptions import ConvergenceWarning
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.models import build_model  # noqa: E402
-from core.runtime import pick_device  # noqa: E402
+from core.runtime import cpu_model, pick_device  # noqa: E402
 from core.tables import format_table  # noqa: E402
 from data.folders import fingerprint, load_metadata  # noqa: E402
 from data.metrics import group_metrics  # noqa: E402
@@ -49,16 +48,6 @@ DATASETS = {
     "synth-default": SynthSpec(),
     "synth-noisy-core": SynthSpec(seed=1, core_noise=0.05),
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def split_embeddings(data_root: Path, work: Path, cfg: TeacherConfig) -> tuple[dict, dict, dict]:

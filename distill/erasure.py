@@ -103,7 +103,7 @@ class TeacherFeatureEraser:
     on the device: ``(layer, feats [b, T, D], y [b]) -> erased float32 feats``, no host sync."""
 
     def __init__(self, erasers: dict[str, list[list[Eraser]]], backbone_of_teacher, device):
-        self.params = {}
+        self.erasers, self.params = erasers, {}  # erasers: as fit, for the run's probe
         idx = torch.as_tensor(np.asarray(backbone_of_teacher), dtype=torch.long)
         for layer, per_class in erasers.items():
             flat = [e for per_backbone in per_class for e in per_backbone]
@@ -151,7 +151,7 @@ def _fit_or_identity(x: np.ndarray, z: np.ndarray) -> Eraser:
     if len(np.unique(z)) > 1:
         return fit_leace(x, z)
     zero = torch.zeros(x.shape[1], dtype=torch.float64)
-    return Eraser(zero, zero[:, None] * 0, zero[None, :] * 0)
+    return Eraser(zero, zero[:, None], zero[None, :])
 
 
 def teacher_eraser(cache_path, layers, backbone_of_teacher, device) -> TeacherFeatureEraser:
@@ -168,7 +168,7 @@ def probe_split_halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[: n // 2]), np.sort(order[n // 2:])
 
 
-def probe_attribute(cache, layers=None, split: str = "test", seed: int = 0) -> dict:
+def probe_attribute(cache, layers=None, split: str = "test", seed: int = 0, erasers=None) -> dict:
     """How well a linear probe recovers the spurious attribute from raw and erased features.
 
     The erasers are fit as in training (:func:`fit_erasers`) and applied per row's class; the
@@ -176,9 +176,10 @@ def probe_attribute(cache, layers=None, split: str = "test", seed: int = 0) -> d
     ``split`` and scored on the other half, for each layer and backbone. ``chance`` is the
     majority rate of the scored half. Returns ``{"fit_split", "probe_split", "layers": {layer:
     [{"backbone", "raw", "erased", "chance", "n_train", "n_test"}]}}`` (accuracies in [0, 1]).
+    ``erasers``: already fit on this cache for ``layers`` (a run's), else fit here.
     """
     layers = list(cache.meta.layers if layers is None else layers)
-    erasers = fit_erasers(cache, layers)
+    erasers = fit_erasers(cache, layers) if erasers is None else erasers
     d = cache.read_eval(split=split, fields=(), layers=layers)
     attr, y = np.asarray(d["attr"]), np.asarray(d["y"])
     a, b = probe_split_halves(len(attr), seed)

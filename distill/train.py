@@ -254,8 +254,13 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, dist: Dist) -> dict:
         if not dist.is_main:
             dist.barrier()
             return dist.broadcast_object(None)
-        test_last = evaluate(model, test, image_size, device, train_counts)
         history = read_jsonl(out / METRICS)
+        last_line = history[-1] if history else {}
+        # the last epoch's test metrics, as its line holds them (evaluated again only when a kill
+        # between its checkpoint and its line left the line out)
+        test_last = last_line["test"] if last_line.get("epoch") == cfg.epochs and "test" in last_line \
+            else evaluate(model, test, image_size, device, train_counts)
+        teachers_own = teacher_metrics(cache, ("val", "test"))
         model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
         summary = {
             "status": "finished", "config": cfg.to_dict(), "cache_fingerprint": meta.dataset_fingerprint,
@@ -268,12 +273,12 @@ def _fit(cfg: DistillConfig, out: Path, progress: bool, dist: Dist) -> dict:
             "selection_epochs": selection_epochs(history), "oracle": oracle(history),
             "val_best": evaluate(model, val, image_size, device, train_counts),
             "test_best": evaluate(model, test, image_size, device, train_counts),
-            "test_last": test_last, "teacher_test": teacher_test_metrics(cache),
-            "teacher_val": teacher_val_metrics(cache),
+            "test_last": test_last, "teacher_test": teachers_own["test"], "teacher_val": teachers_own["val"],
         }
-        if cfg.feature_target == "erased" and cfg.active_layers:  # how much of the attribute is left
+        if teachers.erase is not None:  # how much of the attribute is left (the run's own erasers)
             from distill.erasure import probe_attribute
-            summary["attribute_probe"] = probe_attribute(cache, cfg.active_layers)
+            summary["attribute_probe"] = probe_attribute(cache, cfg.active_layers,
+                                                         erasers=teachers.erase.erasers)
         atomic_write_json(out / SUMMARY, summary)
     except BaseException:
         tracker.close()
@@ -288,18 +293,21 @@ def _avg(metrics: dict) -> str:
     return "n/a" if metrics["avg_acc"] is None else f"{100 * metrics['avg_acc']:.2f}"
 
 
-def teacher_test_metrics(cache: CacheReader, split: str = "test") -> dict:
-    """Each teacher's (and the biased model's) own metrics on ``split``, from cached view-0 logits."""
+def teacher_metrics(cache: CacheReader, splits=("test",)) -> dict:
+    """Each teacher's (and the biased model's) own metrics on each of ``splits`` (``{split:
+    {model: metrics}}``), from cached view-0 logits, read once."""
     # every row: avg acc weights by the training split's groups
     rows = cache.read_eval(fields=("logits", "biased"))
     names = [t["name"] for t in cache.meta.teacher_entries] + [cache.meta.biased_entry["name"]]
     logits = [np.asarray(rows["logits"])[:, t] for t in range(len(names) - 1)] + [np.asarray(rows["biased"])]
-    wanted = {split: SPLIT_CODES[split]}
-    out = {}
+    wanted = {split: SPLIT_CODES[split] for split in splits}
+    out = {split: {} for split in splits}
     for n, z in zip(names, logits):
         p = _softmax(z)
-        out[n] = split_metrics(p.argmax(-1), rows["y"], rows["group"], rows["split"], wanted,
-                               cache.meta.num_groups, probs=p)[split]
+        per_split = split_metrics(p.argmax(-1), rows["y"], rows["group"], rows["split"], wanted,
+                                  cache.meta.num_groups, probs=p)
+        for split in splits:
+            out[split][n] = per_split[split]
     return out
 
 
@@ -308,7 +316,3 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     e = np.exp(z - z.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
 
-
-def teacher_val_metrics(cache: CacheReader) -> dict:
-    """Each teacher's (and the biased model's) own validation metrics (``teacher_val`` in the summary)."""
-    return teacher_test_metrics(cache, "val")

@@ -103,7 +103,8 @@ def ensure_teachers() -> Path:
         doing = ("the default teachers predate its current settings: rebuilding" if stale
                  else "no teachers yet: building")
         tqdm.write(f"{doing} the synthetic default's teachers in {defaults.TEACHERS}")
-        man = build_teachers_for(None, None, overwrite=True)
+        # the pretrained backbone was ensured above: named, so that it is not fingerprinted again
+        man = build_teachers_for(None, None, overwrite=True, weights_file=str(defaults.PRETRAINED))
         from precompute.teachers import describe
 
         tqdm.write(describe(man) + "\n" + scenario_report(man))
