@@ -77,11 +77,11 @@ def tiny_cache(folder: Path) -> tuple[Path, Path]:
 
     data = generate(folder / "data", SynthSpec(scale=0.05, size=24, seed=1))
     build_teachers(TeacherConfig(str(data), str(folder / "teachers"), num_teachers=3, epochs=1, image_size=16,
-                                 arch="resnet18", pretrained=False, shared_backbone=True, device="cpu",
-                                 progress=False))
+                                 arch="resnet18", pretrained=False, shared_backbone=True, lr=1e-2,
+                                 dfr_retrains=2, device="cpu", progress=False))
     manifest = folder / "teachers" / "manifest.json"
     return run_precompute(PrecomputeConfig(str(data), str(manifest), str(folder / "cache.h5"), random_views=2,
-                                           device="cpu", progress=False)), manifest
+                                           batch_size=64, device="cpu", progress=False)), manifest
 
 
 def main() -> None:
